@@ -1,0 +1,28 @@
+# make demo   - install, fetch the Houses photos into data/, train the demo model
+# make test   - install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOUSES_ZIP := ../shared/datasets/houses-dataset-400.zip
+# The local copy of the Houses Dataset where there is one; else replicate downloads it from GitHub.
+HOUSES_SOURCE ?= $(if $(wildcard $(HOUSES_ZIP)),$(HOUSES_ZIP),https://github.com/emanhamed/Houses-dataset/archive/refs/heads/master.zip)
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --progress-bar off -e '.[dev]'
+	$(BIN)/replicate --help > /dev/null
+	touch $@
+
+demo: install
+	$(BIN)/replicate data houses --source "$(HOUSES_SOURCE)"
+	$(BIN)/replicate demo
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,158 @@
+"""The `replicate` command line: parses options and calls the stage modules.
+
+    replicate --help
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+
+from . import data  # noqa: E402, train
+from .config import RunConfig  # noqa: E402
+from .errors import ReplicateError  # noqa: E402
+from .models import ARCHS  # noqa: E402
+
+app = typer.Typer(help="Train and compare image classifiers for real-estate listing photos "
+                       "(a fastai replication of Råhlén & Sjöqvist 2019).",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Bring public listing-photo data sets into the task folder layout.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+Arch = Enum("Arch", {name: name for name in ARCHS}, type=str)  # choices come from the registry
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+DataDir = Annotated[Path, typer.Option(help="Folder holding one folder per task.")]
+ExportsDir = Annotated[Path, typer.Option(help="Where run folders are written (exports/TASK/ARCH-MODE/).")]
+
+
+def user_errors(command):
+    """Turn ReplicateError into 'error: ...' on stderr and exit code 2, never a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+        try:
+            return command(*args, **kwargs)
+        except ReplicateError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+@data_app.command("houses")
+@user_errors
+def data_houses(
+    source: Annotated[Optional[str], typer.Option(
+        help="The Houses Dataset archive: a URL, a local zip or its extracted folder. "
+             "Default: download the GitHub archive.")] = None,
+    data_dir: DataDir = Path("data"),
+    valid_pct: Annotated[float, typer.Option(help="Share of houses in the validation split.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the house split.")] = 42,
+    force: Annotated[bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")] = False,
+):
+    """Write the `rooms` (bathroom/bedroom/kitchen) and `exterior` (frontal/indoor) tasks from the
+    Houses Dataset (Ahmed & Moustafa 2016), split 80/20 by house.
+
+    Example: replicate data houses --source ../shared/datasets/houses-dataset-400.zip
+    """
+    for task, folder in data.import_houses(source, data_dir, valid_pct, seed, force).items():
+        counts = data.scan_task(folder).counts
+        typer.echo(f"{task}: {folder}\n{counts.to_string()}\n")
+
+
+@app.command()
+@user_errors
+def prepare(
+    source_dir: Annotated[Path, typer.Argument(help="Your photos, one folder per class: SOURCE_DIR/<class>/*.jpg")],
+    task: Annotated[str, typer.Argument(help="Name of the task folder to create under --data-dir.")],
+    data_dir: DataDir = Path("data"),
+    valid_pct: Annotated[float, typer.Option(help="Share of each class for validation.")] = 0.2,
+    width: Annotated[int, typer.Option(help="Resize every kept image to this width in px (0: keep sizes).")] = 500,
+    min_size: Annotated[int, typer.Option(help="Reject images whose short side is below this (px).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 42,
+    force: Annotated[bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")] = False,
+):
+    """Clean your own photos as the study did: drop undecodable and too-small images, resize,
+    split each class 80/20. Source files are only read, never changed.
+
+    Example: replicate prepare ~/scraped balcony --min-size 200
+    """
+    folder, summary = data.prepare_task(source_dir, task, data_dir, valid_pct, width, min_size, seed, force)
+    typer.echo(summary.to_string())
+    typer.echo(f"\n{task}: {folder}  (rejected files and reasons: {folder / 'prepare_report.csv'})")
+
+
+@app.command()
+@user_errors
+def run(
+    task: Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")],
+    arch: Annotated[Arch, typer.Option(help="Backbone.")],
+    unfreeze: Annotated[bool, typer.Option(
+        help="Finetune every layer (default: feature extraction, only the new classifier trains).")] = False,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    bs: Annotated[int, typer.Option(min=1, help="Batch size.")] = 32,
+    lr: Annotated[float, typer.Option(help="Constant learning rate of SGD (momentum 0.9).")] = 1e-3,
+    size: Annotated[Optional[int], typer.Option(help="Input size in px (default 224; 299 for inception_v3).")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights (from the torch hub cache).")] = True,
+    seed: int = 42,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPU cores, max 8).")] = None,
+    data_dir: DataDir = Path("data"),
+    exports_dir: ExportsDir = Path("exports"),
+):
+    """Train one backbone on one task with the study's protocol and write exports/TASK/ARCH-MODE/.
+
+    Example: replicate run rooms --arch densenet121 --unfreeze
+    """
+    cfg = RunConfig(task=task, arch=arch.value, unfreeze=unfreeze, epochs=epochs, bs=bs, lr=lr, size=size,
+                    pretrained=pretrained, seed=seed, device=device.value, workers=workers,
+                    data_dir=data_dir, exports_dir=exports_dir)
+    _summary(train.run(cfg, log=typer.echo))
+
+
+@app.command()
+@user_errors
+def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("exports")):
+    """Train the demo model on data/rooms: the study's protocol on a GPU with ImageNet weights,
+    a shortened run on a CPU or without weights (it says which and why).
+
+    Example: replicate data houses && replicate demo
+    """
+    cfg, why = train.demo_config(data_dir, exports_dir)
+    typer.echo(why)
+    _summary(train.run(cfg, log=typer.echo))
+
+
+@app.command()
+def archs():
+    """List the backbones, their input sizes and where their ImageNet weights are cached."""
+    from .models import weights_path
+    for a in ARCHS.values():
+        path, _ = weights_path(a)
+        typer.echo(f"{a.name:14s} {a.input_size}px (min {a.min_size})  "
+                   f"weights {'cached' if path.is_file() else 'missing'}: {path}")
+
+
+def _summary(run_dir: Path) -> None:
+    import json
+    m = json.loads((run_dir / "metrics.json").read_text())
+    typer.echo(f"\nbest valid accuracy {m['best_valid_accuracy']:.2%} at epoch {m['best_epoch']} "
+               f"(last {m['last_valid_accuracy']:.2%}); {m['train_seconds']:.0f}s, "
+               f"{m['train_images_per_second']:.1f} train images/s\nresults: {run_dir}")
+
+
+def main():
+    app()

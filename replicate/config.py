@@ -1,0 +1,71 @@
+"""The whole configuration of one training run, built once by the CLI and passed whole.
+
+    python -c "from replicate.config import RunConfig; print(RunConfig('rooms', 'resnet18'))"
+
+It is written as `config.json` into the run folder, so every result says how it was made.
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment: a task, a backbone and the study's training protocol (its defaults)."""
+
+    task: str
+    arch: str
+    unfreeze: bool = False  # False: feature extraction (new layer only); True: finetune everything
+    epochs: int = 30
+    bs: int = 32
+    lr: float = 1e-3
+    momentum: float = 0.9
+    aux_loss_weight: float = 0.4  # Inception v3 only: loss = main + 0.4 * auxiliary
+    size: int | None = None  # None: the architecture's own input size (224, 299 for Inception v3)
+    pretrained: bool = True
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int | None = None  # DataLoader worker processes; None: one per CPU core, at most 8
+    data_dir: Path = Path("data")
+    exports_dir: Path = Path("exports")
+
+    @property
+    def mode(self) -> str:
+        """'unfrozen' (finetuning) or 'frozen' (feature extraction), as in run folder names."""
+        return "unfrozen" if self.unfreeze else "frozen"
+
+    @property
+    def task_dir(self) -> Path:
+        return self.data_dir / self.task
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's results land: exports/TASK/ARCH-MODE."""
+        return self.exports_dir / self.task / f"{self.arch}-{self.mode}"
+
+    def to_dict(self) -> dict:
+        """The config as JSON-ready values (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def environment() -> dict:
+    """Library versions and machine facts to store beside a run's config."""
+    import fastai
+    import timm
+    import torch
+    import torchvision
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "fastai": fastai.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda,
+        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+    }
