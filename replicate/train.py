@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.core import Callback
+import fastai.callback.progress  # noqa: F401  (registers the progress bar and Learner.no_bar)
 from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import set_seed
 

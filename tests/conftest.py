@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny image folders made in the test, and the real Houses zip when present.
+
+    python -m pytest
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+HOUSES_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "houses-dataset-400.zip"
+COLORS = {"blue": (40, 60, 200), "red": (200, 50, 40)}
+
+
+def make_image(path: Path, color=(128, 128, 128), size=(48, 40), seed: int = 0, fmt: str = "JPEG") -> Path:
+    """A small noisy image of one dominant colour, so classes are learnable but not trivial."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color) + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, fmt)
+    return path
+
+
+def make_task(root: Path, n_train: int = 4, n_valid: int = 2, classes=COLORS) -> Path:
+    """root/{train,valid}/<class>/*.jpg with coloured noise images; returns root."""
+    seed = 0
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        for name, color in classes.items():
+            for i in range(n):
+                seed += 1
+                make_image(root / split / name / f"{name}_{i}.jpg", color, seed=seed)
+    return root
+
+
+def make_houses_zip(path: Path, n_houses: int = 10, extra: dict[str, bytes] | None = None) -> Path:
+    """A miniature Houses Dataset archive in the real one's layout."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for house in range(1, n_houses + 1):
+            for j, room in enumerate(("bathroom", "bedroom", "kitchen", "frontal")):
+                buf = io.BytesIO()
+                Image.new("RGB", (40, 30), (house * 20 % 255, j * 60, 100)).save(buf, "JPEG")
+                zf.writestr(f"Houses-dataset-master/Houses Dataset/{house}_{room}.jpg", buf.getvalue())
+        zf.writestr("Houses-dataset-master/Houses Dataset/HousesInfo.txt", "4 4 4053 85255 869500\n")
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return path
+
+
+@pytest.fixture
+def tiny_task(tmp_path) -> Path:
+    """data/toy with 2 classes x (4 train + 2 valid) images; returns the data folder."""
+    make_task(tmp_path / "data" / "toy")
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty torch hub cache and no downloads: what a fresh offline machine looks like."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("REPLICATE_OFFLINE", "1")
+    return tmp_path / "torch-home"
+
+
+requires_houses = pytest.mark.skipif(not HOUSES_ZIP.is_file(),
+                                     reason=f"the Houses zip is not at {HOUSES_ZIP} (../shared beside the repo)")

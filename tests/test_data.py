@@ -1,0 +1,203 @@
+"""Folders in, task folders out: the Houses import, `prepare`, and the checks `run` makes on a task.
+
+    python -m pytest tests/test_data.py
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import HOUSES_ZIP, make_houses_zip, make_image, make_task, requires_houses
+from replicate import data
+from replicate.cli import app
+from replicate.errors import ReplicateError
+
+
+def house_ids(folder: Path) -> set[int]:
+    return {int(re.match(r"(\d+)_", p.name)[1]) for p in folder.rglob("*.jpg")}
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_houses_split_by_house_into_both_tasks(tmp_path, runner):
+    src = make_houses_zip(tmp_path / "houses.zip", n_houses=10)
+    result = runner.invoke(app, ["data", "houses", "--source", str(src), "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 0, result.output
+    rooms, exterior = tmp_path / "data" / "rooms", tmp_path / "data" / "exterior"
+    for room in ("bathroom", "bedroom", "kitchen"):
+        assert len(list(rooms.glob(f"*/{room}/*.jpg"))) == 10
+    assert len(list(exterior.glob("*/frontal/*.jpg"))) == 10
+    assert len(list(exterior.glob("*/indoor/*.jpg"))) == 30
+    for task in (rooms, exterior):
+        train, valid = house_ids(task / "train"), house_ids(task / "valid")
+        assert train.isdisjoint(valid) and len(valid) == 2 and train | valid == set(range(1, 11))
+    assert house_ids(rooms / "valid") == house_ids(exterior / "valid")
+
+
+def test_houses_is_deterministic_and_rerun_changes_nothing(tmp_path):
+    src = make_houses_zip(tmp_path / "houses.zip", n_houses=20)
+    data.import_houses(str(src), tmp_path / "a")
+    data.import_houses(str(src), tmp_path / "b")
+    assert tree(tmp_path / "a" / "rooms") == tree(tmp_path / "b" / "rooms")
+    before = tree(tmp_path / "a")
+    data.import_houses(str(src), tmp_path / "a")
+    assert tree(tmp_path / "a") == before
+    assert data.split_houses(list(range(100)), 0.2, 1) != data.split_houses(list(range(100)), 0.2, 2)
+
+
+def test_houses_refuses_to_overwrite_different_data_and_force_keeps_a_backup(tmp_path, runner):
+    src = make_houses_zip(tmp_path / "houses.zip")
+    data_dir = tmp_path / "data"
+    data.import_houses(str(src), data_dir)
+    mine = make_image(data_dir / "rooms" / "train" / "kitchen" / "my_own.jpg")
+    result = runner.invoke(app, ["data", "houses", "--source", str(src), "--data-dir", str(data_dir)])
+    assert result.exit_code == 2 and "already exists" in result.output and mine.is_file()
+    result = runner.invoke(app, ["data", "houses", "--source", str(src), "--data-dir", str(data_dir), "--force"])
+    assert result.exit_code == 0, result.output
+    backups = list(data_dir.glob("rooms.bak-*"))
+    assert len(backups) == 1 and (backups[0] / "train" / "kitchen" / "my_own.jpg").is_file()
+    assert not (data_dir / "rooms" / "train" / "kitchen" / "my_own.jpg").exists()
+
+
+def test_houses_from_an_extracted_folder(tmp_path):
+    import zipfile
+    src = make_houses_zip(tmp_path / "houses.zip")
+    zipfile.ZipFile(src).extractall(tmp_path / "extracted")
+    data.import_houses(str(tmp_path / "extracted"), tmp_path / "d1")
+    data.import_houses(str(src), tmp_path / "d2")
+    assert tree(tmp_path / "d1") == tree(tmp_path / "d2")
+
+
+def test_houses_member_names_cannot_write_outside_the_destination(tmp_path):
+    src = make_houses_zip(tmp_path / "houses.zip", extra={"../../escape/99_kitchen.txt": b"x", "/etc/evil.jpg": b"x"})
+    data.import_houses(str(src), tmp_path / "inside" / "data")
+    assert not (tmp_path / "escape").exists()
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != src]
+    assert all((tmp_path / "inside" / "data") in p.parents for p in written)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 this is not really a zip", b"<html>404</html>"])
+def test_a_broken_zip_is_a_clear_error_with_nothing_written(tmp_path, runner, content):
+    bad = tmp_path / "broken.zip"
+    bad.write_bytes(content)
+    result = runner.invoke(app, ["data", "houses", "--source", str(bad), "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_a_corrupt_member_leaves_no_half_written_task(tmp_path):
+    src = make_houses_zip(tmp_path / "houses.zip", n_houses=5)
+    raw = bytearray(src.read_bytes())
+    at = raw.index(b"JFIF") + 200  # inside the first JPEG's compressed bytes: its CRC no longer matches
+    raw[at:at + 20] = b"\x00" * 20
+    src.write_bytes(bytes(raw))
+    with pytest.raises(ReplicateError, match="not a readable zip"):
+        data.import_houses(str(src), tmp_path / "data")
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+@requires_houses
+def test_real_houses_zip_gives_535_photos_per_room_split_80_20(tmp_path):
+    tasks = data.import_houses(str(HOUSES_ZIP), tmp_path / "data")
+    counts = data.scan_task(tasks["rooms"]).counts
+    assert (counts.sum(axis=1) == 535).all()
+    assert (counts["valid"] == 107).all()  # round(535 * 0.2)
+    assert house_ids(tasks["rooms"] / "train").isdisjoint(house_ids(tasks["rooms"] / "valid"))
+    ext = data.scan_task(tasks["exterior"]).counts
+    assert ext.loc["frontal"].sum() == 535 and ext.loc["indoor"].sum() == 3 * 535
+
+
+# --- prepare ------------------------------------------------------------------------------------
+
+def test_prepare_cleans_resizes_splits_and_never_touches_sources(tmp_path, runner):
+    src = tmp_path / "scraped"
+    for i in range(10):
+        make_image(src / "balcony" / f"b{i}.jpg", (200, 10, 10), size=(640, 480), seed=i)
+        make_image(src / "indoor" / f"i{i}.png", (10, 10, 200), size=(800, 600), seed=50 + i, fmt="PNG")
+    make_image(src / "balcony" / "tiny.jpg", size=(60, 40))
+    (src / "balcony" / "notes.jpg").write_text("not an image")
+    (src / "indoor" / "empty.jpg").write_bytes(b"")
+    truncated = (src / "balcony" / "b0.jpg").read_bytes()[:300]
+    (src / "indoor" / "truncated.jpg").write_bytes(truncated)
+    before = tree(src)
+
+    result = runner.invoke(app, ["prepare", str(src), "balcony", "--data-dir", str(tmp_path / "data"),
+                                 "--width", "320", "--min-size", "100"])
+    assert result.exit_code == 0, result.output
+    assert tree(src) == before
+    task = tmp_path / "data" / "balcony"
+    for cls in ("balcony", "indoor"):
+        assert len(list((task / "train" / cls).glob("*.jpg"))) == 8
+        assert len(list((task / "valid" / cls).glob("*.jpg"))) == 2
+    with Image.open(next((task / "train" / "indoor").glob("*.jpg"))) as im:
+        assert im.size == (320, 240) and im.format == "JPEG"
+    import pandas as pd
+    report = pd.read_csv(task / "prepare_report.csv")
+    rejected = report[report.status == "rejected"].set_index("source")["reason"]
+    assert set(Path(p).name for p in rejected.index) == {"tiny.jpg", "notes.jpg", "empty.jpg", "truncated.jpg"}
+    assert rejected[str(src / "balcony" / "tiny.jpg")].startswith("too small")
+    assert rejected[str(src / "balcony" / "notes.jpg")].startswith("cannot decode")
+    assert re.search(r"balcony\s+10\s+2\s+8\s+2", result.output)  # kept rejected train valid
+    assert re.search(r"indoor\s+10\s+2\s+8\s+2", result.output)
+
+
+def test_prepare_keeps_both_files_when_names_clash(tmp_path):
+    src = tmp_path / "scraped"
+    make_image(src / "a" / "x.jpg", seed=1)
+    make_image(src / "a" / "x.png", seed=2, fmt="PNG")
+    make_image(src / "b" / "y.jpg", seed=3)
+    task, summary = data.prepare_task(src, "t", tmp_path / "data", valid_pct=0, width=0)
+    assert sorted(p.name for p in (task / "train" / "a").iterdir()) == ["x-1.jpg", "x.jpg"]
+
+
+def test_prepare_errors(tmp_path, runner):
+    result = runner.invoke(app, ["prepare", str(tmp_path / "nope"), "t", "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 2 and "is not a folder" in result.output
+    (tmp_path / "flat").mkdir()
+    make_image(tmp_path / "flat" / "a.jpg")
+    result = runner.invoke(app, ["prepare", str(tmp_path / "flat"), "t", "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 2 and "no class folders" in result.output
+    (tmp_path / "src" / "good").mkdir(parents=True)
+    make_image(tmp_path / "src" / "good" / "a.jpg")
+    (tmp_path / "src" / "bad").mkdir()
+    (tmp_path / "src" / "bad" / "a.jpg").write_text("nope")
+    result = runner.invoke(app, ["prepare", str(tmp_path / "src"), "t", "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 2 and "bad" in result.output
+
+
+# --- checking a task folder ------------------------------------------------------------------------
+
+def test_scan_task_counts_a_good_task(tiny_task):
+    images = data.scan_task(tiny_task / "toy")
+    assert images.classes == ["blue", "red"]
+    assert images.counts.to_dict() == {"train": {"blue": 4, "red": 4}, "valid": {"blue": 2, "red": 2}}
+    assert len(images.files) == 12 and images.skipped == []
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda t: t.rename(t.with_name("elsewhere")), "task folder .* not found: expected TASK/train/<class>"),
+    (lambda t: (t / "valid").rename(t / "validation"), r"valid is missing"),
+    (lambda t: [p.unlink() for p in (t / "train" / "red").iterdir()], r"no images .* train/red"),
+    (lambda t: (t / "valid" / "red").rename(t / "valid" / "green"), r"different classes.*\['red'\].*\['green'\]"),
+    (lambda t: [d.rename(t / "train" / f".{d.name}") for d in list((t / "train").iterdir())]
+     + [d.rename(t / "valid" / f".{d.name}") for d in list((t / "valid").iterdir())], "no class folders"),
+])
+def test_scan_task_says_what_is_wrong(tiny_task, breakage, message):
+    breakage(tiny_task / "toy")
+    with pytest.raises(ReplicateError, match=message):
+        data.scan_task(tiny_task / "toy")
+
+
+def test_unreadable_images_are_skipped_up_front_with_a_warning(tiny_task):
+    bad = tiny_task / "toy" / "train" / "red" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        images = data.scan_task(tiny_task / "toy")
+    assert images.skipped == [bad] and bad not in images.files and images.counts.loc["red", "train"] == 4
