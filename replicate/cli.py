@@ -15,7 +15,7 @@ import typer
 # fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
-from . import data  # noqa: E402, train
+from . import data, train  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
 from .models import ARCHS  # noqa: E402

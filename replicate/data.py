@@ -264,8 +264,8 @@ def _class_dirs(split_dir: Path) -> set[str]:
 def scan_task(task_dir: Path) -> TaskImages:
     """Check a task folder's layout and images; ReplicateError with what to fix when it is wrong.
 
-    Undecodable images are caught here, before training, and skipped with a warning:
-    a broken file must not kill a 30-epoch run in its 17th epoch.
+    Undecodable images are caught here, before training, and listed in `skipped` for the
+    caller to report: a broken file must not kill a 30-epoch run in its 17th epoch.
     """
     if not task_dir.is_dir():
         raise ReplicateError(f"task folder {task_dir} not found: expected {LAYOUT} under {task_dir.parent} "
@@ -287,8 +287,6 @@ def scan_task(task_dir: Path) -> TaskImages:
                              f"{', '.join(empty)}")
     everything = [f for fs in files.values() for f in fs]
     bad = set(verify_images(everything))
-    for f in bad:
-        warnings.warn(f"skipping unreadable image {f}")
     counts = pd.DataFrame({s: {c: len([f for f in files[s, c] if f not in bad]) for c in classes} for s in SPLITS})
     if (counts == 0).any().any():
         raise ReplicateError(f"a class of {task_dir} has no readable images left: {counts.to_dict()}")

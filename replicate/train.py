@@ -70,7 +70,7 @@ class HistoryCallback(Callback):
     def after_batch(self):
         if self.training:
             n = len(self.learn.yb[0])
-            self.loss_sum += float(self.learn.loss) * n
+            self.loss_sum += self.learn.loss.detach().item() * n
             self.n_seen += n
 
     def after_train(self):
@@ -147,6 +147,8 @@ def run(cfg: RunConfig, log=print) -> Path:
     if cfg.pretrained:
         models.ensure_weights(arch)  # fail on missing weights before any data is read
     images = data.scan_task(cfg.task_dir)
+    for path in images.skipped:
+        log(f"warning: skipping unreadable image {path}")
     log(f"device: {describe_device(device)}")
     log(f"task {cfg.task}: {len(images.classes)} classes {images.classes}, "
         f"{int(images.counts['train'].sum())} train / {int(images.counts['valid'].sum())} valid images")

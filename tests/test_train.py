@@ -1,0 +1,183 @@
+"""`replicate run` end to end through the real CLI: the run folder, its numbers, its export.
+
+    python -m pytest tests/test_train.py
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import HOUSES_ZIP, requires_houses
+from replicate import data, report, train
+from replicate.cli import app
+from replicate.models import ARCHS
+
+RUN_FILES = {"config.json", "history.csv", "metrics.json", "export.pkl", "loss.png", "accuracy.png",
+             "confusion_matrix.png", "top_losses.png", "top_losses.csv", "valid_predictions.csv"}
+HISTORY = ["epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds", "train_seconds"]
+SIZES = {"resnet18": 32, "alexnet": 64, "vgg11_bn": 32, "densenet121": 32, "inception_v3": 299}
+
+
+def run_cli(runner, data_dir, *args):
+    exports = data_dir.parent / "exports"
+    result = runner.invoke(app, ["run", *args, "--no-pretrained", "--workers", "0",
+                                 "--data-dir", str(data_dir), "--exports-dir", str(exports)])
+    return result, exports
+
+
+def assert_valid_png(path):
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("unfreeze", [False, True], ids=["frozen", "unfrozen"])
+def test_run_leaves_a_complete_run_folder_for_every_arch(tiny_task, runner, arch, unfreeze):
+    args = ["toy", "--arch", arch, "--epochs", "2", "--size", str(SIZES[arch])] + (["--unfreeze"] if unfreeze else [])
+    result, exports = run_cli(runner, tiny_task, *args)
+    assert result.exit_code == 0, result.output
+    run_dir = exports / "toy" / f"{arch}-{'unfrozen' if unfreeze else 'frozen'}"
+    assert RUN_FILES <= {p.name for p in run_dir.iterdir()}
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]  # no staging folder left
+    assert "device: cpu" in result.output and f"results: {run_dir}" in result.output
+
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history.columns) == HISTORY and list(history.epoch) == [1, 2]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_valid_accuracy"] == history.valid_accuracy.max()
+    assert metrics["last_valid_accuracy"] == history.valid_accuracy.iloc[-1]
+    assert metrics["n_train"] == 8 and metrics["n_valid"] == 4 and metrics["classes"] == ["blue", "red"]
+    # The exported weights are the best epoch's: its accuracy is what the predictions give.
+    preds = pd.read_csv(run_dir / "valid_predictions.csv")
+    assert (preds.actual == preds.predicted).mean() == pytest.approx(metrics["best_valid_accuracy"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["arch"] == arch and config["unfreeze"] == unfreeze and config["size"] == SIZES[arch]
+    assert config["lr"] == 0.001 and config["momentum"] == 0.9 and config["bs"] == 32
+    assert config["aux_logits"] == (arch == "inception_v3")
+    assert {"torch", "fastai", "torchvision", "timm", "python"} <= set(config["environment"])
+    for png in ("loss.png", "accuracy.png", "confusion_matrix.png", "top_losses.png"):
+        assert_valid_png(run_dir / png)
+
+
+def test_export_predicts_the_same_in_a_fresh_cpu_process(tiny_task, runner):
+    result, exports = run_cli(runner, tiny_task, "toy", "--arch", "resnet18", "--epochs", "3",
+                              "--size", "32", "--unfreeze")
+    assert result.exit_code == 0, result.output
+    run_dir = exports / "toy" / "resnet18-unfrozen"
+    preds = pd.read_csv(run_dir / "valid_predictions.csv")
+    script = textwrap.dedent(f"""
+        import json, sys
+        from fastai.learner import load_learner
+        learn = load_learner({str(run_dir / 'export.pkl')!r}, cpu=True)
+        out = []
+        for path in json.loads(sys.argv[1]):
+            label, _, probs = learn.predict(path)
+            out.append([str(label), probs.tolist()])
+        print(json.dumps(out))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(preds.path.tolist())],
+                          capture_output=True, text=True, check=True)
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [label for label, _ in fresh] == preds.predicted.tolist()
+    probs = torch.tensor([p for _, p in fresh])
+    assert torch.allclose(probs, torch.tensor(preds[["p_blue", "p_red"]].values, dtype=torch.float32), atol=1e-4)
+
+
+def test_report_rebuilds_the_plots_from_the_folder_alone(tiny_task, runner):
+    result, exports = run_cli(runner, tiny_task, "toy", "--arch", "resnet18", "--epochs", "1", "--size", "32")
+    run_dir = exports / "toy" / "resnet18-frozen"
+    plots = [run_dir / p for p in ("loss.png", "accuracy.png", "confusion_matrix.png", "top_losses.png")]
+    for p in plots:
+        p.unlink()
+    (run_dir / "export.pkl").unlink()  # no learner needed
+    written = report.render_run(run_dir)
+    assert all(p in written and p.is_file() for p in plots)
+    worst = pd.read_csv(run_dir / "top_losses.csv")
+    assert list(worst.columns) == ["path", "actual", "predicted", "probability", "loss"]
+    assert worst.loss.is_monotonic_decreasing and len(worst) == 4
+
+
+def test_a_failed_run_leaves_no_folder_that_looks_finished(tiny_task, runner, monkeypatch):
+    def broken(run_dir):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(report, "render_run", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train.run(train.RunConfig("toy", "resnet18", epochs=1, size=32, pretrained=False, workers=0,
+                                  data_dir=tiny_task, exports_dir=tiny_task.parent / "exports"))
+    assert list((tiny_task.parent / "exports" / "toy").iterdir()) == []
+
+
+def test_unreadable_image_is_skipped_and_the_run_goes_on(tiny_task, runner):
+    (tiny_task / "toy" / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    result, exports = run_cli(runner, tiny_task, "toy", "--arch", "resnet18", "--epochs", "1", "--size", "32")
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg" in result.output
+    metrics = json.loads((exports / "toy" / "resnet18-frozen" / "metrics.json").read_text())
+    assert metrics["n_train"] == 8 and metrics["skipped_images"][0].endswith("broken.jpg")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["toy", "--arch", "resnet19"], "'resnet19' is not one of"),
+    (["nosuchtask", "--arch", "resnet18"], "task folder"),
+    (["toy", "--arch", "alexnet", "--size", "32"], "at least 63"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tiny_task, runner, args, message):
+    result, _ = run_cli(runner, tiny_task, *args)
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_unknown_arch_fails_before_any_data_is_read(tmp_path, runner):
+    result = runner.invoke(app, ["run", "rooms", "--arch", "resnet", "--data-dir", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "inception_v3" in result.output and "task folder" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_task, runner):
+    result, _ = run_cli(runner, tiny_task, "toy", "--arch", "resnet18", "--device", "cuda")
+    assert result.exit_code == 2 and "sees no CUDA GPU" in result.output
+
+
+def test_missing_weights_exit_2_with_one_line_before_data_loads(tmp_path, runner, offline):
+    result = runner.invoke(app, ["run", "toy", "--arch", "resnet18", "--data-dir", str(tmp_path / "none")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: pretrained weights for resnet18 not found")
+    assert "resnet18-f37072fd.pth" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_demo_says_when_it_trains_from_scratch(tmp_path, offline):
+    cfg, why = train.demo_config(tmp_path / "data", tmp_path / "exports")
+    assert not cfg.pretrained and "training from scratch" in why
+    if not torch.cuda.is_available():
+        assert cfg.epochs < 30 and "no GPU" in why
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_run_on_cuda(tiny_task, runner):
+    result, exports = run_cli(runner, tiny_task, "toy", "--arch", "resnet18", "--epochs", "1", "--size", "32",
+                              "--device", "cuda")
+    assert result.exit_code == 0, result.output
+    assert "device: cuda" in result.output
+
+
+@requires_houses
+def test_houses_end_to_end(tmp_path, runner):
+    """The real listing photos: import, then one short unfrozen run of the study's smallest backbone."""
+    data_dir = tmp_path / "data"
+    result = runner.invoke(app, ["data", "houses", "--source", str(HOUSES_ZIP), "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    result, exports = run_cli(runner, data_dir, "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "64",
+                              "--unfreeze")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((exports / "rooms" / "resnet18-unfrozen" / "metrics.json").read_text())
+    assert metrics["n_train"] == 1284 and metrics["n_valid"] == 321
+    assert metrics["best_valid_accuracy"] > 0.4  # 3 balanced classes: chance is 1/3
+    assert data.scan_task(data_dir / "rooms").counts.values.sum() == 1605
