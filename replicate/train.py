@@ -153,6 +153,8 @@ def run(cfg: RunConfig, log=print) -> Path:
     log(f"task {cfg.task}: {len(images.classes)} classes {images.classes}, "
         f"{int(images.counts['train'].sum())} train / {int(images.counts['valid'].sum())} valid images")
     aux = " with auxiliary loss" if models.uses_aux(arch, size) else ""
+    if arch.aux_features and not aux:
+        aux = f" without auxiliary classifier (it needs {arch.aux_min_size}px)"
     log(f"{cfg.arch} {cfg.mode}{aux}, {size}px, {cfg.epochs} epochs, "
         f"{'ImageNet weights' if cfg.pretrained else 'random init (--no-pretrained)'}")
     set_seed(cfg.seed, reproducible=True)
@@ -166,7 +168,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     staging.chmod(0o755)  # mkdtemp makes it private; the published run folder should not be
     try:
         (staging / "config.json").write_text(json.dumps(
-            {**cfg.to_dict(), "size": size, "aux_logits": bool(aux), "workers": workers,
+            {**cfg.to_dict(), "size": size, "aux_logits": models.uses_aux(arch, size), "workers": workers,
              "device_used": describe_device(device), "environment": environment()}, indent=2))
         with tempfile.TemporaryDirectory() as weights_dir:
             learn.model_dir = Path(weights_dir)  # best-epoch checkpoints: scratch, export.pkl keeps them
