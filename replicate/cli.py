@@ -15,7 +15,8 @@ import typer
 # fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
-from . import data, train  # noqa: E402
+from . import compare as grid
+from . import data, report, train  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
 from .models import ARCHS  # noqa: E402
@@ -27,6 +28,11 @@ data_app = typer.Typer(help="Bring public listing-photo data sets into the task 
 app.add_typer(data_app, name="data")
 
 Arch = Enum("Arch", {name: name for name in ARCHS}, type=str)  # choices come from the registry
+
+
+class Recipe(str, Enum):
+    paper = "paper"
+    fastai = "fastai"
 
 
 class Device(str, Enum):
@@ -102,9 +108,12 @@ def run(
     arch: Annotated[Arch, typer.Option(help="Backbone.")],
     unfreeze: Annotated[bool, typer.Option(
         help="Finetune every layer (default: feature extraction, only the new classifier trains).")] = False,
+    recipe: Annotated[Recipe, typer.Option(
+        help="paper: the 2019 protocol. fastai: fastai's default head, Adam, one-cycle, aug_transforms.")] = Recipe.paper,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     bs: Annotated[int, typer.Option(min=1, help="Batch size.")] = 32,
-    lr: Annotated[float, typer.Option(help="Constant learning rate of SGD (momentum 0.9).")] = 1e-3,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Learning rate (default: 0.001 constant for paper; lr_find's suggestion for fastai).")] = None,
     size: Annotated[Optional[int], typer.Option(help="Input size in px (default 224; 299 for inception_v3).")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights (from the torch hub cache).")] = True,
     seed: int = 42,
@@ -117,7 +126,7 @@ def run(
 
     Example: replicate run rooms --arch densenet121 --unfreeze
     """
-    cfg = RunConfig(task=task, arch=arch.value, unfreeze=unfreeze, epochs=epochs, bs=bs, lr=lr, size=size,
+    cfg = RunConfig(task=task, arch=arch.value, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
                     data_dir=data_dir, exports_dir=exports_dir)
     _summary(train.run(cfg, log=typer.echo))
@@ -134,6 +143,83 @@ def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("expor
     cfg, why = train.demo_config(data_dir, exports_dir)
     typer.echo(why)
     _summary(train.run(cfg, log=typer.echo))
+
+
+@app.command()
+@user_errors
+def compare(
+    task: Annotated[str, typer.Argument(help="Task folder under --data-dir, or 'all' for every task there.")],
+    archs: Annotated[str, typer.Option(help="Comma-separated backbones.")] = ",".join(ARCHS),
+    modes: Annotated[str, typer.Option(help="frozen (feature extraction), unfrozen (finetuning), or both.")]
+    = "frozen,unfrozen",
+    recipe: Annotated[Recipe, typer.Option(help="paper (the 2019 protocol) or fastai (today's defaults).")]
+    = Recipe.paper,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    size: Annotated[Optional[int], typer.Option(
+        help="Input size in px (default: each arch's own); raised to an arch's minimum where below it.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights.")] = True,
+    seeds: Annotated[int, typer.Option(min=1, help="Repeat each cell with this many seeds (seed, seed+1, ...).")] = 1,
+    seed: int = 42,
+    bs: Annotated[int, typer.Option(min=1)] = 32,
+    lr: Annotated[Optional[float], typer.Option(help="As for `run`.")] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
+    force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
+    data_dir: DataDir = Path("data"),
+    exports_dir: ExportsDir = Path("exports"),
+):
+    """Train every backbone x mode on a task (the study's grid), skipping cells already done, then
+    write the table, figures and report.html to exports/TASK/compare/.
+
+    Example: replicate compare rooms --no-pretrained --epochs 2 --size 64
+    """
+    failed = 0
+    for name in grid.tasks(data_dir, task):
+        base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
+                         pretrained=pretrained, seed=seed, device=device.value, workers=workers,
+                         data_dir=data_dir, exports_dir=exports_dir)
+        cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
+                         [m.strip() for m in modes.split(",") if m.strip()], seeds)
+        grid.preflight(cfgs)
+        cells = grid.run_grid(cfgs, force, log=typer.echo)
+        failures = grid.record_failures(cells, grid.failures_file(exports_dir, name, recipe.value))
+        failed += len(failures)
+        _print_report(exports_dir, name, recipe.value, cells)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+@user_errors
+def report_(
+    task: Annotated[str, typer.Argument(help="Task name under --exports-dir, 'all', or one run folder.")],
+    recipe: Annotated[Recipe, typer.Option(help="Which recipe's runs the figures show.")] = Recipe.paper,
+    exports_dir: ExportsDir = Path("exports"),
+):
+    """Rebuild the compare table, figures and report.html (or one run folder's plots) from run folders, without training.
+
+    Example: replicate report rooms
+    """
+    if (Path(task) / "config.json").is_file():
+        for path in report.render_run(Path(task)):
+            typer.echo(path)
+        return
+    names = sorted(d.name for d in exports_dir.iterdir() if d.is_dir()) if task == "all" and exports_dir.is_dir() \
+        else [task]
+    for name in names:
+        _print_report(exports_dir, name, recipe.value)
+
+
+def _print_report(exports_dir: Path, task: str, recipe: str, cells=None) -> None:
+    out, table = report.build_compare_report(exports_dir, task, recipe)
+    typer.echo(f"\n{task}:\n{table.drop(columns=['recipe'] if table.recipe.nunique() == 1 else []).to_string(index=False, na_rep='-')}")
+    if cells:
+        counts = {s: sum(c.status == s for c in cells) for s in ("trained", "reused", "failed")}
+        typer.echo(f"cells: {counts['trained']} trained, {counts['reused']} reused, {counts['failed']} failed")
+        for c in cells:
+            if c.status == "failed":
+                typer.echo(f"  failed: {c.cfg.run_name}: {c.error}")
+    typer.echo(f"report: {out / 'report.html'}")
 
 
 @app.command()

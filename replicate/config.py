@@ -20,9 +20,10 @@ class RunConfig:
     task: str
     arch: str
     unfreeze: bool = False  # False: feature extraction (new layer only); True: finetune everything
+    recipe: str = "paper"  # paper: the 2019 protocol; fastai: today's fastai defaults (see models.py)
     epochs: int = 30
     bs: int = 32
-    lr: float = 1e-3
+    lr: float | None = None  # None: 0.001 for the paper recipe, lr_find's suggestion for fastai
     momentum: float = 0.9
     aux_loss_weight: float = 0.4  # Inception v3 only: loss = main + 0.4 * auxiliary
     size: int | None = None  # None: the architecture's own input size (224, 299 for Inception v3)
@@ -43,9 +44,19 @@ class RunConfig:
         return self.data_dir / self.task
 
     @property
+    def run_name(self) -> str:
+        """ARCH-MODE, plus -fastai for that recipe and -seedN for a seed other than the default 42."""
+        name = f"{self.arch}-{self.mode}"
+        if self.recipe != "paper":
+            name += f"-{self.recipe}"
+        if self.seed != 42:
+            name += f"-seed{self.seed}"
+        return name
+
+    @property
     def run_dir(self) -> Path:
-        """Where this run's results land: exports/TASK/ARCH-MODE."""
-        return self.exports_dir / self.task / f"{self.arch}-{self.mode}"
+        """Where this run's results land: exports/TASK/RUN_NAME."""
+        return self.exports_dir / self.task / self.run_name
 
     def to_dict(self) -> dict:
         """The config as JSON-ready values (paths as strings)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import re
 import shutil
@@ -27,7 +28,7 @@ import pandas as pd
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import (GrandparentSplitter, Normalize, get_image_files, image_extensions,
                                     parent_label)
-from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize
+from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, aug_transforms
 from fastai.vision.core import imagenet_stats
 from fastai.vision.data import ImageBlock
 from fastai.vision.utils import verify_images
@@ -309,17 +310,30 @@ class ValidCrop(Resize):
     split_idx = 1
 
 
-def dataloaders(images: TaskImages, size: int, bs: int, device, workers: int):
-    """fastai DataLoaders with the study's transforms and ImageNet normalisation."""
+def dataloaders(images: TaskImages, cfg, size: int, device):
+    """fastai DataLoaders for `cfg.recipe`, with ImageNet normalisation.
+
+    paper: the study's random resized crop + horizontal flip. fastai: a milder crop
+    (min_scale 0.35) and fastai's `aug_transforms` (flip, rotation, zoom, warp, lighting) on batches.
+    """
+    if cfg.recipe == "fastai":
+        item_tfms = [TrainCrop(size, min_scale=0.35), ValidCrop(size, method="crop")]
+        batch_tfms = [*aug_transforms(), Normalize.from_stats(*imagenet_stats)]
+    else:
+        item_tfms = [TrainCrop(size), ValidCrop(size, method="crop"), FlipItem(0.5)]
+        batch_tfms = [Normalize.from_stats(*imagenet_stats)]
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=images.classes)),
         splitter=GrandparentSplitter(train_name="train", valid_name="valid"),
-        get_y=parent_label,
-        item_tfms=[TrainCrop(size), ValidCrop(size, method="crop"), FlipItem(0.5)],
-        batch_tfms=Normalize.from_stats(*imagenet_stats),
+        get_y=parent_label, item_tfms=item_tfms, batch_tfms=batch_tfms,
     )
     n_train = int(images.counts["train"].sum())
     # Keep the last partial batch (the study's DataLoader did) unless it would hold one image:
     # BatchNorm cannot train on a batch of one.
-    return block.dataloaders(images.files, bs=bs, device=device, num_workers=workers,
-                             drop_last=n_train % bs == 1)
+    return block.dataloaders(images.files, bs=cfg.bs, device=device, num_workers=workers(cfg),
+                             drop_last=n_train % cfg.bs == 1)
+
+
+def workers(cfg) -> int:
+    """DataLoader worker processes: --workers, else one per CPU core, at most 8."""
+    return cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 import torchvision.models as tvm
 from fastai.callback.core import Callback
+import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle, fine_tune, lr_find)
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD
@@ -59,6 +60,28 @@ def _cut_inception(model: nn.Module) -> nn.Module:
     if model.AuxLogits is not None:
         model.AuxLogits.fc = nn.Identity()
     return model
+
+
+def _features(model: nn.Module) -> nn.Module:
+    """The convolutional feature extractor (AlexNet, VGG, DenseNet): what fastai's own recipe keeps."""
+    return model.features
+
+
+def _resnet_features(model: nn.Module) -> nn.Module:
+    """ResNet without pooling and `fc`, as fastai cuts it (`model_meta` cut -2)."""
+    return nn.Sequential(*list(model.children())[:-2])
+
+
+def _inception_features(model: nn.Module) -> nn.Module:
+    """Inception v3's main path up to Mixed_7c. fastai has no meta for it, and its default
+    cut would keep the auxiliary branch inline, in the main path."""
+    keep = []
+    for name, child in model.named_children():
+        if name == "avgpool":
+            break
+        if name != "AuxLogits":
+            keep.append(child)
+    return nn.Sequential(*keep)
 
 
 class MainAuxHead(nn.Module):
@@ -109,19 +132,20 @@ class Arch:
     input_size: int
     min_size: int  # smallest square input the network accepts
     n_features: int  # inputs of the replaced last Linear
-    cut: Callable[[nn.Module], nn.Module]  # the network without its last Linear
+    cut: Callable[[nn.Module], nn.Module]  # the network without its last Linear (paper recipe)
+    fastai_cut: Callable[[nn.Module], nn.Module]  # the conv body fastai's own head goes on (fastai recipe)
     aux_features: int | None = None  # Inception v3: inputs of the auxiliary classifier's Linear
     aux_min_size: int | None = None  # ... which needs at least this input size
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in [
     # IMAGENET1K_V1 everywhere: the weights torchvision shipped in 2019 (PyTorch 1.0), as in the study.
-    Arch("resnet18", tvm.resnet18, "ResNet18_Weights.IMAGENET1K_V1", 224, 32, 512, _cut_resnet),
-    Arch("alexnet", tvm.alexnet, "AlexNet_Weights.IMAGENET1K_V1", 224, 63, 4096, _cut_classifier6),
-    Arch("vgg11_bn", tvm.vgg11_bn, "VGG11_BN_Weights.IMAGENET1K_V1", 224, 32, 4096, _cut_classifier6),
-    Arch("densenet121", tvm.densenet121, "DenseNet121_Weights.IMAGENET1K_V1", 224, 32, 1024, _cut_densenet),
+    Arch("resnet18", tvm.resnet18, "ResNet18_Weights.IMAGENET1K_V1", 224, 32, 512, _cut_resnet, _resnet_features),
+    Arch("alexnet", tvm.alexnet, "AlexNet_Weights.IMAGENET1K_V1", 224, 63, 4096, _cut_classifier6, _features),
+    Arch("vgg11_bn", tvm.vgg11_bn, "VGG11_BN_Weights.IMAGENET1K_V1", 224, 32, 4096, _cut_classifier6, _features),
+    Arch("densenet121", tvm.densenet121, "DenseNet121_Weights.IMAGENET1K_V1", 224, 32, 1024, _cut_densenet, _features),
     Arch("inception_v3", tvm.inception_v3, "Inception_V3_Weights.IMAGENET1K_V1", 299, 75, 2048,
-         _cut_inception, aux_features=768, aux_min_size=299),
+         _cut_inception, _inception_features, aux_features=768, aux_min_size=299),
 ]}
 
 
@@ -141,9 +165,9 @@ def input_size(cfg: RunConfig) -> int:
     return size
 
 
-def uses_aux(arch: Arch, size: int) -> bool:
-    """Inception v3 trains with its auxiliary classifier only where the input is large enough for it."""
-    return arch.aux_features is not None and size >= arch.aux_min_size
+def uses_aux(arch: Arch, size: int, recipe: str = "paper") -> bool:
+    """Inception v3 trains with its auxiliary classifier (paper recipe) where the input is large enough."""
+    return recipe == "paper" and arch.aux_features is not None and size >= arch.aux_min_size
 
 
 # --- pretrained weights, from the torch hub cache, downloaded only when missing --------------
@@ -183,6 +207,7 @@ class Backbone:
 
     name: str
     aux_logits: bool = True  # Inception v3 only
+    recipe: str = "paper"  # which cut fastai applies: the study's (last Linear) or fastai's (conv body)
 
     def __call__(self, pretrained: bool = False) -> nn.Module:
         arch = get_arch(self.name)
@@ -202,15 +227,23 @@ class Backbone:
 # --- the learner -------------------------------------------------------------------------------
 
 def create_learner(dls, cfg: RunConfig) -> Learner:
-    """A fastai Learner with the study's model, optimizer and freezing, ready for `fit`.
+    """A fastai Learner for `cfg.recipe`, frozen or not, ready for `fit(learn, cfg, lr)`."""
+    if cfg.recipe == "fastai":
+        return _fastai_learner(dls, cfg)
+    if cfg.recipe != "paper":
+        raise ReplicateError(f"unknown recipe {cfg.recipe!r}: use paper or fastai")
+    return _paper_learner(dls, cfg)
+
+
+def _paper_learner(dls, cfg: RunConfig) -> Learner:
+    """The study's model, optimizer and freezing.
 
     SGD with momentum and no weight decay through `opt_func`; constant LR (`fit`, not one-cycle).
     Frozen mode trains only the new layer(s): `train_bn=False` keeps fastai from training
     the frozen BatchNorm weights, which the study does not do either.
     """
     arch = get_arch(cfg.arch)
-    size = input_size(cfg)
-    aux = uses_aux(arch, size)
+    aux = uses_aux(arch, input_size(cfg))
     n_out = len(dls.vocab)
     if arch.aux_features:
         head = MainAuxHead(arch.n_features, arch.aux_features if aux else None, n_out)
@@ -222,7 +255,7 @@ def create_learner(dls, cfg: RunConfig) -> Learner:
         dls, backbone, pretrained=cfg.pretrained, custom_head=head,
         init=None,  # keep PyTorch's default init of the new Linear, as in the study
         normalize=False,  # ImageNet normalisation is already in the DataBlock's batch transforms
-        opt_func=partial(SGD, mom=cfg.momentum), lr=cfg.lr, wd=0.0,
+        opt_func=partial(SGD, mom=cfg.momentum), lr=cfg.lr or 1e-3, wd=0.0,
         metrics=accuracy, train_bn=False, cbs=[AuxLossCallback(cfg.aux_loss_weight)] if aux else None,
     )
     if cfg.unfreeze:
@@ -230,6 +263,42 @@ def create_learner(dls, cfg: RunConfig) -> Learner:
     else:
         learn.freeze()
     return learn
+
+
+def _fastai_learner(dls, cfg: RunConfig) -> Learner:
+    """fastai's recommended transfer learning: its default head (concat pooling, BatchNorm,
+    dropout, two Linear layers) on the conv body, Adam with weight decay, BatchNorm trained
+    while frozen (`train_bn=True`), one-cycle schedules (see `fit`)."""
+    arch = get_arch(cfg.arch)
+    backbone = Backbone(arch.name, aux_logits=False, recipe="fastai")
+    model_meta[backbone] = {"cut": arch.fastai_cut, "split": default_split}
+    learn = vision_learner(dls, backbone, pretrained=cfg.pretrained, normalize=False, metrics=accuracy)
+    if cfg.unfreeze:
+        learn.unfreeze()
+    else:
+        learn.freeze()
+    return learn
+
+
+def learning_rate(learn: Learner, cfg: RunConfig) -> float:
+    """--lr, else 0.001 (paper) or the `lr_find` valley suggestion (fastai)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    if cfg.recipe == "paper":
+        return 1e-3
+    with learn.no_logging():
+        return float(learn.lr_find(show_plot=False).valley)
+
+
+def fit(learn: Learner, cfg: RunConfig, lr: float) -> None:
+    """Train for `cfg.epochs` epochs in all: constant LR (paper); one-cycle, and for finetuning
+    fastai's `fine_tune` (one frozen epoch, then the rest unfrozen) (fastai)."""
+    if cfg.recipe == "paper":
+        learn.fit(cfg.epochs, lr)
+    elif cfg.unfreeze and cfg.epochs > 1:
+        learn.fine_tune(cfg.epochs - 1, base_lr=lr, freeze_epochs=1)
+    else:
+        learn.fit_one_cycle(cfg.epochs, lr)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ metrics.json), so plots can be rebuilt at any time, e.g. after copying exports o
 """
 from __future__ import annotations
 
+import base64
+import html
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +20,8 @@ matplotlib.use("Agg")  # files only: no display on a GPU box over ssh
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from .errors import ReplicateError  # noqa: E402
 
 TOP_LOSSES = 16
 
@@ -110,3 +115,209 @@ def render_run(run_dir: Path) -> list[Path]:
 if __name__ == "__main__":
     for p in render_run(Path(sys.argv[1])):
         print(p)
+
+
+# --- comparing runs: the study's tables and figures ----------------------------------------------
+
+PAPER_TASKS = ("balcony", "fireplace", "rooms")
+
+
+def _arch_order(arch: str) -> int:
+    """Registry order (the study's table order); unknown names last."""
+    from .models import ARCHS
+    return list(ARCHS).index(arch) if arch in ARCHS else len(ARCHS)
+
+
+def paper_results() -> pd.DataFrame:
+    """The study's 30 results (tables 4.1-4.6), shipped with the package as data."""
+    return pd.read_csv(Path(__file__).with_name("paper_results.csv"))
+
+
+def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy (a few lines; no statistics package is a dependency)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return centre - half, centre + half
+
+
+def load_runs(task_exports: Path) -> pd.DataFrame:
+    """One row per finished run folder under exports/TASK (config.json + metrics.json)."""
+    rows = []
+    for run_dir in sorted(Path(task_exports).iterdir()) if Path(task_exports).is_dir() else []:
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            continue  # not a run folder (compare/, a failed or unfinished run)
+        rows.append({
+            "arch": config["arch"], "mode": "unfrozen" if config["unfreeze"] else "frozen",
+            "recipe": config.get("recipe", "paper"), "seed": config["seed"], "epochs": config["epochs"],
+            "size": config["size"], "pretrained": config["pretrained"], "device": config.get("device_used", ""),
+            "train_seconds": metrics["train_seconds"], "best_acc": metrics["best_valid_accuracy"],
+            "best_epoch": metrics["best_epoch"], "last_acc": metrics["last_valid_accuracy"],
+            "images_per_s": metrics["train_images_per_second"], "n_valid": metrics["n_valid"],
+            "run_dir": run_dir,
+        })
+    return pd.DataFrame(rows)
+
+
+def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
+    """One row per (recipe, arch, mode): means over seeds, spread, 95% CI, and the study's numbers."""
+    rows = []
+    for (recipe, arch, mode), g in runs.groupby(["recipe", "arch", "mode"], sort=False):
+        n = int(g.n_valid.iloc[0])
+        low, high = wilson_interval(g.best_acc.mean() * n, n)
+        rows.append({
+            "arch": arch, "mode": mode, "recipe": recipe, "seeds": len(g),
+            "train_s": round(g.train_seconds.mean(), 1),
+            "max_valid_acc": round(100 * g.best_acc.mean(), 2),
+            "acc_std": round(100 * g.best_acc.std(), 2) if len(g) > 1 else float("nan"),
+            "ci95_low": round(100 * low, 2), "ci95_high": round(100 * high, 2),
+            "best_epoch": int(g.best_epoch.iloc[0]) if len(g) == 1 else round(g.best_epoch.mean(), 1),
+            "last_acc": round(100 * g.last_acc.mean(), 2),
+            "images_per_s": round(g.images_per_s.mean(), 1),
+        })
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    paper = paper_results().query("task == @task").rename(columns={"train_seconds": "paper_s",
+                                                                    "max_valid_accuracy": "paper_acc"})
+    table = table.merge(paper[["mode", "arch", "paper_s", "paper_acc"]], on=["mode", "arch"], how="left")
+    table["diff_acc"] = (table.max_valid_acc - table.paper_acc).round(2)
+    table["_fastai"], table["_order"] = table.recipe != "paper", table.arch.map(_arch_order)
+    table = table.sort_values(["_fastai", "recipe", "mode", "_order"])
+    return table.drop(columns=["_fastai", "_order"]).reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-style markdown table (pandas needs the optional `tabulate` package for this)."""
+    cells = table.astype(object).where(table.notna(), "")
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in cells.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: pd.DataFrame, what: str, title: str, path: Path) -> None:
+    """The study's figure: one subplot per backbone, train vs valid `what` per epoch, shared axes."""
+    archs = sorted(set(runs.arch), key=_arch_order)
+    cols = min(3, len(archs))
+    rows = -(-len(archs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax in axes.flat[len(archs):]:
+        ax.axis("off")
+    for ax, arch in zip(axes.flat, archs):
+        run = runs[runs.arch == arch].sort_values("seed").iloc[0]
+        history = pd.read_csv(run.run_dir / "history.csv")
+        for split in ("train", "valid"):
+            ax.plot(history.epoch, history[f"{split}_{what}"], marker=".", label=split)
+        ax.set_title(arch)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(what)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_tradeoff(table: pd.DataFrame, task: str, path: Path) -> None:
+    """Max valid accuracy against training time for every cell, labelled; the study's cells in grey."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = {"frozen": "o", "unfrozen": "s"}
+    for row in table.itertuples():
+        ax.scatter(row.train_s, row.max_valid_acc, marker=markers[row.mode],
+                   color="tab:blue" if row.recipe == "paper" else "tab:orange")
+        ax.annotate(f"{row.arch} {row.mode}" + ("" if row.recipe == "paper" else f" ({row.recipe})"),
+                    (row.train_s, row.max_valid_acc), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if pd.notna(row.paper_acc) and row.recipe == "paper":
+            ax.scatter(row.paper_s, row.paper_acc, marker=markers[row.mode], facecolors="none", edgecolors="grey")
+    ax.set(xscale="log", xlabel="training time, s (log)", ylabel="max valid accuracy, %",
+           title=f"{task}: accuracy vs training time" + (" (hollow grey: the 2019 study on a K80)"
+                                                         if table.paper_acc.notna().any() else ""))
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _embed(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def write_html(table: pd.DataFrame, runs: pd.DataFrame, figures: list[Path], failures: list[dict],
+               path: Path) -> None:
+    """One page that opens from disk: the table (best cell highlighted, the study's numbers beside
+    ours), the figures embedded, and each cell's confusion matrix and top losses from its run folder."""
+    best = table.sort_values(["max_valid_acc", "train_s"], ascending=[False, True]).index[0]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body = "".join(
+        f"<tr{' class=best' if i == best else ''}>"
+        + "".join(f"<td>{'' if pd.isna(v) else html.escape(str(v))}</td>" for v in row) + "</tr>"
+        for i, row in zip(table.index, table.itertuples(index=False)))
+    b = table.loc[best]
+    parts = [
+        f"<h1>{html.escape(path.parent.parent.name)}: backbones compared</h1>",
+        f"<p class=lead>Best cell: <b>{b.arch} {b.mode}</b> ({b.recipe} recipe), max valid accuracy "
+        f"{b.max_valid_acc}% (95% CI {b.ci95_low}-{b.ci95_high}%), {b.train_s}s of training. "
+        f"Cells whose intervals overlap are not clearly different on this validation set.</p>",
+        "<p>max_valid_acc is the best epoch's validation accuracy, as the study reports it (it flatters, "
+        "being chosen on the same images); last_acc is the final epoch's. paper_* are the study's "
+        "figures (Tesla K80, 30 epochs, its own data); diff_acc = ours - the study's.</p>",
+        f"<table><tr>{head}</tr>{body}</table>",
+    ]
+    if failures:
+        parts.append("<h2>Failed cells</h2><ul>" + "".join(
+            f"<li><b>{html.escape(f['cell'])}</b>: {html.escape(f['error'])}</li>" for f in failures) + "</ul>")
+    parts.append("<h2>Figures</h2>" + "".join(f'<img alt="{p.stem}" src="{_embed(p)}">' for p in figures))
+    parts.append("<h2>Cells</h2>")
+    for run in runs.sort_values(["recipe", "mode", "arch", "seed"]).itertuples():
+        rel = lambda f: html.escape(os.path.relpath(run.run_dir / f, path.parent))  # noqa: E731
+        parts.append(f"<h3>{html.escape(run.run_dir.name)}: {100 * run.best_acc:.2f}% at epoch {run.best_epoch}</h3>"
+                     f'<img alt="confusion matrix" src="{rel("confusion_matrix.png")}">'
+                     f'<img alt="top losses" class=wide src="{rel("top_losses.png")}">')
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}tr.best{background:#ffe9a8;"
+             "font-weight:bold}img{max-height:420px;margin:4px;vertical-align:top}img.wide{max-height:520px}"
+             ".lead{font-size:1.15em}")
+    path.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(path.parent.parent.name)}"
+                    f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def build_compare_report(exports_dir: Path, task: str, recipe: str = "paper") -> tuple[Path, pd.DataFrame]:
+    """Rebuild exports/TASK/compare[-RECIPE]/ from the run folders alone; returns (folder, table).
+
+    The table holds every recipe found (so both recipes sit side by side); the figures, the
+    recipe's own runs.
+    """
+    task_exports = Path(exports_dir) / task
+    runs = load_runs(task_exports)
+    if runs.empty or (runs.recipe == recipe).sum() == 0:
+        raise ReplicateError(f"no finished {recipe} runs under {task_exports}: "
+                             f"run `replicate compare {task}` or `replicate run {task} --arch ...` first")
+    out = task_exports / ("compare" if recipe == "paper" else f"compare-{recipe}")
+    out.mkdir(parents=True, exist_ok=True)
+    table = summary_table(runs, task)
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(to_markdown(table))
+    own = runs[runs.recipe == recipe]
+    figures = []
+    for mode in ("frozen", "unfrozen"):
+        for what in ("loss", "accuracy"):
+            if (own["mode"] == mode).any():
+                figures.append(out / f"{what}_{mode}.png")
+                plot_curves(own[own["mode"] == mode], what, f"{task}: {what}, {mode} ({recipe} recipe)", figures[-1])
+    figures.append(out / "tradeoff.png")
+    plot_tradeoff(table, task, figures[-1])
+    failures_path = out / "failures.json"
+    failures = json.loads(failures_path.read_text()) if failures_path.is_file() else []
+    failures = [f for f in failures if f["cell"] not in {p.name for p in runs.run_dir}]  # since trained
+    write_html(table, runs, figures, failures, out / "report.html")
+    return out, table

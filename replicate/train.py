@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from fastai.callback.core import Callback
 import fastai.callback.progress  # noqa: F401  (registers the progress bar and Learner.no_bar)
+import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle, fine_tune, lr_find)
 from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import set_seed
 
@@ -58,10 +59,7 @@ class HistoryCallback(Callback):
     order = 55  # after Recorder (50) has logged the epoch, before SaveModelCallback (61)
 
     def __init__(self, path: Path):
-        self.path = path
-
-    def before_fit(self):
-        self.rows = []
+        self.path, self.rows = path, []  # rows persist across the two fits of fastai's fine_tune
 
     def before_train(self):
         self.t_train = time.perf_counter()
@@ -78,7 +76,7 @@ class HistoryCallback(Callback):
 
     def after_epoch(self):
         names = self.recorder.metric_names[1:-1]  # without 'epoch' and 'time'
-        row = {"epoch": self.epoch + 1, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])}}
+        row = {"epoch": len(self.rows) + 1, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])}}
         row["train_loss"] = self.loss_sum / max(1, self.n_seen)
         row["seconds"] = time.time() - self.recorder.start_epoch
         row["train_seconds"] = self.train_seconds
@@ -152,30 +150,33 @@ def run(cfg: RunConfig, log=print) -> Path:
     log(f"device: {describe_device(device)}")
     log(f"task {cfg.task}: {len(images.classes)} classes {images.classes}, "
         f"{int(images.counts['train'].sum())} train / {int(images.counts['valid'].sum())} valid images")
-    aux = " with auxiliary loss" if models.uses_aux(arch, size) else ""
-    if arch.aux_features and not aux:
+    aux = " with auxiliary loss" if models.uses_aux(arch, size, cfg.recipe) else ""
+    if arch.aux_features and cfg.recipe == "paper" and not aux:
         aux = f" without auxiliary classifier (it needs {arch.aux_min_size}px)"
-    log(f"{cfg.arch} {cfg.mode}{aux}, {size}px, {cfg.epochs} epochs, "
+    log(f"{cfg.arch} {cfg.mode} ({cfg.recipe} recipe){aux}, {size}px, {cfg.epochs} epochs, "
         f"{'ImageNet weights' if cfg.pretrained else 'random init (--no-pretrained)'}")
     set_seed(cfg.seed, reproducible=True)
-    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
-    dls = data.dataloaders(images, size, cfg.bs, device, workers)
+    dls = data.dataloaders(images, cfg, size, device)
     learn = models.create_learner(dls, cfg)
     learn.recorder.train_metrics = True  # the study reports train accuracy per epoch too
+    lr = models.learning_rate(learn, cfg)
+    log(f"learning rate {lr:.2e}" + (" (lr_find)" if cfg.recipe == "fastai" and cfg.lr is None else ""))
 
     cfg.run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cfg.run_dir.name}.partial-", dir=cfg.run_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the published run folder should not be
     try:
         (staging / "config.json").write_text(json.dumps(
-            {**cfg.to_dict(), "size": size, "aux_logits": models.uses_aux(arch, size), "workers": workers,
+            {**cfg.to_dict(), "size": size, "lr": lr, "aux_logits": models.uses_aux(arch, size, cfg.recipe),
+             "workers": data.workers(cfg),
              "device_used": describe_device(device), "environment": environment()}, indent=2))
         with tempfile.TemporaryDirectory() as weights_dir:
             learn.model_dir = Path(weights_dir)  # best-epoch checkpoints: scratch, export.pkl keeps them
-            learn.fit(cfg.epochs, cfg.lr, cbs=[
-                HistoryCallback(staging / "history.csv"),
-                SaveModelCallback(monitor="valid_accuracy", comp=np.greater, fname="best", with_opt=False),
-            ])
+            tracking = [HistoryCallback(staging / "history.csv"),
+                        SaveModelCallback(monitor="valid_accuracy", comp=np.greater, fname="best",
+                                          with_opt=False, reset_on_fit=False)]
+            with learn.added_cbs(tracking):
+                models.fit(learn, cfg, lr)
         history = pd.read_csv(staging / "history.csv")
         valid_predictions(learn).to_csv(staging / "valid_predictions.csv", index=False)
         learn.path, learn.model_dir = staging, "models"

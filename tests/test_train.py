@@ -59,7 +59,7 @@ def test_run_leaves_a_complete_run_folder_for_every_arch(tiny_task, runner, arch
     assert (preds.actual == preds.predicted).mean() == pytest.approx(metrics["best_valid_accuracy"])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["arch"] == arch and config["unfreeze"] == unfreeze and config["size"] == SIZES[arch]
-    assert config["lr"] == 0.001 and config["momentum"] == 0.9 and config["bs"] == 32
+    assert config["lr"] == 0.001 and config["momentum"] == 0.9 and config["bs"] == 32 and config["recipe"] == "paper"
     assert config["aux_logits"] == (arch == "inception_v3")
     assert {"torch", "fastai", "torchvision", "timm", "python"} <= set(config["environment"])
     for png in ("loss.png", "accuracy.png", "confusion_matrix.png", "top_losses.png"):

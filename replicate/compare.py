@@ -1,0 +1,142 @@
+"""The study's grid: every backbone x {frozen, unfrozen} (x seeds) on a task, resumable.
+
+    replicate compare rooms --no-pretrained --epochs 2 --size 64
+
+Each cell is one `train.run` (the same code path as `replicate run`) writing its own run
+folder. A cell whose folder holds a finished run with the same configuration is reused, so
+an interrupted compare picks up where it stopped; run folders appear only when complete
+(see `train.run`), so a killed cell is simply trained again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import models, train
+from .config import RunConfig
+from .errors import ReplicateError
+
+MODES = ("frozen", "unfrozen")
+# What must match for a finished run folder to stand in for a cell. The device, worker count
+# and folders do not change what is computed in a way the study's figures resolve.
+SAME_RESULT_KEYS = ("task", "arch", "unfreeze", "recipe", "epochs", "bs", "lr", "momentum",
+                    "aux_loss_weight", "size", "pretrained", "seed")
+
+
+@dataclass
+class Cell:
+    """One grid cell's outcome: 'reused', 'trained' or 'failed' (with the error)."""
+
+    cfg: RunConfig
+    status: str = "pending"
+    error: str = ""
+    seconds: float = 0.0
+
+
+def grid(base: RunConfig, archs: list[str], modes: list[str], seeds: int) -> list[RunConfig]:
+    """The configurations of a grid; sizes below an arch's minimum are raised to it, with a note in the log."""
+    for m in modes:
+        if m not in MODES:
+            raise ReplicateError(f"unknown mode {m!r}: use frozen, unfrozen or both")
+    cfgs = []
+    for arch in archs:
+        spec = models.get_arch(arch)
+        size = max(base.size, spec.min_size) if base.size else None
+        for mode in modes:
+            for seed in range(base.seed, base.seed + seeds):
+                cfgs.append(dataclasses.replace(base, arch=arch, unfreeze=mode == "unfrozen", size=size, seed=seed))
+    return cfgs
+
+
+def _expected(cfg: RunConfig) -> dict:
+    """The config.json values a finished run of `cfg` would hold, for the keys that matter."""
+    values = {**cfg.to_dict(), "size": models.input_size(cfg)}
+    if cfg.lr is None and cfg.recipe == "paper":
+        values["lr"] = 1e-3
+    return {k: values[k] for k in SAME_RESULT_KEYS}
+
+
+def is_finished(cfg: RunConfig) -> bool:
+    """A complete run folder (metrics.json is written last) made with the same configuration."""
+    try:
+        done = json.loads((cfg.run_dir / "config.json").read_text())
+        (cfg.run_dir / "metrics.json").stat()
+    except (OSError, ValueError):
+        return False
+    expected = _expected(cfg)
+    if cfg.lr is None and cfg.recipe == "fastai":
+        expected["lr"] = done.get("lr")  # chosen by lr_find: any value it chose stands
+    return all(done.get(k) == v for k, v in expected.items())
+
+
+def run_grid(cfgs: list[RunConfig], force: bool = False, log=print) -> list[Cell]:
+    """Run every cell not already finished, one after another; a failing cell does not stop the grid."""
+    cells = [Cell(cfg) for cfg in cfgs]
+    start, trained_seconds, trained = time.time(), 0.0, 0
+    for k, cell in enumerate(cells, 1):
+        todo = sum(1 for c in cells[k - 1:] if force or not is_finished(c.cfg))
+        eta = f", about {trained_seconds / trained * todo / 60:.1f} min left" if trained else ""
+        log(f"\n[cell {k}/{len(cells)}] {cell.cfg.run_name}: {time.time() - start:.0f}s elapsed{eta}")
+        if not force and is_finished(cell.cfg):
+            cell.status = "reused"
+            log(f"reusing finished run {cell.cfg.run_dir}")
+            continue
+        t0 = time.time()
+        try:
+            train.run(cell.cfg, log=log)
+            cell.status = "trained"
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one failing cell (say, out of GPU memory) must not end the grid
+            cell.status = "failed"
+            cell.error = f"{type(e).__name__}: {e}".splitlines()[0]
+            log(f"cell failed: {cell.error}")
+            (cell.cfg.exports_dir / cell.cfg.task).mkdir(parents=True, exist_ok=True)
+            (cell.cfg.exports_dir / cell.cfg.task / f".{cell.cfg.run_name}.failed.txt").write_text(
+                traceback.format_exc())
+        cell.seconds = time.time() - t0
+        if cell.status == "trained":
+            trained_seconds, trained = trained_seconds + cell.seconds, trained + 1
+    return cells
+
+
+def failures_file(exports_dir: Path, task: str, recipe: str) -> Path:
+    """Where a compare records its failed cells, for `report` to show."""
+    return exports_dir / task / report_dirname(recipe) / "failures.json"
+
+
+def report_dirname(recipe: str) -> str:
+    return "compare" if recipe == "paper" else f"compare-{recipe}"
+
+
+def tasks(data_dir: Path, task: str) -> list[str]:
+    """[task], or every task folder under data_dir for 'all'."""
+    if task != "all":
+        return [task]
+    found = sorted(d.name for d in data_dir.iterdir() if (d / "train").is_dir()) if data_dir.is_dir() else []
+    if not found:
+        raise ReplicateError(f"no task folders (TASK/train, TASK/valid) under {data_dir}")
+    return found
+
+
+def preflight(cfgs: list[RunConfig]) -> None:
+    """Fail before the first cell on what would fail every cell: device, weights, the task folders."""
+    from . import data
+    for cfg in cfgs:
+        train.resolve_device(cfg.device)
+        if cfg.pretrained:
+            models.ensure_weights(models.get_arch(cfg.arch))
+    for task_dir in dict.fromkeys(cfg.task_dir for cfg in cfgs):
+        data.scan_task(task_dir)
+
+
+def record_failures(cells: list[Cell], path: Path) -> list[dict]:
+    """Write the failed cells (name and error) to `path` for the report; returns them."""
+    failures = [{"cell": c.cfg.run_name, "error": c.error} for c in cells if c.status == "failed"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(failures, indent=2))
+    return failures

@@ -1,0 +1,184 @@
+"""`replicate compare` and `replicate report`: the grid, resuming, failures, tables, figures, the page.
+
+    python -m pytest tests/test_compare.py
+"""
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import make_task
+from replicate import compare, report, train
+from replicate.cli import app
+from replicate.config import RunConfig
+
+ARGS = ["--archs", "resnet18,alexnet", "--epochs", "1", "--size", "32", "--no-pretrained", "--workers", "0"]
+
+
+@pytest.fixture
+def rooms(tmp_path):
+    """A tiny task named like the study's, so the table carries the study's numbers."""
+    make_task(tmp_path / "data" / "rooms", classes={"bathroom": (30, 90, 200), "bedroom": (200, 60, 40),
+                                                   "kitchen": (60, 180, 60)})
+    return tmp_path
+
+
+def invoke(runner, root, *args):
+    return runner.invoke(app, ["compare", "rooms", *ARGS, *args, "--data-dir", str(root / "data"),
+                               "--exports-dir", str(root / "exports")])
+
+
+def png_ok(data: bytes) -> bool:
+    return data.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_compare_runs_the_grid_writes_everything_and_reuses_it(rooms, runner):
+    result = invoke(runner, rooms)
+    assert result.exit_code == 0, result.output
+    assert "[cell 1/4] resnet18-frozen" in result.output and "[cell 4/4] alexnet-unfrozen" in result.output
+    assert "alexnet frozen (paper recipe), 63px" in result.output  # --size 32 raised to AlexNet's minimum
+    out = rooms / "exports" / "rooms" / "compare"
+    for name in ("table.csv", "table.md", "loss_frozen.png", "accuracy_frozen.png", "loss_unfrozen.png",
+                 "accuracy_unfrozen.png", "tradeoff.png", "report.html"):
+        assert (out / name).is_file(), name
+    table = pd.read_csv(out / "table.csv")
+    assert list(zip(table.arch, table["mode"])) == [("resnet18", "frozen"), ("alexnet", "frozen"),
+                                                    ("resnet18", "unfrozen"), ("alexnet", "unfrozen")]
+    row = table.set_index(["arch", "mode"]).loc[("resnet18", "unfrozen")]
+    assert row.paper_acc == 96.35 and row.paper_s == 256  # the study's rooms table 4.6
+    assert row.diff_acc == pytest.approx(row.max_valid_acc - 96.35, abs=0.01)
+    assert (table.ci95_low <= table.max_valid_acc).all() and (table.max_valid_acc <= table.ci95_high).all()
+    assert "resnet18" in result.output and "max_valid_acc" in result.output  # the table, printed
+
+    stamps = {p: p.stat().st_mtime_ns for p in (rooms / "exports" / "rooms").glob("*/export.pkl")}
+    again = invoke(runner, rooms)
+    assert again.exit_code == 0 and "0 trained, 4 reused, 0 failed" in again.output
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    before = (out / "table.csv").read_text()
+    for f in out.iterdir():
+        f.unlink()
+    rebuilt = runner.invoke(app, ["report", "rooms", "--exports-dir", str(rooms / "exports")])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert (out / "table.csv").read_text() == before and (out / "report.html").is_file()
+
+
+def test_report_page_shows_the_table_and_every_image(rooms, runner):
+    assert invoke(runner, rooms).exit_code == 0
+    page_path = rooms / "exports" / "rooms" / "compare" / "report.html"
+    page = page_path.read_text()
+    assert page.count("<tr class=best>") == 1 and "<th>paper_acc</th>" in page and "96.35" in page
+    sources = re.findall(r'<img alt="[^"]*" (?:class=\w+ )?src="([^"]+)"', page)
+    embedded = [s for s in sources if s.startswith("data:image/png;base64,")]
+    beside = [s for s in sources if not s.startswith("data:")]
+    assert len(embedded) == 5  # loss and accuracy per mode, and the trade-off plot
+    assert all(png_ok(base64.b64decode(s.split(",", 1)[1])) for s in embedded)
+    assert len(beside) == 8  # confusion matrix and top losses per cell
+    for rel in beside:
+        with Image.open(page_path.parent / rel) as im:
+            assert im.format == "PNG"
+
+
+def test_an_interrupted_compare_resumes_and_retrains_only_the_broken_cell(rooms, monkeypatch):
+    base = RunConfig("rooms", "resnet18", epochs=1, size=32, pretrained=False, workers=0,
+                     data_dir=rooms / "data", exports_dir=rooms / "exports")
+    cfgs = compare.grid(base, ["resnet18", "alexnet"], ["frozen"], seeds=1)
+    real_run, calls = train.run, []
+
+    def killed_in_second_cell(cfg, log=print):
+        calls.append(cfg.run_name)
+        if cfg.arch == "alexnet":
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the cell
+        return real_run(cfg, log)
+
+    monkeypatch.setattr(train, "run", killed_in_second_cell)
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_grid(cfgs, log=lambda *a: None)
+    assert not (rooms / "exports" / "rooms" / "alexnet-frozen").exists()
+    monkeypatch.setattr(train, "run", real_run)
+    cells = compare.run_grid(cfgs, log=lambda *a: None)
+    assert [c.status for c in cells] == ["reused", "trained"]
+    assert compare.is_finished(cfgs[1])
+
+
+def test_a_changed_configuration_is_not_reused(rooms):
+    base = RunConfig("rooms", "resnet18", epochs=1, size=32, pretrained=False, workers=0,
+                     data_dir=rooms / "data", exports_dir=rooms / "exports")
+    train.run(base, log=lambda *a: None)
+    assert compare.is_finished(base)
+    assert not compare.is_finished(RunConfig(**{**base.__dict__, "epochs": 2}))
+    assert not compare.is_finished(RunConfig(**{**base.__dict__, "size": 48}))
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(rooms, runner, monkeypatch):
+    real_run = train.run
+
+    def out_of_memory_for_alexnet(cfg, log=print):
+        if cfg.arch == "alexnet" and cfg.unfreeze:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(cfg, log)
+
+    monkeypatch.setattr(train, "run", out_of_memory_for_alexnet)
+    result = invoke(runner, rooms)
+    assert result.exit_code == 1
+    assert "3 trained, 0 reused, 1 failed" in result.output
+    assert "failed: alexnet-unfrozen: RuntimeError: CUDA out of memory" in result.output
+    out = rooms / "exports" / "rooms" / "compare"
+    assert json.loads((out / "failures.json").read_text())[0]["cell"] == "alexnet-unfrozen"
+    assert "CUDA out of memory" in (out / "report.html").read_text()
+    assert len(pd.read_csv(out / "table.csv")) == 3
+
+
+def test_seeds_repeat_each_cell_and_report_the_spread(rooms, runner):
+    result = invoke(runner, rooms, "--seeds", "2", "--modes", "frozen")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (rooms / "exports" / "rooms").iterdir())
+    assert names == ["alexnet-frozen", "alexnet-frozen-seed43", "compare", "resnet18-frozen", "resnet18-frozen-seed43"]
+    table = pd.read_csv(rooms / "exports" / "rooms" / "compare" / "table.csv")
+    assert (table.seeds == 2).all() and table.acc_std.notna().all()
+
+
+@pytest.mark.parametrize("arch, size", [("resnet18", 32), ("alexnet", 64), ("vgg11_bn", 32),
+                                        ("densenet121", 32), ("inception_v3", 75)])
+def test_fastai_recipe_runs_for_every_arch_in_both_modes(tiny_task, runner, arch, size):
+    exports = tiny_task.parent / "exports"
+    for mode in ([], ["--unfreeze"]):
+        result = runner.invoke(app, ["run", "toy", "--arch", arch, "--recipe", "fastai", "--epochs", "2",
+                                     "--size", str(size), "--lr", "1e-3", "--no-pretrained", "--workers", "0",
+                                     "--data-dir", str(tiny_task), "--exports-dir", str(exports), *mode])
+        assert result.exit_code == 0, result.output
+    for name in (f"{arch}-frozen-fastai", f"{arch}-unfrozen-fastai"):
+        history = pd.read_csv(exports / "toy" / name / "history.csv")
+        assert list(history.epoch) == [1, 2]  # fine_tune's frozen epoch counts in the total
+
+
+def test_fastai_recipe_uses_lr_find_and_sits_beside_paper_runs_in_one_table(rooms, runner):
+    assert invoke(runner, rooms, "--modes", "frozen").exit_code == 0
+    result = invoke(runner, rooms, "--modes", "frozen", "--recipe", "fastai")
+    assert result.exit_code == 0, result.output
+    assert "(lr_find)" in result.output
+    config = json.loads((rooms / "exports" / "rooms" / "resnet18-frozen-fastai" / "config.json").read_text())
+    assert config["recipe"] == "fastai" and config["lr"] > 0
+    table = pd.read_csv(rooms / "exports" / "rooms" / "compare-fastai" / "table.csv")
+    assert sorted(set(table.recipe)) == ["fastai", "paper"] and len(table) == 4
+
+
+def test_wilson_interval_matches_known_values():
+    low, high = report.wilson_interval(50, 100)
+    assert (round(low, 3), round(high, 3)) == (0.404, 0.596)
+    low, high = report.wilson_interval(100, 100)
+    assert high == pytest.approx(1.0) and round(low, 3) == 0.963
+
+
+def test_compare_errors(rooms, runner):
+    result = invoke(runner, rooms, "--archs", "resnet18,resnet50")
+    assert result.exit_code == 2 and "unknown arch 'resnet50'" in result.output
+    result = invoke(runner, rooms, "--modes", "frozen,thawed")
+    assert result.exit_code == 2 and "unknown mode 'thawed'" in result.output
+    result = runner.invoke(app, ["report", "kitchens", "--exports-dir", str(rooms / "exports")])
+    assert result.exit_code == 2 and "no finished paper runs" in result.output
