@@ -5,18 +5,22 @@
 from __future__ import annotations
 
 import functools
+import json
+import time
 import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
+import pandas as pd
 import typer
 
 # fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 from . import compare as grid
-from . import data, report, train  # noqa: E402
+from . import clean as cleaning  # noqa: E402
+from . import data, predict as predicting, report, train  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
 from .models import ARCHS  # noqa: E402
@@ -222,6 +226,162 @@ def _print_report(exports_dir: Path, task: str, recipe: str, cells=None) -> None
     typer.echo(f"report: {out / 'report.html'}")
 
 
+class Split(str, Enum):
+    valid = "valid"
+    train = "train"
+    both = "both"
+
+
+class Format(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+RunDir = Annotated[Path, typer.Argument(help="A run folder, e.g. exports/rooms/resnet18-unfrozen.")]
+
+
+@app.command()
+@user_errors
+def interpret(
+    run_dir: RunDir,
+    split: Annotated[Split, typer.Option(help="Which images to score (without augmentation).")] = Split.both,
+    k: Annotated[int, typer.Option("-k", "--top", min=1, help="How many top-loss images to show.")] = 50,
+):
+    """Confusion matrices, most-confused pairs and top losses of a trained model, on valid and train images.
+
+    Example: replicate interpret exports/rooms/resnet18-unfrozen --split both -k 50
+    """
+    splits = ["valid", "train"] if split == Split.both else [split.value]
+    preds = predicting.interpret(run_dir, splits)
+    classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
+    for name, frame in preds.items():
+        written = report.render_interpretation(frame, classes, run_dir, name, k)
+        pairs = report.most_confused(frame).head(10)
+        acc = (frame.actual == frame.predicted).mean()
+        typer.echo(f"\n{name}: {len(frame)} images, accuracy {acc:.1%}; most confused (actual -> predicted):")
+        typer.echo(pairs.to_string(index=False) if len(pairs) else "  none")
+        typer.echo("written: " + ", ".join(p.name for p in written))
+
+
+@app.command()
+@user_errors
+def review(
+    run_dir: RunDir,
+    k: Annotated[int, typer.Option("-k", "--top", min=1, help="Top-loss images per split on the page.")] = 50,
+    split: Annotated[Split, typer.Option(help="Which split's images to review.")] = Split.both,
+):
+    """Write review.html: the top-loss images to mark keep / relabel / remove in a browser, no server needed.
+
+    The page downloads your decisions as decisions.csv (path,action,new_label) for `replicate clean`.
+    Example: replicate review exports/rooms/resnet18-unfrozen
+    """
+    splits = ["valid", "train"] if split == Split.both else [split.value]
+    files = {s: run_dir / f"predictions_{s}.csv" for s in splits}
+    if all(f.is_file() for f in files.values()):
+        preds = {s: pd.read_csv(f) for s, f in files.items()}
+    else:
+        preds = predicting.interpret(run_dir, splits)
+    classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
+    page = report.write_review(preds, classes, k, run_dir / "review.html")
+    typer.echo(f"open {page} in a browser; then: replicate clean {json.loads((run_dir / 'config.json').read_text())['task']}"
+               f" --decisions ~/Downloads/decisions.csv")
+
+
+@app.command()
+@user_errors
+def clean(
+    task: Annotated[str, typer.Argument(help="Task folder under --data-dir.")],
+    decisions: Annotated[Optional[Path], typer.Option(help="CSV with path,action,new_label (from the review page).")]
+    = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Move the files (default: only show what would happen).")]
+    = False,
+    undo: Annotated[Optional[Path], typer.Option(help="A log from TASK/_cleaning/: put its files back.")] = None,
+    data_dir: DataDir = Path("data"),
+):
+    """Relabel or set aside photos as decided on the review page; every move is logged and can be undone.
+
+    relabel moves a photo to another class folder of its split; remove moves it to TASK/_removed/.
+    Nothing is deleted. Example: replicate clean rooms --decisions decisions.csv --apply
+    """
+    task_dir = data_dir / task
+    if undo is not None:
+        typer.echo(f"put back {cleaning.undo(undo)} file(s) from {undo}")
+        return
+    if decisions is None:
+        raise ReplicateError("give --decisions FILE (or --undo LOG)")
+    if not task_dir.is_dir():
+        raise ReplicateError(f"task folder {task_dir} not found")
+    moves = cleaning.plan(task_dir, cleaning.read_decisions(decisions))
+    table = cleaning.describe(moves, task_dir)
+    typer.echo(table.to_string(index=False) if len(table) else "nothing to move (all keep)")
+    if not apply:
+        typer.echo(f"\n{len(moves)} move(s) planned; nothing changed. Add --apply to move the files.")
+        return
+    log = cleaning.apply(task_dir, moves)
+    typer.echo(f"\nmoved {len(moves)} file(s); log: {log}\nundo with: replicate clean {task} --undo {log}")
+
+
+@app.command("predict")
+@user_errors
+def predict_(
+    items: Annotated[list[Path], typer.Argument(
+        help="One or more models (run folders or export.pkl files) followed by images or folders (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Where to write the table.")] = Path("tags.csv"),
+    format: Annotated[Format, typer.Option(help="csv or json.")] = Format.csv,
+    listing_pattern: Annotated[Optional[str], typer.Option(help=(
+        "Regex whose first group is the listing id, searched in the file name (or the path, if it has a /): "
+        "also writes a per-listing table, e.g. '^(\\d+)_'."))] = None,
+    threshold: Annotated[float, typer.Option(help="Per-listing: a class counts as shown above this probability.")]
+    = 0.5,
+    bs: Annotated[int, typer.Option(min=1, help="Batch size.")] = 64,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
+):
+    """Tag photos with one or more trained models: one row per image, the columns of every model side by side.
+
+    Exports are pickles, and loading one runs code: only use exports you made or trust.
+    A checksum recorded when the export was written is checked, with a warning if it changed.
+    Example: replicate predict exports/rooms/resnet18-unfrozen exports/exterior/resnet18-unfrozen photos/
+    """
+    n_models = 0
+    while n_models < len(items) and (items[n_models].suffix == ".pkl" or (items[n_models] / "export.pkl").is_file()):
+        n_models += 1
+    if n_models == 0 or n_models == len(items):
+        raise ReplicateError("give one or more models (run folders or export.pkl) and then images or folders")
+    dev = train.resolve_device(device.value)
+    models = [predicting.load_model(p, dev) for p in items[:n_models]]
+    names = [m.name for m in models]
+    for m, path in zip(models, items[:n_models]):
+        if names.count(m.name) > 1:
+            m.name = f"{m.name}_{path.name if path.is_dir() else path.parent.name}"
+        if m.warning:
+            typer.echo(f"warning: {m.warning}", err=True)
+    files = predicting.find_images(items[n_models:])
+    if not files:
+        raise ReplicateError("no images found in " + ", ".join(str(p) for p in items[n_models:]))
+    start = time.time()
+    table = predicting.tag(models, files, bs)
+    seconds = time.time() - start
+    _write_table(table, out, format)
+    errors = table[table.error != ""]
+    typer.echo(f"{len(table)} images, {len(models)} model(s), {seconds:.1f}s ({len(table) / seconds:.1f} images/s); "
+               f"table: {out}")
+    for row in errors.itertuples():
+        typer.echo(f"  unreadable: {row.path}: {row.error}")
+    if listing_pattern:
+        per_listing = predicting.listings(table, models, listing_pattern, threshold)
+        path = out.with_name(f"{out.stem}_listings{out.suffix}")
+        _write_table(per_listing, path, format)
+        typer.echo(f"{len(per_listing)} listings; table: {path}")
+
+
+def _write_table(table: pd.DataFrame, path: Path, format: Format) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if format == Format.json:
+        path.write_text(table.to_json(orient="records", indent=1))
+    else:
+        table.to_csv(path, index=False)
+
+
 @app.command()
 def archs():
     """List the backbones, their input sizes and where their ImageNet weights are cached."""
@@ -233,7 +393,6 @@ def archs():
 
 
 def _summary(run_dir: Path) -> None:
-    import json
     m = json.loads((run_dir / "metrics.json").read_text())
     typer.echo(f"\nbest valid accuracy {m['best_valid_accuracy']:.2%} at epoch {m['best_epoch']} "
                f"(last {m['last_valid_accuracy']:.2%}); {m['train_seconds']:.0f}s, "

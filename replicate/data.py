@@ -258,7 +258,7 @@ class TaskImages:
     skipped: list[Path]  # files that failed to decode
 
 
-def _class_dirs(split_dir: Path) -> set[str]:
+def class_dirs(split_dir: Path) -> set[str]:
     return {d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))}
 
 
@@ -274,7 +274,7 @@ def scan_task(task_dir: Path) -> TaskImages:
     for split in SPLITS:
         if not (task_dir / split).is_dir():
             raise ReplicateError(f"{task_dir / split} is missing: expected {LAYOUT}")
-    train, valid = (_class_dirs(task_dir / s) for s in SPLITS)
+    train, valid = (class_dirs(task_dir / s) for s in SPLITS)
     if not train and not valid:
         raise ReplicateError(f"{task_dir} has no class folders: expected {LAYOUT}")
     if train != valid:

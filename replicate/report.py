@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import os
 import sys
@@ -41,28 +42,51 @@ def plot_history(history: pd.DataFrame, what: str, title: str, path: Path) -> No
 
 
 def plot_confusion(preds: pd.DataFrame, classes: list[str], title: str, path: Path) -> None:
-    """Confusion matrix of counts (actual rows, predicted columns), shaded by row share.
+    """Confusion matrix (actual rows, predicted columns): counts, and shares of each actual class.
 
-    Drawn from the saved predictions rather than fastai's ClassificationInterpretation,
-    which needs the learner and its data loaded again.
+    Drawn from saved predictions rather than fastai's ClassificationInterpretation, which needs
+    the learner and its data loaded again.
     """
     counts = pd.crosstab(pd.Categorical(preds["actual"], classes), pd.Categorical(preds["predicted"], classes),
                          dropna=False)
     share = counts.div(counts.sum(axis=1).clip(lower=1), axis=0)
-    size = 1.2 + 0.9 * len(classes)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(share.values, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, int(counts.values[i, j]), ha="center", va="center",
-                    color="white" if share.values[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="actual", title=title)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="share of actual class")
+    size = 1.5 + 0.9 * len(classes)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size + 0.6))
+    for ax, values, fmt, name in ((axes[0], counts.values, "{:.0f}", "counts"),
+                                  (axes[1], share.values, "{:.0%}", "share of actual class")):
+        ax.imshow(share.values, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center",
+                        color="white" if share.values[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set(xlabel="predicted", ylabel="actual", title=name)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def most_confused(preds: pd.DataFrame) -> pd.DataFrame:
+    """(actual, predicted, count) of the wrong predictions, most frequent first, like fastai's
+    `most_confused` but from saved predictions."""
+    wrong = preds[preds["actual"] != preds["predicted"]]
+    return (wrong.groupby(["actual", "predicted"]).size().rename("count").reset_index()
+            .sort_values("count", ascending=False, kind="stable").reset_index(drop=True))
+
+
+def render_interpretation(preds: pd.DataFrame, classes: list[str], run_dir: Path, split: str, k: int) -> list[Path]:
+    """interpret_<split>_{confusion.png,most_confused.csv,top_losses.png,top_losses.csv} in the run folder."""
+    out = [run_dir / f"interpret_{split}_{name}" for name in
+           ("confusion.png", "most_confused.csv", "top_losses.png", "top_losses.csv")]
+    acc = (preds["actual"] == preds["predicted"]).mean()
+    plot_confusion(preds, classes, f"{run_dir.name}, {split} split (no augmentation): accuracy {acc:.1%}", out[0])
+    most_confused(preds).to_csv(out[1], index=False)
+    worst = top_losses(preds, k)
+    plot_top_losses(worst, out[2])
+    worst.to_csv(out[3], index=False)
+    return out
 
 
 def top_losses(preds: pd.DataFrame, k: int = TOP_LOSSES) -> pd.DataFrame:
@@ -265,7 +289,7 @@ def write_html(table: pd.DataFrame, runs: pd.DataFrame, figures: list[Path], fai
     b = table.loc[best]
     parts = [
         f"<h1>{html.escape(path.parent.parent.name)}: backbones compared</h1>",
-        f"<p class=lead>Best cell: <b>{b.arch} {b.mode}</b> ({b.recipe} recipe), max valid accuracy "
+        f"<p class=lead>Best cell: <b>{b['arch']} {b['mode']}</b> ({b['recipe']} recipe), max valid accuracy "
         f"{b.max_valid_acc}% (95% CI {b.ci95_low}-{b.ci95_high}%), {b.train_s}s of training. "
         f"Cells whose intervals overlap are not clearly different on this validation set.</p>",
         "<p>max_valid_acc is the best epoch's validation accuracy, as the study reports it (it flatters, "
@@ -321,3 +345,105 @@ def build_compare_report(exports_dir: Path, task: str, recipe: str = "paper") ->
     failures = [f for f in failures if f["cell"] not in {p.name for p in runs.run_dir}]  # since trained
     write_html(table, runs, figures, failures, out / "report.html")
     return out, table
+
+
+# --- the label-cleaning review page -------------------------------------------------------------
+
+REVIEW_JS = """
+const cards = [...document.querySelectorAll('.card')];
+const decisions = {};
+let current = 0;
+function select(i) {
+  current = Math.max(0, Math.min(cards.length - 1, i));
+  cards.forEach((c, j) => c.classList.toggle('selected', j === current));
+  cards[current].scrollIntoView({block: 'nearest'});
+}
+function decide(i, action, label) {
+  const card = cards[i];
+  decisions[card.dataset.path] = {action: action, new_label: label || ''};
+  card.dataset.decision = action;
+  card.querySelector('.decision').textContent =
+    action === 'relabel' ? 'relabel as ' + label : action;
+  document.getElementById('count').textContent = Object.keys(decisions).length;
+}
+function csvField(s) { return /[",\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
+function decisionsCsv() {
+  const rows = ['path,action,new_label'];
+  for (const [path, d] of Object.entries(decisions))
+    rows.push([path, d.action, d.new_label].map(csvField).join(','));
+  return rows.join('\\n') + '\\n';
+}
+function download() {
+  const blob = new Blob([decisionsCsv()], {type: 'text/csv'});
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(blob);
+  a.download = 'decisions.csv';
+  document.body.appendChild(a); a.click(); a.remove();
+}
+cards.forEach((card, i) => {
+  card.addEventListener('click', () => select(i));
+  card.querySelectorAll('button').forEach(b => b.addEventListener('click', e => {
+    e.stopPropagation(); select(i); decide(i, b.dataset.action, b.dataset.label);
+  }));
+});
+document.addEventListener('keydown', e => {
+  if (e.key === 'ArrowRight' || e.key === 'j') select(current + 1);
+  else if (e.key === 'ArrowLeft' || e.key === 'k') select(current - 1);
+  else if (e.key === 'a') { decide(current, 'keep'); select(current + 1); }
+  else if (e.key === 'x') { decide(current, 'remove'); select(current + 1); }
+  else if (/^[1-9]$/.test(e.key) && CLASSES[+e.key - 1]) {
+    decide(current, 'relabel', CLASSES[+e.key - 1]); select(current + 1);
+  }
+});
+document.getElementById('download').addEventListener('click', download);
+select(0);
+"""
+
+
+def _thumbnail(path: str, size: int = 224) -> str:
+    """The image as an embedded JPEG data URI, so the page needs no files beside it."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    except OSError:
+        return ""
+
+
+def write_review(preds: dict[str, pd.DataFrame], classes: list[str], k: int, path: Path) -> Path:
+    """A page of the `k` highest-loss images per split, largest first, to mark keep / relabel / remove;
+    it downloads the decisions as `path,action,new_label` for `replicate clean`."""
+    worst = pd.concat([top_losses(p, k).assign(split=s) for s, p in preds.items()]).sort_values("loss", ascending=False)
+    keys = " ".join(f"<kbd>{i}</kbd> {html.escape(c)}" for i, c in enumerate(classes, 1))
+    cards = []
+    for row in worst.itertuples():
+        buttons = ['<button data-action="keep">keep</button>', '<button data-action="remove">remove</button>']
+        buttons += [f'<button data-action="relabel" data-label="{html.escape(c)}">{html.escape(c)}</button>'
+                    for c in classes if c != row.actual]
+        cards.append(
+            f'<div class=card data-path="{html.escape(row.path)}"><img src="{_thumbnail(row.path)}" alt="">'
+            f"<div><b>{html.escape(row.actual)}</b> &rarr; {html.escape(row.predicted)} "
+            f"p={row.probability:.2f} loss={row.loss:.2f} <i>{row.split}</i></div>"
+            f"<div class=name>{html.escape(Path(row.path).name)}</div>"
+            f"<div>{''.join(buttons)}</div><div class=decision></div></div>")
+    style = ("body{font-family:sans-serif;margin:1.5em}.grid{display:flex;flex-wrap:wrap;gap:10px}"
+             ".card{width:240px;border:2px solid #ddd;padding:6px;font-size:13px}.card.selected{border-color:#1f77b4}"
+             ".card img{width:224px;height:168px;object-fit:contain;background:#eee}"
+             ".card[data-decision=keep]{background:#e8f6e8}.card[data-decision=remove]{background:#fde2e2}"
+             ".card[data-decision=relabel]{background:#fff3cd}.name{color:#666;font-size:11px}"
+             "button{margin:2px;font-size:12px}.decision{font-weight:bold;min-height:1.2em}"
+             "header{position:sticky;top:0;background:white;padding:6px 0;border-bottom:1px solid #ccc}")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>review {html.escape(path.parent.name)}</title>"
+            f"<style>{style}</style></head><body><header><h2>Review: {html.escape(path.parent.name)}</h2>"
+            f"<p>The {len(worst)} images the model finds hardest (highest loss first), label &rarr; prediction. "
+            f"Mark each one, then download the decisions and run "
+            f"<code>replicate clean TASK --decisions decisions.csv</code>. Keys: <kbd>&larr;</kbd>/<kbd>&rarr;</kbd> "
+            f"move, <kbd>a</kbd> keep, <kbd>x</kbd> remove, relabel: {keys}.</p>"
+            f"<button id=download>Download decisions (<span id=count>0</span>)</button></header>"
+            f"<div class=grid>{''.join(cards)}</div>"
+            f"<script>const CLASSES = {json.dumps(classes)};{REVIEW_JS}</script></body></html>")
+    path.write_text(page)
+    return path

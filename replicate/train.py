@@ -167,7 +167,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     staging.chmod(0o755)  # mkdtemp makes it private; the published run folder should not be
     try:
         (staging / "config.json").write_text(json.dumps(
-            {**cfg.to_dict(), "size": size, "lr": lr, "aux_logits": models.uses_aux(arch, size, cfg.recipe),
+            {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr, "aux_logits": models.uses_aux(arch, size, cfg.recipe),
              "workers": data.workers(cfg),
              "device_used": describe_device(device), "environment": environment()}, indent=2))
         with tempfile.TemporaryDirectory() as weights_dir:

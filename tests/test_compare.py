@@ -73,6 +73,9 @@ def test_report_page_shows_the_table_and_every_image(rooms, runner):
     page_path = rooms / "exports" / "rooms" / "compare" / "report.html"
     page = page_path.read_text()
     assert page.count("<tr class=best>") == 1 and "<th>paper_acc</th>" in page and "96.35" in page
+    table = pd.read_csv(page_path.parent / "table.csv")
+    top = table[table.max_valid_acc == table.max_valid_acc.max()]
+    assert any(f"Best cell: <b>{r.arch} {r.mode}</b>" in page for r in top.itertuples())
     sources = re.findall(r'<img alt="[^"]*" (?:class=\w+ )?src="([^"]+)"', page)
     embedded = [s for s in sources if s.startswith("data:image/png;base64,")]
     beside = [s for s in sources if not s.startswith("data:")]

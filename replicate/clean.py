@@ -1,0 +1,154 @@
+"""Label decisions -> file moves in a task folder, logged and undoable. Nothing is ever deleted.
+
+    replicate clean rooms --decisions decisions.csv            # show what would happen
+    replicate clean rooms --decisions decisions.csv --apply    # do it, and log it
+    replicate clean rooms --undo data/rooms/_cleaning/20261127-101500.csv
+
+A decisions file has the columns `path,action,new_label` (the review page writes it; a
+hand-edited CSV works too). relabel moves a photo to another class folder of the same split;
+remove moves it to `TASK/_removed/<split>/<class>/`. The whole batch is checked before the
+first file moves, so a bad row changes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .data import SPLITS, class_dirs
+from .errors import ReplicateError
+
+ACTIONS = ("keep", "relabel", "remove")
+LOG_COLUMNS = ["action", "source", "destination", "new_label", "sha256"]
+
+
+@dataclass(frozen=True)
+class Move:
+    action: str
+    source: Path
+    destination: Path
+    new_label: str = ""
+
+
+def read_decisions(path: Path) -> pd.DataFrame:
+    """The decisions CSV, checked for its columns."""
+    try:
+        decisions = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.EmptyDataError) as e:
+        raise ReplicateError(f"cannot read decisions file {path}: {e}") from None
+    missing = {"path", "action"} - set(decisions.columns)
+    if missing:
+        raise ReplicateError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: expected path,action,new_label")
+    if "new_label" not in decisions:
+        decisions["new_label"] = ""
+    return decisions
+
+
+def plan(task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
+    """The moves the decisions ask for; ReplicateError listing every problem, before anything moves."""
+    task_dir = task_dir.resolve()
+    classes = class_dirs(task_dir / "train") if (task_dir / "train").is_dir() else set()
+    problems, moves, seen = [], [], set()
+    for i, row in enumerate(decisions.itertuples(index=False), start=2):  # line 1 is the header
+        where = f"line {i} ({row.path})"
+        action, new_label = row.action.strip().lower(), row.new_label.strip()
+        source = Path(row.path).expanduser().resolve()
+        if action not in ACTIONS:
+            problems.append(f"{where}: unknown action {row.action!r} (use {', '.join(ACTIONS)})")
+            continue
+        try:
+            split, label, name = source.relative_to(task_dir).parts
+        except ValueError:
+            problems.append(f"{where}: not a photo in {task_dir}/{{train,valid}}/<class>/")
+            continue
+        if split not in SPLITS:
+            problems.append(f"{where}: not in the train or valid split of {task_dir}")
+            continue
+        if source in seen:
+            problems.append(f"{where}: the same photo appears twice")
+            continue
+        seen.add(source)
+        if not source.is_file():
+            problems.append(f"{where}: no such file (moved or cleaned already?)")
+            continue
+        if action == "keep":
+            continue
+        if action == "relabel":
+            if new_label not in classes:
+                problems.append(f"{where}: unknown class {new_label!r} (classes: {', '.join(sorted(classes))})")
+                continue
+            if new_label == label:
+                problems.append(f"{where}: already labelled {label!r}")
+                continue
+            destination = task_dir / split / new_label / name
+        else:
+            destination = task_dir / "_removed" / split / label / name
+        moves.append(Move(action, source, destination, new_label))
+    targets = [m.destination for m in moves]
+    for m in moves:
+        if m.destination.exists() or targets.count(m.destination) > 1:
+            problems.append(f"{m.source}: {m.destination} exists already or is the target of another row (name clash)")
+    if problems:
+        raise ReplicateError(f"nothing was moved; {len(problems)} problem(s): " + "; ".join(problems))
+    return moves
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def apply(task_dir: Path, moves: list[Move]) -> Path:
+    """Move the files, logging each move as it happens; returns the log (TASK/_cleaning/<time>.csv)."""
+    log_dir = task_dir / "_cleaning"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    n = 1
+    while log.exists():
+        log, n = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{n}.csv", n + 1
+    rows = []
+    try:
+        for m in moves:
+            digest = _sha256(m.source)
+            m.destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(m.source, m.destination)
+            rows.append([m.action, str(m.source), str(m.destination), m.new_label, digest])
+    finally:  # written even when a move fails half-way, so --undo can put back what did move
+        pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(log, index=False)
+    return log
+
+
+def undo(log: Path) -> int:
+    """Put every file of a cleaning log back where it was; returns how many. Checks all first."""
+    try:
+        rows = pd.read_csv(log, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise ReplicateError(f"cannot read cleaning log {log}: {e}") from None
+    if list(rows.columns) != LOG_COLUMNS:
+        raise ReplicateError(f"{log} is not a cleaning log (columns {', '.join(LOG_COLUMNS)})")
+    problems = []
+    for row in rows.itertuples(index=False):
+        if not Path(row.destination).is_file():
+            problems.append(f"{row.destination} is gone")
+        elif Path(row.source).exists():
+            problems.append(f"{row.source} exists again")
+        elif _sha256(Path(row.destination)) != row.sha256:
+            problems.append(f"{row.destination} changed since it was moved")
+    if problems:
+        raise ReplicateError(f"nothing was put back; {len(problems)} problem(s): " + "; ".join(problems))
+    for row in reversed(list(rows.itertuples(index=False))):
+        Path(row.source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(row.destination, row.source)
+    log.rename(log.with_name(log.stem + ".undone.csv"))  # a second --undo of the same log is refused
+    return len(rows)
+
+
+def describe(moves: list[Move], task_dir: Path) -> pd.DataFrame:
+    """The moves as a table of paths relative to the task folder."""
+    root = task_dir.resolve()
+    return pd.DataFrame([{"action": m.action, "from": m.source.relative_to(root).as_posix(),
+                          "to": m.destination.relative_to(root).as_posix()} for m in moves],
+                        columns=["action", "from", "to"])
