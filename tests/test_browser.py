@@ -1,0 +1,75 @@
+"""The HTML pages in a real headless Chromium: the review page's keys, buttons and download,
+and every image of the compare report. Skipped where Playwright or Chromium is missing.
+
+    python -m pytest tests/test_browser.py
+"""
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from test_cleaning import trained, tree  # noqa: F401  (the module's trained-model fixture)
+from replicate.cli import app
+
+playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def test_review_page_decisions_download_and_clean_round_trip(trained, runner, browser, tmp_path):  # noqa: F811
+    root, run_dir = trained
+    task = tmp_path / "data" / "rooms"
+    shutil.copytree(root / "data" / "rooms", task)
+    assert runner.invoke(app, ["review", str(run_dir), "-k", "3"]).exit_code == 0
+    # The page names files in the module's data folder; point them at this test's copy.
+    page_html = (run_dir / "review.html").read_text().replace(str(root / "data"), str(tmp_path / "data"))
+    (tmp_path / "review.html").write_text(page_html)
+    before = tree(task)
+
+    page = browser.new_page(accept_downloads=True)
+    page.goto(f"file://{tmp_path / 'review.html'}")
+    page.keyboard.press("x")  # first card: remove, and the selection moves on
+    page.keyboard.press("a")  # second card: keep
+    third = page.locator(".card").nth(2)
+    third.locator("button[data-action=relabel]").first.click()
+    assert page.locator("#count").inner_text() == "3"
+    with page.expect_download() as download:
+        page.click("#download")
+    decisions = tmp_path / "decisions.csv"
+    download.value.save_as(decisions)
+
+    rows = pd.read_csv(decisions, keep_default_na=False)
+    assert list(rows.columns) == ["path", "action", "new_label"]
+    assert list(rows.action) == ["remove", "keep", "relabel"] and rows.new_label.iloc[2] != ""
+    applied = runner.invoke(app, ["clean", "rooms", "--data-dir", str(tmp_path / "data"),
+                                  "--decisions", str(decisions), "--apply"])
+    assert applied.exit_code == 0, applied.output
+    assert tree(task) != before
+    log = next((task / "_cleaning").glob("*.csv"))
+    assert runner.invoke(app, ["clean", "rooms", "--data-dir", str(tmp_path / "data"), "--undo", str(log)]).exit_code == 0
+    assert {k: v for k, v in tree(task).items() if not k.startswith("_cleaning/")} == before
+
+
+def test_compare_report_shows_the_table_and_every_image(tiny_task, runner, browser):
+    exports = tiny_task.parent / "exports"
+    result = runner.invoke(app, ["compare", "toy", "--archs", "resnet18", "--epochs", "1", "--size", "32",
+                                 "--no-pretrained", "--workers", "0", "--data-dir", str(tiny_task),
+                                 "--exports-dir", str(exports)])
+    assert result.exit_code == 0, result.output
+    page = browser.new_page()
+    page.goto(f"file://{exports / 'toy' / 'compare' / 'report.html'}")
+    assert page.locator("table tr").count() == 3  # header + frozen + unfrozen
+    sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
+    assert len(sizes) == 5 + 2 * 2 and all(done and width > 0 for done, width in sizes)
