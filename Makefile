@@ -7,7 +7,7 @@ HOUSES_ZIP := ../shared/datasets/houses-dataset-400.zip
 # The local copy of the Houses Dataset where there is one; else replicate downloads it from GitHub.
 HOUSES_SOURCE ?= $(if $(wildcard $(HOUSES_ZIP)),$(HOUSES_ZIP),https://github.com/emanhamed/Houses-dataset/archive/refs/heads/master.zip)
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -26,3 +26,8 @@ test: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# replicate vs a plain PyTorch baseline on data/rooms (about 10 minutes on 2 CPU cores)
+bench: install
+	test -d data/rooms || $(BIN)/replicate data houses --source "$(HOUSES_SOURCE)"
+	$(BIN)/python benchmarks/bench.py

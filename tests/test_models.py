@@ -24,9 +24,9 @@ SIZES = {"resnet18": 32, "alexnet": 64, "vgg11_bn": 32, "densenet121": 32, "ince
 
 
 def learner(tiny_task, arch: str, unfreeze: bool, **kw):
-    cfg = RunConfig("toy", arch, unfreeze=unfreeze, size=SIZES[arch], pretrained=False, bs=8,
+    cfg = RunConfig("toy", arch, unfreeze=unfreeze, size=SIZES[arch], pretrained=False, bs=8, workers=0,
                     data_dir=tiny_task, **kw)
-    dls = data.dataloaders(data.scan_task(cfg.task_dir), SIZES[arch], cfg.bs, torch.device("cpu"), 0)
+    dls = data.dataloaders(data.scan_task(cfg.task_dir), cfg, SIZES[arch], torch.device("cpu"))
     return models.create_learner(dls, cfg)
 
 
@@ -115,8 +115,8 @@ def test_inception_adds_the_auxiliary_loss(tiny_task):
 def test_inception_below_299px_trains_without_the_auxiliary_branch(tiny_task):
     assert models.uses_aux(models.get_arch("inception_v3"), 299)
     assert not models.uses_aux(models.get_arch("inception_v3"), 160)
-    cfg = RunConfig("toy", "inception_v3", size=160, pretrained=False, data_dir=tiny_task)
-    dls = data.dataloaders(data.scan_task(cfg.task_dir), 160, 8, torch.device("cpu"), 0)
+    cfg = RunConfig("toy", "inception_v3", size=160, pretrained=False, bs=8, workers=0, data_dir=tiny_task)
+    dls = data.dataloaders(data.scan_task(cfg.task_dir), cfg, 160, torch.device("cpu"))
     small = models.create_learner(dls, cfg)
     assert small.model[0].AuxLogits is None and small.model[1].aux_fc is None
     assert not any(isinstance(cb, models.AuxLossCallback) for cb in small.cbs)
@@ -147,3 +147,14 @@ def test_cached_weights_are_loaded_without_network(offline):
     torch.save(models.Backbone("resnet18")(pretrained=False).state_dict(), path)
     loaded = models.Backbone("resnet18")(pretrained=True)
     assert torch.equal(loaded.state_dict()["conv1.weight"], torch.load(path)["conv1.weight"])
+
+
+def test_fastai_recipe_frozen_trains_its_head_and_the_batchnorm_layers(tiny_task):
+    learn = learner(tiny_task, "resnet18", unfreeze=False, recipe="fastai", lr=0.5)
+    with learn.no_bar(), learn.no_logging():
+        changed = one_step(learn)
+    body_bn = {n for n, m in learn.model[0].named_modules() if isinstance(m, nn.BatchNorm2d)}
+    expected = {f"1.{n}" for n, _ in learn.model[1].named_parameters()}
+    expected |= {f"0.{m}.{p}" for m in body_bn for p in ("weight", "bias")}
+    assert changed == expected
+    assert len([m for m in learn.model[1].modules() if isinstance(m, nn.Linear)]) == 2  # fastai's own head
