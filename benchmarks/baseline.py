@@ -96,6 +96,7 @@ def main() -> None:
                     best, best_weights = acc, copy.deepcopy(model.state_dict())
         print(f"epoch {epoch + 1}: valid accuracy {history[-1]:.4f}, {time.perf_counter() - epoch_start:.1f}s",
               flush=True)
+    model.load_state_dict(best_weights)  # the tutorial returns the best epoch's model
     n_train = len(sets["train"])
     print(json.dumps({"train_images_per_s": n_train * args.epochs / train_seconds,
                       "seconds_per_epoch": train_seconds / args.epochs, "final_acc": history[-1], "best_acc": best,

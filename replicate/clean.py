@@ -11,7 +11,6 @@ first file moves, so a bad row changes nothing.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import SPLITS, class_dirs
+from .data import SPLITS, class_dirs, sha256_file
 from .errors import ReplicateError
 
 ACTIONS = ("keep", "relabel", "remove")
@@ -97,10 +96,6 @@ def plan(task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
     return moves
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def apply(task_dir: Path, moves: list[Move]) -> Path:
     """Move the files, logging each move as it happens; returns the log (TASK/_cleaning/<time>.csv)."""
     log_dir = task_dir / "_cleaning"
@@ -112,7 +107,7 @@ def apply(task_dir: Path, moves: list[Move]) -> Path:
     rows = []
     try:
         for m in moves:
-            digest = _sha256(m.source)
+            digest = sha256_file(m.source)
             m.destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(m.source, m.destination)
             rows.append([m.action, str(m.source), str(m.destination), m.new_label, digest])
@@ -135,7 +130,7 @@ def undo(log: Path) -> int:
             problems.append(f"{row.destination} is gone")
         elif Path(row.source).exists():
             problems.append(f"{row.source} exists again")
-        elif _sha256(Path(row.destination)) != row.sha256:
+        elif sha256_file(Path(row.destination)) != row.sha256:
             problems.append(f"{row.destination} changed since it was moved")
     if problems:
         raise ReplicateError(f"nothing was put back; {len(problems)} problem(s): " + "; ".join(problems))

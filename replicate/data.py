@@ -123,6 +123,15 @@ def import_houses(source: str | None, data_dir: Path, valid_pct: float = 0.2, se
 
 # --- writing a task folder safely --------------------------------------------------------------
 
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in blocks (exports are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _digest(data: bytes | Path) -> str:
     return hashlib.sha1(data if isinstance(data, bytes) else data.read_bytes()).hexdigest()
 

@@ -9,7 +9,6 @@ not decode into rows with an error instead of stopping.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -23,6 +22,7 @@ from fastai.learner import Learner, load_learner
 from fastprogress.fastprogress import progress_bar
 from PIL import Image
 
+from .data import sha256_file
 from .errors import ReplicateError
 
 
@@ -34,14 +34,6 @@ class Model:
     learn: Learner
     path: Path  # the export.pkl
     warning: str = ""  # checksum problems, said to the user
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_path(model: Path) -> Path:
@@ -59,7 +51,7 @@ def load_model(model: Path, device: torch.device | None = None, name: str | None
     metrics = path.parent / "metrics.json"
     if metrics.is_file():
         recorded = json.loads(metrics.read_text()).get("export_sha256")
-        if recorded and recorded != _sha256(path):
+        if recorded and recorded != sha256_file(path):
             warning = f"{path} does not match the SHA-256 recorded in {metrics} when it was written: it was changed"
     else:
         warning = f"{path} has no metrics.json beside it: no checksum to verify it against"

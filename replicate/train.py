@@ -10,7 +10,6 @@ leaves a half-written folder that looks finished.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,11 +22,11 @@ import pandas as pd
 import torch
 from fastai.callback.core import Callback
 import fastai.callback.progress  # noqa: F401  (registers the progress bar and Learner.no_bar)
-import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle, fine_tune, lr_find)
 from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import set_seed
 
 from . import data, models, report
+from .data import sha256_file
 from .config import RunConfig, environment
 from .errors import ReplicateError
 
@@ -82,14 +81,6 @@ class HistoryCallback(Callback):
         row["train_seconds"] = self.train_seconds
         self.rows.append(row)
         pd.DataFrame(self.rows).to_csv(self.path, index=False)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def valid_predictions(learn) -> pd.DataFrame:
@@ -182,7 +173,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         learn.path, learn.model_dir = staging, "models"
         learn.export("export.pkl")
         metrics = _metrics(history, images, cfg)
-        metrics["export_sha256"] = _sha256(staging / "export.pkl")
+        metrics["export_sha256"] = sha256_file(staging / "export.pkl")
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
         report.render_run(staging)
         _publish(staging, cfg.run_dir)

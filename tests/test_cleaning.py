@@ -15,7 +15,7 @@ import pytest
 from fastai.learner import load_learner
 from PIL import Image
 
-from conftest import HOUSES_ZIP, make_image, make_task, requires_houses
+from conftest import make_image, make_task
 from replicate import train
 from replicate.cli import app
 from replicate.config import RunConfig

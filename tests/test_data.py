@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import HOUSES_ZIP, make_houses_zip, make_image, make_task, requires_houses
+from conftest import HOUSES_ZIP, make_houses_zip, make_image, requires_houses
 from replicate import data
 from replicate.cli import app
 from replicate.errors import ReplicateError
@@ -200,3 +200,43 @@ def test_unreadable_images_are_set_aside_up_front(tiny_task):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     images = data.scan_task(tiny_task / "toy")
     assert images.skipped == [bad] and bad not in images.files and images.counts.loc["red", "train"] == 4
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A loopback HTTP server over tmp_path/www, standing in for GitHub's archive download."""
+    import functools
+    import http.server
+    import threading
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_houses_downloads_the_archive_once_and_imports_it(tmp_path, http_server):
+    root, url = http_server
+    make_houses_zip(root / "master.zip", n_houses=10)
+    tasks = data.import_houses(f"{url}/master.zip", tmp_path / "data")
+    assert (tmp_path / "data" / ".downloads" / "Houses-dataset-master.zip").is_file()
+    assert len(list(tasks["rooms"].rglob("*.jpg"))) == 30
+    (root / "master.zip").unlink()  # the second run uses the kept download
+    data.import_houses(f"{url}/master.zip", tmp_path / "data")
+
+
+def test_a_failed_download_is_one_clear_error_with_nothing_left(tmp_path, runner, http_server):
+    root, url = http_server
+    result = runner.invoke(app, ["data", "houses", "--source", f"{url}/missing.zip", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "could not download" in result.output and "--source FILE" in result.output
+    assert not list((tmp_path / "d").rglob("*.zip")) and not list((tmp_path / "d").rglob("*.partial"))
+
+
+def test_all_tasks_are_the_folders_with_a_train_split(tiny_task):
+    from replicate.compare import tasks
+    (tiny_task / "notes").mkdir()
+    make_image(tiny_task / "other" / "train" / "a" / "x.jpg")
+    assert tasks(tiny_task, "all") == ["other", "toy"]
+    assert tasks(tiny_task, "toy") == ["toy"]
