@@ -128,14 +128,8 @@ def _publish(staging: Path, run_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-def run(cfg: RunConfig, log=print) -> Path:
-    """Train one experiment and write its run folder; returns the folder."""
-    arch = models.get_arch(cfg.arch)
-    size = models.input_size(cfg)
-    device = resolve_device(cfg.device)
-    if cfg.pretrained:
-        models.ensure_weights(arch)  # fail on missing weights before any data is read
-    images = data.scan_task(cfg.task_dir)
+def _describe(cfg: RunConfig, arch: models.Arch, size: int, images: data.TaskImages, device, log) -> None:
+    """Say at the start what is about to be trained, on what, and where."""
     for path in images.skipped:
         log(f"warning: skipping unreadable image {path}")
     log(f"device: {describe_device(device)}")
@@ -146,9 +140,41 @@ def run(cfg: RunConfig, log=print) -> Path:
         aux = f" without auxiliary classifier (it needs {arch.aux_min_size}px)"
     log(f"{cfg.arch} {cfg.mode} ({cfg.recipe} recipe){aux}, {size}px, {cfg.epochs} epochs, "
         f"{'ImageNet weights' if cfg.pretrained else 'random init (--no-pretrained)'}")
+
+
+def _train(learn, cfg: RunConfig, lr: float, staging: Path) -> None:
+    """Fit, writing history.csv as it goes; ends with the best validation epoch's weights loaded."""
+    with tempfile.TemporaryDirectory() as weights_dir:
+        learn.model_dir = Path(weights_dir)  # best-epoch checkpoints: scratch, export.pkl keeps them
+        tracking = [HistoryCallback(staging / "history.csv"),
+                    SaveModelCallback(monitor="valid_accuracy", comp=np.greater, fname="best",
+                                      with_opt=False, reset_on_fit=False)]
+        with learn.added_cbs(tracking):
+            models.fit(learn, cfg, lr)
+
+
+def _write_results(learn, cfg: RunConfig, images: data.TaskImages, staging: Path) -> None:
+    """Predictions, export (with its checksum), metrics and plots, into the staging folder."""
+    valid_predictions(learn).to_csv(staging / "valid_predictions.csv", index=False)
+    learn.path, learn.model_dir = staging, "models"
+    learn.export("export.pkl")
+    metrics = _metrics(pd.read_csv(staging / "history.csv"), images, cfg)
+    metrics["export_sha256"] = sha256_file(staging / "export.pkl")
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    report.render_run(staging)
+
+
+def run(cfg: RunConfig, log=print) -> Path:
+    """Train one experiment and write its run folder; returns the folder."""
+    arch = models.get_arch(cfg.arch)
+    size = models.input_size(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.pretrained:
+        models.ensure_weights(arch)  # fail on missing weights before any data is read
+    images = data.scan_task(cfg.task_dir)
+    _describe(cfg, arch, size, images, device, log)
     set_seed(cfg.seed, reproducible=True)
-    dls = data.dataloaders(images, cfg, size, device)
-    learn = models.create_learner(dls, cfg)
+    learn = models.create_learner(data.dataloaders(images, cfg, size, device), cfg)
     learn.recorder.train_metrics = True  # the study reports train accuracy per epoch too
     lr = models.learning_rate(learn, cfg)
     log(f"learning rate {lr:.2e}" + (" (lr_find)" if cfg.recipe == "fastai" and cfg.lr is None else ""))
@@ -157,25 +183,12 @@ def run(cfg: RunConfig, log=print) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{cfg.run_dir.name}.partial-", dir=cfg.run_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the published run folder should not be
     try:
-        (staging / "config.json").write_text(json.dumps(
-            {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr, "aux_logits": models.uses_aux(arch, size, cfg.recipe),
-             "workers": data.workers(cfg),
-             "device_used": describe_device(device), "environment": environment()}, indent=2))
-        with tempfile.TemporaryDirectory() as weights_dir:
-            learn.model_dir = Path(weights_dir)  # best-epoch checkpoints: scratch, export.pkl keeps them
-            tracking = [HistoryCallback(staging / "history.csv"),
-                        SaveModelCallback(monitor="valid_accuracy", comp=np.greater, fname="best",
-                                          with_opt=False, reset_on_fit=False)]
-            with learn.added_cbs(tracking):
-                models.fit(learn, cfg, lr)
-        history = pd.read_csv(staging / "history.csv")
-        valid_predictions(learn).to_csv(staging / "valid_predictions.csv", index=False)
-        learn.path, learn.model_dir = staging, "models"
-        learn.export("export.pkl")
-        metrics = _metrics(history, images, cfg)
-        metrics["export_sha256"] = sha256_file(staging / "export.pkl")
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        report.render_run(staging)
+        config = {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr,
+                  "aux_logits": models.uses_aux(arch, size, cfg.recipe), "workers": data.workers(cfg),
+                  "device_used": describe_device(device), "environment": environment()}
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        _train(learn, cfg, lr, staging)
+        _write_results(learn, cfg, images, staging)
         _publish(staging, cfg.run_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
