@@ -18,9 +18,10 @@ import typer
 # fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
-from . import compare as grid
 from . import clean as cleaning  # noqa: E402
-from . import data, predict as predicting, report, train  # noqa: E402
+from . import compare as grid  # noqa: E402
+from . import data, report, train  # noqa: E402
+from . import predict as predicting  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
 from .models import ARCHS  # noqa: E402
@@ -73,8 +74,9 @@ def data_houses(
     seed: Annotated[int, typer.Option(help="Seed of the house split.")] = 42,
     force: Annotated[bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")] = False,
 ):
-    """Write the `rooms` (bathroom/bedroom/kitchen) and `exterior` (frontal/indoor) tasks from the
-    Houses Dataset (Ahmed & Moustafa 2016), split 80/20 by house.
+    """Write the rooms and exterior tasks from the Houses Dataset, split 80/20 by house.
+
+    rooms: bathroom/bedroom/kitchen; exterior: frontal/indoor (Ahmed & Moustafa 2016; please cite).
 
     Example: replicate data houses --source ../shared/datasets/houses-dataset-400.zip
     """
@@ -95,8 +97,10 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 42,
     force: Annotated[bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")] = False,
 ):
-    """Clean your own photos as the study did: drop undecodable and too-small images, resize,
-    split each class 80/20. Source files are only read, never changed.
+    """Clean your own photos into a task folder, as the study did.
+
+    Drops undecodable and too-small images, resizes, splits each class 80/20.
+    Source files are only read, never changed.
 
     Example: replicate prepare ~/scraped balcony --min-size 200
     """
@@ -139,8 +143,10 @@ def run(
 @app.command()
 @user_errors
 def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("exports")):
-    """Train the demo model on data/rooms: the study's protocol on a GPU with ImageNet weights,
-    a shortened run on a CPU or without weights (it says which and why).
+    """Train the demo model on data/rooms, as much of the study's protocol as this machine allows.
+
+    On a GPU with ImageNet weights: the study's protocol; on a CPU or without weights: a
+    shortened run or one from scratch, and it says which and why.
 
     Example: replicate data houses && replicate demo
     """
@@ -172,8 +178,10 @@ def compare(
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
-    """Train every backbone x mode on a task (the study's grid), skipping cells already done, then
-    write the table, figures and report.html to exports/TASK/compare/.
+    """Train the study's grid (every backbone x mode) on a task, resumably, and report it.
+
+    Cells already finished with the same configuration are reused. Writes the table, figures and
+    report.html to exports/TASK/compare/.
 
     Example: replicate compare rooms --no-pretrained --epochs 2 --size 64
     """
@@ -200,7 +208,9 @@ def report_(
     recipe: Annotated[Recipe, typer.Option(help="Which recipe's runs the figures show.")] = Recipe.paper,
     exports_dir: ExportsDir = Path("exports"),
 ):
-    """Rebuild the compare table, figures and report.html (or one run folder's plots) from run folders, without training.
+    """Rebuild the compare table, figures and report.html from the run folders, without training.
+
+    Given a run folder instead of a task, redraws that run's plots.
 
     Example: replicate report rooms
     """

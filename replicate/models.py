@@ -6,8 +6,8 @@ Each entry knows its torchvision constructor and ImageNet weights, its input siz
 cut the network into (pretrained body, new classifier) and which parameters are "new".
 The study (after the PyTorch tutorial "Finetuning Torchvision Models") replaces only the
 network's own last Linear layer, so the body here is the whole network minus that layer,
-not fastai's default cut-at-the-pooling-layer with a new two-layer head.
-A new backbone is one entry in `ARCHS`.
+not fastai's default cut-at-the-pooling-layer with a new two-layer head. The `fastai` recipe
+(`--recipe fastai`) is that default, for comparison. A new backbone is one entry in `ARCHS`.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle, fine_tune, lr_find)
 import torch
 import torchvision.models as tvm
 from fastai.callback.core import Callback
-import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle, fine_tune, lr_find)
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD
