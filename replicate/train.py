@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from fastai.callback.core import Callback
 import fastai.callback.progress  # noqa: F401  (registers the progress bar and Learner.no_bar)
-from fastai.callback.tracker import SaveModelCallback
+from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.torch_core import set_seed
 
 from . import data, models, report
@@ -45,6 +45,16 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+class KeepBest(SaveModelCallback):
+    """fastai's SaveModelCallback without its "Better model found at epoch N" line: fastai counts
+    epochs from 0 (and anew in each fit of fine_tune), history.csv from 1; the summary names the epoch."""
+
+    def after_epoch(self):
+        TrackerCallback.after_epoch(self)
+        if self.new_best:
+            self._save(self.fname)
 
 
 class HistoryCallback(Callback):
@@ -147,8 +157,7 @@ def _train(learn, cfg: RunConfig, lr: float, staging: Path) -> None:
     with tempfile.TemporaryDirectory() as weights_dir:
         learn.model_dir = Path(weights_dir)  # best-epoch checkpoints: scratch, export.pkl keeps them
         tracking = [HistoryCallback(staging / "history.csv"),
-                    SaveModelCallback(monitor="valid_accuracy", comp=np.greater, fname="best",
-                                      with_opt=False, reset_on_fit=False)]
+                    KeepBest(monitor="valid_accuracy", comp=np.greater, fname="best", reset_on_fit=False)]
         with learn.added_cbs(tracking):
             models.fit(learn, cfg, lr)
 
