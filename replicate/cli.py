@@ -218,9 +218,14 @@ def report_(
         for path in report.render_run(Path(task)):
             typer.echo(path)
         return
-    names = sorted(d.name for d in exports_dir.iterdir() if d.is_dir()) if task == "all" and exports_dir.is_dir() \
-        else [task]
-    for name in names:
+    if task != "all":
+        _print_report(exports_dir, task, recipe.value)
+        return
+    names = [d.name for d in sorted(exports_dir.iterdir()) if d.is_dir()] if exports_dir.is_dir() else []
+    with_runs = [n for n in names if not report.load_runs(exports_dir / n).empty]
+    if not with_runs:
+        raise ReplicateError(f"no finished runs under {exports_dir}")
+    for name in with_runs:
         _print_report(exports_dir, name, recipe.value)
 
 

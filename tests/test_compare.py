@@ -66,6 +66,8 @@ def test_compare_runs_the_grid_writes_everything_and_reuses_it(rooms, runner):
     rebuilt = runner.invoke(app, ["report", "rooms", "--exports-dir", str(rooms / "exports")])
     assert rebuilt.exit_code == 0, rebuilt.output
     assert (out / "table.csv").read_text() == before and (out / "report.html").is_file()
+    every = runner.invoke(app, ["report", "all", "--exports-dir", str(rooms / "exports")])
+    assert every.exit_code == 0 and "rooms:" in every.output
 
 
 def test_report_page_shows_the_table_and_every_image(rooms, runner):
