@@ -240,6 +240,7 @@ def plot_curves(runs: pd.DataFrame, what: str, title: str, path: Path) -> None:
             ax.plot(history.epoch, history[f"{split}_{what}"], marker=".", label=split)
         ax.set_title(arch)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_tick_params(labelbottom=True)  # shared x hides them above an empty grid cell
     axes.flat[0].legend()
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
