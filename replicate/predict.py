@@ -181,7 +181,7 @@ def interpret(run_dir: Path, splits: list[str], bs: int = 64) -> dict[str, pd.Da
         raise ReplicateError(f"the task now has classes the model never saw: {sorted(set(images.classes) - vocab)}")
     out = {}
     for split in splits:
-        files = [f for f in images.files if f.parent.parent.name == split]
+        files = [f.resolve() for f in images.files if f.parent.parent.name == split]  # usable from any folder
         out[split] = score(model.learn, files, bs, with_labels=True)
         out[split].to_csv(run_dir / f"predictions_{split}.csv", index=False)
     return out
