@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 from fastai.data.block import CategoryBlock, DataBlock
-from fastai.data.transforms import (GrandparentSplitter, Normalize, get_image_files, image_extensions,
-                                    parent_label)
+from fastai.data.transforms import GrandparentSplitter, Normalize, get_image_files, parent_label
 from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, aug_transforms
 from fastai.vision.core import imagenet_stats
 from fastai.vision.data import ImageBlock
@@ -293,8 +292,8 @@ def scan_task(task_dir: Path) -> TaskImages:
     files = {(s, c): get_image_files(task_dir / s / c) for s in SPLITS for c in classes}
     empty = [f"{s}/{c}" for (s, c), fs in files.items() if not fs]
     if empty:
-        raise ReplicateError(f"no images ({', '.join(sorted(image_extensions)[:4])}...) in {task_dir}: "
-                             f"{', '.join(empty)}")
+        raise ReplicateError(f"no images (.jpg, .png, ...) in {task_dir} for: {', '.join(empty)}; "
+                             f"every class needs photos in both train and valid")
     everything = [f for fs in files.values() for f in fs]
     bad = set(verify_images(everything))
     counts = pd.DataFrame({s: {c: len([f for f in files[s, c] if f not in bad]) for c in classes} for s in SPLITS})
