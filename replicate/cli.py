@@ -192,8 +192,7 @@ def compare(
                          data_dir=data_dir, exports_dir=exports_dir)
         cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
                          [m.strip() for m in modes.split(",") if m.strip()], seeds)
-        grid.preflight(cfgs)
-        cells = grid.run_grid(cfgs, force, log=typer.echo)
+        cells = grid.run_grid(cfgs, force, log=typer.echo, scanned=grid.preflight(cfgs))
         failures = grid.record_failures(cells, grid.failures_file(exports_dir, name, recipe.value))
         failed += len(failures)
         _print_report(exports_dir, name, recipe.value, cells)

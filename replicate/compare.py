@@ -73,8 +73,11 @@ def is_finished(cfg: RunConfig) -> bool:
     return all(done.get(k) == v for k, v in expected.items())
 
 
-def run_grid(cfgs: list[RunConfig], force: bool = False, log=print) -> list[Cell]:
-    """Run every cell not already finished, one after another; a failing cell does not stop the grid."""
+def run_grid(cfgs: list[RunConfig], force: bool = False, log=print, scanned: dict | None = None) -> list[Cell]:
+    """Run every cell not already finished, one after another; a failing cell does not stop the grid.
+
+    `scanned`: {task folder: TaskImages} from `preflight`, so the images are checked once, not per cell."""
+    scanned = scanned or {}
     cells = [Cell(cfg) for cfg in cfgs]
     start, trained_seconds, trained = time.time(), 0.0, 0
     for k, cell in enumerate(cells, 1):
@@ -87,7 +90,7 @@ def run_grid(cfgs: list[RunConfig], force: bool = False, log=print) -> list[Cell
             continue
         t0 = time.time()
         try:
-            train.run(cell.cfg, log=log)
+            train.run(cell.cfg, log=log, images=scanned.get(cell.cfg.task_dir))
             cell.status = "trained"
         except KeyboardInterrupt:
             raise
@@ -123,15 +126,16 @@ def tasks(data_dir: Path, task: str) -> list[str]:
     return found
 
 
-def preflight(cfgs: list[RunConfig]) -> None:
-    """Fail before the first cell on what would fail every cell: device, weights, the task folders."""
+def preflight(cfgs: list[RunConfig]) -> dict:
+    """Fail before the first cell on what would fail every cell: device, weights, the task folders.
+
+    Returns {task folder: TaskImages}, the checked images, for `run_grid`."""
     from . import data
     for cfg in cfgs:
         train.resolve_device(cfg.device)
         if cfg.pretrained:
             models.ensure_weights(models.get_arch(cfg.arch))
-    for task_dir in dict.fromkeys(cfg.task_dir for cfg in cfgs):
-        data.scan_task(task_dir)
+    return {task_dir: data.scan_task(task_dir) for task_dir in dict.fromkeys(cfg.task_dir for cfg in cfgs)}
 
 
 def record_failures(cells: list[Cell], path: Path) -> list[dict]:

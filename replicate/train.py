@@ -173,14 +173,16 @@ def _write_results(learn, cfg: RunConfig, images: data.TaskImages, staging: Path
     report.render_run(staging)
 
 
-def run(cfg: RunConfig, log=print) -> Path:
-    """Train one experiment and write its run folder; returns the folder."""
+def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Path:
+    """Train one experiment and write its run folder; returns the folder.
+
+    `images`: the task already scanned (a compare scans once for all its cells)."""
     arch = models.get_arch(cfg.arch)
     size = models.input_size(cfg)
     device = resolve_device(cfg.device)
     if cfg.pretrained:
         models.ensure_weights(arch)  # fail on missing weights before any data is read
-    images = data.scan_task(cfg.task_dir)
+    images = images or data.scan_task(cfg.task_dir)
     _describe(cfg, arch, size, images, device, log)
     set_seed(cfg.seed, reproducible=True)
     learn = models.create_learner(data.dataloaders(images, cfg, size, device), cfg)

@@ -95,11 +95,11 @@ def test_an_interrupted_compare_resumes_and_retrains_only_the_broken_cell(rooms,
     cfgs = compare.grid(base, ["resnet18", "alexnet"], ["frozen"], seeds=1)
     real_run, calls = train.run, []
 
-    def killed_in_second_cell(cfg, log=print):
+    def killed_in_second_cell(cfg, log=print, images=None):
         calls.append(cfg.run_name)
         if cfg.arch == "alexnet":
             raise KeyboardInterrupt  # Ctrl-C in the middle of the cell
-        return real_run(cfg, log)
+        return real_run(cfg, log, images)
 
     monkeypatch.setattr(train, "run", killed_in_second_cell)
     with pytest.raises(KeyboardInterrupt):
@@ -123,10 +123,10 @@ def test_a_changed_configuration_is_not_reused(rooms):
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(rooms, runner, monkeypatch):
     real_run = train.run
 
-    def out_of_memory_for_alexnet(cfg, log=print):
+    def out_of_memory_for_alexnet(cfg, log=print, images=None):
         if cfg.arch == "alexnet" and cfg.unfreeze:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(cfg, log)
+        return real_run(cfg, log, images)
 
     monkeypatch.setattr(train, "run", out_of_memory_for_alexnet)
     result = invoke(runner, rooms)
@@ -187,3 +187,12 @@ def test_compare_errors(rooms, runner):
     assert result.exit_code == 2 and "unknown mode 'thawed'" in result.output
     result = runner.invoke(app, ["report", "kitchens", "--exports-dir", str(rooms / "exports")])
     assert result.exit_code == 2 and "no finished paper runs" in result.output
+
+
+def test_compare_checks_the_images_once_for_all_cells(rooms, runner, monkeypatch):
+    from replicate import data
+    real_scan, calls = data.scan_task, []
+    monkeypatch.setattr(data, "scan_task", lambda task_dir: calls.append(task_dir) or real_scan(task_dir))
+    result = invoke(runner, rooms, "--modes", "frozen")
+    assert result.exit_code == 0, result.output
+    assert "2 trained" in result.output and len(calls) == 1
