@@ -38,7 +38,8 @@ class Cell:
 
 
 def grid(base: RunConfig, archs: list[str], modes: list[str], seeds: int) -> list[RunConfig]:
-    """The configurations of a grid; sizes below an arch's minimum are raised to it, with a note in the log."""
+    """The configurations of a grid; a size below an arch's minimum is raised to it (each cell's log
+    line and config.json show the size used)."""
     for m in modes:
         if m not in MODES:
             raise ReplicateError(f"unknown mode {m!r}: use frozen, unfrozen or both")

@@ -197,6 +197,10 @@ def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
         low, high = wilson_interval(g.best_acc.mean() * n, n)
         rows.append({
             "arch": arch, "mode": mode, "recipe": recipe, "seeds": len(g),
+            # A task folder can hold runs made with other settings (a `run` after the compare):
+            # show them, so mismatched cells are visible.
+            "epochs": "/".join(str(v) for v in sorted(set(g.epochs))),
+            "size": "/".join(str(v) for v in sorted(set(g["size"]))),
             "train_s": round(g.train_seconds.mean(), 1),
             "max_valid_acc": round(100 * g.best_acc.mean(), 2),
             "acc_std": round(100 * g.best_acc.std(), 2) if len(g) > 1 else float("nan"),

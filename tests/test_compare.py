@@ -53,6 +53,7 @@ def test_compare_runs_the_grid_writes_everything_and_reuses_it(rooms, runner):
     assert row.paper_acc == 96.35 and row.paper_s == 256  # the study's rooms table 4.6
     assert row.diff_acc == pytest.approx(row.max_valid_acc - 96.35, abs=0.01)
     assert (table.ci95_low <= table.max_valid_acc).all() and (table.max_valid_acc <= table.ci95_high).all()
+    assert list(table.epochs) == [1] * 4 and list(table["size"]) == [32, 63, 32, 63]
     assert "resnet18" in result.output and "max_valid_acc" in result.output  # the table, printed
 
     stamps = {p: p.stat().st_mtime_ns for p in (rooms / "exports" / "rooms").glob("*/export.pkl")}
