@@ -81,7 +81,7 @@ def data_houses(
     Example: replicate data houses --source ../shared/datasets/houses-dataset-400.zip
     """
     for task, folder in data.import_houses(source, data_dir, valid_pct, seed, force).items():
-        counts = data.scan_task(folder).counts
+        counts = data.image_counts(folder)  # just written from a checked archive: no need to decode again
         typer.echo(f"{task}: {folder}\n{counts.to_string()}\n")
 
 

@@ -266,6 +266,12 @@ class TaskImages:
     skipped: list[Path]  # files that failed to decode
 
 
+def image_counts(task_dir: Path) -> pd.DataFrame:
+    """Images per class (rows) and split (columns), from the file names alone (no decoding)."""
+    return pd.DataFrame({s: {c: len(get_image_files(task_dir / s / c)) for c in sorted(class_dirs(task_dir / s))}
+                         for s in SPLITS}).fillna(0).astype(int)
+
+
 def class_dirs(split_dir: Path) -> set[str]:
     return {d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))}
 
