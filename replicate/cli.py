@@ -127,6 +127,9 @@ def run(
     seed: int = 42,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPU cores, max 8).")] = None,
+    cache_features: Annotated[int, typer.Option(
+        help="Frozen runs: compute the body's outputs once for this many augmented views of each photo and "
+             "train the new layer on them (much faster; 0: run the body every epoch).")] = 0,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
@@ -136,7 +139,7 @@ def run(
     """
     cfg = RunConfig(task=task, arch=arch.value, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                    data_dir=data_dir, exports_dir=exports_dir)
+                    cache_features=cache_features, data_dir=data_dir, exports_dir=exports_dir)
     _summary(train.run(cfg, log=typer.echo))
 
 
@@ -174,6 +177,9 @@ def compare(
     lr: Annotated[Optional[float], typer.Option(help="As for `run`.")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
+    cache_features: Annotated[int, typer.Option(
+        help="Frozen cells: train the new layer on the body's outputs for this many augmented views, "
+             "computed once (0: run the body every epoch).")] = 0,
     force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
@@ -189,7 +195,7 @@ def compare(
     for name in grid.tasks(data_dir, task):
         base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                          pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                         data_dir=data_dir, exports_dir=exports_dir)
+                         cache_features=cache_features, data_dir=data_dir, exports_dir=exports_dir)
         cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
                          [m.strip() for m in modes.split(",") if m.strip()], seeds)
         cells = grid.run_grid(cfgs, force, log=typer.echo, scanned=grid.preflight(cfgs))

@@ -24,7 +24,9 @@ MODES = ("frozen", "unfrozen")
 # What must match for a finished run folder to stand in for a cell. The device, worker count
 # and folders do not change what is computed in a way the study's figures resolve.
 SAME_RESULT_KEYS = ("task", "arch", "unfreeze", "recipe", "epochs", "bs", "lr", "momentum",
-                    "aux_loss_weight", "size", "pretrained", "seed")
+                    "aux_loss_weight", "size", "pretrained", "seed", "cache_features")
+# Keys newer than some run folders: what those runs did.
+ADDED_LATER = {"cache_features": 0}
 
 
 @dataclass
@@ -49,7 +51,10 @@ def grid(base: RunConfig, archs: list[str], modes: list[str], seeds: int) -> lis
         size = max(base.size, spec.min_size) if base.size else None
         for mode in modes:
             for seed in range(base.seed, base.seed + seeds):
-                cfgs.append(dataclasses.replace(base, arch=arch, unfreeze=mode == "unfrozen", size=size, seed=seed))
+                # --cache-features applies to the frozen cells only: finetuning changes the body
+                cache = base.cache_features if mode == "frozen" else 0
+                cfgs.append(dataclasses.replace(base, arch=arch, unfreeze=mode == "unfrozen", size=size, seed=seed,
+                                                cache_features=cache))
     return cfgs
 
 
@@ -71,7 +76,7 @@ def is_finished(cfg: RunConfig) -> bool:
     expected = _expected(cfg)
     if cfg.lr is None and cfg.recipe == "fastai":
         expected["lr"] = done.get("lr")  # chosen by lr_find: any value it chose stands
-    return all(done.get(k) == v for k, v in expected.items())
+    return all(done.get(k, ADDED_LATER.get(k)) == v for k, v in expected.items())
 
 
 def run_grid(cfgs: list[RunConfig], force: bool = False, log=print, scanned: dict | None = None) -> list[Cell]:

@@ -31,6 +31,9 @@ class RunConfig:
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
     workers: int | None = None  # DataLoader worker processes; None: one per CPU core, at most 8
+    # Frozen paper runs only: compute the frozen body's outputs once for this many augmented views
+    # of the training set and train the new layer on them (0: no cache, the body runs every epoch).
+    cache_features: int = 0
     data_dir: Path = Path("data")
     exports_dir: Path = Path("exports")
 
@@ -45,10 +48,13 @@ class RunConfig:
 
     @property
     def run_name(self) -> str:
-        """ARCH-MODE, plus -fastai for that recipe and -seedN for a seed other than the default 42."""
+        """ARCH-MODE, plus -fastai for that recipe, -cachedK for cached features, -seedN for a seed
+        other than the default 42."""
         name = f"{self.arch}-{self.mode}"
         if self.recipe != "paper":
             name += f"-{self.recipe}"
+        if self.cache_features:
+            name += f"-cached{self.cache_features}"
         if self.seed != 42:
             name += f"-seed{self.seed}"
         return name

@@ -179,7 +179,8 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
             continue  # not a run folder (compare/, a failed or unfinished run)
         rows.append({
             "arch": config["arch"], "mode": "unfrozen" if config["unfreeze"] else "frozen",
-            "recipe": config.get("recipe", "paper"), "seed": config["seed"], "epochs": config["epochs"],
+            "recipe": config.get("recipe", "paper"), "cache_features": config.get("cache_features", 0),
+            "seed": config["seed"], "epochs": config["epochs"],
             "size": config["size"], "pretrained": config["pretrained"], "device": config.get("device_used", ""),
             "train_seconds": metrics["train_seconds"], "best_acc": metrics["best_valid_accuracy"],
             "best_epoch": metrics["best_epoch"], "last_acc": metrics["last_valid_accuracy"],
@@ -190,13 +191,14 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
 
 
 def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One row per (recipe, arch, mode): means over seeds, spread, 95% CI, and the study's numbers."""
+    """One row per (recipe, arch, mode, cached features): means over seeds, spread, 95% CI, and the
+    study's numbers. `cache_features` K > 0: the frozen body's outputs were computed once for K views."""
     rows = []
-    for (recipe, arch, mode), g in runs.groupby(["recipe", "arch", "mode"], sort=False):
+    for (recipe, arch, mode, cached), g in runs.groupby(["recipe", "arch", "mode", "cache_features"], sort=False):
         n = int(g.n_valid.iloc[0])
         low, high = wilson_interval(g.best_acc.mean() * n, n)
         rows.append({
-            "arch": arch, "mode": mode, "recipe": recipe, "seeds": len(g),
+            "arch": arch, "mode": mode, "recipe": recipe, "cache_features": cached, "seeds": len(g),
             # A task folder can hold runs made with other settings (a `run` after the compare):
             # show them, so mismatched cells are visible.
             "epochs": "/".join(str(v) for v in sorted(set(g.epochs))),
@@ -217,7 +219,7 @@ def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
     table = table.merge(paper[["mode", "arch", "paper_s", "paper_acc"]], on=["mode", "arch"], how="left")
     table["diff_acc"] = (table.max_valid_acc - table.paper_acc).round(2)
     table["_fastai"], table["_order"] = table.recipe != "paper", table.arch.map(_arch_order)
-    table = table.sort_values(["_fastai", "recipe", "mode", "_order"])
+    table = table.sort_values(["_fastai", "recipe", "mode", "_order", "cache_features"])
     return table.drop(columns=["_fastai", "_order"]).reset_index(drop=True)
 
 
@@ -264,7 +266,8 @@ def plot_tradeoff(table: pd.DataFrame, task: str, path: Path) -> None:
     for row in table.itertuples():
         ax.scatter(row.train_s, row.max_valid_acc, marker=markers[row.mode],
                    color="tab:blue" if row.recipe == "paper" else "tab:orange")
-        ax.annotate(f"{row.arch} {row.mode}" + ("" if row.recipe == "paper" else f" ({row.recipe})"),
+        ax.annotate(f"{row.arch} {row.mode}" + ("" if row.recipe == "paper" else f" ({row.recipe})")
+                    + (f" cached x{row.cache_features}" if row.cache_features else ""),
                     (row.train_s, row.max_valid_acc), fontsize=7, xytext=(4, 3), textcoords="offset points")
         if pd.notna(row.paper_acc) and row.recipe == "paper":
             ax.scatter(row.paper_s, row.paper_acc, marker=markers[row.mode], facecolors="none", edgecolors="grey")
@@ -294,12 +297,14 @@ def write_html(table: pd.DataFrame, runs: pd.DataFrame, figures: list[Path], fai
     b = table.loc[best]
     parts = [
         f"<h1>{html.escape(path.parent.parent.name)}: backbones compared</h1>",
-        f"<p class=lead>Best cell: <b>{b['arch']} {b['mode']}</b> ({b['recipe']} recipe), max valid accuracy "
+        f"<p class=lead>Best cell: <b>{b['arch']} {b['mode']}</b> ({b['recipe']} recipe"
+        f"{f', features cached for {b.cache_features} views' if b.cache_features else ''}), max valid accuracy "
         f"{b.max_valid_acc}% (95% CI {b.ci95_low}-{b.ci95_high}%), {b.train_s}s of training. "
         f"Cells whose intervals overlap are not clearly different on this validation set.</p>",
         "<p>max_valid_acc is the best epoch's validation accuracy, as the study reports it (it flatters, "
         "being chosen on the same images); last_acc is the final epoch's. paper_* are the study's "
-        "figures (Tesla K80, 30 epochs, its own data); diff_acc = ours - the study's.</p>",
+        "figures (Tesla K80, 30 epochs, its own data); diff_acc = ours - the study's. cache_features K: "
+        "a frozen run that computed the body's outputs once for K augmented views (--cache-features).</p>",
         f"<table><tr>{head}</tr>{body}</table>",
     ]
     if failures:

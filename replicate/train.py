@@ -25,7 +25,7 @@ import fastai.callback.progress  # noqa: F401  (registers the progress bar and L
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.torch_core import set_seed
 
-from . import data, models, report
+from . import data, features, models, report
 from .data import sha256_file
 from .config import RunConfig, environment
 from .errors import ReplicateError
@@ -110,15 +110,18 @@ def valid_predictions(learn) -> pd.DataFrame:
     return frame
 
 
-def _metrics(history: pd.DataFrame, images: data.TaskImages, cfg: RunConfig) -> dict:
+def _metrics(history: pd.DataFrame, images: data.TaskImages, extra: dict) -> dict:
+    """metrics.json. Time spent caching features counts as training time, in seconds and images/s."""
     best = history.loc[history["valid_accuracy"].idxmax()]
     n_train = int(images.counts["train"].sum())
+    cache_seconds = extra.get("feature_cache_seconds", 0.0)
     return {
+        **extra,
         "best_valid_accuracy": float(best["valid_accuracy"]),
         "best_epoch": int(best["epoch"]),
         "last_valid_accuracy": float(history["valid_accuracy"].iloc[-1]),
-        "train_seconds": float(history["seconds"].sum()),
-        "train_images_per_second": n_train * len(history) / float(history["train_seconds"].sum()),
+        "train_seconds": float(history["seconds"].sum()) + cache_seconds,
+        "train_images_per_second": n_train * len(history) / (float(history["train_seconds"].sum()) + cache_seconds),
         "n_train": n_train,
         "n_valid": int(images.counts["valid"].sum()),
         "classes": images.classes,
@@ -152,22 +155,30 @@ def _describe(cfg: RunConfig, arch: models.Arch, size: int, images: data.TaskIma
         f"{'ImageNet weights' if cfg.pretrained else 'random init (--no-pretrained)'}")
 
 
-def _train(learn, cfg: RunConfig, lr: float, staging: Path) -> None:
-    """Fit, writing history.csv as it goes; ends with the best validation epoch's weights loaded."""
+def _train(learn, cfg: RunConfig, lr: float, staging: Path, log) -> dict:
+    """Fit, writing history.csv as it goes; ends with the best validation epoch's weights loaded.
+
+    Returns extra metrics: with --cache-features, the seconds spent computing the cache."""
+    extra = {}
+    if cfg.cache_features:
+        start = time.perf_counter()
+        learn = features.head_learner(learn, cfg, log)
+        extra["feature_cache_seconds"] = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as weights_dir:
         learn.model_dir = Path(weights_dir)  # best-epoch checkpoints: scratch, export.pkl keeps them
         tracking = [HistoryCallback(staging / "history.csv"),
                     KeepBest(monitor="valid_accuracy", comp=np.greater, fname="best", reset_on_fit=False)]
         with learn.added_cbs(tracking):
             models.fit(learn, cfg, lr)
+    return extra
 
 
-def _write_results(learn, cfg: RunConfig, images: data.TaskImages, staging: Path) -> None:
+def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict) -> None:
     """Predictions, export (with its checksum), metrics and plots, into the staging folder."""
     valid_predictions(learn).to_csv(staging / "valid_predictions.csv", index=False)
     learn.path, learn.model_dir = staging, "models"
     learn.export("export.pkl")
-    metrics = _metrics(pd.read_csv(staging / "history.csv"), images, cfg)
+    metrics = _metrics(pd.read_csv(staging / "history.csv"), images, extra)
     metrics["export_sha256"] = sha256_file(staging / "export.pkl")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report.render_run(staging)
@@ -179,6 +190,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Pat
     `images`: the task already scanned (a compare scans once for all its cells)."""
     arch = models.get_arch(cfg.arch)
     size = models.input_size(cfg)
+    features.check(cfg)
     device = resolve_device(cfg.device)
     if cfg.pretrained:
         models.ensure_weights(arch)  # fail on missing weights before any data is read
@@ -198,8 +210,8 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Pat
                   "aux_logits": models.uses_aux(arch, size, cfg.recipe), "workers": data.workers(cfg),
                   "device_used": describe_device(device), "environment": environment()}
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        _train(learn, cfg, lr, staging)
-        _write_results(learn, cfg, images, staging)
+        extra = _train(learn, cfg, lr, staging, log)
+        _write_results(learn, images, staging, extra)
         _publish(staging, cfg.run_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
