@@ -40,6 +40,12 @@ class Recipe(str, Enum):
     fastai = "fastai"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -130,6 +136,9 @@ def run(
     cache_features: Annotated[int, typer.Option(
         help="Frozen runs: compute the body's outputs once for this many augmented views of each photo and "
              "train the new layer on them (much faster; 0: run the body every epoch).")] = 0,
+    precision: Annotated[Precision, typer.Option(
+        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (faster; recorded in config.json).")
+    ] = Precision.fp32,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
@@ -139,8 +148,9 @@ def run(
     """
     cfg = RunConfig(task=task, arch=arch.value, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                    cache_features=cache_features, data_dir=data_dir, exports_dir=exports_dir)
-    _summary(train.run(cfg, log=typer.echo))
+                    cache_features=cache_features, precision=precision.value,
+                    data_dir=data_dir, exports_dir=exports_dir)
+    _summary(train.run(cfg, log=echo))
 
 
 @app.command()
@@ -154,8 +164,8 @@ def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("expor
     Example: replicate data houses && replicate demo
     """
     cfg, why = train.demo_config(data_dir, exports_dir)
-    typer.echo(why)
-    _summary(train.run(cfg, log=typer.echo))
+    echo(why)
+    _summary(train.run(cfg, log=echo))
 
 
 @app.command()
@@ -180,6 +190,9 @@ def compare(
     cache_features: Annotated[int, typer.Option(
         help="Frozen cells: train the new layer on the body's outputs for this many augmented views, "
              "computed once (0: run the body every epoch).")] = 0,
+    precision: Annotated[Precision, typer.Option(
+        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (faster; recorded in config.json).")
+    ] = Precision.fp32,
     force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
@@ -195,13 +208,15 @@ def compare(
     for name in grid.tasks(data_dir, task):
         base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                          pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                         cache_features=cache_features, data_dir=data_dir, exports_dir=exports_dir)
+                         cache_features=cache_features, precision=precision.value,
+                         data_dir=data_dir, exports_dir=exports_dir)
         cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
                          [m.strip() for m in modes.split(",") if m.strip()], seeds)
-        cells = grid.run_grid(cfgs, force, log=typer.echo, scanned=grid.preflight(cfgs))
-        failures = grid.record_failures(cells, grid.failures_file(exports_dir, name, recipe.value))
-        failed += len(failures)
-        _print_report(exports_dir, name, recipe.value, cells)
+        cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs))
+        failed += sum(c.status == "failed" for c in cells)
+        if train.is_main_process():  # under accelerate launch, one process writes the report
+            grid.record_failures(cells, grid.failures_file(exports_dir, name, recipe.value))
+            _print_report(exports_dir, name, recipe.value, cells)
     if failed:
         raise typer.Exit(1)
 
@@ -412,7 +427,15 @@ def archs():
                    f"weights {'cached' if path.is_file() else 'missing'}: {path}")
 
 
+def echo(*args, **kwargs) -> None:
+    """typer.echo on the main process only: under `accelerate launch` every process runs the command."""
+    if train.is_main_process():
+        typer.echo(*args, **kwargs)
+
+
 def _summary(run_dir: Path) -> None:
+    if not train.is_main_process():
+        return
     m = json.loads((run_dir / "metrics.json").read_text())
     typer.echo(f"\nbest valid accuracy {m['best_valid_accuracy']:.2%} at epoch {m['best_epoch']} "
                f"(last {m['last_valid_accuracy']:.2%}); {m['train_seconds']:.0f}s, "

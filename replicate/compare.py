@@ -24,9 +24,10 @@ MODES = ("frozen", "unfrozen")
 # What must match for a finished run folder to stand in for a cell. The device, worker count
 # and folders do not change what is computed in a way the study's figures resolve.
 SAME_RESULT_KEYS = ("task", "arch", "unfreeze", "recipe", "epochs", "bs", "lr", "momentum",
-                    "aux_loss_weight", "size", "pretrained", "seed", "cache_features")
+                    "aux_loss_weight", "size", "pretrained", "seed", "cache_features",
+                    "precision")
 # Keys newer than some run folders: what those runs did.
-ADDED_LATER = {"cache_features": 0}
+ADDED_LATER = {"cache_features": 0, "precision": "fp32"}
 
 
 @dataclass

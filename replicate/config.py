@@ -34,6 +34,7 @@ class RunConfig:
     # Frozen paper runs only: compute the frozen body's outputs once for this many augmented views
     # of the training set and train the new layer on them (0: no cache, the body runs every epoch).
     cache_features: int = 0
+    precision: str = "fp32"  # fp32 (the study's) | bf16 | fp16: fastai's mixed precision, CUDA only
     data_dir: Path = Path("data")
     exports_dir: Path = Path("exports")
 
@@ -48,13 +49,15 @@ class RunConfig:
 
     @property
     def run_name(self) -> str:
-        """ARCH-MODE, plus -fastai for that recipe, -cachedK for cached features, -seedN for a seed
-        other than the default 42."""
+        """ARCH-MODE, plus -fastai for that recipe, -cachedK for cached features, -bf16/-fp16 for
+        mixed precision, -seedN for a seed other than the default 42."""
         name = f"{self.arch}-{self.mode}"
         if self.recipe != "paper":
             name += f"-{self.recipe}"
         if self.cache_features:
             name += f"-cached{self.cache_features}"
+        if self.precision != "fp32":
+            name += f"-{self.precision}"
         if self.seed != 42:
             name += f"-seed{self.seed}"
         return name

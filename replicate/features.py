@@ -18,7 +18,6 @@ from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
-from fastai.metrics import accuracy
 from fastprogress.fastprogress import progress_bar
 
 from . import models
@@ -100,6 +99,6 @@ def head_learner(learn: Learner, cfg: RunConfig, log) -> Learner:
     aux = models.uses_aux(models.get_arch(cfg.arch), models.input_size(cfg), cfg.recipe)
     cbs = [NextView(train_views)] + ([models.AuxLossCallback(cfg.aux_loss_weight)] if aux else [])
     head_learn = Learner(dls, head, loss_func=learn.loss_func, opt_func=learn.opt_func, lr=learn.lr, wd=learn.wd,
-                         metrics=accuracy, cbs=cbs)
+                         metrics=models.epoch_accuracy(), cbs=cbs)
     head_learn.recorder.train_metrics = True
     return head_learn

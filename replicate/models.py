@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+import fastai.callback.channelslast  # noqa: F401  (Learner.to_channelslast)
+import fastai.callback.fp16  # noqa: F401  (Learner.to_fp16, to_bf16)
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle, fine_tune, lr_find)
 import torch
 import torchvision.models as tvm
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-from fastai.metrics import accuracy
+from fastai.metrics import AccumMetric, accuracy
 from fastai.optimizer import SGD
 from fastai.vision.learner import default_split, model_meta, vision_learner
 from torch import nn
@@ -226,13 +228,36 @@ class Backbone:
 
 # --- the learner -------------------------------------------------------------------------------
 
+def epoch_accuracy() -> AccumMetric:
+    """fastai's `accuracy`, computed once over the epoch's gathered predictions.
+
+    fastai's default wraps it in a running mean of per-batch values, which under `accelerate
+    launch` also counts the images fastai's DistributedDL repeats to split a set evenly across
+    processes (9 valid images on 2 processes: 10 counted); gathered predictions are unpadded.
+    """
+    return AccumMetric(accuracy, flatten=False)
+
+
 def create_learner(dls, cfg: RunConfig) -> Learner:
-    """A fastai Learner for `cfg.recipe`, frozen or not, ready for `fit(learn, cfg, lr)`."""
+    """A fastai Learner for `cfg.recipe`, frozen or not, ready for `fit(learn, cfg, lr)`.
+
+    It trains in channels-last memory layout (fastai's ChannelsLast): the same arithmetic, about
+    8-10% faster per batch on this project's CPU for every arch but VGG (no change), and what
+    mixed precision on a GPU's tensor cores wants. `cfg.precision` bf16/fp16 adds fastai's
+    MixedPrecision (CUDA only; `train.run` refuses it on a CPU).
+    """
     if cfg.recipe == "fastai":
-        return _fastai_learner(dls, cfg)
-    if cfg.recipe != "paper":
+        learn = _fastai_learner(dls, cfg)
+    elif cfg.recipe == "paper":
+        learn = _paper_learner(dls, cfg)
+    else:
         raise ReplicateError(f"unknown recipe {cfg.recipe!r}: use paper or fastai")
-    return _paper_learner(dls, cfg)
+    learn.to_channelslast(use_amp=False)
+    if cfg.precision == "bf16":
+        learn.to_bf16()
+    elif cfg.precision == "fp16":
+        learn.to_fp16()
+    return learn
 
 
 def _paper_learner(dls, cfg: RunConfig) -> Learner:
@@ -256,7 +281,7 @@ def _paper_learner(dls, cfg: RunConfig) -> Learner:
         init=None,  # keep PyTorch's default init of the new Linear, as in the study
         normalize=False,  # ImageNet normalisation is already in the DataBlock's batch transforms
         opt_func=partial(SGD, mom=cfg.momentum), lr=cfg.lr or 1e-3, wd=0.0,
-        metrics=accuracy, train_bn=False, cbs=[AuxLossCallback(cfg.aux_loss_weight)] if aux else None,
+        metrics=epoch_accuracy(), train_bn=False, cbs=[AuxLossCallback(cfg.aux_loss_weight)] if aux else None,
     )
     if cfg.unfreeze:
         learn.unfreeze()
@@ -272,7 +297,7 @@ def _fastai_learner(dls, cfg: RunConfig) -> Learner:
     arch = get_arch(cfg.arch)
     backbone = Backbone(arch.name, aux_logits=False, recipe="fastai")
     model_meta[backbone] = {"cut": arch.fastai_cut, "split": default_split}
-    learn = vision_learner(dls, backbone, pretrained=cfg.pretrained, normalize=False, metrics=accuracy)
+    learn = vision_learner(dls, backbone, pretrained=cfg.pretrained, normalize=False, metrics=epoch_accuracy())
     if cfg.unfreeze:
         learn.unfreeze()
     else:

@@ -180,6 +180,7 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
         rows.append({
             "arch": config["arch"], "mode": "unfrozen" if config["unfreeze"] else "frozen",
             "recipe": config.get("recipe", "paper"), "cache_features": config.get("cache_features", 0),
+            "precision": config.get("precision", "fp32"),
             "seed": config["seed"], "epochs": config["epochs"],
             "size": config["size"], "pretrained": config["pretrained"], "device": config.get("device_used", ""),
             "train_seconds": metrics["train_seconds"], "best_acc": metrics["best_valid_accuracy"],
@@ -194,11 +195,13 @@ def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
     """One row per (recipe, arch, mode, cached features): means over seeds, spread, 95% CI, and the
     study's numbers. `cache_features` K > 0: the frozen body's outputs were computed once for K views."""
     rows = []
-    for (recipe, arch, mode, cached), g in runs.groupby(["recipe", "arch", "mode", "cache_features"], sort=False):
+    keys = ["recipe", "arch", "mode", "cache_features", "precision"]
+    for (recipe, arch, mode, cached, precision), g in runs.groupby(keys, sort=False):
         n = int(g.n_valid.iloc[0])
         low, high = wilson_interval(g.best_acc.mean() * n, n)
         rows.append({
-            "arch": arch, "mode": mode, "recipe": recipe, "cache_features": cached, "seeds": len(g),
+            "arch": arch, "mode": mode, "recipe": recipe, "cache_features": cached, "precision": precision,
+            "seeds": len(g),
             # A task folder can hold runs made with other settings (a `run` after the compare):
             # show them, so mismatched cells are visible.
             "epochs": "/".join(str(v) for v in sorted(set(g.epochs))),

@@ -10,6 +10,7 @@ leaves a half-written folder that looks finished.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,9 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.core import Callback
-import fastai.callback.progress  # noqa: F401  (registers the progress bar and Learner.no_bar)
+import fastai.distributed
+from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
-from fastai.torch_core import set_seed
+from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, set_seed
 
 from . import data, features, models, report
 from .data import sha256_file
@@ -32,13 +34,27 @@ from .errors import ReplicateError
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present else CPU; 'cuda' without CUDA is a ReplicateError."""
+    """'auto' -> CUDA when present else CPU; 'cuda' without CUDA is a ReplicateError.
+    Launched as one of several processes on a machine, each takes the GPU of its LOCAL_RANK."""
     if name not in ("auto", "cpu", "cuda"):
         raise ReplicateError(f"unknown device {name!r}: use auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise ReplicateError(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU "
                              f"(check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --device cpu")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if num_distrib() > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def is_main_process() -> bool:
+    """True unless this is one of the other processes of an `accelerate launch` / `torchrun` job."""
+    return rank_distrib() == 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than the main one."""
 
 
 def describe_device(device: torch.device) -> str:
@@ -48,13 +64,24 @@ def describe_device(device: torch.device) -> str:
 
 
 class KeepBest(SaveModelCallback):
-    """fastai's SaveModelCallback without its "Better model found at epoch N" line: fastai counts
-    epochs from 0 (and anew in each fit of fine_tune), history.csv from 1; the summary names the epoch."""
+    """fastai's SaveModelCallback, keeping the best epoch's weights in memory instead of in a file.
+
+    fastai's saves the file on the main process only and then loads it on every process behind a
+    barrier, which needs a folder all processes (all machines) share; in memory works the same in
+    one process or many. Also without fastai's "Better model found at epoch N" line: fastai counts
+    epochs from 0 (and anew in each fit of fine_tune), history.csv from 1.
+    """
+
+    best_state = None
 
     def after_epoch(self):
         TrackerCallback.after_epoch(self)
         if self.new_best:
-            self._save(self.fname)
+            self.best_state = {k: v.detach().clone() for k, v in get_model(self.model).state_dict().items()}
+
+    def after_fit(self, **kwargs):
+        if self.best_state is not None:
+            get_model(self.model).load_state_dict(self.best_state)
 
 
 class HistoryCallback(Callback):
@@ -155,21 +182,77 @@ def _describe(cfg: RunConfig, arch: models.Arch, size: int, images: data.TaskIma
         f"{'ImageNet weights' if cfg.pretrained else 'random init (--no-pretrained)'}")
 
 
-def _train(learn, cfg: RunConfig, lr: float, staging: Path, log) -> dict:
+class DistributedDL(fastai.distributed.DistributedDL):
+    """fastai's DistributedDL, also for CPU processes: fastai broadcasts the batch order as a CUDA
+    tensor (NCCL needs one); with gloo (processes on CPUs) it must stay on the CPU."""
+
+    def _broadcast(self, t, rank):
+        if torch.distributed.get_backend() == "nccl":
+            return super()._broadcast(t, rank)
+        t = torch.tensor(t, dtype=torch.long)
+        torch.distributed.broadcast(t, rank)
+        return t.tolist()
+
+
+class DistributedTrainer(fastai.distributed.DistributedTrainer):
+    """fastai's DistributedTrainer (accelerate's DDP) with the DistributedDL above."""
+
+    def _wrap_dl(self, dl):
+        return dl if isinstance(dl, DistributedDL) else DistributedDL(dl, device=self.learn.model.device)
+
+
+@contextlib.contextmanager
+def distributed(learn):
+    """fastai's `distrib_ctx` when started by `accelerate launch` or `torchrun` (WORLD_SIZE > 1),
+    else nothing: DDP through accelerate, each process reading its share of every epoch.
+
+    BatchNorm is synchronised across GPUs (fastai's default); torch has no SyncBatchNorm on CPUs.
+    """
+    if num_distrib() <= 1:
+        yield learn
+        return
+    on_cpu = learn.dls.device.type == "cpu"
+    learn.add_cb(DistributedTrainer(sync_bn=not on_cpu, cpu=on_cpu))
+    if rank_distrib():
+        learn.remove_cb(ProgressCallback)
+    try:
+        yield learn
+    finally:
+        learn.detach_distributed()
+
+
+@contextlib.contextmanager
+def _alone():
+    """The main process writes the results alone. fastai gathers every prediction from all processes
+    whenever WORLD_SIZE > 1 (in `get_preds` too), and would wait for processes that are not predicting."""
+    world = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if world is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = world
+
+
+def _train(learn, cfg: RunConfig, lr: float, staging: Path | None, log) -> dict:
     """Fit, writing history.csv as it goes; ends with the best validation epoch's weights loaded.
 
     Returns extra metrics: with --cache-features, the seconds spent computing the cache."""
-    extra = {}
+    extra, parallel = {}, distributed
     if cfg.cache_features:
         start = time.perf_counter()
         learn = features.head_learner(learn, cfg, log)
         extra["feature_cache_seconds"] = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as weights_dir:
-        learn.model_dir = Path(weights_dir)  # best-epoch checkpoints: scratch, export.pkl keeps them
-        tracking = [HistoryCallback(staging / "history.csv"),
-                    KeepBest(monitor="valid_accuracy", comp=np.greater, fname="best", reset_on_fit=False)]
-        with learn.added_cbs(tracking):
-            models.fit(learn, cfg, lr)
+        # Each process computes the same cache (same seed) and trains the same head: training a
+        # Linear on cached outputs takes seconds, not worth splitting.
+        parallel = contextlib.nullcontext
+    tracking = [KeepBest(monitor="valid_accuracy", comp=np.greater, reset_on_fit=False)]
+    if staging is not None:  # the main process
+        tracking.append(HistoryCallback(staging / "history.csv"))
+    with learn.added_cbs(tracking), parallel(learn):
+        models.fit(learn, cfg, lr)
     return extra
 
 
@@ -187,11 +270,21 @@ def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict) -
 def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Path:
     """Train one experiment and write its run folder; returns the folder.
 
-    `images`: the task already scanned (a compare scans once for all its cells)."""
+    `images`: the task already scanned (a compare scans once for all its cells). Under
+    `accelerate launch` / `torchrun` every process calls this; they train data-parallel
+    (each epoch's batches shared out, so the global batch is bs x processes) and only the main
+    process writes the run folder."""
+    if not is_main_process():
+        log = _quiet
     arch = models.get_arch(cfg.arch)
     size = models.input_size(cfg)
     features.check(cfg)
     device = resolve_device(cfg.device)
+    if cfg.precision not in ("fp32", "bf16", "fp16"):
+        raise ReplicateError(f"unknown precision {cfg.precision!r}: use fp32, bf16 or fp16")
+    if cfg.precision != "fp32" and device.type != "cuda":
+        raise ReplicateError(f"--precision {cfg.precision} needs a CUDA GPU (fastai's mixed precision is CUDA-only, "
+                             f"and few CPUs compute bf16 fast): use --precision fp32 on a CPU")
     if cfg.pretrained:
         models.ensure_weights(arch)  # fail on missing weights before any data is read
     images = images or data.scan_task(cfg.task_dir)
@@ -202,20 +295,33 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Pat
     lr = models.learning_rate(learn, cfg)
     log(f"learning rate {lr:.2e}" + (" (lr_find)" if cfg.recipe == "fastai" and cfg.lr is None else ""))
 
+    staging = None
+    try:
+        if is_main_process():  # only the main process writes; the others train their share and wait
+            staging = _staging(cfg)
+            config = {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr,
+                      "aux_logits": models.uses_aux(arch, size, cfg.recipe), "workers": data.workers(cfg),
+                      "processes": max(1, num_distrib()), "device_used": describe_device(device),
+                      "environment": environment()}
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
+        extra = _train(learn, cfg, lr, staging, log)
+        if staging is not None:
+            with _alone():
+                _write_results(learn, images, staging, extra)
+                _publish(staging, cfg.run_dir)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    distrib_barrier()  # every process returns once the run folder is in place
+    return cfg.run_dir
+
+
+def _staging(cfg: RunConfig) -> Path:
+    """A hidden folder beside the run folder, renamed into place when the run is complete."""
     cfg.run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cfg.run_dir.name}.partial-", dir=cfg.run_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the published run folder should not be
-    try:
-        config = {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr,
-                  "aux_logits": models.uses_aux(arch, size, cfg.recipe), "workers": data.workers(cfg),
-                  "device_used": describe_device(device), "environment": environment()}
-        (staging / "config.json").write_text(json.dumps(config, indent=2))
-        extra = _train(learn, cfg, lr, staging, log)
-        _write_results(learn, images, staging, extra)
-        _publish(staging, cfg.run_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return cfg.run_dir
+    return staging
 
 
 def demo_config(data_dir: Path, exports_dir: Path) -> tuple[RunConfig, str]:

@@ -76,3 +76,19 @@ def test_a_run_without_the_key_counts_as_uncached(tmp_path):
     (cfg.run_dir / "config.json").write_text(json.dumps(config))
     (cfg.run_dir / "metrics.json").write_text("{}")
     assert compare.is_finished(cfg)  # folders made before --cache-features existed are reused
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_mixed_precision_on_a_cpu_is_a_clear_error(tiny_task, runner):
+    result, exports = run_cli(runner, tiny_task, "toy", "--arch", "resnet18", "--size", "32", "--precision", "bf16")
+    assert result.exit_code == 2 and "--precision bf16 needs a CUDA GPU" in result.output
+    assert not (exports / "toy").exists()
+
+
+def test_runs_train_in_channels_last_layout(tiny_task, runner):
+    result, exports = run_cli(runner, tiny_task, "toy", "--arch", "resnet18", "--size", "32", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    # the learner as trained and pickled (fastai's load_learner(cpu=True) turns it contiguous again)
+    learn = torch.load(exports / "toy" / "resnet18-frozen" / "export.pkl", weights_only=False)
+    conv = learn.model[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
