@@ -73,7 +73,7 @@ def measure(args, task_dir: Path) -> pd.DataFrame:
     """One row per run: impl, mode, epochs and the child's figures."""
     rows = []
     with tempfile.TemporaryDirectory() as exports:
-        for mode in args.modes.split(","):
+        for mode in filter(None, args.modes.split(",")):
             unfreeze = mode == "unfrozen"
             for impl, cmd in (("baseline", baseline_cmd(args, task_dir, args.epochs, unfreeze)),
                               ("replicate", replicate_cmd(args, task_dir, exports, args.epochs, unfreeze))):
@@ -96,7 +96,8 @@ def summarize(table: pd.DataFrame, args) -> str:
         if {"baseline", "replicate"} <= set(g.index):
             b, r = g.loc["baseline"], g.loc["replicate"]
             lines.append(f"{mode}: replicate/baseline train images/s {r.train_images_per_s / b.train_images_per_s:.2f}x"
-                         f", best accuracy {100 * (r.best_acc - b.best_acc):+.1f} points")
+                         f", best accuracy {100 * (r.best_acc - b.best_acc):+.1f} points, "
+                         f"final {100 * (r.final_acc - b.final_acc):+.1f}")
     r = same[same.impl == "replicate"].drop_duplicates("mode").set_index("mode")
     if {"frozen", "unfrozen"} <= set(r.index):
         lines.append(f"replicate frozen vs unfrozen, seconds per epoch: "
@@ -108,7 +109,8 @@ def summarize(table: pd.DataFrame, args) -> str:
         lines.append(f"--cache-features {args.cache_views} vs uncached, frozen, {args.cache_epochs} epochs: "
                      f"{u.fit_seconds / k.fit_seconds:.1f}x faster training ({u.fit_seconds:.0f}s -> "
                      f"{k.fit_seconds:.0f}s, caching included; {u.wall_seconds / k.wall_seconds:.1f}x in wall time "
-                     f"with start-up), best accuracy {100 * (k.best_acc - u.best_acc):+.1f} points")
+                     f"with start-up), best accuracy {100 * (k.best_acc - u.best_acc):+.1f} points, "
+                     f"final {100 * (k.final_acc - u.final_acc):+.1f}")
     return "\n".join(lines)
 
 
@@ -119,7 +121,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--bs", type=int, default=32)
-    ap.add_argument("--modes", default="frozen,unfrozen", help="of part 1")
+    ap.add_argument("--modes", default="frozen,unfrozen", help='of part 1 ("": skip it)')
     ap.add_argument("--cache-epochs", type=int, default=30, help="epochs of the cached/uncached frozen pair (0: skip)")
     ap.add_argument("--cache-views", type=int, default=3, help="--cache-features K of the cached run")
     ap.add_argument("--threads", type=int, default=os.cpu_count())

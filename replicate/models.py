@@ -260,6 +260,15 @@ def create_learner(dls, cfg: RunConfig) -> Learner:
     return learn
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """ReplicateError unless `precision` can run on `device`."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ReplicateError(f"unknown precision {precision!r}: use fp32, bf16 or fp16")
+    if precision != "fp32" and device.type != "cuda":
+        raise ReplicateError(f"--precision {precision} needs a CUDA GPU (fastai's mixed precision is CUDA-only, "
+                             f"and few CPUs compute bf16 fast): use --precision fp32 on a CPU")
+
+
 def _paper_learner(dls, cfg: RunConfig) -> Learner:
     """The study's model, optimizer and freezing.
 

@@ -280,11 +280,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Pat
     size = models.input_size(cfg)
     features.check(cfg)
     device = resolve_device(cfg.device)
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise ReplicateError(f"unknown precision {cfg.precision!r}: use fp32, bf16 or fp16")
-    if cfg.precision != "fp32" and device.type != "cuda":
-        raise ReplicateError(f"--precision {cfg.precision} needs a CUDA GPU (fastai's mixed precision is CUDA-only, "
-                             f"and few CPUs compute bf16 fast): use --precision fp32 on a CPU")
+    models.check_precision(cfg.precision, device)
     if cfg.pretrained:
         models.ensure_weights(arch)  # fail on missing weights before any data is read
     images = images or data.scan_task(cfg.task_dir)

@@ -72,10 +72,14 @@ def test_two_processes_train_one_run_folder_like_a_single_process(three_classes,
 
 def test_compare_under_accelerate_writes_one_report(three_classes):
     done = accelerate("compare", "toy", "--archs", "resnet18", "--modes", "frozen,unfrozen", "--size", "32",
-                      "--epochs", "1", "--bs", "4", "--exports-dir", "exports", cwd=three_classes)
+                      "--epochs", "2", "--bs", "4", "--cache-features", "2", "--exports-dir", "exports",
+                      cwd=three_classes)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("report: ") == 1
     out = three_classes / "exports" / "toy"
-    assert sorted(p.name for p in out.iterdir()) == ["compare", "resnet18-frozen", "resnet18-unfrozen"]
+    assert sorted(p.name for p in out.iterdir()) == ["compare", "resnet18-frozen-cached2", "resnet18-unfrozen"]
     table = pd.read_csv(out / "compare" / "table.csv")
-    assert list(table["mode"]) == ["frozen", "unfrozen"]
+    assert list(zip(table["mode"], table.cache_features)) == [("frozen", 2), ("unfrozen", 0)]
+    preds = pd.read_csv(out / "resnet18-frozen-cached2" / "valid_predictions.csv")
+    best = json.loads((out / "resnet18-frozen-cached2" / "metrics.json").read_text())["best_valid_accuracy"]
+    assert len(preds) == 9 and (preds.actual == preds.predicted).mean() == pytest.approx(best, abs=1e-6)
