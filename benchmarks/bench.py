@@ -59,12 +59,12 @@ def child(cmd: list[str]) -> dict:
 def baseline_cmd(args, task_dir: Path, epochs: int, unfreeze: bool) -> list[str]:
     return [sys.executable, str(HERE / "baseline.py"), str(task_dir), "--arch", args.arch, "--size", str(args.size),
             "--epochs", str(epochs), "--bs", str(args.bs), "--workers", str(args.workers),
-            "--threads", str(args.threads)] + (["--unfreeze"] if unfreeze else [])
+            "--threads", str(args.threads), "--seed", str(args.seed)] + (["--unfreeze"] if unfreeze else [])
 
 
 def replicate_cmd(args, task_dir: Path, exports: str, epochs: int, unfreeze: bool, cache: int = 0) -> list[str]:
     config = dict(task=task_dir.name, arch=args.arch, unfreeze=unfreeze, epochs=epochs, bs=args.bs, size=args.size,
-                  pretrained=False, workers=args.workers, threads=args.threads, cache_features=cache,
+                  pretrained=False, workers=args.workers, threads=args.threads, cache_features=cache, seed=args.seed,
                   data_dir=str(task_dir.parent), exports_dir=exports)
     return [sys.executable, "-c", REPLICATE_CHILD, json.dumps(config)]
 
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--modes", default="frozen,unfrozen", help='of part 1 ("": skip it)')
     ap.add_argument("--cache-epochs", type=int, default=30, help="epochs of the cached/uncached frozen pair (0: skip)")
     ap.add_argument("--cache-views", type=int, default=3, help="--cache-features K of the cached run")
+    ap.add_argument("--seed", type=int, default=42, help="of every run, baseline and replicate")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--results", default=str(HERE / "results.csv"))
@@ -139,7 +140,7 @@ def main() -> None:
     print("\n" + summarize(table, args))
     table = table.assign(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=platform.node(),
                          processor=platform.processor() or platform.machine(), device=device, arch=args.arch,
-                         size=args.size, bs=args.bs, torch=torch.__version__, fastai=fastai.__version__)
+                         size=args.size, bs=args.bs, seed=args.seed, torch=torch.__version__, fastai=fastai.__version__)
     results = Path(args.results)
     if results.exists():  # older rows lack newer columns: align them by name rather than append blindly
         table = pd.concat([pd.read_csv(results), table], ignore_index=True)

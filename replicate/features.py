@@ -87,7 +87,7 @@ def head_learner(learn: Learner, cfg: RunConfig, log) -> Learner:
     head and is exported as usual.
     """
     body, head = learn.model[0], learn.model[1]
-    if hasattr(learn, "channels_last"):  # fastai's ChannelsLast converts at the start of a fit; this is one
+    if hasattr(learn, "channels_last"):  # as fastai's ChannelsLast does when a fit starts; caching is no fit
         learn.model.to(memory_format=torch.channels_last)
     log(f"caching features: {cfg.cache_features} augmented view(s) of {len(learn.dls.train_ds)} train "
         f"and 1 of {len(learn.dls.valid_ds)} valid images through the frozen body")
