@@ -223,8 +223,9 @@ def distributed(learn):
 
 @contextlib.contextmanager
 def _alone():
-    """The main process writes the results alone. fastai gathers every prediction from all processes
-    whenever WORLD_SIZE > 1 (in `get_preds` too), and would wait for processes that are not predicting."""
+    """Let this process work on its own: fastai gathers every prediction and loss from all processes
+    whenever WORLD_SIZE > 1 (in `get_preds` too), and would wait for processes doing something else.
+    Used by the main process to write the results, and by every process for a cached-feature fit."""
     world = os.environ.get("WORLD_SIZE")
     os.environ["WORLD_SIZE"] = "1"
     try:
@@ -245,9 +246,10 @@ def _train(learn, cfg: RunConfig, lr: float, staging: Path | None, log) -> dict:
         start = time.perf_counter()
         learn = features.head_learner(learn, cfg, log)
         extra["feature_cache_seconds"] = time.perf_counter() - start
-        # Each process computes the same cache (same seed) and trains the same head: training a
-        # Linear on cached outputs takes seconds, not worth splitting.
-        parallel = contextlib.nullcontext
+        # Every process computes the same cache (same seed) and trains the same head on its own,
+        # without gathering (training a Linear on cached outputs takes seconds, not worth
+        # splitting); the main process's result is written. Keeps the processes in step.
+        parallel = lambda _: _alone()  # noqa: E731
     tracking = [KeepBest(monitor="valid_accuracy", comp=np.greater, reset_on_fit=False)]
     if staging is not None:  # the main process
         tracking.append(HistoryCallback(staging / "history.csv"))

@@ -46,7 +46,7 @@ def three_classes(tmp_path) -> Path:
 def test_two_processes_train_one_run_folder_like_a_single_process(three_classes, runner):
     args = ["run", "toy", "--arch", "resnet18", "--size", "32", "--epochs", "2", "--bs", "4"]
     done = accelerate(*args, "--exports-dir", "exports-2", cwd=three_classes)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("results: ") == 1  # one process speaks
     single = runner.invoke(app, [*args, "--device", "cpu", "--no-pretrained", "--workers", "0",
                                  "--data-dir", str(three_classes / "data"),
@@ -74,7 +74,7 @@ def test_compare_under_accelerate_writes_one_report(three_classes):
     done = accelerate("compare", "toy", "--archs", "resnet18", "--modes", "frozen,unfrozen", "--size", "32",
                       "--epochs", "2", "--bs", "4", "--cache-features", "2", "--exports-dir", "exports",
                       cwd=three_classes)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("report: ") == 1
     out = three_classes / "exports" / "toy"
     assert sorted(p.name for p in out.iterdir()) == ["compare", "resnet18-frozen-cached2", "resnet18-unfrozen"]
