@@ -137,7 +137,7 @@ def run(
         help="Frozen runs: compute the body's outputs once for this many augmented views of each photo and "
              "train the new layer on them (much faster; 0: run the body every epoch).")] = 0,
     precision: Annotated[Precision, typer.Option(
-        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (faster; recorded in config.json).")
+        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name).")
     ] = Precision.fp32,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
@@ -191,7 +191,7 @@ def compare(
         help="Frozen cells: train the new layer on the body's outputs for this many augmented views, "
              "computed once (0: run the body every epoch).")] = 0,
     precision: Annotated[Precision, typer.Option(
-        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (faster; recorded in config.json).")
+        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name).")
     ] = Precision.fp32,
     force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
     data_dir: DataDir = Path("data"),
