@@ -53,6 +53,11 @@ class Device(str, Enum):
 
 
 DataDir = Annotated[Path, typer.Option(help="Folder holding one folder per task.")]
+CacheFeatures = Annotated[int, typer.Option(
+    help="Frozen runs (a compare's frozen cells): compute the body's outputs once for this many augmented "
+         "views of each photo and train the new layer on them (much faster; 0: run the body every epoch).")]
+PrecisionOption = Annotated[Precision, typer.Option(
+    help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name).")]
 ExportsDir = Annotated[Path, typer.Option(help="Where run folders are written (exports/TASK/ARCH-MODE/).")]
 
 
@@ -133,12 +138,8 @@ def run(
     seed: int = 42,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPU cores, max 8).")] = None,
-    cache_features: Annotated[int, typer.Option(
-        help="Frozen runs: compute the body's outputs once for this many augmented views of each photo and "
-             "train the new layer on them (much faster; 0: run the body every epoch).")] = 0,
-    precision: Annotated[Precision, typer.Option(
-        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name).")
-    ] = Precision.fp32,
+    cache_features: CacheFeatures = 0,
+    precision: PrecisionOption = Precision.fp32,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
@@ -187,12 +188,8 @@ def compare(
     lr: Annotated[Optional[float], typer.Option(help="As for `run`.")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
-    cache_features: Annotated[int, typer.Option(
-        help="Frozen cells: train the new layer on the body's outputs for this many augmented views, "
-             "computed once (0: run the body every epoch).")] = 0,
-    precision: Annotated[Precision, typer.Option(
-        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name).")
-    ] = Precision.fp32,
+    cache_features: CacheFeatures = 0,
+    precision: PrecisionOption = Precision.fp32,
     force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
@@ -434,10 +431,8 @@ def echo(*args, **kwargs) -> None:
 
 
 def _summary(run_dir: Path) -> None:
-    if not train.is_main_process():
-        return
     m = json.loads((run_dir / "metrics.json").read_text())
-    typer.echo(f"\nbest valid accuracy {m['best_valid_accuracy']:.2%} at epoch {m['best_epoch']} "
+    echo(f"\nbest valid accuracy {m['best_valid_accuracy']:.2%} at epoch {m['best_epoch']} "
                f"(last {m['last_valid_accuracy']:.2%}); {m['train_seconds']:.0f}s, "
                f"{m['train_images_per_second']:.1f} train images/s\nresults: {run_dir}")
 

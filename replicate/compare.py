@@ -134,14 +134,13 @@ def tasks(data_dir: Path, task: str) -> list[str]:
 
 
 def preflight(cfgs: list[RunConfig]) -> dict:
-    """Fail before the first cell on what would fail every cell: device, weights, the task folders.
+    """Fail before the first cell on what would fail every cell: options, device, weights, the task
+    folders (`train.check` for each cell, then the images once per task).
 
     Returns {task folder: TaskImages}, the checked images, for `run_grid`."""
     from . import data
     for cfg in cfgs:
-        train.resolve_device(cfg.device)
-        if cfg.pretrained:
-            models.ensure_weights(models.get_arch(cfg.arch))
+        train.check(cfg)
     return {task_dir: data.scan_task(task_dir) for task_dir in dict.fromkeys(cfg.task_dir for cfg in cfgs)}
 
 

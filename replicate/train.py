@@ -63,23 +63,24 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-class KeepBest(SaveModelCallback):
-    """fastai's SaveModelCallback, keeping the best epoch's weights in memory instead of in a file.
+class KeepBest(TrackerCallback):
+    """Keeps the best epoch's weights in memory and loads them when fitting ends.
 
-    fastai's saves the file on the main process only and then loads it on every process behind a
-    barrier, which needs a folder all processes (all machines) share; in memory works the same in
-    one process or many. Also without fastai's "Better model found at epoch N" line: fastai counts
-    epochs from 0 (and anew in each fit of fine_tune), history.csv from 1.
+    fastai's SaveModelCallback saves them to a file on the main process only and loads it on every
+    process behind a barrier, which needs a folder all processes (all machines) share; in memory
+    works the same in one process or many. It also prints "Better model found at epoch N",
+    counting from 0 (and anew in each fit of fine_tune), where history.csv counts from 1.
     """
 
+    order = SaveModelCallback.order
     best_state = None
 
     def after_epoch(self):
-        TrackerCallback.after_epoch(self)
+        super().after_epoch()
         if self.new_best:
             self.best_state = {k: v.detach().clone() for k, v in get_model(self.model).state_dict().items()}
 
-    def after_fit(self, **kwargs):
+    def after_fit(self):
         if self.best_state is not None:
             get_model(self.model).load_state_dict(self.best_state)
 
@@ -92,7 +93,7 @@ class HistoryCallback(Callback):
     and images per second need real seconds with training timed apart from validation.
     """
 
-    order = 55  # after Recorder (50) has logged the epoch, before SaveModelCallback (61)
+    order = 55  # after Recorder (50) has logged the epoch, before KeepBest (61)
 
     def __init__(self, path: Path):
         self.path, self.rows = path, []  # rows persist across the two fits of fastai's fine_tune
@@ -241,19 +242,19 @@ def _train(learn, cfg: RunConfig, lr: float, staging: Path | None, log) -> dict:
     """Fit, writing history.csv as it goes; ends with the best validation epoch's weights loaded.
 
     Returns extra metrics: with --cache-features, the seconds spent computing the cache."""
-    extra, parallel = {}, distributed
+    extra = {}
     if cfg.cache_features:
         start = time.perf_counter()
         learn = features.head_learner(learn, cfg, log)
         extra["feature_cache_seconds"] = time.perf_counter() - start
-        # Every process computes the same cache (same seed) and trains the same head on its own,
-        # without gathering (training a Linear on cached outputs takes seconds, not worth
-        # splitting); the main process's result is written. Keeps the processes in step.
-        parallel = lambda _: _alone()  # noqa: E731
+    # With cached features every process computes the same cache (same seed) and trains the same
+    # head on its own, without gathering (training a Linear on cached outputs takes seconds, not
+    # worth splitting); the main process's result is written. That keeps the processes in step.
+    parallel = _alone() if cfg.cache_features else distributed(learn)
     tracking = [KeepBest(monitor="valid_accuracy", comp=np.greater, reset_on_fit=False)]
     if staging is not None:  # the main process
         tracking.append(HistoryCallback(staging / "history.csv"))
-    with learn.added_cbs(tracking), parallel(learn):
+    with learn.added_cbs(tracking), parallel:
         models.fit(learn, cfg, lr)
     return extra
 
@@ -269,6 +270,18 @@ def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict) -
     report.render_run(staging)
 
 
+def check(cfg: RunConfig) -> torch.device:
+    """Everything about `cfg` that can fail before any photo is read (arch, size, options, device,
+    weights): a ReplicateError saying what to change. Returns the device to train on."""
+    models.input_size(cfg)  # the arch exists and the size fits it
+    features.check(cfg)
+    device = resolve_device(cfg.device)
+    models.check_precision(cfg.precision, device)
+    if cfg.pretrained:
+        models.ensure_weights(models.get_arch(cfg.arch))
+    return device
+
+
 def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Path:
     """Train one experiment and write its run folder; returns the folder.
 
@@ -278,13 +291,9 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Pat
     process writes the run folder."""
     if not is_main_process():
         log = _quiet
+    device = check(cfg)
     arch = models.get_arch(cfg.arch)
     size = models.input_size(cfg)
-    features.check(cfg)
-    device = resolve_device(cfg.device)
-    models.check_precision(cfg.precision, device)
-    if cfg.pretrained:
-        models.ensure_weights(arch)  # fail on missing weights before any data is read
     images = images or data.scan_task(cfg.task_dir)
     _describe(cfg, arch, size, images, device, log)
     set_seed(cfg.seed, reproducible=True)

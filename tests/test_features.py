@@ -15,6 +15,7 @@ from fastai.learner import Learner
 from torch import nn
 
 from replicate import compare, features
+from replicate.cli import app
 from replicate.config import RunConfig
 from test_train import run_cli
 
@@ -92,3 +93,14 @@ def test_runs_train_in_channels_last_layout(tiny_task, runner):
     learn = torch.load(exports / "toy" / "resnet18-frozen" / "export.pkl", weights_only=False)
     conv = learn.model[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("args, message", [(["--precision", "bf16"], "needs a CUDA GPU"),
+                                           (["--cache-features", "-1"], "give a number of views")])
+def test_compare_refuses_bad_options_before_the_first_cell(tiny_task, runner, args, message):
+    result = runner.invoke(app, ["compare", "toy", "--archs", "resnet18", "--size", "32", "--epochs", "1",
+                                 "--no-pretrained", "--workers", "0", "--data-dir", str(tiny_task),
+                                 "--exports-dir", str(tiny_task.parent / "exports"), *args])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tiny_task.parent / "exports").exists()
