@@ -192,8 +192,9 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
 
 
 def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One row per (recipe, arch, mode, cached features): means over seeds, spread, 95% CI, and the
-    study's numbers. `cache_features` K > 0: the frozen body's outputs were computed once for K views."""
+    """One row per (recipe, arch, mode, cached features, precision): means over seeds, spread, 95% CI,
+    and the study's numbers. `cache_features` K > 0: the frozen body's outputs were computed once for
+    K views; `precision` bf16/fp16: mixed precision."""
     rows = []
     keys = ["recipe", "arch", "mode", "cache_features", "precision"]
     for (recipe, arch, mode, cached, precision), g in runs.groupby(keys, sort=False):
@@ -270,7 +271,8 @@ def plot_tradeoff(table: pd.DataFrame, task: str, path: Path) -> None:
         ax.scatter(row.train_s, row.max_valid_acc, marker=markers[row.mode],
                    color="tab:blue" if row.recipe == "paper" else "tab:orange")
         ax.annotate(f"{row.arch} {row.mode}" + ("" if row.recipe == "paper" else f" ({row.recipe})")
-                    + (f" cached x{row.cache_features}" if row.cache_features else ""),
+                    + (f" cached x{row.cache_features}" if row.cache_features else "")
+                    + ("" if row.precision == "fp32" else f" {row.precision}"),
                     (row.train_s, row.max_valid_acc), fontsize=7, xytext=(4, 3), textcoords="offset points")
         if pd.notna(row.paper_acc) and row.recipe == "paper":
             ax.scatter(row.paper_s, row.paper_acc, marker=markers[row.mode], facecolors="none", edgecolors="grey")
