@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 from fastai.data.block import CategoryBlock, DataBlock
-from fastai.data.transforms import GrandparentSplitter, Normalize, get_image_files, parent_label
+from fastai.data.transforms import GrandparentSplitter, Normalize, image_extensions, parent_label
 from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, aug_transforms
 from fastai.vision.core import imagenet_stats
 from fastai.vision.data import ImageBlock
@@ -131,6 +131,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively and sorted, by the extensions fastai's
+    `get_image_files` knows, skipping hidden names.
+
+    Written out rather than `get_image_files` because that walk follows symlinks with no memory
+    of where it has been: a link to a folder above it loops until paths grow too long, and the
+    same photos count dozens of times. Here every real folder is read once."""
+    seen, found = set(), []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in image_extensions]
+    return found
+
+
 def _digest(data: bytes | Path) -> str:
     return hashlib.sha1(data if isinstance(data, bytes) else data.read_bytes()).hexdigest()
 
@@ -139,7 +159,7 @@ def _manifest(task_dir: Path) -> dict[str, str]:
     """{relative path: sha1} of the images in a task's train and valid folders."""
     return {p.relative_to(task_dir).as_posix(): _digest(p)
             for split in SPLITS if (task_dir / split).is_dir()
-            for p in get_image_files(task_dir / split)}
+            for p in image_files(task_dir / split)}
 
 
 def write_task(task_dir: Path, files: dict[str, bytes | Path], force: bool = False,
@@ -268,7 +288,7 @@ class TaskImages:
 
 def image_counts(task_dir: Path) -> pd.DataFrame:
     """Images per class (rows) and split (columns), from the file names alone (no decoding)."""
-    return pd.DataFrame({s: {c: len(get_image_files(task_dir / s / c)) for c in sorted(class_dirs(task_dir / s))}
+    return pd.DataFrame({s: {c: len(image_files(task_dir / s / c)) for c in sorted(class_dirs(task_dir / s))}
                          for s in SPLITS}).fillna(0).astype(int)
 
 
@@ -295,7 +315,7 @@ def scan_task(task_dir: Path) -> TaskImages:
         raise ReplicateError(f"train and valid have different classes in {task_dir}: "
                              f"only in train: {sorted(train - valid) or 'none'}, only in valid: {sorted(valid - train) or 'none'}")
     classes = sorted(train)
-    files = {(s, c): get_image_files(task_dir / s / c) for s in SPLITS for c in classes}
+    files = {(s, c): image_files(task_dir / s / c) for s in SPLITS for c in classes}
     empty = [f"{s}/{c}" for (s, c), fs in files.items() if not fs]
     if empty:
         raise ReplicateError(f"no images (.jpg, .png, ...) in {task_dir} for: {', '.join(empty)}; "

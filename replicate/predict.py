@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from fastai.data.transforms import get_image_files
 from fastai.learner import Learner, load_learner
 from fastprogress.fastprogress import progress_bar
 from PIL import Image
 
-from .data import sha256_file
+from .data import image_files, sha256_file
 from .errors import ReplicateError
 
 
@@ -75,7 +74,7 @@ def find_images(paths: list[Path]) -> list[Path]:
     found = []
     for p in paths:
         if p.is_dir():
-            found += sorted(get_image_files(p))
+            found += image_files(p)
         elif p.exists():
             found.append(p)
         else:

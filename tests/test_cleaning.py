@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -186,6 +187,19 @@ def test_predict_agrees_with_the_learners_own_predict(trained, runner, tmp_path)
         label, _, probs = learn.predict(row.path)
         assert row.rooms_predicted == label
         assert np.allclose([getattr(row, f"rooms_p_{c}") for c in learn.dls.vocab], probs.numpy(), atol=1e-4)
+
+
+def test_a_symlink_loop_under_a_predict_folder_tags_each_photo_once(trained, runner, tmp_path):
+    root, run_dir = trained
+    photos = tmp_path / "photos"
+    for i in range(5):
+        make_image(photos / f"{i}.jpg", seed=i)
+    (photos / "self").symlink_to(photos, target_is_directory=True)  # photos/self/self/... forever
+    out = tmp_path / "tags.csv"
+    result = runner.invoke(app, ["predict", str(run_dir), str(photos), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert len(table) == 5 and sorted(Path(p).name for p in table.path) == [f"{i}.jpg" for i in range(5)]
 
 
 def test_predict_survives_bad_files_and_odd_images(trained, runner, tmp_path):

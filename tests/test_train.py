@@ -114,6 +114,13 @@ def test_a_failed_run_leaves_no_folder_that_looks_finished(tiny_task, runner, mo
     assert list((tiny_task.parent / "exports" / "toy").iterdir()) == []
 
 
+def test_a_symlink_loop_in_a_task_folder_counts_each_photo_once(tiny_task, runner):
+    red = tiny_task / "toy" / "train" / "red"
+    (red / "again").symlink_to(red, target_is_directory=True)  # red/again/again/... forever
+    images = data.scan_task(tiny_task / "toy")
+    assert images.counts.loc["red", "train"] == 4 and len(images.files) == 12
+
+
 def test_unreadable_image_is_skipped_and_the_run_goes_on(tiny_task, runner):
     (tiny_task / "toy" / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     result, exports = run_cli(runner, tiny_task, "toy", "--arch", "resnet18", "--epochs", "1", "--size", "32")
