@@ -24,6 +24,7 @@ from . import data, report, train  # noqa: E402
 from . import predict as predicting  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
+from . import models  # noqa: E402
 from .models import ARCHS  # noqa: E402
 
 app = typer.Typer(help="Train and compare image classifiers for real-estate listing photos "
@@ -31,9 +32,6 @@ app = typer.Typer(help="Train and compare image classifiers for real-estate list
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Bring public listing-photo data sets into the task folder layout.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-Arch = Enum("Arch", {name: name for name in ARCHS}, type=str)  # choices come from the registry
-
 
 class Recipe(str, Enum):
     paper = "paper"
@@ -124,7 +122,9 @@ def prepare(
 @user_errors
 def run(
     task: Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")],
-    arch: Annotated[Arch, typer.Option(help="Backbone.")],
+    arch: Annotated[str, typer.Option(
+        help=f"Backbone: one of the study's five ({', '.join(ARCHS)}) or any timm model name "
+             f"(convnext_tiny, efficientnet_b0, resnet50.a1_in1k, ...; see `replicate archs`).")],
     unfreeze: Annotated[bool, typer.Option(
         help="Finetune every layer (default: feature extraction, only the new classifier trains).")] = False,
     recipe: Annotated[Recipe, typer.Option(
@@ -134,7 +134,8 @@ def run(
     lr: Annotated[Optional[float], typer.Option(
         help="Learning rate (default: 0.001 constant for paper; lr_find's suggestion for fastai).")] = None,
     size: Annotated[Optional[int], typer.Option(help="Input size in px (default 224; 299 for inception_v3).")] = None,
-    pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights (from the torch hub cache).")] = True,
+    pretrained: Annotated[bool, typer.Option(
+        help="Start from pretrained weights (cached, else downloaded and verified; see `replicate weights`).")] = True,
     seed: int = 42,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPU cores, max 8).")] = None,
@@ -147,7 +148,7 @@ def run(
 
     Example: replicate run rooms --arch densenet121 --unfreeze
     """
-    cfg = RunConfig(task=task, arch=arch.value, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
+    cfg = RunConfig(task=task, arch=arch, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
                     cache_features=cache_features, precision=precision.value,
                     data_dir=data_dir, exports_dir=exports_dir)
@@ -173,7 +174,8 @@ def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("expor
 @user_errors
 def compare(
     task: Annotated[str, typer.Argument(help="Task folder under --data-dir, or 'all' for every task there.")],
-    archs: Annotated[str, typer.Option(help="Comma-separated backbones.")] = ",".join(ARCHS),
+    archs: Annotated[str, typer.Option(
+        help="Comma-separated backbones: the study's five and/or timm model names.")] = ",".join(ARCHS),
     modes: Annotated[str, typer.Option(help="frozen (feature extraction), unfrozen (finetuning), or both.")]
     = "frozen,unfrozen",
     recipe: Annotated[Recipe, typer.Option(help="paper (the 2019 protocol) or fastai (today's defaults).")]
@@ -415,13 +417,44 @@ def _write_table(table: pd.DataFrame, path: Path, format: Format) -> None:
 
 
 @app.command()
-def archs():
-    """List the backbones, their input sizes and where their ImageNet weights are cached."""
-    from .models import weights_path
-    for a in ARCHS.values():
-        path, _ = weights_path(a)
-        typer.echo(f"{a.name:14s} {a.input_size}px (min {a.min_size})  "
-                   f"weights {'cached' if path.is_file() else 'missing'}: {path}")
+@user_errors
+def archs(
+    names: Annotated[Optional[list[str]], typer.Argument(
+        help="Backbones to describe (default: the study's five and today's picks).")] = None,
+):
+    """List backbones: input size, parameters and GFLOPs per image (computed from the network), and
+    whether their pretrained weights are cached.
+
+    --arch takes these names or any other timm model name. Example: replicate archs convnext_nano
+    """
+    rows = []
+    for name in names or [*ARCHS, *models.MODERN]:
+        d = models.describe(name)
+        group = "study (torchvision)" if name in ARCHS else "timm"
+        rows.append({"arch": name, "from": group, "input": f"{d['input_px']}px", "params": f"{d['params_M']:.1f}M",
+                     "GFLOPs": f"{d['GFLOPs']:.2f}", "weights": d["weights"] or "not cached"})
+    typer.echo(pd.DataFrame(rows).to_string(index=False))
+    typer.echo("\nGFLOPs: one image at the input size, a multiply-add counted as 2. "
+               "Fetch weights ahead of time: replicate weights ARCH...")
+
+
+@app.command("weights")
+@user_errors
+def weights_(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Backbones (default: the study's five).")] = None,
+):
+    """Download and verify pretrained weights into their caches ahead of time (already cached files are verified).
+
+    The study's five go to the torch hub cache ($TORCH_HOME/hub/checkpoints), timm models to the
+    Hugging Face hub cache ($HF_HOME/hub). Copy those folders to a machine without internet.
+    Mirrors: REPLICATE_WEIGHTS_URL (torchvision files), HF_ENDPOINT (the hub).
+
+    Example: replicate weights resnet18 densenet121 convnext_tiny
+    """
+    for name in names or list(ARCHS):
+        path = models.fetch_and_verify(models.get_arch(name))
+        typer.echo(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, verified)")
+    typer.echo(f"caches: {models.weights.torch_cache()} and {models.weights.hub_cache()}")
 
 
 def echo(*args, **kwargs) -> None:

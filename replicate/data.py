@@ -28,9 +28,9 @@ import pandas as pd
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import GrandparentSplitter, Normalize, image_extensions, parent_label
 from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, aug_transforms
-from fastai.vision.core import imagenet_stats
 from fastai.vision.data import ImageBlock
 from fastai.vision.utils import verify_images
+from fastcore.basics import fastuple
 from fastprogress.fastprogress import progress_bar
 from PIL import Image, ImageOps
 
@@ -338,24 +338,48 @@ class TrainCrop(RandomResizedCrop):
 class ValidCrop(Resize):
     """Aspect-preserving resize and centre crop, for validation and prediction only.
 
-    (fastai's RandomResizedCrop squishes the whole image on validation, which the study did not.)
+    The crop is the centre `crop_pct` of the short side's square (1.0, the study's; timm models
+    their pretrained config's, e.g. 0.875: torchvision's Resize(size / crop_pct) + CenterCrop(size)),
+    resized to the input size. (fastai's RandomResizedCrop squishes the whole image on validation,
+    which the study did not.)
     """
 
     split_idx = 1
+    crop_pct = 1.0  # the class default, for exports pickled before crop_pct existed
+
+    def __init__(self, size, crop_pct: float = 1.0, **kwargs):
+        super().__init__(size, method="crop", **kwargs)
+        self.crop_pct = crop_pct
+
+    def encodes(self, x: Image.Image):
+        w, h = x.size
+        side = min(w / self.size[0], h / self.size[1]) * self.crop_pct
+        crop = (max(1, int(side * self.size[0])), max(1, int(side * self.size[1])))
+        top_left = fastuple((w - crop[0]) // 2, (h - crop[1]) // 2)
+        return x.crop_pad(crop, top_left, orig_sz=(w, h), pad_mode=self.pad_mode, resize_mode=self.mode,
+                          resize_to=self.size)
 
 
-def dataloaders(images: TaskImages, cfg, size: int, device):
-    """fastai DataLoaders for `cfg.recipe`, with ImageNet normalisation.
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+def dataloaders(images: TaskImages, cfg, prep: dict, device):
+    """fastai DataLoaders for `cfg.recipe`, preprocessed as `prep` says (`models.preprocess`:
+    input size, validation crop, resampling and normalisation of the arch's pretrained weights).
 
     paper: the study's random resized crop + horizontal flip. fastai: a milder crop
     (min_scale 0.35) and fastai's `aug_transforms` (flip, rotation, zoom, warp, lighting) on batches.
     """
+    size, resamples = prep["size"], (RESAMPLING[prep["interpolation"]], Image.Resampling.NEAREST)
+    valid = ValidCrop(size, crop_pct=prep["crop_pct"], resamples=resamples)
+    normalize = Normalize.from_stats(prep["mean"], prep["std"])
     if cfg.recipe == "fastai":
-        item_tfms = [TrainCrop(size, min_scale=0.35), ValidCrop(size, method="crop")]
-        batch_tfms = [*aug_transforms(), Normalize.from_stats(*imagenet_stats)]
+        item_tfms = [TrainCrop(size, min_scale=0.35, resamples=resamples), valid]
+        batch_tfms = [*aug_transforms(), normalize]
     else:
-        item_tfms = [TrainCrop(size), ValidCrop(size, method="crop"), FlipItem(0.5)]
-        batch_tfms = [Normalize.from_stats(*imagenet_stats)]
+        item_tfms = [TrainCrop(size, resamples=resamples), valid, FlipItem(0.5)]
+        batch_tfms = [normalize]
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=images.classes)),
         splitter=GrandparentSplitter(train_name="train", valid_name="valid"),

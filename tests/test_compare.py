@@ -41,7 +41,7 @@ def test_compare_runs_the_grid_writes_everything_and_reuses_it(rooms, runner):
     result = invoke(runner, rooms)
     assert result.exit_code == 0, result.output
     assert "[cell 1/4] resnet18-frozen" in result.output and "[cell 4/4] alexnet-unfrozen" in result.output
-    assert "alexnet frozen (paper recipe), 63px" in result.output  # --size 32 raised to AlexNet's minimum
+    assert "alexnet (torchvision) frozen (paper recipe), 63px" in result.output  # --size 32 raised to AlexNet's minimum
     out = rooms / "exports" / "rooms" / "compare"
     for name in ("table.csv", "table.md", "loss_frozen.png", "accuracy_frozen.png", "loss_unfrozen.png",
                  "accuracy_unfrozen.png", "tradeoff.png", "report.html"):
@@ -163,13 +163,13 @@ def test_fastai_recipe_runs_for_every_arch_in_both_modes(tiny_task, runner, arch
         assert list(history.epoch) == [1, 2]  # fine_tune's frozen epoch counts in the total
 
 
-def test_fastai_recipe_uses_lr_find_and_sits_beside_paper_runs_in_one_table(rooms, runner):
+def test_fastai_recipe_sits_beside_paper_runs_in_one_table(rooms, runner):
     assert invoke(runner, rooms, "--modes", "frozen").exit_code == 0
     result = invoke(runner, rooms, "--modes", "frozen", "--recipe", "fastai")
     assert result.exit_code == 0, result.output
-    assert "(lr_find)" in result.output
+    assert "(the fastai recipe's rate from random init)" in result.output  # --no-pretrained: not lr_find
     config = json.loads((rooms / "exports" / "rooms" / "resnet18-frozen-fastai" / "config.json").read_text())
-    assert config["recipe"] == "fastai" and config["lr"] > 0
+    assert config["recipe"] == "fastai" and config["lr"] == 3e-3
     table = pd.read_csv(rooms / "exports" / "rooms" / "compare-fastai" / "table.csv")
     assert sorted(set(table.recipe)) == ["fastai", "paper"] and len(table) == 4
 
@@ -182,8 +182,8 @@ def test_wilson_interval_matches_known_values():
 
 
 def test_compare_errors(rooms, runner):
-    result = invoke(runner, rooms, "--archs", "resnet18,resnet50")
-    assert result.exit_code == 2 and "unknown arch 'resnet50'" in result.output
+    result = invoke(runner, rooms, "--archs", "resnet18,resnet19")
+    assert result.exit_code == 2 and "unknown arch 'resnet19'" in result.output and "[cell" not in result.output
     result = invoke(runner, rooms, "--modes", "frozen,thawed")
     assert result.exit_code == 2 and "unknown mode 'thawed'" in result.output
     result = runner.invoke(app, ["report", "kitchens", "--exports-dir", str(rooms / "exports")])
@@ -197,3 +197,20 @@ def test_compare_checks_the_images_once_for_all_cells(rooms, runner, monkeypatch
     result = invoke(runner, rooms, "--modes", "frozen")
     assert result.exit_code == 0, result.output
     assert "2 trained" in result.output and len(calls) == 1
+
+
+def test_compare_puts_study_and_timm_backbones_in_one_table_and_page(rooms, runner):
+    result = runner.invoke(app, ["compare", "rooms", "--archs", "resnet18,convnext_atto,vit_tiny_patch16_224",
+                                 "--modes", "frozen", "--epochs", "1", "--size", "32", "--no-pretrained",
+                                 "--workers", "0", "--data-dir", str(rooms / "data"),
+                                 "--exports-dir", str(rooms / "exports")])
+    assert result.exit_code == 0, result.output
+    out = rooms / "exports" / "rooms" / "compare"
+    table = pd.read_csv(out / "table.csv").set_index("arch")
+    assert list(table.index) == ["resnet18", "convnext_atto", "vit_tiny_patch16_224"]  # the study's first
+    assert table.loc["resnet18", "paper_acc"] == 93.75  # the study's numbers stay beside its five...
+    assert table.loc[["convnext_atto", "vit_tiny_patch16_224"], "paper_acc"].isna().all()  # ...and only there
+    page = (out / "report.html").read_text()
+    assert all(f">{arch}<" in page or f"{arch} " in page for arch in table.index)
+    for arch in table.index:
+        assert (rooms / "exports" / "rooms" / f"{arch}-frozen" / "export.pkl").is_file()

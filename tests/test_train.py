@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import HOUSES_ZIP, requires_houses
-from replicate import data, report, train
+from replicate import data, models, report, train
 from replicate.cli import app
 from replicate.models import ARCHS
 
@@ -23,6 +23,7 @@ RUN_FILES = {"config.json", "history.csv", "metrics.json", "export.pkl", "loss.p
              "confusion_matrix.png", "top_losses.png", "top_losses.csv", "valid_predictions.csv"}
 HISTORY = ["epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds", "train_seconds"]
 SIZES = {"resnet18": 32, "alexnet": 64, "vgg11_bn": 32, "densenet121": 32, "inception_v3": 299}
+TIMM = ["efficientnet_b0", "convnext_atto", "vit_tiny_patch16_224"]  # BatchNorm CNN, ConvNeXt, ViT
 
 
 def run_cli(runner, data_dir, *args):
@@ -37,10 +38,10 @@ def assert_valid_png(path):
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", [*ARCHS, "convnext_atto"])
 @pytest.mark.parametrize("unfreeze", [False, True], ids=["frozen", "unfrozen"])
 def test_run_leaves_a_complete_run_folder_for_every_arch(tiny_task, runner, arch, unfreeze):
-    args = ["toy", "--arch", arch, "--epochs", "2", "--size", str(SIZES[arch])] + (["--unfreeze"] if unfreeze else [])
+    args = ["toy", "--arch", arch, "--epochs", "2", "--size", str(SIZES.get(arch, 32))] + (["--unfreeze"] if unfreeze else [])
     result, exports = run_cli(runner, tiny_task, *args)
     assert result.exit_code == 0, result.output
     run_dir = exports / "toy" / f"{arch}-{'unfrozen' if unfreeze else 'frozen'}"
@@ -58,19 +59,24 @@ def test_run_leaves_a_complete_run_folder_for_every_arch(tiny_task, runner, arch
     preds = pd.read_csv(run_dir / "valid_predictions.csv")
     assert (preds.actual == preds.predicted).mean() == pytest.approx(metrics["best_valid_accuracy"])
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["arch"] == arch and config["unfreeze"] == unfreeze and config["size"] == SIZES[arch]
+    assert config["arch"] == arch and config["unfreeze"] == unfreeze and config["size"] == SIZES.get(arch, 32)
     assert config["lr"] == 0.001 and config["momentum"] == 0.9 and config["bs"] == 32 and config["recipe"] == "paper"
     assert config["aux_logits"] == (arch == "inception_v3")
     assert {"torch", "fastai", "torchvision", "timm", "python"} <= set(config["environment"])
+    spec = models.get_arch(arch)  # the input its pretrained weights want: ImageNet's for the study's five
+    assert config["preprocess"] == {"size": config["size"], "crop_pct": spec.crop_pct, "interpolation": spec.interpolation,
+                                    "mean": list(spec.mean), "std": list(spec.std)}
+    assert config["arch_source"] == ("torchvision" if arch in ARCHS else "timm") and config["weights"] is None
     for png in ("loss.png", "accuracy.png", "confusion_matrix.png", "top_losses.png"):
         assert_valid_png(run_dir / png)
 
 
-def test_export_predicts_the_same_in_a_fresh_cpu_process(tiny_task, runner):
-    result, exports = run_cli(runner, tiny_task, "toy", "--arch", "resnet18", "--epochs", "3",
+@pytest.mark.parametrize("arch", ["resnet18", *TIMM])
+def test_export_predicts_the_same_in_a_fresh_cpu_process(tiny_task, runner, arch):
+    result, exports = run_cli(runner, tiny_task, "toy", "--arch", arch, "--epochs", "3",
                               "--size", "32", "--unfreeze")
     assert result.exit_code == 0, result.output
-    run_dir = exports / "toy" / "resnet18-unfrozen"
+    run_dir = exports / "toy" / f"{arch}-unfrozen"
     preds = pd.read_csv(run_dir / "valid_predictions.csv")
     script = textwrap.dedent(f"""
         import json, sys
@@ -131,7 +137,7 @@ def test_unreadable_image_is_skipped_and_the_run_goes_on(tiny_task, runner):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["toy", "--arch", "resnet19"], "'resnet19' is not one of"),
+    (["toy", "--arch", "resnet19"], "unknown arch 'resnet19'"),
     (["nosuchtask", "--arch", "resnet18"], "task folder"),
     (["toy", "--arch", "alexnet", "--size", "32"], "at least 63"),
 ])
@@ -142,8 +148,10 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_task, runner, args, message)
 
 
 def test_unknown_arch_fails_before_any_data_is_read(tmp_path, runner):
-    result = runner.invoke(app, ["run", "rooms", "--arch", "resnet", "--data-dir", str(tmp_path / "none")])
-    assert result.exit_code == 2 and "inception_v3" in result.output and "task folder" not in result.output
+    result = runner.invoke(app, ["run", "rooms", "--arch", "resnet19", "--data-dir", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "task folder" not in result.output
+    assert result.output.startswith("error: unknown arch 'resnet19'") and len(result.output.splitlines()) == 1
+    assert "inception_v3" in result.output and "did you mean resnet18" in result.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -159,9 +167,11 @@ def test_missing_weights_exit_2_with_one_line_before_data_loads(tmp_path, runner
     assert "resnet18-f37072fd.pth" in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_demo_says_when_it_trains_from_scratch(tmp_path, offline):
+def test_demo_says_when_it_trains_from_scratch_why_and_with_which_recipe(tmp_path, offline):
     cfg, why = train.demo_config(tmp_path / "data", tmp_path / "exports")
     assert not cfg.pretrained and "training from scratch" in why
+    assert "downloads are off" in why and "resnet18-f37072fd.pth" in why  # the true reason, from ensure_weights
+    assert cfg.recipe == "fastai" and "fastai recipe" in why and cfg.unfreeze
     if not torch.cuda.is_available():
         assert cfg.epochs < 30 and "no GPU" in why
 

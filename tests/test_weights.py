@@ -1,0 +1,276 @@
+"""Pretrained weights on a fresh machine: the real download code against stand-ins on 127.0.0.1.
+
+    python -m pytest tests/test_weights.py
+
+The stand-ins serve files the test writes, in the formats the real hosts serve: a torchvision
+state dict named `<arch>-<its own sha256 prefix>.pth` (download.pytorch.org), and a timm model's
+`model.safetensors` behind the Hugging Face hub's resolve URL and headers (huggingface.co).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.server
+import io
+import json
+import socket
+import threading
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torchvision.models as tvm
+from fastai.learner import load_learner
+
+from replicate import models, weights
+from replicate.cli import app
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class StandIn(http.server.ThreadingHTTPServer):
+    """An HTTP server on 127.0.0.1 serving `files` {url path: bytes}; `headers` {url path: dict}."""
+
+    def __init__(self):
+        self.files, self.headers, self.requests = {}, {}, []
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def do_GET(self):
+        self._answer(body=True)
+
+    def _answer(self, body: bool):
+        self.server.requests.append((self.command, self.path))
+        data = self.server.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in self.server.headers.get(self.path, {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = StandIn()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """A fresh machine: empty (absent) caches, downloads allowed."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for var in ("REPLICATE_OFFLINE", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "REPLICATE_WEIGHTS_URL", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def torchvision_file(seed: int = 1) -> tuple[str, bytes, dict]:
+    """resnet18 weights in torchvision's format (its keys and shapes, random values), named by their hash."""
+    torch.manual_seed(seed)
+    state = tvm.resnet18().state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    return f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth", data, state
+
+
+def use_file(monkeypatch, server, name: str, data: bytes | None):
+    """Point the registry's resnet18 at `name` (its official URL's folder, this file's name), the mirror
+    variable at the stand-in, and serve `data` there (None: serve nothing)."""
+    spec = models.ARCHS["resnet18"]
+    monkeypatch.setitem(models.ARCHS, "resnet18",
+                        dataclasses.replace(spec, weights=f"https://download.pytorch.org/models/{name}"))
+    monkeypatch.setenv("REPLICATE_WEIGHTS_URL", server.url + "/models/")
+    if data is not None:
+        server.files[f"/models/{name}"] = data
+
+
+def run(runner, tiny_task, arch: str, *extra):
+    exports = tiny_task.parent / "exports"
+    result = runner.invoke(app, ["run", "toy", "--arch", arch, "--epochs", "1", "--size", "32", "--workers", "0",
+                                 "--data-dir", str(tiny_task), "--exports-dir", str(exports), *extra])
+    return result, exports / "toy" / f"{arch}-frozen"
+
+
+def one_error(result) -> str:
+    """The run failed with exit code 2 and one `error:` line (after any download progress bar); returns it."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
+def cache_files(root) -> list[str]:
+    return sorted(p.name for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+# --- torchvision weights -------------------------------------------------------------------------
+
+def test_empty_cache_downloads_verifies_and_trains(fresh, server, monkeypatch, tiny_task, runner):
+    name, data, state = torchvision_file()
+    use_file(monkeypatch, server, name, data)
+    assert not (fresh / "torch-home").exists()  # not even the folder: a fresh machine
+    result, run_dir = run(runner, tiny_task, "resnet18")
+    assert result.exit_code == 0, result.output
+    cached = fresh / "torch-home" / "hub" / "checkpoints" / name
+    assert cached.read_bytes() == data and cache_files(fresh / "torch-home") == [name]
+    assert server.requests == [("GET", f"/models/{name}")]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["weights"]["file"] == str(cached) and config["pretrained"]
+    # A frozen run keeps the body: the export's first convolution is the downloaded one.
+    learn = load_learner(run_dir / "export.pkl", cpu=True)
+    assert torch.equal(learn.model[0][0].weight.detach().contiguous(), state["conv1.weight"])
+    # A second run reads the cache and asks the server for nothing.
+    assert run(runner, tiny_task, "resnet18")[0].exit_code == 0 and len(server.requests) == 1
+
+
+def test_wrong_content_is_refused_and_nothing_is_cached(fresh, server, monkeypatch, tiny_task, runner):
+    name, _, _ = torchvision_file(seed=1)
+    _, other, _ = torchvision_file(seed=2)  # valid weights, but not the file the name's hash promises
+    use_file(monkeypatch, server, name, other)
+    result, run_dir = run(runner, tiny_task, "resnet18")
+    message = one_error(result)
+    assert "checksum mismatch" in message and name in message
+    assert cache_files(fresh / "torch-home") == [] and not run_dir.exists()
+
+
+def test_a_dead_server_is_one_line_exit_2_and_an_empty_cache(fresh, monkeypatch, tiny_task, runner):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = type("Dead", (), {"url": f"http://127.0.0.1:{port}", "files": {}})()
+    name, _, _ = torchvision_file()
+    use_file(monkeypatch, dead, name, None)
+    result, _ = run(runner, tiny_task, "resnet18")
+    message = one_error(result)
+    assert "connection refused" in message and f"127.0.0.1:{port}/models/{name}" in message
+    assert str(fresh / "torch-home" / "hub" / "checkpoints") in message and "--no-pretrained" in message
+    assert cache_files(fresh / "torch-home") == []
+
+
+def test_http_errors_name_the_status(fresh, server, monkeypatch, tiny_task, runner):
+    name, _, _ = torchvision_file()
+    use_file(monkeypatch, server, name, None)  # the server has no such file
+    result, _ = run(runner, tiny_task, "resnet18")
+    assert "HTTP 404" in one_error(result) and cache_files(fresh / "torch-home") == []
+
+
+def test_weights_command_fills_and_verifies_the_cache(fresh, server, monkeypatch, runner):
+    name, data, _ = torchvision_file()
+    use_file(monkeypatch, server, name, data)
+    first = runner.invoke(app, ["weights", "resnet18"])
+    assert first.exit_code == 0, first.output
+    cached = fresh / "torch-home" / "hub" / "checkpoints" / name
+    assert cached.read_bytes() == data and "verified" in first.output
+    cached.write_bytes(data[:-10] + b"0123456789")  # the cached copy goes bad
+    second = runner.invoke(app, ["weights", "resnet18"])
+    assert "corrupt" in one_error(second) and len(server.requests) == 1
+
+
+def test_offline_never_downloads_and_says_where_to_put_the_file(fresh, server, monkeypatch, tiny_task, runner):
+    name, data, _ = torchvision_file()
+    use_file(monkeypatch, server, name, data)
+    monkeypatch.setenv("REPLICATE_OFFLINE", "1")
+    result, _ = run(runner, tiny_task, "resnet18")
+    message = one_error(result)
+    assert server.requests == [] and name in message and str(fresh / "torch-home" / "hub" / "checkpoints") in message
+
+
+# --- timm weights: the Hugging Face hub cache -------------------------------------------------------
+
+TIMM = "convnext_atto"
+
+
+def timm_file(seed: int = 3) -> tuple[str, bytes, dict]:
+    """(hub repo, model.safetensors bytes, state dict) of the timm model, random values."""
+    torch.manual_seed(seed)
+    state = timm.create_model(TIMM).state_dict()
+    return models.get_arch(TIMM).weights, safetensors.torch.save(state), state
+
+
+def serve_hub(server, repo: str, data: bytes, etag: str | None = None):
+    """The hub's resolve URL, with the headers huggingface_hub reads: commit, ETag (the file's SHA-256)."""
+    path = f"/{repo}/resolve/main/model.safetensors"
+    server.files[path] = data
+    server.headers[path] = {"X-Repo-Commit": COMMIT, "ETag": f'"{etag or hashlib.sha256(data).hexdigest()}"'}
+
+
+def body_weight(run_dir):
+    learn = load_learner(run_dir / "export.pkl", cpu=True)
+    return learn.model[0].stem[0].weight.detach().contiguous()
+
+
+def test_timm_weights_download_from_the_hub_then_train_offline(fresh, server, monkeypatch, tiny_task, runner):
+    repo, data, state = timm_file()
+    serve_hub(server, repo, data)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    fetched = runner.invoke(app, ["weights", TIMM])
+    assert fetched.exit_code == 0, fetched.output
+    snapshot = fresh / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
+    assert (snapshot / "model.safetensors").read_bytes() == data
+    server.shutdown()  # no network from here on
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result, run_dir = run(runner, tiny_task, TIMM)
+    assert result.exit_code == 0, result.output
+    assert torch.equal(body_weight(run_dir), state["stem.0.weight"])
+
+
+def test_timm_weights_written_in_the_hub_cache_layout_load_with_no_network(fresh, monkeypatch, tiny_task, runner):
+    repo, data, state = timm_file(seed=4)
+    repo_dir = fresh / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    (repo_dir / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo_dir / "snapshots" / COMMIT / "model.safetensors").write_bytes(data)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # were anything fetched, it would fail
+    result, run_dir = run(runner, tiny_task, TIMM)
+    assert result.exit_code == 0, result.output
+    assert torch.equal(body_weight(run_dir), state["stem.0.weight"])
+
+
+def test_timm_weights_missing_offline_name_the_repo_and_the_cache(fresh, monkeypatch, tiny_task, runner):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result, _ = run(runner, tiny_task, TIMM)
+    message = one_error(result)
+    assert models.get_arch(TIMM).weights in message and str(fresh / "hf-home" / "hub") in message
+
+
+def test_a_hub_download_that_does_not_match_its_hash_is_not_kept(fresh, server, monkeypatch, tiny_task, runner):
+    repo, data, _ = timm_file()
+    serve_hub(server, repo, data, etag=hashlib.sha256(b"something else").hexdigest())
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    result, _ = run(runner, tiny_task, TIMM)
+    assert "checksum mismatch" in one_error(result)
+    assert not [p for p in (fresh / "hf-home").rglob("*") if p.is_file() and p.name == "model.safetensors"]
+    assert weights.hub_cache() == fresh / "hf-home" / "hub"
+
+
+def test_a_dead_hub_is_one_line_exit_2(fresh, monkeypatch, tiny_task, runner):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    result, _ = run(runner, tiny_task, TIMM)
+    message = one_error(result)
+    assert "could not download" in message and models.get_arch(TIMM).weights in message
