@@ -20,11 +20,10 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=Fu
 
 from . import clean as cleaning  # noqa: E402
 from . import compare as grid  # noqa: E402
-from . import data, report, train  # noqa: E402
+from . import data, models, report, train, weights  # noqa: E402
 from . import predict as predicting  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
-from . import models  # noqa: E402
 from .models import ARCHS  # noqa: E402
 
 app = typer.Typer(help="Train and compare image classifiers for real-estate listing photos "
@@ -132,8 +131,11 @@ def run(
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     bs: Annotated[int, typer.Option(min=1, help="Batch size.")] = 32,
     lr: Annotated[Optional[float], typer.Option(
-        help="Learning rate (default: 0.001 constant for paper; lr_find's suggestion for fastai).")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Input size in px (default 224; 299 for inception_v3).")] = None,
+        help="Learning rate (default: 0.001 constant for paper; for fastai lr_find's suggestion, "
+             "or 3e-3 from random init).")] = None,
+    size: Annotated[Optional[int], typer.Option(
+        help="Input size in px (default: the arch's own: 224, 299 for inception_v3, a timm model's pretrained size).")]
+    = None,
     pretrained: Annotated[bool, typer.Option(
         help="Start from pretrained weights (cached, else downloaded and verified; see `replicate weights`).")] = True,
     seed: int = 42,
@@ -454,7 +456,7 @@ def weights_(
     for name in names or list(ARCHS):
         path = models.fetch_and_verify(models.get_arch(name))
         typer.echo(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, verified)")
-    typer.echo(f"caches: {models.weights.torch_cache()} and {models.weights.hub_cache()}")
+    typer.echo(f"caches: {weights.torch_cache()} and {weights.hub_cache()}")
 
 
 def echo(*args, **kwargs) -> None:

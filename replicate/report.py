@@ -237,7 +237,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def plot_curves(runs: pd.DataFrame, what: str, title: str, path: Path) -> None:
     """The study's figure: one subplot per backbone, train vs valid `what` per epoch, shared axes."""
-    archs = sorted(set(runs.arch), key=_arch_order)
+    archs = sorted(set(runs.arch), key=lambda a: (_arch_order(a), a))  # timm names: alphabetical, after the five
     cols = min(3, len(archs))
     rows = -(-len(archs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharex=True, sharey=True, squeeze=False)
