@@ -4,10 +4,11 @@
     replicate clean rooms --decisions decisions.csv --apply    # do it, and log it
     replicate clean rooms --undo data/rooms/_cleaning/20261127-101500.csv
 
-A decisions file has the columns `path,action,new_label` (the review page writes it; a
-hand-edited CSV works too). relabel moves a photo to another class folder of the same split;
-remove moves it to `TASK/_removed/<split>/<class>/`. The whole batch is checked before the
-first file moves, so a bad row changes nothing.
+A decisions file has the columns `path,action,new_label` (the review and audit pages write it,
+`replicate audit` suggests one; a hand-edited CSV works too; other columns are ignored).
+relabel moves a photo to another class folder of the same split; move puts it in the same class
+of the other split (a leaked copy, say); remove moves it to `TASK/_removed/<split>/<class>/`.
+The whole batch is checked before the first file moves, so a bad row changes nothing.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pandas as pd
 from .data import SPLITS, class_dirs, sha256_file
 from .errors import ReplicateError
 
-ACTIONS = ("keep", "relabel", "remove")
+ACTIONS = ("keep", "relabel", "remove", "move")
 LOG_COLUMNS = ["action", "source", "destination", "new_label", "sha256"]
 
 
@@ -84,6 +85,8 @@ def plan(task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
                 problems.append(f"{where}: already labelled {label!r}")
                 continue
             destination = task_dir / split / new_label / name
+        elif action == "move":
+            destination = task_dir / ("valid" if split == "train" else "train") / label / name
         else:
             destination = task_dir / "_removed" / split / label / name
         moves.append(Move(action, source, destination, new_label))

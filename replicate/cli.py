@@ -18,6 +18,7 @@ import typer
 # fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
+from . import audit as auditing  # noqa: E402
 from . import clean as cleaning  # noqa: E402
 from . import compare as grid  # noqa: E402
 from . import data, models, report, train, weights  # noqa: E402
@@ -56,6 +57,9 @@ CacheFeatures = Annotated[int, typer.Option(
 PrecisionOption = Annotated[Precision, typer.Option(
     help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name).")]
 ExportsDir = Annotated[Path, typer.Option(help="Where run folders are written (exports/TASK/ARCH-MODE/).")]
+AuditOption = Annotated[bool, typer.Option(
+    help="First check the split for near-duplicate photos in train and valid and photos under two labels "
+         "(cached; recorded in metrics.json). --no-audit skips it.")]
 
 
 def user_errors(command):
@@ -119,6 +123,44 @@ def prepare(
 
 @app.command()
 @user_errors
+def audit(
+    task: Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")],
+    threshold: Annotated[int, typer.Option(
+        help="Near-duplicates differ in at most this many of the 64 bits of their perceptual hashes.")]
+    = auditing.THRESHOLD,
+    data_dir: DataDir = Path("data"),
+    exports_dir: ExportsDir = Path("exports"),
+):
+    """Find duplicate and near-duplicate photos, leaks across the split, photos under two labels and
+    quality problems; write audit.csv, audit.html and suggested decisions to exports/TASK/audit/.
+
+    Nothing is changed: apply decisions with `replicate clean TASK --decisions FILE --apply`.
+    Example: replicate audit rooms
+    """
+    auditing.check_threshold(threshold)
+    images = data.scan_task(data_dir / task)
+    result = auditing.audit_task(data_dir / task, images.files + images.skipped, threshold)  # skipped: unreadable
+    out = exports_dir / task / "audit"
+    out.mkdir(parents=True, exist_ok=True)
+    result.findings.to_csv(out / "audit.csv", index=False)
+    suggestions = auditing.suggested_decisions(result, data_dir / task)
+    suggestions.to_csv(out / "decisions.csv", index=False)
+    text = auditing.summary(result)
+    report.write_audit_page(result, suggestions, images.classes, data_dir / task, text, out / "audit.html")
+    typer.echo(text)
+    groups = result.findings[result.findings.group != ""]
+    if len(groups):
+        shown = groups.groupby("group").agg(flags=("finding", "+".join), files=("files", "first"),
+                                            labels=("labels", "first"))
+        typer.echo("\n" + shown.to_string())
+    removes = int((suggestions.action == "remove").sum())
+    typer.echo(f"\nwritten: {out / 'audit.csv'}, {out / 'audit.html'} (open it to decide), {out / 'decisions.csv'}"
+               f"\nsuggested: remove {removes} copies; see them with: replicate clean {task} --decisions "
+               f"{out / 'decisions.csv'} (then --apply; --undo puts them back)")
+
+
+@app.command()
+@user_errors
 def run(
     task: Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")],
     arch: Annotated[str, typer.Option(
@@ -143,6 +185,7 @@ def run(
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPU cores, max 8).")] = None,
     cache_features: CacheFeatures = 0,
     precision: PrecisionOption = Precision.fp32,
+    audit: AuditOption = True,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
@@ -152,7 +195,7 @@ def run(
     """
     cfg = RunConfig(task=task, arch=arch, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                    cache_features=cache_features, precision=precision.value,
+                    cache_features=cache_features, precision=precision.value, audit=audit,
                     data_dir=data_dir, exports_dir=exports_dir)
     _summary(train.run(cfg, log=echo))
 
@@ -194,6 +237,7 @@ def compare(
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
     cache_features: CacheFeatures = 0,
     precision: PrecisionOption = Precision.fp32,
+    audit: AuditOption = True,
     force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
@@ -209,7 +253,7 @@ def compare(
     for name in grid.tasks(data_dir, task):
         base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                          pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                         cache_features=cache_features, precision=precision.value,
+                         cache_features=cache_features, precision=precision.value, audit=audit,
                          data_dir=data_dir, exports_dir=exports_dir)
         cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
                          [m.strip() for m in modes.split(",") if m.strip()], seeds)

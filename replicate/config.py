@@ -35,6 +35,7 @@ class RunConfig:
     # of the training set and train the new layer on them (0: no cache, the body runs every epoch).
     cache_features: int = 0
     precision: str = "fp32"  # fp32 (the study's) | bf16 | fp16: fastai's mixed precision, CUDA only
+    audit: bool = True  # check the split for leaks and conflicting labels first (replicate audit's fast part)
     data_dir: Path = Path("data")
     exports_dir: Path = Path("exports")
 

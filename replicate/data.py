@@ -21,6 +21,7 @@ import time
 import warnings
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from fastcore.basics import fastuple
 from fastprogress.fastprogress import progress_bar
 from PIL import Image, ImageOps
 
+from .audit import link_owners
 from .errors import ReplicateError
 
 HOUSES_URL = "https://github.com/emanhamed/Houses-dataset/archive/refs/heads/master.zip"
@@ -78,11 +80,22 @@ def _download(url: str, dest: Path) -> Path:
     return dest
 
 
-def split_houses(houses: list[int], valid_pct: float, seed: int) -> set[int]:
-    """The houses of the validation split: a seeded shuffle, so the same seed gives the same split."""
-    order = sorted(houses)
+def split_houses(houses: list[int], valid_pct: float, seed: int, groups: dict[int, int] | None = None) -> set[int]:
+    """The houses of the validation split: a seeded shuffle, so the same seed gives the same split.
+
+    `groups` {house: group}: houses of one group (listings sharing a photo) go to the same split,
+    a group taken into valid only while it fits the target count. Without groups (or with every
+    house alone) this is the plain shuffle of earlier versions: the same houses for the same seed."""
+    units: dict[int, list[int]] = {}
+    for house in sorted(houses):
+        units.setdefault(groups[house] if groups else house, []).append(house)
+    order = sorted(units)
     random.Random(seed).shuffle(order)
-    return set(order[: round(len(order) * valid_pct)])
+    target, valid = round(len(houses) * valid_pct), set()
+    for unit in order:
+        if len(valid) + len(units[unit]) <= target:
+            valid.update(units[unit])
+    return valid
 
 
 def import_houses(source: str | None, data_dir: Path, valid_pct: float = 0.2, seed: int = 42,
@@ -108,7 +121,10 @@ def import_houses(source: str | None, data_dir: Path, valid_pct: float = 0.2, se
         raise ReplicateError(f"no Houses Dataset photos (<house>_<room>.jpg) found in {source}")
     if len(complete) < len(by_house):
         warnings.warn(f"skipped {len(by_house) - len(complete)} houses without all four photos")
-    valid = split_houses(complete, valid_pct, seed)
+    # Listings published twice share photos: keep such houses in one split, or validation leaks.
+    keys = [(h, room) for h in complete for room in (*ROOMS, "frontal")]
+    links = link_owners([h for h, _ in keys], [photos[k] for k in keys])
+    valid = split_houses(complete, valid_pct, seed, links)
     files = {"rooms": {}, "exterior": {}}
     for house in complete:
         split = "valid" if house in valid else "train"
@@ -221,8 +237,8 @@ def prepare_task(source_dir: Path, task: str, data_dir: Path, valid_pct: float =
     """Clean `source_dir/<class>/*` into `data_dir/task/{train,valid}/<class>/`.
 
     Drops files that do not decode and images smaller than `min_size` on their short side,
-    resizes to `width` px (0 keeps sizes), splits each class with a seeded shuffle. Source files
-    are only read. Returns (task folder, per-class summary); every file's fate is listed in
+    resizes to `width` px (0 keeps sizes), splits each class with a seeded shuffle that keeps
+    near-duplicate photos on one side (`split_photos`). Source files are only read. Returns (task folder, per-class summary); every file's fate is listed in
     `prepare_report.csv` in the task folder.
     """
     if not source_dir.is_dir():
@@ -233,29 +249,26 @@ def prepare_task(source_dir: Path, task: str, data_dir: Path, valid_pct: float =
     rows, files = [], {}
     candidates = [(c.name, p) for c in classes for p in sorted(c.rglob("*"))
                   if p.is_file() and not p.name.startswith(".")]
-    rng = random.Random(seed)
-    kept: dict[str, list[tuple[Path, Image.Image]]] = {c.name: [] for c in classes}
+    kept: dict[str, list[tuple[Path, bytes]]] = {c.name: [] for c in classes}
     for label, path in progress_bar(candidates, leave=False):
         im, reason = _clean_image(path, width, min_size)
         if im is None:
             rows.append(dict(source=str(path), label=label, status="rejected", reason=reason, split="", file=""))
         else:
-            kept[label].append((path, im))
-    for label, items in kept.items():
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        valid = set(order[: round(len(items) * valid_pct)])
-        used: set[str] = set()
-        for i, (path, im) in enumerate(items):
-            split, stem, n = "valid" if i in valid else "train", path.stem, 1
-            while stem.lower() in used:  # a.png and a.jpg both become a*.jpg: keep both
-                stem, n = f"{path.stem}-{n}", n + 1
-            used.add(stem.lower())
-            rel = f"{split}/{label}/{stem}.jpg"
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=95)
-            files[rel] = buf.getvalue()
-            rows.append(dict(source=str(path), label=label, status="kept", reason="", split=split, file=rel))
+            kept[label].append((path, buf.getvalue()))
+    items = [(label, path, jpeg) for label, its in kept.items() for path, jpeg in its]
+    valid = split_photos([label for label, _, _ in items], [jpeg for _, _, jpeg in items], valid_pct, seed)
+    used: dict[str, set[str]] = {label: set() for label in kept}
+    for k, (label, path, jpeg) in enumerate(items):
+        split, stem, n = "valid" if k in valid else "train", path.stem, 1
+        while stem.lower() in used[label]:  # a.png and a.jpg both become a*.jpg: keep both
+            stem, n = f"{path.stem}-{n}", n + 1
+        used[label].add(stem.lower())
+        rel = f"{split}/{label}/{stem}.jpg"
+        files[rel] = jpeg
+        rows.append(dict(source=str(path), label=label, status="kept", reason="", split=split, file=rel))
     report = pd.DataFrame(rows, columns=["source", "label", "status", "reason", "split", "file"])
     if not files:
         raise ReplicateError(f"no usable images in {source_dir}: every file was rejected")
@@ -264,6 +277,26 @@ def prepare_task(source_dir: Path, task: str, data_dir: Path, valid_pct: float =
         raise ReplicateError(f"no usable images for class(es) {', '.join(empty)} in {source_dir}")
     task_dir = write_task(data_dir / task, files, force, extra={"prepare_report.csv": report.to_csv(index=False)})
     return task_dir, summarize(report)
+
+
+def split_photos(labels: list[str], photos: list[bytes], valid_pct: float, seed: int) -> set[int]:
+    """Indices of the validation photos: about `valid_pct` of each class by a seeded shuffle, with
+    near-duplicates (`replicate audit`'s definition) always on the same side, whatever their labels,
+    so that no copy of a training photo is validated on."""
+    groups = link_owners(list(range(len(photos))), photos)
+    units: dict[int, list[int]] = {}
+    for k in range(len(photos)):
+        units.setdefault(groups[k], []).append(k)
+    order = sorted(units)
+    random.Random(seed).shuffle(order)
+    target = {c: round(n * valid_pct) for c, n in Counter(labels).items()}
+    taken, valid = Counter(), set()
+    for unit in order:
+        need = Counter(labels[k] for k in units[unit])
+        if all(taken[c] + n <= target[c] for c, n in need.items()):
+            valid.update(units[unit])
+            taken.update(need)
+    return valid
 
 
 def summarize(report: pd.DataFrame) -> pd.DataFrame:

@@ -186,7 +186,7 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
             "train_seconds": metrics["train_seconds"], "best_acc": metrics["best_valid_accuracy"],
             "best_epoch": metrics["best_epoch"], "last_acc": metrics["last_valid_accuracy"],
             "images_per_s": metrics["train_images_per_second"], "n_valid": metrics["n_valid"],
-            "run_dir": run_dir,
+            "audit": metrics.get("audit"), "run_dir": run_dir,
         })
     return pd.DataFrame(rows)
 
@@ -214,6 +214,7 @@ def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
             "best_epoch": int(g.best_epoch.iloc[0]) if len(g) == 1 else round(g.best_epoch.mean(), 1),
             "last_acc": round(100 * g.last_acc.mean(), 2),
             "images_per_s": round(g.images_per_s.mean(), 1),
+            **_audit_columns(g.audit.iloc[-1]),
         })
     table = pd.DataFrame(rows)
     if table.empty:
@@ -225,6 +226,14 @@ def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
     table["_fastai"], table["_order"] = table.recipe != "paper", table.arch.map(_arch_order)
     table = table.sort_values(["_fastai", "recipe", "mode", "_order", "cache_features"])
     return table.drop(columns=["_fastai", "_order"]).reset_index(drop=True)
+
+
+def _audit_columns(audit: dict | None) -> dict:
+    """What the run's audit found in its validation set: leaked valid photos (near-duplicates of
+    training photos) and photos under two labels; blank where it was not audited (--no-audit)."""
+    if not isinstance(audit, dict):
+        return {"leaked_valid": float("nan"), "conflicts": float("nan")}
+    return {"leaked_valid": audit["leaked_valid_photos"], "conflicts": audit["conflict_groups"]}
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -309,7 +318,9 @@ def write_html(table: pd.DataFrame, runs: pd.DataFrame, figures: list[Path], fai
         "<p>max_valid_acc is the best epoch's validation accuracy, as the study reports it (it flatters, "
         "being chosen on the same images); last_acc is the final epoch's. paper_* are the study's "
         "figures (Tesla K80, 30 epochs, its own data); diff_acc = ours - the study's. cache_features K: "
-        "a frozen run that computed the body's outputs once for K augmented views (--cache-features).</p>",
+        "a frozen run that computed the body's outputs once for K augmented views (--cache-features). "
+        "leaked_valid: validation photos with a near-duplicate in train (they inflate the accuracy); "
+        "conflicts: photos found under two labels (replicate audit TASK shows them; blank: not audited).</p>",
         f"<table><tr>{head}</tr>{body}</table>",
     ]
     if failures:
@@ -461,4 +472,48 @@ def write_review(preds: dict[str, pd.DataFrame], classes: list[str], k: int, pat
             f"<div class=grid>{''.join(cards)}</div>"
             f"<script>const CLASSES = {json.dumps(classes)};{REVIEW_JS}</script></body></html>")
     path.write_text(page)
+    return path
+
+
+# --- the audit page -----------------------------------------------------------------------------
+
+def render_template(name: str, **values) -> str:
+    """A page from replicate/templates/ (Jinja2, autoescaped)."""
+    import jinja2
+    env = jinja2.Environment(loader=jinja2.PackageLoader("replicate", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]))
+    return env.get_template(name).render(**values)
+
+
+def write_audit_page(result, suggestions: pd.DataFrame, classes: list[str], task_dir: Path, summary: str,
+                     path: Path) -> Path:
+    """audit.html: each near-duplicate group side by side (then the quality findings), thumbnails
+    embedded, the suggested decision preselected; it downloads decisions.csv for `replicate clean`."""
+    action = dict(zip(suggestions.path, suggestions.action))
+    photos = result.photos.set_index("rel")
+
+    def card(rel: str) -> dict:
+        p = photos.loc[rel]
+        full = str((task_dir / rel).resolve())
+        return {"path": full, "rel": rel, "label": p.label, "split": p.split,
+                "other_split": "valid" if p.split == "train" else "train",
+                "action": action.get(full, "keep"), "thumbnail": _thumbnail(p.path)}
+
+    groups = []
+    findings = result.findings
+    near = findings[findings.group != ""]
+    for number, g in near.groupby("group", sort=True):
+        first = g.iloc[0]
+        files = first.files.split(";")
+        same = ("byte-identical" if first.identical else "the same picture, encoded differently" if first.distance == 0
+                else f"near-identical (up to {first.distance} bits apart)")
+        groups.append({"flags": list(g.finding), "title": f"group {number}: {len(files)} copies, {same}",
+                       "cards": [card(rel) for rel in files]})
+    for f in findings[findings.group == ""].itertuples():
+        if f.finding != "unreadable":
+            groups.append({"flags": ["quality"], "title": f"{f.finding}: {f.detail}", "cards": [card(f.files)]})
+    keys = "relabel: " + ", ".join(f"{i} {c}" for i, c in enumerate(classes, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_template("audit.html", task=task_dir.name, summary=summary, threshold=result.threshold,
+                                    groups=groups, classes=classes, relabel_keys=keys))
     return path

@@ -27,7 +27,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, set_seed
 
-from . import data, features, models, report
+from . import audit, data, features, models, report
 from .data import sha256_file
 from .config import RunConfig, environment
 from .errors import ReplicateError
@@ -184,6 +184,18 @@ def _describe(cfg: RunConfig, arch: models.Arch, size: int, images: data.TaskIma
         f"{'pretrained weights' if cfg.pretrained else 'random init (--no-pretrained)'}")
 
 
+def _audit(cfg: RunConfig, images: data.TaskImages, log) -> dict | None:
+    """The audit's fast part before training (fingerprints cached per file): its counts for
+    metrics.json, and one warning line when the split leaks or labels conflict. None: --no-audit."""
+    if not cfg.audit:
+        return None
+    counts = audit.audit_task(cfg.task_dir, images.files).counts()
+    line = audit.warning_line(counts)
+    if line:
+        log(line.replace("TASK", cfg.task))
+    return counts
+
+
 class DistributedDL(fastai.distributed.DistributedDL):
     """fastai's DistributedDL, also for CPU processes: fastai broadcasts the batch order as a CUDA
     tensor (NCCL needs one); with gloo (processes on CPUs) it must stay on the CPU."""
@@ -297,6 +309,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Pat
     size = models.input_size(cfg)
     images = images or data.scan_task(cfg.task_dir)
     _describe(cfg, arch, size, images, device, log)
+    audited = _audit(cfg, images, log) if is_main_process() else None
     set_seed(cfg.seed, reproducible=True)
     learn = models.create_learner(data.dataloaders(images, cfg, models.preprocess(cfg), device), cfg)
     learn.recorder.train_metrics = True  # the study reports train accuracy per epoch too
@@ -313,7 +326,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Pat
                       "arch_source": arch.source, "weights": _weights_record(arch, cfg.pretrained),
                       "preprocess": models.preprocess(cfg), "environment": environment()}
             (staging / "config.json").write_text(json.dumps(config, indent=2))
-        extra = _train(learn, cfg, lr, staging, log)
+        extra = {**_train(learn, cfg, lr, staging, log), "audit": audited}
         if staging is not None:
             with _alone():
                 _write_results(learn, images, staging, extra)

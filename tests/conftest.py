@@ -42,8 +42,10 @@ def make_houses_zip(path: Path, n_houses: int = 10, extra: dict[str, bytes] | No
     with zipfile.ZipFile(path, "w") as zf:
         for house in range(1, n_houses + 1):
             for j, room in enumerate(("bathroom", "bedroom", "kitchen", "frontal")):
+                # Noise, not a flat colour: every photo distinct, as the audit's hashes see them.
+                rng = np.random.default_rng(house * 10 + j)
                 buf = io.BytesIO()
-                Image.new("RGB", (40, 30), (house * 20 % 255, j * 60, 100)).save(buf, "JPEG")
+                Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
                 zf.writestr(f"Houses-dataset-master/Houses Dataset/{house}_{room}.jpg", buf.getvalue())
         zf.writestr("Houses-dataset-master/Houses Dataset/HousesInfo.txt", "4 4 4053 85255 869500\n")
         for name, data in (extra or {}).items():
@@ -73,3 +75,21 @@ def offline(tmp_path, monkeypatch):
 
 requires_houses = pytest.mark.skipif(not HOUSES_ZIP.is_file(),
                                      reason=f"the Houses zip is not at {HOUSES_ZIP} (../shared beside the repo)")
+
+
+def synthetic_photo(seed: int, size=(320, 240)) -> Image.Image:
+    """A photo-like image: a colour gradient with random boxes and ellipses, different for every seed
+    (perceptual hashes need structure; noise or a flat colour would not behave like a photo)."""
+    from PIL import ImageDraw
+    rng = np.random.default_rng(seed)
+    w, h = size
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(0.3, 1) + np.linspace(0, 1, h)[:, None, None] * rng.uniform(0, 0.7)
+    image = Image.fromarray(np.clip(a + (b - a) * ramp, 0, 255).astype("uint8"))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(4, 9))):
+        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        box = (x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
+    return image

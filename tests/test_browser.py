@@ -1,4 +1,4 @@
-"""The HTML pages in a real headless Chromium: the review page's keys, buttons and download,
+"""The HTML pages in a real headless Chromium: the review and audit pages' keys, buttons and downloads,
 and every image of the compare report. Skipped where Playwright or Chromium is missing, except
 under REPLICATE_REQUIRE_BROWSER=1 (CI), where that fails.
 
@@ -12,6 +12,7 @@ import shutil
 import pandas as pd
 import pytest
 
+from test_audit import task  # noqa: F401  (a task with a leak, a conflict and a duplicate)
 from test_cleaning import trained, tree  # noqa: F401  (the module's trained-model fixture)
 from replicate.cli import app
 
@@ -82,3 +83,23 @@ def test_compare_report_shows_the_table_and_every_image(tiny_task, runner, brows
     assert page.locator("table tr").count() == 3  # header + frozen + unfrozen
     sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
     assert len(sizes) == 5 + 2 * 2 and all(done and width > 0 for done, width in sizes)
+
+
+def test_audit_page_preselects_suggestions_and_downloads_decisions_for_clean(task, runner, browser, tmp_path):  # noqa: F811
+    exports = tmp_path / "exports"
+    assert runner.invoke(app, ["audit", "rooms", "--data-dir", str(task), "--exports-dir", str(exports)]).exit_code == 0
+    page = browser.new_page(accept_downloads=True)
+    page.goto(f"file://{exports / 'rooms' / 'audit' / 'audit.html'}")
+    assert page.locator("#count").inner_text() == "6"  # every card of the 3 groups starts with its suggestion
+    leaked = page.locator('.card[data-path$="valid/kitchen/leak_b.jpg"]')
+    assert leaked.get_attribute("data-action") == "remove"
+    leaked.locator("button[data-action=move]").click()  # rather move the copy into train
+    with page.expect_download() as download:
+        page.click("#download")
+    decisions = tmp_path / "decisions.csv"
+    download.value.save_as(decisions)
+    rows = pd.read_csv(decisions, keep_default_na=False).set_index("path")
+    assert rows.loc[str((task / "rooms" / "valid" / "kitchen" / "leak_b.jpg").resolve()), "action"] == "move"
+    applied = runner.invoke(app, ["clean", "rooms", "--data-dir", str(task), "--decisions", str(decisions), "--apply"])
+    assert applied.exit_code == 0, applied.output
+    assert (task / "rooms" / "train" / "kitchen" / "leak_b.jpg").is_file()
