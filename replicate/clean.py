@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import SPLITS, class_dirs, sha256_file
+from .folders import SPLITS, class_dirs, sha256_file
 from .errors import ReplicateError
 
 ACTIONS = ("keep", "relabel", "remove", "move")

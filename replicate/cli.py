@@ -18,14 +18,15 @@ import typer
 # fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
+# Stages that need PyTorch or fastai (data, models, train, compare, predict, weights) are imported
+# inside the commands that use them: loading PyTorch takes seconds, and `audit`, `clean`, `report`
+# and --help need none of it.
 from . import audit as auditing  # noqa: E402
 from . import clean as cleaning  # noqa: E402
-from . import compare as grid  # noqa: E402
-from . import data, models, report, train, weights  # noqa: E402
-from . import predict as predicting  # noqa: E402
-from .config import RunConfig  # noqa: E402
+from . import report  # noqa: E402
+from .config import STUDY_ARCHS, RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
-from .models import ARCHS  # noqa: E402
+from .folders import task_files  # noqa: E402
 
 app = typer.Typer(help="Train and compare image classifiers for real-estate listing photos "
                        "(a fastai replication of Råhlén & Sjöqvist 2019).",
@@ -92,6 +93,7 @@ def data_houses(
 
     Example: replicate data houses --source ../shared/datasets/houses-dataset-400.zip
     """
+    from . import data
     for task, folder in data.import_houses(source, data_dir, valid_pct, seed, force).items():
         counts = data.image_counts(folder)  # just written from a checked archive: no need to decode again
         typer.echo(f"{task}: {folder}\n{counts.to_string()}\n")
@@ -116,6 +118,7 @@ def prepare(
 
     Example: replicate prepare ~/scraped balcony --min-size 200
     """
+    from . import data
     folder, summary = data.prepare_task(source_dir, task, data_dir, valid_pct, width, min_size, seed, force)
     typer.echo(summary.to_string())
     typer.echo(f"\n{task}: {folder}  (rejected files and reasons: {folder / 'prepare_report.csv'})")
@@ -138,15 +141,15 @@ def audit(
     Example: replicate audit rooms
     """
     auditing.check_threshold(threshold)
-    images = data.scan_task(data_dir / task)
-    result = auditing.audit_task(data_dir / task, images.files + images.skipped, threshold)  # skipped: unreadable
+    files, classes = task_files(data_dir / task)  # unreadable photos become findings, not errors
+    result = auditing.audit_task(data_dir / task, [f for fs in files.values() for f in fs], threshold)
     out = exports_dir / task / "audit"
     out.mkdir(parents=True, exist_ok=True)
     result.findings.to_csv(out / "audit.csv", index=False)
     suggestions = auditing.suggested_decisions(result, data_dir / task)
     suggestions.to_csv(out / "decisions.csv", index=False)
     text = auditing.summary(result)
-    report.write_audit_page(result, suggestions, images.classes, data_dir / task, text, out / "audit.html")
+    report.write_audit_page(result, suggestions, classes, data_dir / task, text, out / "audit.html")
     typer.echo(text)
     groups = result.findings[result.findings.group != ""]
     if len(groups):
@@ -164,7 +167,7 @@ def audit(
 def run(
     task: Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")],
     arch: Annotated[str, typer.Option(
-        help=f"Backbone: one of the study's five ({', '.join(ARCHS)}) or any timm model name "
+        help=f"Backbone: one of the study's five ({', '.join(STUDY_ARCHS)}) or any timm model name "
              f"(convnext_tiny, efficientnet_b0, resnet50.a1_in1k, ...; see `replicate archs`).")],
     unfreeze: Annotated[bool, typer.Option(
         help="Finetune every layer (default: feature extraction, only the new classifier trains).")] = False,
@@ -193,6 +196,7 @@ def run(
 
     Example: replicate run rooms --arch densenet121 --unfreeze
     """
+    from . import train
     cfg = RunConfig(task=task, arch=arch, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
                     cache_features=cache_features, precision=precision.value, audit=audit,
@@ -210,6 +214,7 @@ def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("expor
 
     Example: replicate data houses && replicate demo
     """
+    from . import train
     cfg, why = train.demo_config(data_dir, exports_dir)
     echo(why)
     _summary(train.run(cfg, log=echo))
@@ -220,7 +225,7 @@ def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("expor
 def compare(
     task: Annotated[str, typer.Argument(help="Task folder under --data-dir, or 'all' for every task there.")],
     archs: Annotated[str, typer.Option(
-        help="Comma-separated backbones: the study's five and/or timm model names.")] = ",".join(ARCHS),
+        help="Comma-separated backbones: the study's five and/or timm model names.")] = ",".join(STUDY_ARCHS),
     modes: Annotated[str, typer.Option(help="frozen (feature extraction), unfrozen (finetuning), or both.")]
     = "frozen,unfrozen",
     recipe: Annotated[Recipe, typer.Option(help="paper (the 2019 protocol) or fastai (today's defaults).")]
@@ -249,6 +254,8 @@ def compare(
 
     Example: replicate compare rooms --no-pretrained --epochs 2 --size 64
     """
+    from . import compare as grid
+    from . import train
     failed = 0
     for name in grid.tasks(data_dir, task):
         base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
@@ -331,6 +338,7 @@ def interpret(
 
     Example: replicate interpret exports/rooms/resnet18-unfrozen --split both -k 50
     """
+    from . import predict as predicting
     splits = ["valid", "train"] if split == Split.both else [split.value]
     preds = predicting.interpret(run_dir, splits)
     classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
@@ -355,6 +363,7 @@ def review(
     The page downloads your decisions as decisions.csv (path,action,new_label) for `replicate clean`.
     Example: replicate review exports/rooms/resnet18-unfrozen
     """
+    from . import predict as predicting
     splits = ["valid", "train"] if split == Split.both else [split.value]
     files = {s: run_dir / f"predictions_{s}.csv" for s in splits}
     if all(f.is_file() for f in files.values()):
@@ -422,6 +431,8 @@ def predict_(
     A checksum recorded when the export was written is checked, with a warning if it changed.
     Example: replicate predict exports/rooms/resnet18-unfrozen exports/exterior/resnet18-unfrozen photos/
     """
+    from . import predict as predicting
+    from . import train
     n_models = 0
     while n_models < len(items) and (items[n_models].suffix == ".pkl" or (items[n_models] / "export.pkl").is_file()):
         n_models += 1
@@ -473,10 +484,11 @@ def archs(
 
     --arch takes these names or any other timm model name. Example: replicate archs convnext_nano
     """
+    from . import models
     rows = []
-    for name in names or [*ARCHS, *models.MODERN]:
+    for name in names or [*models.ARCHS, *models.MODERN]:
         d = models.describe(name)
-        group = "study (torchvision)" if name in ARCHS else "timm"
+        group = "study (torchvision)" if name in models.ARCHS else "timm"
         rows.append({"arch": name, "from": group, "input": f"{d['input_px']}px", "params": f"{d['params_M']:.1f}M",
                      "GFLOPs": f"{d['GFLOPs']:.2f}", "weights": d["weights"] or "not cached"})
     typer.echo(pd.DataFrame(rows).to_string(index=False))
@@ -497,7 +509,8 @@ def weights_(
 
     Example: replicate weights resnet18 densenet121 convnext_tiny
     """
-    for name in names or list(ARCHS):
+    from . import models, weights
+    for name in names or list(models.ARCHS):
         path = models.fetch_and_verify(models.get_arch(name))
         typer.echo(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, verified)")
     typer.echo(f"caches: {weights.torch_cache()} and {weights.hub_cache()}")
@@ -505,7 +518,8 @@ def weights_(
 
 def echo(*args, **kwargs) -> None:
     """typer.echo on the main process only: under `accelerate launch` every process runs the command."""
-    if train.is_main_process():
+    from .train import is_main_process
+    if is_main_process():
         typer.echo(*args, **kwargs)
 
 

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# The study's five backbones in its tables' order: the names `models.ARCHS` registers (a test keeps
+# them equal), here so that the command line can name them without loading PyTorch.
+STUDY_ARCHS = ("resnet18", "alexnet", "vgg11_bn", "densenet121", "inception_v3")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One experiment: a task, a backbone and the study's training protocol (its defaults)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 from fastai.data.block import CategoryBlock, DataBlock
-from fastai.data.transforms import GrandparentSplitter, Normalize, image_extensions, parent_label
+from fastai.data.transforms import GrandparentSplitter, Normalize, parent_label
 from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, aug_transforms
 from fastai.vision.data import ImageBlock
 from fastai.vision.utils import verify_images
@@ -37,12 +37,11 @@ from PIL import Image, ImageOps
 
 from .audit import link_owners
 from .errors import ReplicateError
+from .folders import SPLITS, class_dirs, image_files, task_files
 
 HOUSES_URL = "https://github.com/emanhamed/Houses-dataset/archive/refs/heads/master.zip"
 ROOMS = ("bathroom", "bedroom", "kitchen")
 HOUSE_PHOTO = re.compile(r"(?:^|/)(\d+)_(bathroom|bedroom|kitchen|frontal)\.jpg$")
-SPLITS = ("train", "valid")
-LAYOUT = "TASK/train/<class>/*.jpg and TASK/valid/<class>/*.jpg"
 
 
 # --- the Houses Dataset ----------------------------------------------------------------------
@@ -137,35 +136,6 @@ def import_houses(source: str | None, data_dir: Path, valid_pct: float = 0.2, se
 
 
 # --- writing a task folder safely --------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in blocks (exports are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively and sorted, by the extensions fastai's
-    `get_image_files` knows, skipping hidden names.
-
-    Written out rather than `get_image_files` because that walk follows symlinks with no memory
-    of where it has been: a link to a folder above it loops until paths grow too long, and the
-    same photos count dozens of times. Here every real folder is read once."""
-    seen, found = set(), []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in image_extensions]
-    return found
-
 
 def _digest(data: bytes | Path) -> str:
     return hashlib.sha1(data if isinstance(data, bytes) else data.read_bytes()).hexdigest()
@@ -325,34 +295,13 @@ def image_counts(task_dir: Path) -> pd.DataFrame:
                          for s in SPLITS}).fillna(0).astype(int)
 
 
-def class_dirs(split_dir: Path) -> set[str]:
-    return {d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))}
-
-
 def scan_task(task_dir: Path) -> TaskImages:
     """Check a task folder's layout and images; ReplicateError with what to fix when it is wrong.
 
     Undecodable images are caught here, before training, and listed in `skipped` for the
     caller to report: a broken file must not kill a 30-epoch run in its 17th epoch.
     """
-    if not task_dir.is_dir():
-        raise ReplicateError(f"task folder {task_dir} not found: expected {LAYOUT} under {task_dir.parent} "
-                             f"(run `replicate data houses` or `replicate prepare SOURCE_DIR {task_dir.name}`)")
-    for split in SPLITS:
-        if not (task_dir / split).is_dir():
-            raise ReplicateError(f"{task_dir / split} is missing: expected {LAYOUT}")
-    train, valid = (class_dirs(task_dir / s) for s in SPLITS)
-    if not train and not valid:
-        raise ReplicateError(f"{task_dir} has no class folders: expected {LAYOUT}")
-    if train != valid:
-        raise ReplicateError(f"train and valid have different classes in {task_dir}: "
-                             f"only in train: {sorted(train - valid) or 'none'}, only in valid: {sorted(valid - train) or 'none'}")
-    classes = sorted(train)
-    files = {(s, c): image_files(task_dir / s / c) for s in SPLITS for c in classes}
-    empty = [f"{s}/{c}" for (s, c), fs in files.items() if not fs]
-    if empty:
-        raise ReplicateError(f"no images (.jpg, .png, ...) in {task_dir} for: {', '.join(empty)}; "
-                             f"every class needs photos in both train and valid")
+    files, classes = task_files(task_dir)
     everything = [f for fs in files.values() for f in fs]
     bad = set(verify_images(everything))
     counts = pd.DataFrame({s: {c: len([f for f in files[s, c] if f not in bad]) for c in classes} for s in SPLITS})

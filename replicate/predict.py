@@ -21,7 +21,7 @@ from fastai.learner import Learner, load_learner
 from fastprogress.fastprogress import progress_bar
 from PIL import Image
 
-from .data import image_files, sha256_file
+from .folders import image_files, sha256_file
 from .errors import ReplicateError
 
 

@@ -15,20 +15,26 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from PIL import Image
 
-matplotlib.use("Agg")  # files only: no display on a GPU box over ssh
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
+from .errors import ReplicateError
 
-from .errors import ReplicateError  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot, drawing to files only (no display on a GPU box over ssh). Imported on
+    first use: the commands that draw nothing (audit, clean) should not pay for it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 TOP_LOSSES = 16
 
 
 def plot_history(history: pd.DataFrame, what: str, title: str, path: Path) -> None:
     """Train vs valid `what` ('loss' or 'accuracy') per epoch, as the study's figures."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for split in ("train", "valid"):
         ax.plot(history["epoch"], history[f"{split}_{what}"], marker="o", label=split)
@@ -47,6 +53,7 @@ def plot_confusion(preds: pd.DataFrame, classes: list[str], title: str, path: Pa
     Drawn from saved predictions rather than fastai's ClassificationInterpretation, which needs
     the learner and its data loaded again.
     """
+    plt = _pyplot()
     counts = pd.crosstab(pd.Categorical(preds["actual"], classes), pd.Categorical(preds["predicted"], classes),
                          dropna=False)
     share = counts.div(counts.sum(axis=1).clip(lower=1), axis=0)
@@ -96,6 +103,7 @@ def top_losses(preds: pd.DataFrame, k: int = TOP_LOSSES) -> pd.DataFrame:
 
 def plot_top_losses(worst: pd.DataFrame, path: Path) -> None:
     """A grid of the worst images titled actual/predicted/probability/loss, like fastai's plot_top_losses."""
+    plt = _pyplot()
     cols = 4
     rows = max(1, -(-len(worst) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
@@ -246,6 +254,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def plot_curves(runs: pd.DataFrame, what: str, title: str, path: Path) -> None:
     """The study's figure: one subplot per backbone, train vs valid `what` per epoch, shared axes."""
+    plt = _pyplot()
     archs = sorted(set(runs.arch), key=lambda a: (_arch_order(a), a))  # timm names: alphabetical, after the five
     cols = min(3, len(archs))
     rows = -(-len(archs) // cols)
@@ -274,6 +283,7 @@ def plot_curves(runs: pd.DataFrame, what: str, title: str, path: Path) -> None:
 
 def plot_tradeoff(table: pd.DataFrame, task: str, path: Path) -> None:
     """Max valid accuracy against training time for every cell, labelled; the study's cells in grey."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = {"frozen": "o", "unfrozen": "s"}
     for row in table.itertuples():

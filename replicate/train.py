@@ -28,7 +28,7 @@ from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, set_seed
 
 from . import audit, data, features, models, report
-from .data import sha256_file
+from .folders import sha256_file
 from .config import RunConfig, environment
 from .errors import ReplicateError
 

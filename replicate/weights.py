@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .data import sha256_file
+from .folders import sha256_file
 from .errors import ReplicateError
 
 TORCHVISION_BASE = "https://download.pytorch.org/models/"

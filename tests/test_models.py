@@ -24,7 +24,7 @@ from torch import nn
 
 from replicate import data, models, weights
 from replicate.cli import app
-from replicate.config import RunConfig
+from replicate.config import STUDY_ARCHS, RunConfig
 from replicate.errors import ReplicateError
 
 # Small but valid sizes; Inception at 299, the smallest size its auxiliary classifier accepts.
@@ -52,6 +52,7 @@ def one_step(learn) -> set[str]:
 
 def test_registry_holds_the_five_study_backbones():
     assert list(models.ARCHS) == ["resnet18", "alexnet", "vgg11_bn", "densenet121", "inception_v3"]
+    assert tuple(models.ARCHS) == STUDY_ARCHS  # the names the command line shows without loading PyTorch
 
 
 @pytest.mark.parametrize("arch", ALL)

@@ -1,0 +1,79 @@
+"""Task folders on disk: their layout, their photos. No fastai or PyTorch here, so the commands that
+only read folders (`audit`, `clean`) start in a second.
+
+    python -c "from replicate.folders import task_files; print(task_files('data/rooms')[1])"
+
+A task is `TASK/{train,valid}/<class>/*.jpg`; folders starting with `_` or `.` are not classes
+(`_removed`, `_cleaning`, `_audit` are replicate's own).
+"""
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+from pathlib import Path
+
+from .errors import ReplicateError
+
+SPLITS = ("train", "valid")
+LAYOUT = "TASK/train/<class>/*.jpg and TASK/valid/<class>/*.jpg"
+# The extensions fastai's get_image_files takes: every type mimetypes calls an image.
+IMAGE_EXTENSIONS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith("image/")}
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in blocks (exports and weights are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively and sorted, by the extensions fastai's
+    `get_image_files` knows, skipping hidden names.
+
+    Written out rather than `get_image_files` because that walk follows symlinks with no memory
+    of where it has been: a link to a folder above it loops until paths grow too long, and the
+    same photos count dozens of times. Here every real folder is read once."""
+    seen, found = set(), []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+def class_dirs(split_dir: Path) -> set[str]:
+    return {d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))}
+
+
+def task_files(task_dir: Path) -> tuple[dict[tuple[str, str], list[Path]], list[str]]:
+    """({(split, class): image files}, classes) of a task folder, its layout checked; a ReplicateError
+    saying what to fix when it is wrong. The images are not decoded here."""
+    task_dir = Path(task_dir)
+    if not task_dir.is_dir():
+        raise ReplicateError(f"task folder {task_dir} not found: expected {LAYOUT} under {task_dir.parent} "
+                             f"(run `replicate data houses` or `replicate prepare SOURCE_DIR {task_dir.name}`)")
+    for split in SPLITS:
+        if not (task_dir / split).is_dir():
+            raise ReplicateError(f"{task_dir / split} is missing: expected {LAYOUT}")
+    train, valid = (class_dirs(task_dir / s) for s in SPLITS)
+    if not train and not valid:
+        raise ReplicateError(f"{task_dir} has no class folders: expected {LAYOUT}")
+    if train != valid:
+        raise ReplicateError(f"train and valid have different classes in {task_dir}: "
+                             f"only in train: {sorted(train - valid) or 'none'}, only in valid: {sorted(valid - train) or 'none'}")
+    classes = sorted(train)
+    files = {(s, c): image_files(task_dir / s / c) for s in SPLITS for c in classes}
+    empty = [f"{s}/{c}" for (s, c), fs in files.items() if not fs]
+    if empty:
+        raise ReplicateError(f"no images (.jpg, .png, ...) in {task_dir} for: {', '.join(empty)}; "
+                             f"every class needs photos in both train and valid")
+    return files, classes
