@@ -314,11 +314,13 @@ def summary(result: Audit) -> str:
 
 def warning_line(counts: dict) -> str:
     """One line for `run`/`compare` when the split leaks or labels conflict; '' when clean."""
-    if not (counts["leak_groups"] or counts["conflict_groups"]):
-        return ""
-    return (f"warning: the split leaks or labels conflict: {counts['leak_groups']} near-duplicate group(s) span "
-            f"train and valid ({counts['leaked_valid_photos']} valid photos), {counts['conflict_groups']} photo(s) "
-            f"under two labels; validation accuracy is inflated. See: replicate audit TASK")
+    problems = []
+    if counts["leak_groups"]:
+        problems.append(f"{counts['leak_groups']} near-duplicate group(s) span train and valid "
+                        f"({counts['leaked_valid_photos']} valid photos): validation accuracy is inflated")
+    if counts["conflict_groups"]:
+        problems.append(f"{counts['conflict_groups']} photo(s) under two labels: a contradiction to learn")
+    return f"warning: {'; '.join(problems)}; see: replicate audit TASK" if problems else ""
 
 
 def check_threshold(threshold: int) -> None:

@@ -82,18 +82,22 @@ def _download(url: str, dest: Path) -> Path:
 def split_houses(houses: list[int], valid_pct: float, seed: int, groups: dict[int, int] | None = None) -> set[int]:
     """The houses of the validation split: a seeded shuffle, so the same seed gives the same split.
 
-    `groups` {house: group}: houses of one group (listings sharing a photo) go to the same split,
-    a group taken into valid only while it fits the target count. Without groups (or with every
-    house alone) this is the plain shuffle of earlier versions: the same houses for the same seed."""
-    units: dict[int, list[int]] = {}
-    for house in sorted(houses):
-        units.setdefault(groups[house] if groups else house, []).append(house)
-    order = sorted(units)
+    `groups` {house: group}: houses of one group (listings that share a photo) go to the same
+    split, all with the first of them in the shuffled order, into valid only while they fit the
+    target count. Unlinked houses fall exactly as in the plain shuffle of earlier versions."""
+    order = sorted(houses)
     random.Random(seed).shuffle(order)
-    target, valid = round(len(houses) * valid_pct), set()
-    for unit in order:
-        if len(valid) + len(units[unit]) <= target:
-            valid.update(units[unit])
+    members: dict[int, list[int]] = {}
+    for house in order:
+        members.setdefault(groups[house] if groups else house, []).append(house)
+    target, valid, placed = round(len(order) * valid_pct), set(), set()
+    for house in order:
+        if house in placed:
+            continue
+        unit = members[groups[house] if groups else house]
+        placed.update(unit)
+        if len(valid) + len(unit) <= target:
+            valid.update(unit)
     return valid
 
 

@@ -181,8 +181,9 @@ def test_run_warns_about_a_leak_and_records_the_counts(task, runner):
             "--data-dir", str(task), "--exports-dir", str(exports)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    warnings = [line for line in result.output.splitlines() if line.startswith("warning: the split leaks")]
-    assert len(warnings) == 1 and "1 near-duplicate group(s) span train and valid" in warnings[0]
+    warnings = [line for line in result.output.splitlines() if "see: replicate audit rooms" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 1 near-duplicate group(s) span train and valid")
+    assert "1 photo(s) under two labels" in warnings[0]
     counts = json.loads((exports / "rooms" / "resnet18-frozen" / "metrics.json").read_text())["audit"]
     assert counts["leak_groups"] == 1 and counts["leaked_valid_photos"] == 1 and counts["conflict_groups"] == 1
     assert runner.invoke(app, ["report", "rooms", "--exports-dir", str(exports)]).exit_code == 0
@@ -190,7 +191,7 @@ def test_run_warns_about_a_leak_and_records_the_counts(task, runner):
     assert list(table.leaked_valid) == [1] and list(table.conflicts) == [1]
 
     quiet = runner.invoke(app, args + ["--no-audit"])
-    assert quiet.exit_code == 0 and "warning: the split leaks" not in quiet.output
+    assert quiet.exit_code == 0 and "see: replicate audit" not in quiet.output
     assert json.loads((exports / "rooms" / "resnet18-frozen" / "metrics.json").read_text())["audit"] is None
 
 
@@ -198,7 +199,7 @@ def test_a_clean_split_gives_no_warning(tiny_task, runner):
     result = runner.invoke(app, ["run", "toy", "--arch", "resnet18", "--epochs", "1", "--size", "32", "--no-pretrained",
                                  "--workers", "0", "--data-dir", str(tiny_task),
                                  "--exports-dir", str(tiny_task.parent / "exports")])
-    assert result.exit_code == 0 and "warning: the split leaks" not in result.output
+    assert result.exit_code == 0 and "see: replicate audit" not in result.output
     metrics = json.loads((tiny_task.parent / "exports" / "toy" / "resnet18-frozen" / "metrics.json").read_text())
     assert metrics["audit"]["leak_groups"] == 0 and metrics["audit"]["photos"] == 12
 
@@ -266,3 +267,12 @@ def test_real_houses_audit_finds_the_known_groups_and_a_fresh_import_does_not_le
         counts = data.image_counts(data_dir / task)
         share = counts["valid"] / counts.sum(axis=1)
         assert share.between(0.18, 0.22).all(), counts
+
+
+def test_linking_moves_only_the_linked_houses():
+    houses = list(range(1, 201))
+    plain = data.split_houses(houses, 0.2, 3)
+    inside, outside = sorted(plain)[0], sorted(set(houses) - plain)[0]
+    linked = data.split_houses(houses, 0.2, 3, {h: (0 if h in (inside, outside) else h) for h in houses})
+    assert {inside, outside} <= linked or not {inside, outside} & linked
+    assert len(plain ^ linked) <= 2 + 2  # the pair, and at most what makes room for it
