@@ -326,7 +326,11 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Pat
                       "arch_source": arch.source, "weights": _weights_record(arch, cfg.pretrained),
                       "preprocess": models.preprocess(cfg), "environment": environment()}
             (staging / "config.json").write_text(json.dumps(config, indent=2))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         extra = {**_train(learn, cfg, lr, staging, log), "audit": audited}
+        if device.type == "cuda":
+            extra["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         if staging is not None:
             with _alone():
                 _write_results(learn, images, staging, extra)
