@@ -385,57 +385,6 @@ def build_compare_report(exports_dir: Path, task: str, recipe: str = "paper") ->
 
 # --- the label-cleaning review page -------------------------------------------------------------
 
-REVIEW_JS = """
-const cards = [...document.querySelectorAll('.card')];
-const decisions = {};
-let current = 0;
-function select(i) {
-  current = Math.max(0, Math.min(cards.length - 1, i));
-  cards.forEach((c, j) => c.classList.toggle('selected', j === current));
-  cards[current].scrollIntoView({block: 'nearest'});
-}
-function decide(i, action, label) {
-  const card = cards[i];
-  decisions[card.dataset.path] = {action: action, new_label: label || ''};
-  card.dataset.decision = action;
-  card.querySelector('.decision').textContent =
-    action === 'relabel' ? 'relabel as ' + label : action;
-  document.getElementById('count').textContent = Object.keys(decisions).length;
-}
-function csvField(s) { return /[",\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
-function decisionsCsv() {
-  const rows = ['path,action,new_label'];
-  for (const [path, d] of Object.entries(decisions))
-    rows.push([path, d.action, d.new_label].map(csvField).join(','));
-  return rows.join('\\n') + '\\n';
-}
-function download() {
-  const blob = new Blob([decisionsCsv()], {type: 'text/csv'});
-  const a = document.createElement('a');
-  a.href = URL.createObjectURL(blob);
-  a.download = 'decisions.csv';
-  document.body.appendChild(a); a.click(); a.remove();
-}
-cards.forEach((card, i) => {
-  card.addEventListener('click', () => select(i));
-  card.querySelectorAll('button').forEach(b => b.addEventListener('click', e => {
-    e.stopPropagation(); select(i); decide(i, b.dataset.action, b.dataset.label);
-  }));
-});
-document.addEventListener('keydown', e => {
-  if (e.key === 'ArrowRight' || e.key === 'j') select(current + 1);
-  else if (e.key === 'ArrowLeft' || e.key === 'k') select(current - 1);
-  else if (e.key === 'a') { decide(current, 'keep'); select(current + 1); }
-  else if (e.key === 'x') { decide(current, 'remove'); select(current + 1); }
-  else if (/^[1-9]$/.test(e.key) && CLASSES[+e.key - 1]) {
-    decide(current, 'relabel', CLASSES[+e.key - 1]); select(current + 1);
-  }
-});
-document.getElementById('download').addEventListener('click', download);
-select(0);
-"""
-
-
 def _thumbnail(path: str, size: int = 224) -> str:
     """The image as an embedded JPEG data URI, so the page needs no files beside it."""
     try:
@@ -453,46 +402,22 @@ def write_review(preds: dict[str, pd.DataFrame], classes: list[str], k: int, pat
     """A page of the `k` highest-loss images per split, largest first, to mark keep / relabel / remove;
     it downloads the decisions as `path,action,new_label` for `replicate clean`."""
     worst = pd.concat([top_losses(p, k).assign(split=s) for s, p in preds.items()]).sort_values("loss", ascending=False)
-    keys = " ".join(f"<kbd>{i}</kbd> {html.escape(c)}" for i, c in enumerate(classes, 1))
-    cards = []
-    for row in worst.itertuples():
-        buttons = ['<button data-action="keep">keep</button>', '<button data-action="remove">remove</button>']
-        buttons += [f'<button data-action="relabel" data-label="{html.escape(c)}">{html.escape(c)}</button>'
-                    for c in classes if c != row.actual]
-        cards.append(
-            f'<div class=card data-path="{html.escape(row.path)}"><img src="{_thumbnail(row.path)}" alt="">'
-            f"<div><b>{html.escape(row.actual)}</b> &rarr; {html.escape(row.predicted)} "
-            f"p={row.probability:.2f} loss={row.loss:.2f} <i>{row.split}</i></div>"
-            f"<div class=name>{html.escape(Path(row.path).name)}</div>"
-            f"<div>{''.join(buttons)}</div><div class=decision></div></div>")
-    style = ("body{font-family:sans-serif;margin:1.5em}.grid{display:flex;flex-wrap:wrap;gap:10px}"
-             ".card{width:240px;border:2px solid #ddd;padding:6px;font-size:13px}.card.selected{border-color:#1f77b4}"
-             ".card img{width:224px;height:168px;object-fit:contain;background:#eee}"
-             ".card[data-decision=keep]{background:#e8f6e8}.card[data-decision=remove]{background:#fde2e2}"
-             ".card[data-decision=relabel]{background:#fff3cd}.name{color:#666;font-size:11px}"
-             "button{margin:2px;font-size:12px}.decision{font-weight:bold;min-height:1.2em}"
-             "header{position:sticky;top:0;background:white;padding:6px 0;border-bottom:1px solid #ccc}")
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>review {html.escape(path.parent.name)}</title>"
-            f"<style>{style}</style></head><body><header><h2>Review: {html.escape(path.parent.name)}</h2>"
-            f"<p>The {len(worst)} images the model finds hardest (highest loss first), label &rarr; prediction. "
-            f"Mark each one, then download the decisions and run "
-            f"<code>replicate clean TASK --decisions decisions.csv</code>. Keys: <kbd>&larr;</kbd>/<kbd>&rarr;</kbd> "
-            f"move, <kbd>a</kbd> keep, <kbd>x</kbd> remove, relabel: {keys}.</p>"
-            f"<button id=download>Download decisions (<span id=count>0</span>)</button></header>"
-            f"<div class=grid>{''.join(cards)}</div>"
-            f"<script>const CLASSES = {json.dumps(classes)};{REVIEW_JS}</script></body></html>")
+    cards = [{"path": row.path, "name": Path(row.path).name, "thumbnail": _thumbnail(row.path), "actual": row.actual,
+              "predicted": row.predicted, "probability": row.probability, "loss": row.loss, "split": row.split}
+             for row in worst.itertuples()]
+    page = render_template("review.html", name=path.parent.name, cards=cards, classes=classes)
     path.write_text(page)
     return path
 
 
 # --- the audit page -----------------------------------------------------------------------------
 
-def render_template(name: str, **values) -> str:
+def render_template(template: str, **values) -> str:
     """A page from replicate/templates/ (Jinja2, autoescaped)."""
     import jinja2
     env = jinja2.Environment(loader=jinja2.PackageLoader("replicate", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]))
-    return env.get_template(name).render(**values)
+    return env.get_template(template).render(**values)
 
 
 def write_audit_page(result, suggestions: pd.DataFrame, classes: list[str], task_dir: Path, summary: str,

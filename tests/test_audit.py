@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import HOUSES_ZIP, make_task, requires_houses, synthetic_photo
+from conftest import HOUSES_ZIP, requires_houses, synthetic_photo
 from replicate import audit, data
 from replicate.cli import app
 

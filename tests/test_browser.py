@@ -40,13 +40,13 @@ def browser():
 
 def test_review_page_decisions_download_and_clean_round_trip(trained, runner, browser, tmp_path):  # noqa: F811
     root, run_dir = trained
-    task = tmp_path / "data" / "rooms"
-    shutil.copytree(root / "data" / "rooms", task)
+    task_dir = tmp_path / "data" / "rooms"
+    shutil.copytree(root / "data" / "rooms", task_dir)
     assert runner.invoke(app, ["review", str(run_dir), "-k", "3"]).exit_code == 0
     # The page names files in the module's data folder; point them at this test's copy.
     page_html = (run_dir / "review.html").read_text().replace(str(root / "data"), str(tmp_path / "data"))
     (tmp_path / "review.html").write_text(page_html)
-    before = tree(task)
+    before = tree(task_dir)
 
     page = browser.new_page(accept_downloads=True)
     page.goto(f"file://{tmp_path / 'review.html'}")
@@ -66,10 +66,10 @@ def test_review_page_decisions_download_and_clean_round_trip(trained, runner, br
     applied = runner.invoke(app, ["clean", "rooms", "--data-dir", str(tmp_path / "data"),
                                   "--decisions", str(decisions), "--apply"])
     assert applied.exit_code == 0, applied.output
-    assert tree(task) != before
-    log = next((task / "_cleaning").glob("*.csv"))
+    assert tree(task_dir) != before
+    log = next((task_dir / "_cleaning").glob("*.csv"))
     assert runner.invoke(app, ["clean", "rooms", "--data-dir", str(tmp_path / "data"), "--undo", str(log)]).exit_code == 0
-    assert {k: v for k, v in tree(task).items() if not k.startswith("_cleaning/")} == before
+    assert {k: v for k, v in tree(task_dir).items() if not k.startswith("_cleaning/")} == before
 
 
 def test_compare_report_shows_the_table_and_every_image(tiny_task, runner, browser):
@@ -92,7 +92,7 @@ def test_audit_page_preselects_suggestions_and_downloads_decisions_for_clean(tas
     page.goto(f"file://{exports / 'rooms' / 'audit' / 'audit.html'}")
     assert page.locator("#count").inner_text() == "6"  # every card of the 3 groups starts with its suggestion
     leaked = page.locator('.card[data-path$="valid/kitchen/leak_b.jpg"]')
-    assert leaked.get_attribute("data-action") == "remove"
+    assert leaked.get_attribute("data-decision") == "remove"
     leaked.locator("button[data-action=move]").click()  # rather move the copy into train
     with page.expect_download() as download:
         page.click("#download")

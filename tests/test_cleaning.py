@@ -80,7 +80,7 @@ def test_review_page_lists_the_top_losses_with_keys_and_a_download(trained, runn
     result = runner.invoke(app, ["review", str(run_dir), "-k", "3"])
     assert result.exit_code == 0, result.output
     page = (run_dir / "review.html").read_text()
-    cards = re.findall(r'<div class=card data-path="([^"]+)"><img src="data:image/jpeg;base64,', page)
+    cards = re.findall(r'<div class="card" data-path="([^"]+)">\s*<img src="data:image/jpeg;base64,', page)
     assert len(cards) == 6  # 3 per split, images embedded
     losses = re.findall(r"loss=([0-9.]+)", page)
     assert [float(x) for x in losses] == sorted((float(x) for x in losses), reverse=True)
