@@ -7,8 +7,8 @@ Every photo gets a fingerprint: the SHA-256 of its bytes (exact copies) and perc
 (imagehash's pHash, 64 bits) of three centre crops, 100%, 90% and 80% of each side. Two photos are
 near-duplicates when the closest pair of their crops' hashes differs in at most `THRESHOLD` bits:
 a resized, recompressed or re-saved copy differs by 0-2 bits, a copy cropped to 90% or 80%
-matches a crop of the original; different photos (of the same room too) differ by 10 or more
-(measured on the Houses photos: README, "Auditing the data"). Near-duplicates are grouped
+matches a crop of the original; on the Houses photos different photos differ by 10 or more
+(README, "Auditing the data", has the measurements). Near-duplicates are grouped
 (connected components: a copy of a copy is in the group), and each group is flagged:
 
 - leak: copies in train and in valid, so validation accuracy is inflated;
