@@ -93,29 +93,21 @@ def fingerprint_many(sources: list) -> list[dict]:
 
 
 def fingerprints(files: list[Path], cache: Path | None = None, log=None) -> pd.DataFrame:
-    """One row per file (FINGERPRINT_COLUMNS), reusing cached rows whose path, size and mtime match;
-    the rest computed in parallel processes. The cache is rewritten when anything was computed."""
+    """One row per file (FINGERPRINT_COLUMNS), in `files`' order, reusing cached rows whose path, size
+    and mtime match; the rest computed in parallel processes. The cache is rewritten to hold exactly
+    these files when anything changed."""
     stats = {str(f): os.stat(f) for f in files}
     cached = _read_cache(cache)
-    rows, todo = [], []
-    for f in map(str, files):
-        st = stats[f]
-        hit = cached.get(f)
-        if hit is not None and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
-            rows.append(hit)
-        else:
-            todo.append(f)
-    if todo:
-        computed = fingerprint_many([Path(f) for f in todo])
-        rows += [{"path": f, "size": stats[f].st_size, "mtime_ns": stats[f].st_mtime_ns, **fp}
-                 for f, fp in zip(todo, computed)]
+    current = {f: st for f, st in stats.items()
+               if f in cached and (cached[f]["size"], cached[f]["mtime_ns"]) == (st.st_size, st.st_mtime_ns)}
+    todo = [f for f in stats if f not in current]
+    computed = dict(zip(todo, fingerprint_many([Path(f) for f in todo]))) if todo else {}
+    rows = [cached[f] if f in current else {"path": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns, **computed[f]}
+            for f, st in stats.items()]
     frame = pd.DataFrame(rows, columns=FINGERPRINT_COLUMNS)
-    order = {str(f): i for i, f in enumerate(files)}
-    frame = frame.sort_values("path", key=lambda p: p.map(order)).reset_index(drop=True)
-    if cache is not None and todo:
+    if cache is not None and (todo or len(cached) != len(frame)):  # new files, or moved/removed ones to forget
         cache.parent.mkdir(parents=True, exist_ok=True)
-        keep = {**cached, **{r["path"]: r for r in frame.to_dict("records")}}
-        pd.DataFrame(list(keep.values()), columns=FINGERPRINT_COLUMNS).to_csv(cache, index=False)
+        frame.to_csv(cache, index=False)
     if log:
         log(f"fingerprints: {len(files)} photos, {len(files) - len(todo)} from the cache")
     return frame

@@ -264,7 +264,7 @@ def compare(
                          data_dir=data_dir, exports_dir=exports_dir)
         cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
                          [m.strip() for m in modes.split(",") if m.strip()], seeds)
-        cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs))
+        cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs, log=echo))
         failed += sum(c.status == "failed" for c in cells)
         if train.is_main_process():  # under accelerate launch, one process writes the report
             grid.record_failures(cells, grid.failures_file(exports_dir, name, recipe.value))

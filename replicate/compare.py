@@ -83,7 +83,8 @@ def is_finished(cfg: RunConfig) -> bool:
 def run_grid(cfgs: list[RunConfig], force: bool = False, log=print, scanned: dict | None = None) -> list[Cell]:
     """Run every cell not already finished, one after another; a failing cell does not stop the grid.
 
-    `scanned`: {task folder: TaskImages} from `preflight`, so the images are checked once, not per cell."""
+    `scanned`: {task folder: (TaskImages, audit counts)} from `preflight`, so the images are checked
+    and audited once, not per cell."""
     scanned = scanned or {}
     cells = [Cell(cfg) for cfg in cfgs]
     start, trained_seconds, trained = time.time(), 0.0, 0
@@ -97,7 +98,8 @@ def run_grid(cfgs: list[RunConfig], force: bool = False, log=print, scanned: dic
             continue
         t0 = time.time()
         try:
-            train.run(cell.cfg, log=log, images=scanned.get(cell.cfg.task_dir))
+            images, audited = scanned.get(cell.cfg.task_dir, (None, None))
+            train.run(cell.cfg, log=log, images=images, audited=audited)
             cell.status = "trained"
         except KeyboardInterrupt:
             raise
@@ -133,15 +135,21 @@ def tasks(data_dir: Path, task: str) -> list[str]:
     return found
 
 
-def preflight(cfgs: list[RunConfig]) -> dict:
+def preflight(cfgs: list[RunConfig], log=print) -> dict:
     """Fail before the first cell on what would fail every cell: options, device, weights, the task
-    folders (`train.check` for each cell, then the images once per task).
+    folders (`train.check` for each cell, then the images once per task), and audit each task once
+    (one warning line per task, not per cell).
 
-    Returns {task folder: TaskImages}, the checked images, for `run_grid`."""
+    Returns {task folder: (TaskImages, audit counts or None)} for `run_grid`."""
     from . import data
     for cfg in cfgs:
         train.check(cfg)
-    return {task_dir: data.scan_task(task_dir) for task_dir in dict.fromkeys(cfg.task_dir for cfg in cfgs)}
+    first = {cfg.task_dir: cfg for cfg in reversed(cfgs)}  # one cell's config per task
+    scanned = {}
+    for task_dir, cfg in first.items():
+        images = data.scan_task(task_dir)
+        scanned[task_dir] = (images, train.audit_counts(cfg, images, log) if train.is_main_process() else None)
+    return scanned
 
 
 def record_failures(cells: list[Cell], path: Path) -> list[dict]:

@@ -283,9 +283,7 @@ def cached_weights(arch: Arch) -> Path | None:
     if arch.source == "torchvision":
         path, _ = weights.torchvision_source(arch.weights)
         return path if path.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-    found = try_to_load_from_cache(arch.weights, arch.hub_file, cache_dir=weights.hub_cache()) if arch.weights else None
-    return Path(found) if isinstance(found, str) else None
+    return weights.cached_hub(arch.weights, arch.hub_file) if arch.weights else None
 
 
 def timm_kwargs(arch: Arch, size: int, pretrained: bool) -> dict:

@@ -184,7 +184,7 @@ def _describe(cfg: RunConfig, arch: models.Arch, size: int, images: data.TaskIma
         f"{'pretrained weights' if cfg.pretrained else 'random init (--no-pretrained)'}")
 
 
-def _audit(cfg: RunConfig, images: data.TaskImages, log) -> dict | None:
+def audit_counts(cfg: RunConfig, images: data.TaskImages, log) -> dict | None:
     """The audit's fast part before training (fingerprints cached per file): its counts for
     metrics.json, and one warning line when the split leaks or labels conflict. None: --no-audit."""
     if not cfg.audit:
@@ -295,10 +295,11 @@ def check(cfg: RunConfig) -> torch.device:
     return device
 
 
-def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Path:
+def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audited: dict | None = None) -> Path:
     """Train one experiment and write its run folder; returns the folder.
 
-    `images`: the task already scanned (a compare scans once for all its cells). Under
+    `images`, `audited`: the task already scanned and audited (a compare does both once for all its
+    cells; `audit_counts`). Under
     `accelerate launch` / `torchrun` every process calls this; they train data-parallel
     (each epoch's batches shared out, so the global batch is bs x processes) and only the main
     process writes the run folder."""
@@ -309,7 +310,8 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None) -> Pat
     size = models.input_size(cfg)
     images = images or data.scan_task(cfg.task_dir)
     _describe(cfg, arch, size, images, device, log)
-    audited = _audit(cfg, images, log) if is_main_process() else None
+    if audited is None and is_main_process():
+        audited = audit_counts(cfg, images, log)
     set_seed(cfg.seed, reproducible=True)
     learn = models.create_learner(data.dataloaders(images, cfg, models.preprocess(cfg), device), cfg)
     learn.recorder.train_metrics = True  # the study reports train accuracy per epoch too

@@ -142,15 +142,23 @@ def hub_cache() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def cached_hub(repo: str, filename: str) -> Path | None:
+    """The hub cache's copy of `filename` of `repo`, or None; nothing is downloaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache())
+    return Path(found) if isinstance(found, str) else None
+
+
 def fetch_hub(arch: str, repo: str, filename: str) -> Path:
     """The cached file `filename` of hub repo `repo`, downloaded and verified when missing;
     ReplicateError naming the cause, the repo and the cache folder when it cannot be had."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
 
+    cached = cached_hub(repo, filename)
+    if cached is not None:
+        return cached
     cache = hub_cache()
-    cached = try_to_load_from_cache(repo, filename, cache_dir=cache)
-    if isinstance(cached, str):
-        return Path(cached)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     where = (f"{filename} of the Hugging Face hub repo {repo} is not in {cache}: fetch it where there is internet "
              f"(replicate weights {arch}) and copy that cache here (or set HF_HOME), or pass --no-pretrained")

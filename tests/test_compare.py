@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_task
-from replicate import compare, report, train
+from replicate import audit, compare, report, train
 from replicate.cli import app
 from replicate.config import RunConfig
 
@@ -96,11 +96,11 @@ def test_an_interrupted_compare_resumes_and_retrains_only_the_broken_cell(rooms,
     cfgs = compare.grid(base, ["resnet18", "alexnet"], ["frozen"], seeds=1)
     real_run, calls = train.run, []
 
-    def killed_in_second_cell(cfg, log=print, images=None):
+    def killed_in_second_cell(cfg, log=print, images=None, audited=None):
         calls.append(cfg.run_name)
         if cfg.arch == "alexnet":
             raise KeyboardInterrupt  # Ctrl-C in the middle of the cell
-        return real_run(cfg, log, images)
+        return real_run(cfg, log, images, audited)
 
     monkeypatch.setattr(train, "run", killed_in_second_cell)
     with pytest.raises(KeyboardInterrupt):
@@ -124,10 +124,10 @@ def test_a_changed_configuration_is_not_reused(rooms):
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(rooms, runner, monkeypatch):
     real_run = train.run
 
-    def out_of_memory_for_alexnet(cfg, log=print, images=None):
+    def out_of_memory_for_alexnet(cfg, log=print, images=None, audited=None):
         if cfg.arch == "alexnet" and cfg.unfreeze:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(cfg, log, images)
+        return real_run(cfg, log, images, audited)
 
     monkeypatch.setattr(train, "run", out_of_memory_for_alexnet)
     result = invoke(runner, rooms)
@@ -194,9 +194,14 @@ def test_compare_checks_the_images_once_for_all_cells(rooms, runner, monkeypatch
     from replicate import data
     real_scan, calls = data.scan_task, []
     monkeypatch.setattr(data, "scan_task", lambda task_dir: calls.append(task_dir) or real_scan(task_dir))
+    audits = []
+    real_audit = audit.audit_task
+    monkeypatch.setattr(audit, "audit_task", lambda *a, **k: audits.append(a[0]) or real_audit(*a, **k))
     result = invoke(runner, rooms, "--modes", "frozen")
     assert result.exit_code == 0, result.output
-    assert "2 trained" in result.output and len(calls) == 1
+    assert "2 trained" in result.output and len(calls) == 1 and len(audits) == 1  # audited once too
+    metrics = [json.loads(p.read_text()) for p in (rooms / "exports" / "rooms").glob("*/metrics.json")]
+    assert len(metrics) == 2 and all(m["audit"]["photos"] == 18 for m in metrics)  # both cells record it
 
 
 def test_compare_puts_study_and_timm_backbones_in_one_table_and_page(rooms, runner):

@@ -240,3 +240,10 @@ def test_all_tasks_are_the_folders_with_a_train_split(tiny_task):
     make_image(tiny_task / "other" / "train" / "a" / "x.jpg")
     assert tasks(tiny_task, "all") == ["other", "toy"]
     assert tasks(tiny_task, "toy") == ["toy"]
+
+
+def test_image_extensions_are_fastais():
+    """folders lists images without importing fastai; it must take the same files fastai would."""
+    from fastai.data.transforms import image_extensions
+    from replicate.folders import IMAGE_EXTENSIONS
+    assert IMAGE_EXTENSIONS == set(image_extensions)
