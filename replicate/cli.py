@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 import warnings
 from enum import Enum
@@ -189,6 +190,7 @@ def run(
     cache_features: CacheFeatures = 0,
     precision: PrecisionOption = Precision.fp32,
     audit: AuditOption = True,
+    quantize: QuantizeOption = None,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
@@ -201,7 +203,11 @@ def run(
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
                     cache_features=cache_features, precision=precision.value, audit=audit,
                     data_dir=data_dir, exports_dir=exports_dir)
-    _summary(train.run(cfg, log=echo))
+    run_dir = train.run(cfg, log=echo)
+    if quantize and train.is_main_process():
+        from . import export
+        export.quantize_run(run_dir, log=echo)
+    _summary(run_dir)
 
 
 @app.command()
@@ -243,6 +249,7 @@ def compare(
     cache_features: CacheFeatures = 0,
     precision: PrecisionOption = Precision.fp32,
     audit: AuditOption = True,
+    quantize: QuantizeOption = None,
     force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
@@ -267,6 +274,8 @@ def compare(
         cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs, log=echo))
         failed += sum(c.status == "failed" for c in cells)
         if train.is_main_process():  # under accelerate launch, one process writes the report
+            if quantize:
+                grid.quantize(cells, log=echo)
             grid.record_failures(cells, grid.failures_file(exports_dir, name, recipe.value))
             _print_report(exports_dir, name, recipe.value, cells)
     if failed:
@@ -410,11 +419,26 @@ def clean(
     typer.echo(f"\nmoved {len(moves)} file(s); log: {log}\nundo with: replicate clean {task} --undo {log}")
 
 
+class Engine(str, Enum):
+    onnx = "onnx"
+    fastai = "fastai"
+
+
+class Quantize(str, Enum):
+    int8 = "int8"
+
+
+QuantizeOption = Annotated[Optional[Quantize], typer.Option(
+    help="Also write model.int8.onnx (ONNX Runtime static int8, calibrated on the training photos) and record "
+         "its validation accuracy beside fp32's.")]
+
+
 @app.command("predict")
 @user_errors
 def predict_(
     items: Annotated[list[Path], typer.Argument(
-        help="One or more models (run folders or export.pkl files) followed by images or folders (searched recursively).")],
+        help="One or more models (run folders, model.onnx / model.int8.onnx files, or export.pkl files) "
+             "followed by images or folders (searched recursively).")],
     out: Annotated[Path, typer.Option(help="Where to write the table.")] = Path("tags.csv"),
     format: Annotated[Format, typer.Option(help="csv or json.")] = Format.csv,
     listing_pattern: Annotated[Optional[str], typer.Option(help=(
@@ -423,46 +447,77 @@ def predict_(
     threshold: Annotated[float, typer.Option(help="Per-listing: a class counts as shown above this probability.")]
     = 0.5,
     bs: Annotated[int, typer.Option(min=1, help="Batch size.")] = 64,
-    device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
+    engine: Annotated[Engine, typer.Option(
+        help="onnx: model.onnx with ONNX Runtime (no pickle, no PyTorch). fastai: export.pkl with fastai "
+             "(a pickle: trusted files only).")] = Engine.onnx,
+    workers: Annotated[Optional[int], typer.Option(
+        min=0, help="onnx: processes decoding photos (default: one per core, at most 8; 0: none).")] = None,
+    device: Annotated[Device, typer.Option(
+        help="auto: CUDA when there is a GPU (ONNX Runtime's CUDA provider if onnxruntime-gpu is installed, "
+             "else PyTorch with export.pkl).")] = Device.auto,
 ):
     """Tag photos with one or more trained models: one row per image, the columns of every model side by side.
 
-    Exports are pickles, and loading one runs code: only use exports you made or trust.
-    A checksum recorded when the export was written is checked, with a warning if it changed.
+    By default runs each run folder's model.onnx with ONNX Runtime: loading it runs no code, so it is
+    safe for models from elsewhere. Each photo is decoded once (EXIF orientation applied) for all models.
+    Under `accelerate launch` or `torchrun` the photos are shared out over the processes and the main
+    process writes the one table. A checksum recorded when a model was written is checked, with a
+    warning if it changed.
+
     Example: replicate predict exports/rooms/resnet18-unfrozen exports/exterior/resnet18-unfrozen photos/
     """
     from . import predict as predicting
-    from . import train
-    n_models = 0
-    while n_models < len(items) and (items[n_models].suffix == ".pkl" or (items[n_models] / "export.pkl").is_file()):
-        n_models += 1
-    if n_models == 0 or n_models == len(items):
-        raise ReplicateError("give one or more models (run folders or export.pkl) and then images or folders")
-    dev = train.resolve_device(device.value)
-    models = [predicting.load_model(p, dev) for p in items[:n_models]]
-    names = [m.name for m in models]
-    for m, path in zip(models, items[:n_models]):
-        if names.count(m.name) > 1:
-            m.name = f"{m.name}_{path.name if path.is_dir() else path.parent.name}"
-        if m.warning:
-            typer.echo(f"warning: {m.warning}", err=True)
-    files = predicting.find_images(items[n_models:])
+    model_paths, photo_paths = predicting.split_items(items)
+    files = predicting.find_images(photo_paths)
     if not files:
-        raise ReplicateError("no images found in " + ", ".join(str(p) for p in items[n_models:]))
+        raise ReplicateError("no images found in " + ", ".join(str(p) for p in photo_paths))
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    say = typer.echo if main_process else (lambda *a, **k: None)
+    engine_used, dev, note = predicting.plan(engine.value, device.value, model_paths)
+    if note:
+        say(f"note: {note}", err=True)
+    models = predicting.load_models(model_paths, engine_used, dev)
+    for m in models:
+        if m.warning:
+            say(f"warning: {m.warning}", err=True)
     start = time.time()
-    table = predicting.tag(models, files, bs)
+    table = predicting.tag_any(models, files, bs, workers)
+    if table is None:  # another process of `accelerate launch`: the main one writes
+        return
     seconds = time.time() - start
     _write_table(table, out, format)
     errors = table[table.error != ""]
-    typer.echo(f"{len(table)} images, {len(models)} model(s), {seconds:.1f}s ({len(table) / seconds:.1f} images/s); "
-               f"table: {out}")
+    say(f"{len(table)} images, {len(models)} model(s), {engine_used} on {dev}, {seconds:.1f}s "
+        f"({len(table) / seconds:.1f} images/s); table: {out}")
     for row in errors.itertuples():
-        typer.echo(f"  unreadable: {row.path}: {row.error}")
+        say(f"  unreadable: {row.path}: {row.error}")
     if listing_pattern:
         per_listing = predicting.listings(table, models, listing_pattern, threshold)
         path = out.with_name(f"{out.stem}_listings{out.suffix}")
         _write_table(per_listing, path, format)
-        typer.echo(f"{len(per_listing)} listings; table: {path}")
+        say(f"{len(per_listing)} listings; table: {path}")
+
+
+@app.command("export")
+@user_errors
+def export_(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (exports/TASK/ARCH-MODE).")],
+    quantize: QuantizeOption = None,
+    calibration: Annotated[int, typer.Option(min=1, help="Training photos to calibrate int8 on.")] = 256,
+):
+    """Write model.onnx (the pickle-free model `predict` runs) for run folders made earlier, and with
+    --quantize int8 also model.int8.onnx. Runs write model.onnx themselves.
+
+    Reads export.pkl (a pickle: only run folders you made or trust).
+    Example: replicate export exports/rooms/resnet18-unfrozen --quantize int8
+    """
+    from . import export
+    for run_dir in run_dirs:
+        if not (run_dir / "model.onnx").is_file() or not quantize:
+            path = export.export_run(run_dir)
+            typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+        if quantize:
+            export.quantize_run(run_dir, calibration, log=typer.echo)
 
 
 def _write_table(table: pd.DataFrame, path: Path, format: Format) -> None:

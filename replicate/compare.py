@@ -158,3 +158,13 @@ def record_failures(cells: list[Cell], path: Path) -> list[dict]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(failures, indent=2))
     return failures
+
+
+def quantize(cells: list[Cell], log=print) -> None:
+    """--quantize int8: write model.int8.onnx for each finished cell that has none yet (a reused cell
+    too: its run folder is the input, nothing retrains), recording its accuracy for the report."""
+    from . import export
+    for cell in cells:
+        if cell.status != "failed" and not (cell.cfg.run_dir / "model.int8.onnx").is_file():
+            log(f"{cell.cfg.run_name}: int8")
+            export.quantize_run(cell.cfg.run_dir, log=log)

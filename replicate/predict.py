@@ -1,39 +1,268 @@
-"""Exported learner -> predictions: tag new photos in bulk, and score a task's own images.
+"""Trained models -> tags: tag new photos in bulk, and score a task's own images.
 
     replicate predict exports/rooms/resnet18-unfrozen photos/ --out tags.csv
 
-`load_model` opens an `export.pkl` (a pickle: it runs code, so only files the user points at),
-checking it against the SHA-256 recorded when it was written. `score` predicts a list of files
-in batches with the learner's validation transforms (no augmentation), turning files that do
-not decode into rows with an error instead of stopping.
+Two engines. `onnx` (the default) runs a run folder's `model.onnx` with ONNX Runtime: no pickle is
+loaded, so it is safe for files from elsewhere, and it needs neither fastai nor PyTorch. Each photo
+is decoded once for all the models (EXIF orientation applied), in parallel worker processes, and
+cropped the way each model's metadata says (the same arithmetic as training's validation crop);
+inference runs in batches. `fastai` loads `export.pkl` (a pickle: it runs code, so only files the
+user trusts) and runs fastai's own `test_dl` pipeline: the path `interpret` uses too.
+
+Both check the file against the SHA-256 recorded in metrics.json when it was written, and turn
+files that do not decode into rows with an error instead of stopping.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
-import torch
-from fastai.learner import Learner, load_learner
 from fastprogress.fastprogress import progress_bar
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .folders import image_files, sha256_file
 from .errors import ReplicateError
+from .folders import image_files, sha256_file
+
+if TYPE_CHECKING:  # fastai and torch load only for the fastai engine (seconds, and a pickle)
+    import torch
+    from fastai.learner import Learner
+
+META_KEY = "replicate"  # model.onnx's metadata entry: JSON written by export.write_onnx
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
 @dataclass
 class Model:
-    """A loaded export and where it came from."""
+    """A loaded export.pkl (the fastai engine) and where it came from."""
 
     name: str  # column prefix, e.g. "rooms"
     learn: Learner
     path: Path  # the export.pkl
     warning: str = ""  # checksum problems, said to the user
 
+
+# --- the checksum recorded at writing time ------------------------------------------------------
+
+def checksum_warning(path: Path) -> str:
+    """'' when `path` matches the SHA-256 that metrics.json beside it recorded, else what is wrong."""
+    metrics = path.parent / "metrics.json"
+    if not metrics.is_file():
+        return f"{path} has no metrics.json beside it: no checksum to verify it against"
+    recorded = json.loads(metrics.read_text())
+    expected = recorded.get("checksums", {}).get(path.name)
+    if expected is None and path.name == "export.pkl":
+        expected = recorded.get("export_sha256")  # run folders from before "checksums"
+    if expected is None:
+        return f"{metrics} records no checksum for {path.name}: nothing to verify it against"
+    if expected != sha256_file(path):
+        return f"{path} does not match the SHA-256 recorded in {metrics} when it was written: it was changed"
+    return ""
+
+
+# --- the onnx engine ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Photo -> model input: aspect-preserving resize and centre crop of `crop_pct` of the short side
+    to `size` px with `interpolation`, then (pixel / 255 - mean) / std. Recorded in model.onnx."""
+
+    size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def geometry(self) -> tuple[int, float, str]:
+        """What decoding must produce (models sharing it share the decoded crop)."""
+        return self.size, self.crop_pct, self.interpolation
+
+    def to_meta(self, **more) -> dict:
+        return {"format": 1, "size": self.size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std),
+                "input": "float32 N x 3 x size x size, RGB, (pixel / 255 - mean) / std",
+                "output": "class probabilities", **more}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Preprocess:
+        return cls(int(meta["size"]), float(meta["crop_pct"]), str(meta["interpolation"]),
+                   tuple(meta["mean"]), tuple(meta["std"]))
+
+
+def valid_crop(im: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
+    """The centre crop and resize of `data.ValidCrop` (fastai's crop_pad), in PIL alone: the crop is
+    `crop_pct` of the short side's square, resized to `size`. A test checks the pixels are fastai's."""
+    w, h = im.size
+    side = min(w / size, h / size) * crop_pct
+    crop = max(1, int(side * size))
+    left, top = (w - crop) // 2, (h - crop) // 2
+    return im.crop((left, top, left + crop, top + crop)).resize((size, size), RESAMPLING[interpolation])
+
+
+def open_photo(path: Path, largest: int | None = None) -> Image.Image:
+    """The photo as RGB, turned upright by its EXIF orientation (phone photos are stored rotated).
+
+    `largest`: the biggest crop any model takes from it; a JPEG at least 4x that size is decoded at a
+    reduced scale that stays at least 2x it (libjpeg's draft mode: much faster on huge photos)."""
+    with Image.open(path) as im:
+        if largest and im.format == "JPEG" and min(im.size) >= 4 * largest:
+            im.draft(im.mode, (2 * largest, 2 * largest))
+        im.load()
+        upright = ImageOps.exif_transpose(im)
+        return upright.convert("RGB")
+
+
+def decode(path: Path, geometries: list[tuple[int, float, str]]) -> tuple[dict | None, str]:
+    """({geometry: uint8 array H x W x 3}, '') for a photo, or (None, the error) when it does not decode.
+
+    Runs in the decoding workers: module level, and cheap to send back (uint8, not float)."""
+    try:
+        largest = max(int(size / crop_pct) + 1 for size, crop_pct, _ in geometries)
+        im = open_photo(path, largest)
+        return {g: np.asarray(valid_crop(im, *g)) for g in geometries}, ""
+    except Exception as e:  # PIL raises many types for files that are not images
+        return None, f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class OnnxModel:
+    """A model.onnx in an ONNX Runtime session, with what its metadata says."""
+
+    name: str
+    session: object  # onnxruntime.InferenceSession
+    meta: dict
+    path: Path
+    warning: str = ""
+    prep: Preprocess = field(init=False)
+
+    def __post_init__(self):
+        self.prep = Preprocess.from_meta(self.meta)
+        self.classes = list(self.meta["classes"])
+        self.input_name = self.session.get_inputs()[0].name
+        self._mean = np.array(self.prep.mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255
+        self._scale = 1 / (np.array(self.prep.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255)
+
+    def normalise(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 N x H x W x 3 -> the model's float32 N x 3 x H x W input."""
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32)
+        return np.ascontiguousarray((x - self._mean) * self._scale)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: self.normalise(batch)})[0]
+
+
+def onnx_path(model: Path) -> Path:
+    """The model.onnx of a run folder, or the .onnx file itself."""
+    path = model / "model.onnx" if model.is_dir() else model
+    if not path.is_file():
+        hint = (f": write it with `replicate export {model}`, or use --engine fastai"
+                if (model / "export.pkl").is_file() else "")
+        raise ReplicateError(f"{model} is neither a run folder with model.onnx nor an .onnx file{hint}")
+    return path
+
+
+def providers(device: str = "cpu", index: int = 0) -> list:
+    """ONNX Runtime execution providers for `device`: CUDA's where installed (onnxruntime-gpu)."""
+    if device == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load_onnx(model: Path, name: str | None = None, device: str = "cpu", index: int = 0,
+              threads: int | None = None) -> OnnxModel:
+    """An ONNX Runtime session for a run folder's model.onnx (or an .onnx file), its metadata read
+    and its checksum checked. A file that is not a readable ONNX model is a ReplicateError."""
+    import onnxruntime as ort
+
+    path = onnx_path(Path(model))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the CLI says what matters in one line
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers(device, index))
+    except Exception as e:  # a truncated or corrupt file: onnxruntime's InvalidProtobuf, Fail, ...
+        raise ReplicateError(f"cannot load {path}: not a readable ONNX model "
+                             f"({str(e).splitlines()[0][:200]}): export it again with `replicate export`") from None
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    try:
+        meta = json.loads(raw)
+        Preprocess.from_meta(meta), list(meta["classes"])
+    except (TypeError, ValueError, KeyError):
+        raise ReplicateError(f"{path} has no replicate metadata (classes, size, crop, normalisation): "
+                             "write it with `replicate export RUN_DIR`") from None
+    default = meta.get("task") or path.parent.name
+    return OnnxModel(name or default, session, meta, path, checksum_warning(path))
+
+
+@contextmanager
+def _decoder(workers: int):
+    """map(decode, files) in order: in `workers` processes (spawned: a fork would copy ONNX Runtime's
+    threads), or in this process when 0."""
+    if workers <= 0:
+        yield map
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield partial(pool.imap, chunksize=4)
+
+
+def tag_onnx(models: list[OnnxModel], files: list[Path], bs: int = 64, workers: int | None = None,
+             progress: bool = True) -> pd.DataFrame:
+    """One row per file: path, error, and per model <name>_predicted, <name>_p_<class>. Each photo
+    is decoded once (in `workers` processes; None: one per core) for all the models."""
+    workers = default_workers() if workers is None else workers
+    geometries = list(dict.fromkeys(m.prep.geometry for m in models))
+    errors = [""] * len(files)
+    probs = {m.name: np.full((len(files), len(m.classes)), np.nan, dtype=np.float32) for m in models}
+    pending: list[tuple[int, dict]] = []
+
+    def flush():
+        if pending:
+            rows = [i for i, _ in pending]
+            for m in models:
+                probs[m.name][rows] = m.probabilities(np.stack([d[m.prep.geometry] for _, d in pending]))
+            pending.clear()
+
+    with _decoder(min(workers, len(files))) as imap:
+        decoded = imap(partial(decode, geometries=geometries), files)
+        for i, (arrays, error) in enumerate(progress_bar(decoded, total=len(files), leave=False)
+                                            if progress else decoded):
+            if error:
+                errors[i] = error
+                continue
+            pending.append((i, arrays))
+            if len(pending) == bs:
+                flush()
+        flush()
+    table = pd.DataFrame({"path": [str(f) for f in files], "error": errors})
+    for m in models:
+        p = probs[m.name]
+        ok = ~np.isnan(p).any(axis=1)
+        table[f"{m.name}_predicted"] = pd.Series([m.classes[k] for k in p[ok].argmax(axis=1)],
+                                                 index=np.flatnonzero(ok), dtype=object)
+        for k, c in enumerate(m.classes):
+            table[f"{m.name}_p_{c}"] = p[:, k]
+    return table
+
+
+def default_workers() -> int:
+    """Decoding processes: one per core the process may use, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores)
+
+
+# --- the fastai engine ----------------------------------------------------------------------------
 
 def export_path(model: Path) -> Path:
     """The export.pkl of a run folder, or the file itself."""
@@ -45,15 +274,10 @@ def export_path(model: Path) -> Path:
 
 def load_model(model: Path, device: torch.device | None = None, name: str | None = None) -> Model:
     """Load an export (trusted code: it is unpickled) and check its recorded SHA-256."""
+    from fastai.learner import load_learner
+
     path = export_path(Path(model))
-    warning = ""
-    metrics = path.parent / "metrics.json"
-    if metrics.is_file():
-        recorded = json.loads(metrics.read_text()).get("export_sha256")
-        if recorded and recorded != sha256_file(path):
-            warning = f"{path} does not match the SHA-256 recorded in {metrics} when it was written: it was changed"
-    else:
-        warning = f"{path} has no metrics.json beside it: no checksum to verify it against"
+    warning = checksum_warning(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fastai's pickle warning: the CLI says it in --help instead
         try:
@@ -66,6 +290,111 @@ def load_model(model: Path, device: torch.device | None = None, name: str | None
     config = path.parent / "config.json"
     default = json.loads(config.read_text())["task"] if config.is_file() else path.parent.name
     return Model(name or default, learn, path, warning)
+
+
+def split_items(items: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(models, photos): the leading run folders (with model.onnx or export.pkl) and model files
+    (.onnx, .pkl), then the images and folders to tag."""
+    n = 0
+    while n < len(items) and (items[n].suffix in (".onnx", ".pkl") or
+                              (items[n].is_dir() and any((items[n] / f).is_file() for f in ("model.onnx", "export.pkl")))):
+        n += 1
+    if n == 0 or n == len(items):
+        raise ReplicateError("give one or more models (run folders, model.onnx or export.pkl) and then images or folders")
+    return items[:n], items[n:]
+
+
+def plan(engine: str, device: str, model_paths: list[Path]) -> tuple[str, str, str]:
+    """(engine, device, note) to run: `--device cuda` (or auto on a GPU machine) runs ONNX Runtime's
+    CUDA provider where onnxruntime-gpu is installed, else PyTorch (the fastai engine: export.pkl)."""
+    import onnxruntime as ort
+
+    if device == "cpu" or (device == "auto" and not _gpu_present()):
+        return engine, "cpu", ""
+    if engine == "onnx" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return "onnx", "cuda", ""
+    import torch
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            raise ReplicateError(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU "
+                                 "(check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --device cpu")
+        return engine, "cpu", ""
+    if engine == "onnx":
+        if not all(_has_pickle(p) for p in model_paths):
+            note = "ONNX Runtime here has no CUDA provider (pip install onnxruntime-gpu): running on the CPU"
+            return "onnx", "cpu", note
+        return "fastai", "cuda", ("ONNX Runtime here has no CUDA provider (pip install onnxruntime-gpu): "
+                                  "running export.pkl with PyTorch on the GPU (a pickle: trusted files only)")
+    return "fastai", "cuda", ""
+
+
+def _gpu_present() -> bool:
+    """An NVIDIA device node: cheaper than importing PyTorch to ask."""
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
+def _has_pickle(model: Path) -> bool:
+    return model.suffix == ".pkl" or (model.is_dir() and (model / "export.pkl").is_file())
+
+
+def load_models(paths: list[Path], engine: str, device: str) -> list:
+    """The models, loaded for `engine` on `device`, their column names made unique (task, then
+    task_<run folder>)."""
+    index = int(os.environ.get("LOCAL_RANK", 0))
+    if engine == "onnx":
+        models = [load_onnx(p, device=device, index=index) for p in paths]
+    else:
+        import torch
+        dev = torch.device("cuda", index) if device == "cuda" else torch.device("cpu")
+        models = [load_model(_pickle_of(p), dev) for p in paths]
+    names = [m.name for m in models]
+    for m, path in zip(models, paths):
+        if names.count(m.name) > 1:
+            m.name = f"{m.name}_{path.name if path.is_dir() else path.parent.name}"
+    return models
+
+
+def _pickle_of(model: Path) -> Path:
+    """The export.pkl for the fastai engine, also when a model.onnx was named."""
+    return model.parent / "export.pkl" if model.suffix == ".onnx" else model
+
+
+def tag_any(models: list, files: list[Path], bs: int = 64, workers: int | None = None) -> pd.DataFrame:
+    """`tag_onnx` or `tag` (fastai), by the kind of models; under `accelerate launch` or `torchrun`
+    each process tags its share of `files` (accelerate's split_between_processes) and the main
+    process returns the whole table, each file once, in order (the others return None)."""
+    mine, state = files, None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        state = PartialState()
+        with state.split_between_processes(files) as share:
+            mine = list(share)
+    if models and isinstance(models[0], OnnxModel):
+        table = tag_onnx(models, mine, bs, workers, progress=state is None or state.is_main_process)
+    else:
+        with _single_process():
+            table = tag(models, mine, bs)
+    if state is None:
+        return table
+    from accelerate.utils import gather_object
+    rows = gather_object(table.to_dict("records"))
+    if not state.is_main_process:
+        return None
+    order = {str(f): i for i, f in enumerate(files)}
+    whole = pd.DataFrame(rows)
+    return whole.iloc[whole.path.map(order).argsort()].reset_index(drop=True)
+
+
+@contextmanager
+def _single_process():
+    """fastai's get_preds gathers from every process when WORLD_SIZE > 1; each process here
+    predicts its own share, so it must not wait for the others."""
+    world = os.environ.pop("WORLD_SIZE", None)
+    try:
+        yield
+    finally:
+        if world is not None:
+            os.environ["WORLD_SIZE"] = world
 
 
 def find_images(paths: list[Path]) -> list[Path]:
@@ -120,12 +449,14 @@ def score(learn: Learner, files: list[Path], bs: int = 64, with_labels: bool = F
 
 
 def tag(models: list[Model], files: list[Path], bs: int = 64) -> pd.DataFrame:
-    """One row per file: path, error, and per model <name>_predicted, <name>_probability, <name>_p_<class>."""
+    """The fastai engine: one row per file: path, error, and per model <name>_predicted, <name>_p_<class>."""
     good, bad = readable(files)
     table = pd.DataFrame({"path": [str(f) for f in files], "error": [bad.get(f, "") for f in files]})
     for model in models:
         if not good:
-            break
+            for col in [f"{model.name}_predicted"] + [f"{model.name}_p_{c}" for c in model.learn.dls.vocab]:
+                table[col] = np.nan
+            continue
         scored = score(model.learn, good, bs).drop(columns="probability")
         scored.columns = ["path"] + [f"{model.name}_{c}" for c in scored.columns[1:]]
         table = table.merge(scored, on="path", how="left")

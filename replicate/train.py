@@ -4,7 +4,7 @@
 
 `run(cfg)` checks the data, builds the learner, trains with fastai's `fit` (constant LR),
 keeps the weights of the best validation epoch and writes exports/TASK/ARCH-MODE/:
-config.json, history.csv, metrics.json, valid_predictions.csv, export.pkl and the plots.
+config.json, history.csv, metrics.json, valid_predictions.csv, export.pkl, model.onnx and the plots.
 The folder is built under a hidden name and renamed when complete, so a crash never
 leaves a half-written folder that looks finished.
 """
@@ -27,7 +27,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, set_seed
 
-from . import audit, data, features, models, report
+from . import audit, data, export, features, models, report
 from .folders import sha256_file
 from .config import RunConfig, environment
 from .errors import ReplicateError
@@ -277,8 +277,11 @@ def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict) -
     valid_predictions(learn).to_csv(staging / "valid_predictions.csv", index=False)
     learn.path, learn.model_dir = staging, "models"
     learn.export("export.pkl")
+    config = json.loads((staging / "config.json").read_text())
+    export.write_onnx(learn, staging / "model.onnx", config["task"], config["arch"])
     metrics = _metrics(pd.read_csv(staging / "history.csv"), images, extra)
-    metrics["export_sha256"] = sha256_file(staging / "export.pkl")
+    metrics["export_sha256"] = sha256_file(staging / "export.pkl")  # kept for readers of older run folders
+    metrics["checksums"] = {name: sha256_file(staging / name) for name in ("export.pkl", "model.onnx")}
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report.render_run(staging)
 

@@ -1,0 +1,193 @@
+"""Learner -> model.onnx: one pickle-free file that alone tags photos; and its int8 twin.
+
+    replicate export exports/rooms/resnet18-unfrozen --quantize int8
+
+Every run writes `model.onnx` beside `export.pkl` (`train` calls `write_onnx`); `replicate export`
+writes it for run folders made before, from their export.pkl. The file holds the network followed
+by a softmax: input float32 N x 3 x H x W (RGB, (pixel / 255 - mean) / std), output the class
+probabilities. Its metadata (key "replicate", JSON) holds the rest: the classes, the input size,
+the validation crop, the resampling and the normalisation, so `predict` needs nothing else.
+
+`quantize_run` writes `model.int8.onnx` with ONNX Runtime's static quantization (QDQ, int8 weights
+per channel, uint8 activations), calibrated on the run's training photos, and records its
+validation accuracy beside the fp32 model's in metrics.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import random
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import predict
+from .errors import ReplicateError
+from .folders import sha256_file, task_files
+
+OPSET = 18  # the torch.export-based exporter's lowest; onnxruntime >= 1.14 runs it
+CALIBRATION_PHOTOS = 256  # training photos that set the int8 activation ranges
+
+
+def preprocess_of(learn) -> predict.Preprocess:
+    """How the learner turns a photo into input, read from its own validation transforms (the truth
+    of what fastai does, also for exports made before config.json recorded it)."""
+    from fastai.data.transforms import Normalize
+
+    from .data import RESAMPLING, ValidCrop
+
+    crop = next((t for t in learn.dls.after_item.fs if isinstance(t, ValidCrop)), None)
+    norm = next((t for t in learn.dls.after_batch.fs if isinstance(t, Normalize)), None)
+    if crop is None or norm is None:
+        raise ReplicateError("this export has no validation crop or normalisation that replicate knows: "
+                             "retrain it with this version")
+    names = {v: k for k, v in RESAMPLING.items()}
+    return predict.Preprocess(size=int(crop.size[0]), crop_pct=float(crop.crop_pct),
+                              interpolation=names[crop.resamples[0]],
+                              mean=tuple(norm.mean.flatten().tolist()), std=tuple(norm.std.flatten().tolist()))
+
+
+def write_onnx(learn, path: Path, task: str, arch: str) -> Path:
+    """`learn`'s network + softmax as ONNX at `path` (a batch of any size), with the metadata that
+    makes the file enough to tag photos. Returns `path`."""
+    prep = preprocess_of(learn)
+    model = getattr(learn.model, "module", learn.model)  # unwrap DDP
+    net = nn.Sequential(copy.deepcopy(model).float().cpu(), nn.Softmax(dim=1)).eval()
+    example = torch.randn(2, 3, prep.size, prep.size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter prints its progress on stdout and warns about things a user cannot act on.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(net, (example,), dynamo=True, opset_version=OPSET, external_data=False,
+                                    input_names=["input"], output_names=["probabilities"],
+                                    dynamic_shapes=({0: batch},))
+    model_proto = program.model_proto
+    meta = prep.to_meta(classes=[str(c) for c in learn.dls.vocab], task=task, arch=arch)
+    _set_metadata(model_proto, meta)
+    tmp = path.with_name(f".{path.name}.partial")
+    import onnx
+    onnx.save_model(model_proto, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _set_metadata(model_proto, meta: dict) -> None:
+    del model_proto.metadata_props[:]
+    entry = model_proto.metadata_props.add()
+    entry.key, entry.value = predict.META_KEY, json.dumps(meta)
+    model_proto.producer_name = "replicate"
+
+
+def export_run(run_dir: Path) -> Path:
+    """Write RUN_DIR/model.onnx from its export.pkl (a pickle: only for run folders you made or
+    trust) and record its checksum in metrics.json. Returns the model's path."""
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    model = predict.load_model(run_dir)  # the checksum of export.pkl is checked here
+    if model.warning:
+        warnings.warn(model.warning)
+    path = write_onnx(model.learn, run_dir / "model.onnx", config["task"], config["arch"])
+    record_checksum(run_dir, path)
+    return path
+
+
+def record_checksum(run_dir: Path, path: Path, extra: dict | None = None) -> None:
+    """metrics.json's "checksums" (file name -> SHA-256), which `predict` checks before loading."""
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return
+    metrics = json.loads(metrics_path.read_text())
+    metrics.setdefault("checksums", {})[path.name] = sha256_file(path)
+    metrics.update(extra or {})
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+
+
+def _run_config(run_dir: Path) -> dict:
+    if not (run_dir / "config.json").is_file():
+        raise ReplicateError(f"{run_dir} is not a run folder (no config.json): e.g. exports/rooms/resnet18-frozen")
+    return json.loads((run_dir / "config.json").read_text())
+
+
+# --- int8 --------------------------------------------------------------------------------------
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader protocol over preprocessed photos, a batch at a time."""
+
+    def __init__(self, batches: list[np.ndarray], input_name: str):
+        self.batches, self.input_name = iter(batches), input_name
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -> dict:
+    """Write RUN_DIR/model.int8.onnx from model.onnx, calibrated on up to `n_photos` of the run's
+    training photos (seeded sample), and measure both models on the validation photos.
+
+    Returns (and records in metrics.json as "int8") the accuracies, the sizes and the seconds."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    fp32 = predict.load_onnx(run_dir / "model.onnx")
+    task_dir = Path(config.get("task_dir") or Path(config["data_dir"]) / config["task"])
+    train = _split_files(task_dir, "train")
+    if not train:
+        raise ReplicateError(f"no training photos in {task_dir}/train to calibrate the int8 model on")
+    sample = random.Random(0).sample(train, min(n_photos, len(train)))
+    start = time.perf_counter()
+    batches = [fp32.normalise(chunk) for chunk in _decoded_batches(sample, fp32.prep)]
+    out = run_dir / "model.int8.onnx"
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(run_dir / "model.onnx"), str(prepared))  # shape inference + graph clean-up
+        quantize_static(str(prepared), str(Path(tmp) / "int8.onnx"), _Calibration(batches, fp32.input_name),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        import onnx
+        proto = onnx.load(str(Path(tmp) / "int8.onnx"))
+        _set_metadata(proto, {**fp32.meta, "quantized": "int8 (ONNX Runtime static, QDQ, per-channel)"})
+        onnx.save_model(proto, out)
+    seconds = time.perf_counter() - start
+    int8 = predict.load_onnx(out)
+    result = {"calibration_photos": len(sample), "seconds": round(seconds, 1),
+              "fp32_valid_accuracy": valid_accuracy(fp32, task_dir),
+              "valid_accuracy": valid_accuracy(int8, task_dir),
+              "fp32_mb": round((run_dir / "model.onnx").stat().st_size / 1e6, 1),
+              "mb": round(out.stat().st_size / 1e6, 1)}
+    record_checksum(run_dir, out, {"int8": result})
+    log(f"int8: {out} ({result['mb']} MB, fp32 {result['fp32_mb']} MB); valid accuracy "
+        f"{result['valid_accuracy']:.2%} (fp32 {result['fp32_valid_accuracy']:.2%})")
+    return result
+
+
+def _decoded_batches(files: list[Path], prep: predict.Preprocess, bs: int = 32):
+    """uint8 batches (N, H, W, 3) of `files` as `prep` crops them; files that do not decode are left out."""
+    decoded = [predict.decode(f, [prep.geometry]) for f in files]
+    arrays = [d[prep.geometry] for d, error in decoded if not error]
+    for i in range(0, len(arrays), bs):
+        yield np.stack(arrays[i:i + bs])
+
+
+def valid_accuracy(model: predict.OnnxModel, task_dir: Path) -> float:
+    """The model's accuracy on the task's validation photos (labels: their class folders)."""
+    files = _split_files(task_dir, "valid")
+    table = predict.tag_onnx([model], files, workers=0, progress=False)
+    labels = [Path(p).parent.name for p in table.path]
+    ok = table.error == ""
+    return float((table[f"{model.name}_predicted"][ok] == np.array(labels)[ok]).mean())
+
+
+def _split_files(task_dir: Path, split: str) -> list[Path]:
+    found, _ = task_files(task_dir)
+    return [f for (s, _), files in sorted(found.items()) if s == split for f in files]
