@@ -18,6 +18,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import random
 import tempfile
 import time
@@ -36,9 +37,10 @@ OPSET = 18  # the torch.export-based exporter's lowest; onnxruntime >= 1.14 runs
 CALIBRATION_PHOTOS = 256  # training photos that set the int8 activation ranges
 
 
-def preprocess_of(learn) -> predict.Preprocess:
+def preprocess_of(learn, recorded: dict | None = None) -> predict.Preprocess:
     """How the learner turns a photo into input, read from its own validation transforms (the truth
-    of what fastai does, also for exports made before config.json recorded it)."""
+    of what fastai does, also for exports made before config.json recorded it). The normalisation is
+    taken from config.json's "preprocess" where it is recorded: the learner keeps it in float32."""
     from fastai.data.transforms import Normalize
 
     from .data import RESAMPLING, ValidCrop
@@ -49,15 +51,18 @@ def preprocess_of(learn) -> predict.Preprocess:
         raise ReplicateError("this export has no validation crop or normalisation that replicate knows: "
                              "retrain it with this version")
     names = {v: k for k, v in RESAMPLING.items()}
+    mean, std = tuple(norm.mean.flatten().tolist()), tuple(norm.std.flatten().tolist())
+    if recorded and np.allclose(recorded["mean"], mean) and np.allclose(recorded["std"], std):
+        mean, std = tuple(recorded["mean"]), tuple(recorded["std"])
     return predict.Preprocess(size=int(crop.size[0]), crop_pct=float(crop.crop_pct),
-                              interpolation=names[crop.resamples[0]],
-                              mean=tuple(norm.mean.flatten().tolist()), std=tuple(norm.std.flatten().tolist()))
+                              interpolation=names[crop.resamples[0]], mean=mean, std=std)
 
 
-def write_onnx(learn, path: Path, task: str, arch: str) -> Path:
+def write_onnx(learn, path: Path, config: dict) -> Path:
     """`learn`'s network + softmax as ONNX at `path` (a batch of any size), with the metadata that
-    makes the file enough to tag photos. Returns `path`."""
-    prep = preprocess_of(learn)
+    makes the file enough to tag photos; `config`: the run's config.json. Returns `path`."""
+    prep = preprocess_of(learn, config.get("preprocess"))
+    task, arch = config["task"], config["arch"]
     model = getattr(learn.model, "module", learn.model)  # unwrap DDP
     net = nn.Sequential(copy.deepcopy(model).float().cpu(), nn.Softmax(dim=1)).eval()
     example = torch.randn(2, 3, prep.size, prep.size)
@@ -93,7 +98,7 @@ def export_run(run_dir: Path) -> Path:
     model = predict.load_model(run_dir)  # the checksum of export.pkl is checked here
     if model.warning:
         warnings.warn(model.warning)
-    path = write_onnx(model.learn, run_dir / "model.onnx", config["task"], config["arch"])
+    path = write_onnx(model.learn, run_dir / "model.onnx", config)
     record_checksum(run_dir, path)
     return path
 
@@ -147,10 +152,12 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
     start = time.perf_counter()
     batches = [fp32.normalise(chunk) for chunk in _decoded_batches(sample, fp32.prep)]
     out = run_dir / "model.int8.onnx"
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_logging():
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(run_dir / "model.onnx"), str(prepared))  # shape inference + graph clean-up
+        # ONNX shape inference and graph clean-up; ONNX Runtime's symbolic shape inference (for
+        # transformers) fails on the Concat of fastai's head, and a CNN has no symbolic shapes to infer.
+        quant_pre_process(str(run_dir / "model.onnx"), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(Path(tmp) / "int8.onnx"), _Calibration(batches, fp32.input_name),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
@@ -169,6 +176,17 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
     log(f"int8: {out} ({result['mb']} MB, fp32 {result['fp32_mb']} MB); valid accuracy "
         f"{result['valid_accuracy']:.2%} (fp32 {result['fp32_valid_accuracy']:.2%})")
     return result
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """The quantizer logs a warning for each BatchNorm1d of fastai's head (a 1-D weight cannot be
+    quantized per channel; it is quantized per tensor): nothing a user can act on."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _decoded_batches(files: list[Path], prep: predict.Preprocess, bs: int = 32):

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -194,7 +195,7 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
             "train_seconds": metrics["train_seconds"], "best_acc": metrics["best_valid_accuracy"],
             "best_epoch": metrics["best_epoch"], "last_acc": metrics["last_valid_accuracy"],
             "images_per_s": metrics["train_images_per_second"], "n_valid": metrics["n_valid"],
-            "audit": metrics.get("audit"), "run_dir": run_dir,
+            "audit": metrics.get("audit"), "int8": metrics.get("int8"), "run_dir": run_dir,
         })
     return pd.DataFrame(rows)
 
@@ -223,6 +224,7 @@ def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
             "last_acc": round(100 * g.last_acc.mean(), 2),
             "images_per_s": round(g.images_per_s.mean(), 1),
             **_audit_columns(g.audit.iloc[-1]),
+            **_int8_columns(g.int8.tolist()),
         })
     table = pd.DataFrame(rows)
     if table.empty:
@@ -234,6 +236,16 @@ def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
     table["_fastai"], table["_order"] = table.recipe != "paper", table.arch.map(_arch_order)
     table = table.sort_values(["_fastai", "recipe", "mode", "_order", "cache_features"])
     return table.drop(columns=["_fastai", "_order"]).reset_index(drop=True)
+
+
+def _int8_columns(int8: list[dict | None]) -> dict:
+    """`--quantize int8`: the int8 model's validation accuracy beside the fp32 ONNX model's (both
+    run by ONNX Runtime on the same photos), in percent, means over seeds; blank where not quantized."""
+    done = [d for d in int8 if isinstance(d, dict)]
+    if not done:
+        return {"int8_acc": float("nan"), "int8_fp32_acc": float("nan")}
+    return {"int8_acc": round(100 * float(np.mean([d["valid_accuracy"] for d in done])), 2),
+            "int8_fp32_acc": round(100 * float(np.mean([d["fp32_valid_accuracy"] for d in done])), 2)}
 
 
 def _audit_columns(audit: dict | None) -> dict:
@@ -330,7 +342,9 @@ def write_html(table: pd.DataFrame, runs: pd.DataFrame, figures: list[Path], fai
         "figures (Tesla K80, 30 epochs, its own data); diff_acc = ours - the study's. cache_features K: "
         "a frozen run that computed the body's outputs once for K augmented views (--cache-features). "
         "leaked_valid: validation photos with a near-duplicate in train (they inflate the accuracy); "
-        "conflicts: photos found under two labels (replicate audit TASK shows them; blank: not audited).</p>",
+        "conflicts: photos found under two labels (replicate audit TASK shows them; blank: not audited). "
+        "int8_acc: validation accuracy of model.int8.onnx, beside int8_fp32_acc, model.onnx's on the same photos "
+        "(--quantize int8; blank: not quantized).</p>",
         f"<table><tr>{head}</tr>{body}</table>",
     ]
     if failures:

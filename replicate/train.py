@@ -277,8 +277,7 @@ def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict) -
     valid_predictions(learn).to_csv(staging / "valid_predictions.csv", index=False)
     learn.path, learn.model_dir = staging, "models"
     learn.export("export.pkl")
-    config = json.loads((staging / "config.json").read_text())
-    export.write_onnx(learn, staging / "model.onnx", config["task"], config["arch"])
+    export.write_onnx(learn, staging / "model.onnx", json.loads((staging / "config.json").read_text()))
     metrics = _metrics(pd.read_csv(staging / "history.csv"), images, extra)
     metrics["export_sha256"] = sha256_file(staging / "export.pkl")  # kept for readers of older run folders
     metrics["checksums"] = {name: sha256_file(staging / name) for name in ("export.pkl", "model.onnx")}

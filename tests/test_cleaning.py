@@ -253,18 +253,6 @@ def test_predict_puts_models_side_by_side_and_summarises_listings(trained, runne
     assert "has_rooms_resnet18-unfrozen_kitchen" in listings.columns
 
 
-def test_predict_warns_when_the_export_changed(trained, runner, tmp_path):
-    root, run_dir = trained
-    copy = tmp_path / "copied-run"
-    shutil.copytree(run_dir, copy)
-    metrics = json.loads((copy / "metrics.json").read_text())
-    metrics["export_sha256"] = "0" * 64
-    (copy / "metrics.json").write_text(json.dumps(metrics))
-    photo = next((root / "data" / "rooms" / "valid").rglob("*.jpg"))
-    result = runner.invoke(app, ["predict", str(copy), str(photo), "--out", str(tmp_path / "t.csv")])
-    assert result.exit_code == 0 and "does not match the SHA-256" in result.output
-
-
 def test_predict_needs_a_model_and_images(trained, runner, tmp_path):
     root, run_dir = trained
     result = runner.invoke(app, ["predict", str(tmp_path)])
