@@ -18,8 +18,9 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--wheels" ]; then  # here, not on the device: the packages the device image lacks
   PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
   # fastai and its small pure-Python needs (no spacy: fastai's text module is not used), imagehash + PyWavelets.
+  # fastprogress 1.1 needs python-fasthtml (a web framework and its dependencies); 1.0 does not.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
-    -d .whl fastai fastcore fastprogress fastdownload fasttransform plum-dispatch beartype imagehash pywavelets
+    -d .whl fastai fastcore "fastprogress<1.1" fastdownload fasttransform plum-dispatch beartype imagehash pywavelets
   ls -la .whl
   exit 0
 fi

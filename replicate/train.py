@@ -272,17 +272,43 @@ def _train(learn, cfg: RunConfig, lr: float, staging: Path | None, log) -> dict:
     return extra
 
 
-def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict) -> None:
-    """Predictions, export (with its checksum), metrics and plots, into the staging folder."""
+def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict, log=print) -> None:
+    """Predictions, model.onnx and export.pkl (with their checksums), metrics and plots, into the
+    staging folder. model.onnx comes first: it is what `predict` runs, and it needs no pickle."""
     valid_predictions(learn).to_csv(staging / "valid_predictions.csv", index=False)
-    learn.path, learn.model_dir = staging, "models"
-    learn.export("export.pkl")
     export.write_onnx(learn, staging / "model.onnx", json.loads((staging / "config.json").read_text()))
     metrics = _metrics(pd.read_csv(staging / "history.csv"), images, extra)
-    metrics["export_sha256"] = sha256_file(staging / "export.pkl")  # kept for readers of older run folders
-    metrics["checksums"] = {name: sha256_file(staging / name) for name in ("export.pkl", "model.onnx")}
+    error = _export_pickle(learn, staging, log)
+    if error:
+        metrics["export_pkl_error"] = error
+    else:
+        metrics["export_sha256"] = sha256_file(staging / "export.pkl")  # kept for readers of older run folders
+    metrics["checksums"] = {p.name: sha256_file(p) for p in (staging / "model.onnx", staging / "export.pkl")
+                            if p.is_file()}
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report.render_run(staging)
+
+
+def _export_pickle(learn, staging: Path, log) -> str:
+    """Write fastai's export.pkl (for `--engine fastai` and `interpret`); '' or why it failed.
+
+    On an H200 (torch 2.11, CUDA) fastai's pickler met a '_thread.RLock' it cannot pickle (cause not
+    established), after the whole training. So a failed export is tried once more from the CPU, and
+    if that fails too the run still completes with model.onnx, saying so, rather than being lost."""
+    learn.path, learn.model_dir = staging, "models"
+    error = ""
+    for attempt in ("as trained", "on the CPU"):
+        try:
+            if attempt == "on the CPU":
+                learn.dls.cpu()
+                learn.model.cpu()
+            learn.export("export.pkl")
+            return ""
+        except Exception as e:  # a pickling error: TypeError, PicklingError, AttributeError...
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+            (staging / "export.pkl").unlink(missing_ok=True)
+    log(f"warning: export.pkl could not be written ({error}); model.onnx is complete and `predict` uses it")
+    return error
 
 
 def check(cfg: RunConfig) -> torch.device:
@@ -337,7 +363,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
             extra["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         if staging is not None:
             with _alone():
-                _write_results(learn, images, staging, extra)
+                _write_results(learn, images, staging, extra, log)
                 _publish(staging, cfg.run_dir)
     finally:
         if staging is not None:

@@ -239,6 +239,27 @@ def test_worker_processes_give_the_same_table_as_one_process(run_dir, rooms):
     pd.testing.assert_frame_equal(alone, pooled)
 
 
+def test_a_run_whose_pickle_fails_still_completes_with_model_onnx(rooms, runner, tmp_path, monkeypatch):
+    from fastai.learner import Learner
+
+    def unpicklable(self, fname="export.pkl", **kwargs):
+        (self.path / fname).write_bytes(b"half a pickle")
+        raise TypeError("cannot pickle '_thread.RLock' object")
+
+    monkeypatch.setattr(Learner, "export", unpicklable)
+    result = runner.invoke(app, ["run", "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "32",
+                                 "--no-pretrained", "--workers", "0", "--data-dir", str(rooms),
+                                 "--exports-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "warning: export.pkl could not be written (TypeError: cannot pickle '_thread.RLock' object)" in result.output
+    run = tmp_path / "rooms" / "resnet18-frozen"
+    assert not (run / "export.pkl").exists() and (run / "model.onnx").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["checksums"]) == {"model.onnx"} and metrics["export_pkl_error"].startswith("TypeError")
+    result = runner.invoke(app, ["predict", str(run), str(rooms / "rooms" / "valid"), "--out", str(tmp_path / "t.csv")])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
 # --- export and int8 -----------------------------------------------------------------------------
 
 def test_export_writes_model_onnx_for_an_older_run_folder(run_dir, rooms, runner, tmp_path):
