@@ -451,7 +451,8 @@ def predict_(
         help="onnx: model.onnx with ONNX Runtime (no pickle, no PyTorch). fastai: export.pkl with fastai "
              "(a pickle: trusted files only).")] = Engine.onnx,
     workers: Annotated[Optional[int], typer.Option(
-        min=0, help="onnx: processes decoding photos (default: one per core, at most 8; 0: none).")] = None,
+        min=0, help="onnx: threads decoding photos beside the inference (default: one per core, at most 8; "
+                    "0: decode in the main thread).")] = None,
     device: Annotated[Device, typer.Option(
         help="auto: CUDA when there is a GPU (ONNX Runtime's CUDA provider if onnxruntime-gpu is installed, "
              "else PyTorch with export.pkl).")] = Device.auto,

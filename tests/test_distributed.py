@@ -83,3 +83,30 @@ def test_compare_under_accelerate_writes_one_report(three_classes):
     preds = pd.read_csv(out / "resnet18-frozen-cached2" / "valid_predictions.csv")
     best = json.loads((out / "resnet18-frozen-cached2" / "metrics.json").read_text())["best_valid_accuracy"]
     assert len(preds) == 9 and (preds.actual == preds.predicted).mean() == pytest.approx(best, abs=1e-6)
+
+
+def test_predict_under_accelerate_shares_the_photos_and_writes_one_table(three_classes, runner):
+    """Two processes tag half the photos each (accelerate's split_between_processes); the main one
+    writes one table with each photo once, the same as one process writes."""
+    args = ["run", "toy", "--arch", "resnet18", "--size", "32", "--epochs", "1", "--bs", "4"]
+    trained = runner.invoke(app, [*args, "--device", "cpu", "--no-pretrained", "--workers", "0",
+                                  "--data-dir", str(three_classes / "data"), "--exports-dir",
+                                  str(three_classes / "exports")])
+    assert trained.exit_code == 0, trained.output
+    run_dir, photos = three_classes / "exports" / "toy" / "resnet18-frozen", three_classes / "data" / "toy"
+    (photos / "valid" / "red" / "broken.jpg").write_text("not a photo")
+    single = runner.invoke(app, ["predict", str(run_dir), str(photos), "--out", str(three_classes / "one.csv"),
+                                 "--device", "cpu"])
+    assert single.exit_code == 0, single.output
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "replicate", "predict", str(run_dir), str(photos), "--out", str(three_classes / "two.csv"),
+           "--device", "cpu", "--workers", "1"]
+    done = subprocess.run(cmd, cwd=three_classes, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("table: ") == 1 and done.stdout.count("unreadable: ") == 1  # one process speaks
+    one, two = pd.read_csv(three_classes / "one.csv"), pd.read_csv(three_classes / "two.csv")
+    assert len(two) == 22 and two.path.is_unique
+    pd.testing.assert_frame_equal(one, two)

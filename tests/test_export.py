@@ -231,7 +231,7 @@ def test_each_photo_is_decoded_once_for_all_models(run_dir, rooms, tmp_path, mon
     assert (table[f"rooms_{run_dir.name}_predicted"] == table["rooms_other_predicted"]).all()
 
 
-def test_worker_processes_give_the_same_table_as_one_process(run_dir, rooms):
+def test_decoding_threads_give_the_same_table_as_one_thread(run_dir, rooms):
     models = [predict.load_onnx(run_dir)]
     files = sorted((rooms / "rooms").rglob("*.jpg"))
     alone = predict.tag_onnx(models, files, bs=5, workers=0, progress=False)
