@@ -306,6 +306,34 @@ def test_quantize_int8_writes_a_calibrated_model_and_reports_its_accuracy(run_di
     assert table.int8_fp32_acc.iloc[0] == pytest.approx(round(100 * int8["fp32_valid_accuracy"], 2))
 
 
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(run_dir, rooms, runner, tmp_path):
+    result = runner.invoke(app, ["predict", str(run_dir), str(rooms / "rooms" / "valid"), "--device", "cuda",
+                                 "--out", str(tmp_path / "t.csv")])
+    assert result.exit_code == 2 and "error: --device cuda, but torch" in result.output and "sees no CUDA GPU" in result.output
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_on_a_gpu_machine_the_engine_follows_what_is_installed(run_dir, tmp_path, monkeypatch):
+    """A GPU machine, stood in for: ONNX Runtime's CUDA provider where onnxruntime-gpu is installed,
+    else PyTorch (the fastai engine, which needs export.pkl), else ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+    import torch
+    monkeypatch.setattr(predict, "_gpu_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert predict.plan("onnx", "auto", [run_dir]) == ("onnx", "cuda", "")
+    assert predict.providers("cuda", 1)[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    engine, device, note = predict.plan("onnx", "auto", [run_dir])
+    assert (engine, device) == ("fastai", "cuda") and "onnxruntime-gpu" in note and "export.pkl" in note
+    no_pickle = tmp_path / "run"
+    shutil.copytree(run_dir, no_pickle)
+    (no_pickle / "export.pkl").unlink()
+    engine, device, note = predict.plan("onnx", "cuda", [no_pickle])
+    assert (engine, device) == ("onnx", "cpu") and "running on the CPU" in note
+    assert predict.plan("onnx", "cpu", [run_dir]) == ("onnx", "cpu", "")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_predict_on_the_gpu_gives_the_cpu_classes(run_dir, rooms, runner, tmp_path):
