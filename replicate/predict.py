@@ -126,7 +126,7 @@ def open_photo(path: Path, largest: int | None = None) -> Image.Image:
 def decode(path: Path, geometries: list[tuple[int, float, str]]) -> tuple[dict | None, str]:
     """({geometry: uint8 array H x W x 3}, '') for a photo, or (None, the error) when it does not decode.
 
-    Runs in the decoding workers: module level, and cheap to send back (uint8, not float)."""
+    Runs in the decoding threads; uint8 crops, normalised per model only when batched."""
     try:
         largest = max(int(size / crop_pct) + 1 for size, crop_pct, _ in geometries)
         im = open_photo(path, largest)
@@ -203,7 +203,10 @@ def load_onnx(model: Path, name: str | None = None, device: str = "cpu", index: 
         raise ReplicateError(f"{path} has no replicate metadata (classes, size, crop, normalisation): "
                              "write it with `replicate export RUN_DIR`") from None
     default = meta.get("task") or path.parent.name
-    return OnnxModel(name or default, session, meta, path, checksum_warning(path))
+    warning = checksum_warning(path)
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        warning = "; ".join(filter(None, [warning, "ONNX Runtime could not start its CUDA provider: running on the CPU"]))
+    return OnnxModel(name or default, session, meta, path, warning)
 
 
 def decoded(files: list[Path], geometries: list, workers: int, ahead: int = 128):
@@ -346,8 +349,8 @@ def _has_pickle(model: Path) -> bool:
 
 
 def load_models(paths: list[Path], engine: str, device: str) -> list:
-    """The models, loaded for `engine` on `device`, their column names made unique (task, then
-    task_<run folder>)."""
+    """The models, loaded for `engine` on `device`, their column names made unique: the task, else
+    task_<run folder>, else task_<run folder>_<file> (model.onnx beside model.int8.onnx)."""
     index = int(os.environ.get("LOCAL_RANK", 0))
     if engine == "onnx":
         models = [load_onnx(p, device=device, index=index) for p in paths]
@@ -355,10 +358,13 @@ def load_models(paths: list[Path], engine: str, device: str) -> list:
         import torch
         dev = torch.device("cuda", index) if device == "cuda" else torch.device("cpu")
         models = [load_model(_pickle_of(p), dev) for p in paths]
-    names = [m.name for m in models]
-    for m, path in zip(models, paths):
-        if names.count(m.name) > 1:
-            m.name = f"{m.name}_{path.name if path.is_dir() else path.parent.name}"
+    tasks = [m.name for m in models]
+    for detail in (lambda p: p.name if p.is_dir() else p.parent.name,  # the run folder
+                   lambda p: p.name if p.is_dir() else f"{p.parent.name}_{p.stem}"):  # and the file
+        names = [m.name for m in models]
+        for m, task, path in zip(models, tasks, paths):
+            if names.count(m.name) > 1:
+                m.name = f"{task}_{detail(path)}"
     return models
 
 

@@ -222,6 +222,9 @@ def test_each_photo_is_decoded_once_for_all_models(run_dir, rooms, tmp_path, mon
     shutil.copytree(run_dir, other)
     models = predict.load_models([run_dir, other], "onnx", "cpu")
     assert [m.name for m in models] == [f"rooms_{run_dir.name}", "rooms_other"]
+    shutil.copy(other / "model.onnx", other / "model.int8.onnx")  # a stand-in: only the name matters here
+    both = predict.load_models([other / "model.onnx", other / "model.int8.onnx", run_dir], "onnx", "cpu")
+    assert [m.name for m in both] == ["rooms_other_model", "rooms_other_model.int8", f"rooms_{run_dir.name}"]
     calls = []
     real = predict.decode
     monkeypatch.setattr(predict, "decode", lambda path, geometries: calls.append(path) or real(path, geometries))
