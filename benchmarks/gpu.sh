@@ -39,23 +39,8 @@ fi
 echo "step,seconds,status" > "$OUT/steps.csv"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 
-step() {  # step NAME COMMAND...: run, time, record; a failing step is recorded and the script goes on
-  local name=$1; shift
-  echo "=== $name: $*"
-  local t0 t1 status seconds
-  t0=$(date +%s%N)
-  "$@"
-  status=$?
-  t1=$(date +%s%N)
-  seconds=$(awk "BEGIN { printf \"%.1f\", ($t1 - $t0) / 1e9 }")
-  echo "$name,$seconds,$status" >> "$OUT/steps.csv"
-  echo "=== $name: exit $status, $seconds s"
-}
-
-install_wheels() {
-  if $PY -c "import fastai, imagehash" 2>/dev/null; then echo "fastai and imagehash already there"; return 0; fi
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-}
+STEPS_CSV="$OUT/steps.csv"
+source benchmarks/device_steps.sh
 step install install_wheels
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 R="$PY -m replicate"

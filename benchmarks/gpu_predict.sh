@@ -29,21 +29,8 @@ mkdir -p "$OUT" "$EX"
 exec > >(tee -a "$EX/gpu_predict.log") 2>&1
 echo "step,seconds,status" > "$EX/steps.csv"
 
-step() {  # step NAME COMMAND...: run, time, record; a failing step is recorded and the script goes on
-  local name=$1; shift
-  echo "=== $name: $*"
-  local t0 status
-  t0=$(date +%s%N)
-  "$@"
-  status=$?
-  echo "$name,$(awk "BEGIN { printf \"%.1f\", ($(date +%s%N) - $t0) / 1e9 }"),$status" >> "$EX/steps.csv"
-  echo "=== $name: exit $status"
-}
-
-install_wheels() {
-  if $PY -c "import fastai, imagehash" 2>/dev/null; then echo "fastai and imagehash already there"; return 0; fi
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-}
+STEPS_CSV="$EX/steps.csv"
+source benchmarks/device_steps.sh
 step install install_wheels
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 R="$PY -m replicate"

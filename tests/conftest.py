@@ -77,6 +77,21 @@ requires_houses = pytest.mark.skipif(not HOUSES_ZIP.is_file(),
                                      reason=f"the Houses zip is not at {HOUSES_ZIP} (../shared beside the repo)")
 
 
+def odd_photos(folder: Path) -> Path:
+    """Everything a listing site receives: modes, depths, sizes, rotations and files that are not photos."""
+    make_image(folder / "good.jpg", (200, 60, 40))
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not a photo")
+    good = (folder / "good.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("L", (50, 40), 128).save(folder / "gray.png")
+    Image.new("CMYK", (50, 40), (0, 50, 100, 0)).save(folder / "cmyk.jpg")
+    Image.new("RGBA", (50, 40), (10, 200, 10, 100)).save(folder / "alpha.png")
+    Image.fromarray((np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30)).save(folder / "sixteen.png")
+    Image.new("RGB", (6000, 4000), (90, 90, 200)).save(folder / "huge.jpg", quality=50)
+    return folder
+
+
 def synthetic_photo(seed: int, size=(320, 240)) -> Image.Image:
     """A photo-like image: a colour gradient with random boxes and ellipses, different for every seed
     (perceptual hashes need structure; noise or a flat colour would not behave like a photo)."""

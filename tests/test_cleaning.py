@@ -16,7 +16,7 @@ import pytest
 from fastai.learner import load_learner
 from PIL import Image
 
-from conftest import make_image, make_task
+from conftest import make_image, make_task, odd_photos
 from replicate import train
 from replicate.cli import app
 from replicate.config import RunConfig
@@ -204,27 +204,18 @@ def test_a_symlink_loop_under_a_predict_folder_tags_each_photo_once(trained, run
 
 def test_predict_survives_bad_files_and_odd_images(trained, runner, tmp_path):
     root, run_dir = trained
-    photos = tmp_path / "photos"
-    make_image(photos / "good.jpg")
-    (photos / "zero.jpg").write_bytes(b"")
-    (photos / "text.jpg").write_text("this is not a photo")
-    good = (photos / "good.jpg").read_bytes()
-    (photos / "corrupt.jpg").write_bytes(good[: len(good) // 2])
-    Image.new("L", (50, 40), 128).save(photos / "gray.png")
-    Image.new("RGBA", (50, 40), (10, 200, 10, 100)).save(photos / "alpha.png")
-    Image.new("CMYK", (50, 40), (0, 50, 100, 0)).save(photos / "cmyk.jpg")
-    Image.new("RGB", (6000, 4000), (90, 90, 200)).save(photos / "huge.jpg", quality=50)
+    photos = odd_photos(tmp_path / "photos")
     out = tmp_path / "tags.json"
     result = runner.invoke(app, ["predict", str(run_dir), str(photos), "--out", str(out), "--format", "json",
                                  "--bs", "3"])
     assert result.exit_code == 0, result.output
     rows = {r["path"].split("/")[-1]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"good.jpg", "zero.jpg", "text.jpg", "corrupt.jpg", "gray.png", "alpha.png", "cmyk.jpg",
-                         "huge.jpg"}
-    for bad in ("zero.jpg", "text.jpg", "corrupt.jpg"):
+    assert set(rows) == {"good.jpg", "zero.jpg", "text.jpg", "truncated.jpg", "gray.png", "alpha.png", "cmyk.jpg",
+                         "sixteen.png", "huge.jpg"}
+    for bad in ("zero.jpg", "text.jpg", "truncated.jpg"):
         assert rows[bad]["error"] and rows[bad]["rooms_predicted"] is None
         assert f"unreadable: {photos / bad}" in result.output
-    for ok in ("good.jpg", "gray.png", "alpha.png", "cmyk.jpg", "huge.jpg"):
+    for ok in ("good.jpg", "gray.png", "alpha.png", "cmyk.jpg", "sixteen.png", "huge.jpg"):
         assert rows[ok]["error"] == "" and rows[ok]["rooms_predicted"] in ("bathroom", "bedroom", "kitchen")
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import make_image, make_task
+from conftest import make_task, odd_photos
 from replicate import predict, train
 from replicate.cli import app
 from replicate.config import RunConfig
@@ -155,21 +155,6 @@ def test_predict_warns_when_the_model_file_changed(run_dir, rooms, runner, tmp_p
     photo = next((rooms / "rooms" / "valid").rglob("*.jpg"))
     result = runner.invoke(app, ["predict", str(copy), str(photo), "--out", str(tmp_path / "t.csv"), "--engine", engine])
     assert result.exit_code == 0 and f"{copy / name} does not match the SHA-256" in result.output
-
-
-def odd_photos(folder: Path) -> Path:
-    """Everything a listing site receives: modes, depths, sizes, rotations and files that are not photos."""
-    make_image(folder / "good.jpg", (200, 60, 40))
-    (folder / "zero.jpg").write_bytes(b"")
-    (folder / "text.jpg").write_text("this is not a photo")
-    good = (folder / "good.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
-    Image.new("L", (50, 40), 128).save(folder / "gray.png")
-    Image.new("CMYK", (50, 40), (0, 50, 100, 0)).save(folder / "cmyk.jpg")
-    Image.new("RGBA", (50, 40), (10, 200, 10, 100)).save(folder / "alpha.png")
-    Image.fromarray((np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30)).save(folder / "sixteen.png")
-    Image.new("RGB", (6000, 4000), (90, 90, 200)).save(folder / "huge.jpg", quality=50)
-    return folder
 
 
 def upright_and_rotated(folder: Path) -> tuple[Path, Path]:
