@@ -31,13 +31,13 @@ from fastai.data.transforms import GrandparentSplitter, Normalize, parent_label
 from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, aug_transforms
 from fastai.vision.data import ImageBlock
 from fastai.vision.utils import verify_images
-from fastcore.basics import fastuple
 from fastprogress.fastprogress import progress_bar
 from PIL import Image, ImageOps
 
 from .audit import link_owners
 from .errors import ReplicateError
 from .folders import SPLITS, class_dirs, image_files, task_files
+from .predict import RESAMPLING, valid_crop
 
 HOUSES_URL = "https://github.com/emanhamed/Houses-dataset/archive/refs/heads/master.zip"
 ROOMS = ("bathroom", "bedroom", "kitchen")
@@ -338,16 +338,9 @@ class ValidCrop(Resize):
         self.crop_pct = crop_pct
 
     def encodes(self, x: Image.Image):
-        w, h = x.size
-        side = min(w / self.size[0], h / self.size[1]) * self.crop_pct
-        crop = (max(1, int(side * self.size[0])), max(1, int(side * self.size[1])))
-        top_left = fastuple((w - crop[0]) // 2, (h - crop[1]) // 2)
-        return x.crop_pad(crop, top_left, orig_sz=(w, h), pad_mode=self.pad_mode, resize_mode=self.mode,
-                          resize_to=self.size)
-
-
-RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+        # The arithmetic lives in predict.valid_crop, which the ONNX engine runs without fastai:
+        # one definition, so training's validation input and predict's cannot drift apart.
+        return valid_crop(x, self.size[0], self.crop_pct, self.resamples[0])
 
 
 def dataloaders(images: TaskImages, cfg, prep: dict, device):

@@ -43,14 +43,14 @@ def preprocess_of(learn, recorded: dict | None = None) -> predict.Preprocess:
     taken from config.json's "preprocess" where it is recorded: the learner keeps it in float32."""
     from fastai.data.transforms import Normalize
 
-    from .data import RESAMPLING, ValidCrop
+    from .data import ValidCrop
 
     crop = next((t for t in learn.dls.after_item.fs if isinstance(t, ValidCrop)), None)
     norm = next((t for t in learn.dls.after_batch.fs if isinstance(t, Normalize)), None)
     if crop is None or norm is None:
         raise ReplicateError("this export has no validation crop or normalisation that replicate knows: "
                              "retrain it with this version")
-    names = {v: k for k, v in RESAMPLING.items()}
+    names = {v: k for k, v in predict.RESAMPLING.items()}
     mean, std = tuple(norm.mean.flatten().tolist()), tuple(norm.std.flatten().tolist())
     if recorded and np.allclose(recorded["mean"], mean) and np.allclose(recorded["std"], std):
         mean, std = tuple(recorded["mean"]), tuple(recorded["std"])
@@ -166,10 +166,10 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
         _set_metadata(proto, {**fp32.meta, "quantized": "int8 (ONNX Runtime static, QDQ, per-channel)"})
         onnx.save_model(proto, out)
     seconds = time.perf_counter() - start
-    int8 = predict.load_onnx(out)
+    fp32.name = "fp32"
+    accuracy = valid_accuracies([fp32, predict.load_onnx(out, name="int8")], task_dir)
     result = {"calibration_photos": len(sample), "seconds": round(seconds, 1),
-              "fp32_valid_accuracy": valid_accuracy(fp32, task_dir),
-              "valid_accuracy": valid_accuracy(int8, task_dir),
+              "fp32_valid_accuracy": accuracy["fp32"], "valid_accuracy": accuracy["int8"],
               "fp32_mb": round((run_dir / "model.onnx").stat().st_size / 1e6, 1),
               "mb": round(out.stat().st_size / 1e6, 1)}
     record_checksum(run_dir, out, {"int8": result})
@@ -197,13 +197,13 @@ def _decoded_batches(files: list[Path], prep: predict.Preprocess, bs: int = 32):
         yield np.stack(arrays[i:i + bs])
 
 
-def valid_accuracy(model: predict.OnnxModel, task_dir: Path) -> float:
-    """The model's accuracy on the task's validation photos (labels: their class folders)."""
-    files = _split_files(task_dir, "valid")
-    table = predict.tag_onnx([model], files, workers=0, progress=False)
-    labels = [Path(p).parent.name for p in table.path]
+def valid_accuracies(models: list[predict.OnnxModel], task_dir: Path) -> dict[str, float]:
+    """{model name: accuracy} on the task's validation photos (labels: their class folders), each
+    photo decoded once for all the models."""
+    table = predict.tag_onnx(models, _split_files(task_dir, "valid"), progress=False)
     ok = table.error == ""
-    return float((table[f"{model.name}_predicted"][ok] == np.array(labels)[ok]).mean())
+    labels = table.path[ok].map(lambda p: Path(p).parent.name)
+    return {m.name: float((table[f"{m.name}_predicted"][ok] == labels).mean()) for m in models}
 
 
 def _split_files(task_dir: Path, split: str) -> list[Path]:

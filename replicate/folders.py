@@ -17,7 +17,10 @@ from .errors import ReplicateError
 
 SPLITS = ("train", "valid")
 LAYOUT = "TASK/train/<class>/*.jpg and TASK/valid/<class>/*.jpg"
-# The extensions fastai's get_image_files takes: every type mimetypes calls an image.
+# The extensions fastai's get_image_files takes: every type mimetypes calls an image. Read the
+# system's types first (/etc/mime.types): mimetypes does so lazily, on its first lookup, so without
+# init() this set would depend on whether some other import had looked a type up already.
+mimetypes.init()
 IMAGE_EXTENSIONS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith("image/")}
 
 

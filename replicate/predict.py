@@ -20,7 +20,6 @@ import re
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,14 +99,14 @@ class Preprocess:
                    tuple(meta["mean"]), tuple(meta["std"]))
 
 
-def valid_crop(im: Image.Image, size: int, crop_pct: float, interpolation: str) -> Image.Image:
-    """The centre crop and resize of `data.ValidCrop` (fastai's crop_pad), in PIL alone: the crop is
-    `crop_pct` of the short side's square, resized to `size`. A test checks the pixels are fastai's."""
+def valid_crop(im: Image.Image, size: int, crop_pct: float, resample: str | int) -> Image.Image:
+    """The validation crop, for training (`data.ValidCrop`) and prediction alike: the centre
+    `crop_pct` of the short side's square, resized to `size` with `resample` (a PIL filter or its
+    name). A test checks fastai's pipeline around it gives the pixels predict uses."""
     w, h = im.size
-    side = min(w / size, h / size) * crop_pct
-    crop = max(1, int(side * size))
+    crop = max(1, int(min(w / size, h / size) * crop_pct * size))  # as fastai-era runs computed it, bit for bit
     left, top = (w - crop) // 2, (h - crop) // 2
-    return im.crop((left, top, left + crop, top + crop)).resize((size, size), RESAMPLING[interpolation])
+    return im.crop((left, top, left + crop, top + crop)).resize((size, size), RESAMPLING.get(resample, resample))
 
 
 def open_photo(path: Path, largest: int | None = None) -> Image.Image:
@@ -324,11 +323,8 @@ def plan(engine: str, device: str, model_paths: list[Path]) -> tuple[str, str, s
         return engine, "cpu", ""
     if engine == "onnx" and "CUDAExecutionProvider" in ort.get_available_providers():
         return "onnx", "cuda", ""
-    import torch
-    if not torch.cuda.is_available():
-        if device == "cuda":
-            raise ReplicateError(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU "
-                                 "(check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --device cpu")
+    from .train import resolve_device  # PyTorch decides: no CUDA with --device cuda is its error
+    if resolve_device(device).type != "cuda":
         return engine, "cpu", ""
     if engine == "onnx":
         if not all(_has_pickle(p) for p in model_paths):
@@ -386,7 +382,8 @@ def tag_any(models: list, files: list[Path], bs: int = 64, workers: int | None =
     if models and isinstance(models[0], OnnxModel):
         table = tag_onnx(models, mine, bs, workers, progress=state is None or state.is_main_process)
     else:
-        with _single_process():
+        from .train import alone  # each process predicts its own share: no gathering in get_preds
+        with alone():
             table = tag(models, mine, bs)
     if state is None:
         return table
@@ -397,18 +394,6 @@ def tag_any(models: list, files: list[Path], bs: int = 64, workers: int | None =
     order = {str(f): i for i, f in enumerate(files)}
     whole = pd.DataFrame(rows)
     return whole.iloc[whole.path.map(order).argsort()].reset_index(drop=True)
-
-
-@contextmanager
-def _single_process():
-    """fastai's get_preds gathers from every process when WORLD_SIZE > 1; each process here
-    predicts its own share, so it must not wait for the others."""
-    world = os.environ.pop("WORLD_SIZE", None)
-    try:
-        yield
-    finally:
-        if world is not None:
-            os.environ["WORLD_SIZE"] = world
 
 
 def find_images(paths: list[Path]) -> list[Path]:

@@ -236,7 +236,7 @@ def distributed(learn):
 
 
 @contextlib.contextmanager
-def _alone():
+def alone():
     """Let this process work on its own: fastai gathers every prediction and loss from all processes
     whenever WORLD_SIZE > 1 (in `get_preds` too), and would wait for processes doing something else.
     Used by the main process to write the results, and by every process for a cached-feature fit."""
@@ -263,7 +263,7 @@ def _train(learn, cfg: RunConfig, lr: float, staging: Path | None, log) -> dict:
     # With cached features every process computes the same cache (same seed) and trains the same
     # head on its own, without gathering (training a Linear on cached outputs takes seconds, not
     # worth splitting); the main process's result is written. That keeps the processes in step.
-    parallel = _alone() if cfg.cache_features else distributed(learn)
+    parallel = alone() if cfg.cache_features else distributed(learn)
     tracking = [KeepBest(monitor="valid_accuracy", comp=np.greater, reset_on_fit=False)]
     if staging is not None:  # the main process
         tracking.append(HistoryCallback(staging / "history.csv"))
@@ -281,8 +281,6 @@ def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict, l
     error = _export_pickle(learn, staging, log)
     if error:
         metrics["export_pkl_error"] = error
-    else:
-        metrics["export_sha256"] = sha256_file(staging / "export.pkl")  # kept for readers of older run folders
     metrics["checksums"] = {p.name: sha256_file(p) for p in (staging / "model.onnx", staging / "export.pkl")
                             if p.is_file()}
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -362,7 +360,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
         if device.type == "cuda":
             extra["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         if staging is not None:
-            with _alone():
+            with alone():
                 _write_results(learn, images, staging, extra, log)
                 _publish(staging, cfg.run_dir)
     finally:

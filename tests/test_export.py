@@ -306,8 +306,9 @@ def test_on_a_gpu_machine_the_engine_follows_what_is_installed(run_dir, tmp_path
     else PyTorch (the fastai engine, which needs export.pkl), else ONNX Runtime on the CPU."""
     import onnxruntime as ort
     import torch
+    from replicate import train as training
     monkeypatch.setattr(predict, "_gpu_present", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(training, "resolve_device", lambda name: torch.device("cuda", 0))  # PyTorch sees a GPU
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert predict.plan("onnx", "auto", [run_dir]) == ("onnx", "cuda", "")
     assert predict.providers("cuda", 1)[0] == ("CUDAExecutionProvider", {"device_id": 1})
