@@ -472,15 +472,13 @@ def predict_(
     files = predicting.find_images(photo_paths)
     if not files:
         raise ReplicateError("no images found in " + ", ".join(str(p) for p in photo_paths))
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    say = typer.echo if main_process else (lambda *a, **k: None)
     engine_used, dev, note = predicting.plan(engine.value, device.value, model_paths)
     if note:
-        say(f"note: {note}", err=True)
+        echo(f"note: {note}", err=True)
     models = predicting.load_models(model_paths, engine_used, dev)
     for m in models:
         if m.warning:
-            say(f"warning: {m.warning}", err=True)
+            echo(f"warning: {m.warning}", err=True)
     start = time.time()
     table = predicting.tag_any(models, files, bs, workers)
     if table is None:  # another process of `accelerate launch`: the main one writes
@@ -488,15 +486,15 @@ def predict_(
     seconds = time.time() - start
     _write_table(table, out, format)
     errors = table[table.error != ""]
-    say(f"{len(table)} images, {len(models)} model(s), {engine_used} on {dev}, {seconds:.1f}s "
+    echo(f"{len(table)} images, {len(models)} model(s), {engine_used} on {dev}, {seconds:.1f}s "
         f"({len(table) / seconds:.1f} images/s); table: {out}")
     for row in errors.itertuples():
-        say(f"  unreadable: {row.path}: {row.error}")
+        echo(f"  unreadable: {row.path}: {row.error}")
     if listing_pattern:
         per_listing = predicting.listings(table, models, listing_pattern, threshold)
         path = out.with_name(f"{out.stem}_listings{out.suffix}")
         _write_table(per_listing, path, format)
-        say(f"{len(per_listing)} listings; table: {path}")
+        echo(f"{len(per_listing)} listings; table: {path}")
 
 
 @app.command("export")
@@ -573,9 +571,9 @@ def weights_(
 
 
 def echo(*args, **kwargs) -> None:
-    """typer.echo on the main process only: under `accelerate launch` every process runs the command."""
-    from .train import is_main_process
-    if is_main_process():
+    """typer.echo on the main process only: under `accelerate launch` every process runs the command.
+    The rank is read as fastai's rank_distrib reads it, without importing fastai (predict needs none)."""
+    if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(*args, **kwargs)
 
 
