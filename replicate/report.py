@@ -189,6 +189,7 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
         rows.append({
             "arch": config["arch"], "mode": "unfrozen" if config["unfreeze"] else "frozen",
             "recipe": config.get("recipe", "paper"), "cache_features": config.get("cache_features", 0),
+            "freeze_bn": config.get("freeze_bn", False),
             "precision": config.get("precision", "fp32"),
             "seed": config["seed"], "epochs": config["epochs"],
             "size": config["size"], "pretrained": config["pretrained"], "device": config.get("device_used", ""),
@@ -201,16 +202,18 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
 
 
 def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One row per (recipe, arch, mode, cached features, precision): means over seeds, spread, 95% CI,
-    and the study's numbers. `cache_features` K > 0: the frozen body's outputs were computed once for
-    K views; `precision` bf16/fp16: mixed precision."""
+    """One row per (recipe, arch, mode, cached features, BatchNorm mode, precision): means over seeds,
+    spread, 95% CI, and the study's numbers. `cache_features` K > 0: the frozen body's outputs were
+    computed once for K views; `freeze_bn`: the frozen body ran in eval mode; `precision` bf16/fp16:
+    mixed precision."""
     rows = []
-    keys = ["recipe", "arch", "mode", "cache_features", "precision"]
-    for (recipe, arch, mode, cached, precision), g in runs.groupby(keys, sort=False):
+    keys = ["recipe", "arch", "mode", "cache_features", "freeze_bn", "precision"]
+    for (recipe, arch, mode, cached, freeze_bn, precision), g in runs.groupby(keys, sort=False):
         n = int(g.n_valid.iloc[0])
         low, high = wilson_interval(g.best_acc.mean() * n, n)
         rows.append({
-            "arch": arch, "mode": mode, "recipe": recipe, "cache_features": cached, "precision": precision,
+            "arch": arch, "mode": mode, "recipe": recipe, "cache_features": cached, "freeze_bn": freeze_bn,
+            "precision": precision,
             "seeds": len(g),
             # A task folder can hold runs made with other settings (a `run` after the compare):
             # show them, so mismatched cells are visible.
@@ -234,7 +237,7 @@ def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
     table = table.merge(paper[["mode", "arch", "paper_s", "paper_acc"]], on=["mode", "arch"], how="left")
     table["diff_acc"] = (table.max_valid_acc - table.paper_acc).round(2)
     table["_fastai"], table["_order"] = table.recipe != "paper", table.arch.map(_arch_order)
-    table = table.sort_values(["_fastai", "recipe", "mode", "_order", "cache_features"])
+    table = table.sort_values(["_fastai", "recipe", "mode", "_order", "arch", "cache_features", "freeze_bn"])
     return table.drop(columns=["_fastai", "_order"]).reset_index(drop=True)
 
 
@@ -303,6 +306,7 @@ def plot_tradeoff(table: pd.DataFrame, task: str, path: Path) -> None:
                    color="tab:blue" if row.recipe == "paper" else "tab:orange")
         ax.annotate(f"{row.arch} {row.mode}" + ("" if row.recipe == "paper" else f" ({row.recipe})")
                     + (f" cached x{row.cache_features}" if row.cache_features else "")
+                    + (" freeze-bn" if row.freeze_bn else "")
                     + ("" if row.precision == "fp32" else f" {row.precision}"),
                     (row.train_s, row.max_valid_acc), fontsize=7, xytext=(4, 3), textcoords="offset points")
         if pd.notna(row.paper_acc) and row.recipe == "paper":
@@ -334,13 +338,16 @@ def write_html(table: pd.DataFrame, runs: pd.DataFrame, figures: list[Path], fai
     parts = [
         f"<h1>{html.escape(path.parent.parent.name)}: backbones compared</h1>",
         f"<p class=lead>Best cell: <b>{b['arch']} {b['mode']}</b> ({b['recipe']} recipe"
-        f"{f', features cached for {b.cache_features} views' if b.cache_features else ''}), max valid accuracy "
+        f"{f', features cached for {b.cache_features} views' if b.cache_features else ''}"
+        f"{', body in eval mode' if b.freeze_bn else ''}), max valid accuracy "
         f"{b.max_valid_acc}% (95% CI {b.ci95_low}-{b.ci95_high}%), {b.train_s}s of training. "
         f"Cells whose intervals overlap are not clearly different on this validation set.</p>",
         "<p>max_valid_acc is the best epoch's validation accuracy, as the study reports it (it flatters, "
         "being chosen on the same images); last_acc is the final epoch's. paper_* are the study's "
         "figures (Tesla K80, 30 epochs, its own data); diff_acc = ours - the study's. cache_features K: "
         "a frozen run that computed the body's outputs once for K augmented views (--cache-features). "
+        "freeze_bn: a frozen run whose body ran in eval mode, BatchNorm on its pretrained statistics "
+        "(--freeze-bn; False: the study's train mode). "
         "leaked_valid: validation photos with a near-duplicate in train (they inflate the accuracy); "
         "conflicts: photos found under two labels (replicate audit TASK shows them; blank: not audited). "
         "int8_acc: validation accuracy of model.int8.onnx, beside int8_fp32_acc, model.onnx's on the same photos "

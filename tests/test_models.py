@@ -204,7 +204,8 @@ def test_size_below_the_minimum_and_unknown_arch_are_user_errors():
 def test_any_timm_name_is_an_arch_and_the_study_names_stay_torchvision():
     assert models.get_arch("resnet18").source == "torchvision"
     tagged = models.get_arch("resnet50.a1_in1k")
-    assert tagged.source == "timm" and tagged.weights == "timm/resnet50.a1_in1k" and tagged.n_features == 2048
+    assert tagged.source == "timm" and tagged.weights == weights.HubFile("timm/resnet50.a1_in1k")
+    assert tagged.n_features == 2048
 
 
 def test_archs_are_described_from_the_network(runner):
@@ -230,7 +231,7 @@ def test_missing_weights_offline_name_the_file_and_the_cache(offline):
 
 def test_cached_weights_are_loaded_without_network(offline):
     arch = models.get_arch("resnet18")
-    path, _ = weights.torchvision_source(arch.weights)
+    path, _ = weights.torchvision_source(arch.weights.url)
     path.parent.mkdir(parents=True)
     torch.manual_seed(1)
     torch.save(models.Backbone("resnet18")(pretrained=False).state_dict(), path)

