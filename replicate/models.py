@@ -297,11 +297,14 @@ def check_freeze_bn(cfg: RunConfig) -> None:
 # --- pretrained weights, from their caches, downloaded only when missing -----------------------
 
 def ensure_weights(arch: Arch) -> Path:
-    """The weights file of `arch` (cached, shipped by its package, or downloaded and verified);
-    ReplicateError saying why and what to do when it can't be had."""
+    """The weights file of `arch` (cached, shipped by its package, or downloaded and verified), ready
+    to load (a package's file mapped onto the network, every shape checked); ReplicateError saying
+    why and what to do when it can't be had."""
     if arch.weights is None:
         raise ReplicateError(f"timm has no pretrained weights for {arch.name}: pass --no-pretrained")
-    return arch.weights.fetch(arch.name)
+    path = arch.weights.fetch(arch.name)
+    arch.weights.loadable(arch.name)  # once per process; a file of another network fails here, before any photo
+    return path
 
 
 def fetch_and_verify(arch: Arch) -> Path:
