@@ -158,7 +158,7 @@ class Arch:
     source: str  # the network's code: "torchvision" (the study's five) or "timm"
     # Where its pretrained weights come from, and how they are fetched, verified and recorded:
     # weights.TorchvisionFile, HubFile or PackageFile; None when there are none (--no-pretrained only).
-    weights: weights.TorchvisionFile | weights.HubFile | weights.PackageFile | None
+    weights: weights.Source | None
     input_size: int
     min_size: int  # smallest square input the network accepts
     n_features: int  # inputs of the replaced last Linear
@@ -245,7 +245,7 @@ def _timm_arch(name: str) -> Arch:
         mean=tuple(data["mean"]), std=tuple(data["std"]))
 
 
-def weights_source(name: str, pretrained) -> weights.PackageFile | weights.HubFile | None:
+def weights_source(name: str, pretrained) -> weights.Source | None:
     """Where a timm model's weights come from. The rule, when a pip package and the hub could both
     serve one: a bare name that a package ships (`tf_efficientnet_lite0`) always means the package's
     file (it needs no network, and pip pins it); a tagged name (`tf_efficientnet_lite0.in1k`) always

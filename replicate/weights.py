@@ -326,8 +326,20 @@ def _convert(path: Path, digest: str, arch: str) -> Path:
 
 # --- the three sources: one object per arch in the registry -----------------------------------------
 
+class Source:
+    """Where an arch's pretrained weights come from. A new source is one subclass: `where` (for people),
+    `cached` (the file if it is here, nothing fetched), `fetch` (the file, fetched and checked when
+    needed; ReplicateError saying what to do), `verify` (a file already here), `loadable` (the file
+    the model loads: the fetched one unless it must be converted), `record` (config.json's "weights")."""
+
+    kind = ""
+
+    def loadable(self, arch: str) -> Path:
+        return self.fetch(arch)
+
+
 @dataclass(frozen=True)
-class TorchvisionFile:
+class TorchvisionFile(Source):
     """torchvision's weights `url`, cached in the torch hub cache."""
 
     url: str
@@ -346,16 +358,12 @@ class TorchvisionFile:
     def verify(self, path: Path) -> None:
         verify_torchvision(path)
 
-    def loadable(self, arch: str) -> Path:
-        """The file the model loads (torch.load): the cached one."""
-        return self.fetch(arch)
-
     def record(self, path: Path) -> dict:
         return {"source": self.kind, "url": self.url, "file": str(path)}
 
 
 @dataclass(frozen=True)
-class HubFile:
+class HubFile(Source):
     """A timm model's file `filename` in Hugging Face hub repo `repo`, cached in the hub cache."""
 
     repo: str
@@ -374,16 +382,12 @@ class HubFile:
     def verify(self, path: Path) -> None:
         verify_hub(path)
 
-    def loadable(self, arch: str) -> Path:
-        """The file timm loads: the cached one."""
-        return self.fetch(arch)
-
     def record(self, path: Path) -> dict:
         return {"source": self.kind, "repo": self.repo, "file": str(path)}
 
 
 @dataclass(frozen=True)
-class PackageFile:
+class PackageFile(Source):
     """The weights file a pip package ships (`Package`), for the timm model of the same network."""
 
     package: Package
