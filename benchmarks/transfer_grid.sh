@@ -43,3 +43,27 @@ for task in rooms exterior; do
   $R report "$task" --recipe fastai --exports-dir "$EXPORTS" > /dev/null
   cat "$EXPORTS/$task/compare/table.md" "$EXPORTS/$task/compare-fastai/table.md"
 done
+# One row per cell in benchmarks/results.csv (bench=transfer_grid), with the machine and versions.
+.venv/bin/python - "$EXPORTS" <<'PY'
+import datetime, json, platform, sys
+from pathlib import Path
+import pandas as pd
+import fastai, torch
+from replicate import report
+rows = []
+for task in ("rooms", "exterior"):
+    runs = report.load_runs(Path(sys.argv[1]) / task)
+    runs = runs[runs.arch.str.startswith("tf_efficientnet_lite") & runs.pretrained]
+    for r in runs.itertuples():
+        rows.append({"impl": "replicate", "bench": "transfer_grid", "run": f"{task}/{r.run_dir.name}",
+                     "mode": r.mode + ("-freezebn" if r.freeze_bn else "") + ("" if r.recipe == "paper" else f"-{r.recipe}"), "arch": r.arch, "size": r.size,
+                     "epochs": r.epochs, "bs": 32, "best_acc": r.best_acc, "final_acc": r.last_acc,
+                     "fit_seconds": r.train_seconds, "train_images_per_s": r.images_per_s,
+                     "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
+                     "processor": platform.machine(), "device": r.device, "torch": torch.__version__,
+                     "fastai": fastai.__version__})
+results = Path("benchmarks/results.csv")
+table = pd.concat([pd.read_csv(results), pd.DataFrame(rows)], ignore_index=True)
+table.to_csv(results, index=False)
+print(f"{len(rows)} rows added to {results}")
+PY
