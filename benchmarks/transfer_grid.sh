@@ -55,8 +55,9 @@ for task in ("rooms", "exterior"):
     runs = report.load_runs(Path(sys.argv[1]) / task)
     runs = runs[runs.arch.str.startswith("tf_efficientnet_lite") & runs.pretrained]
     for r in runs.itertuples():
+        mode = r.mode + ("-freezebn" if r.freeze_bn else "") + ("" if r.recipe == "paper" else f"-{r.recipe}")
         rows.append({"impl": "replicate", "bench": "transfer_grid", "run": f"{task}/{r.run_dir.name}",
-                     "mode": r.mode + ("-freezebn" if r.freeze_bn else "") + ("" if r.recipe == "paper" else f"-{r.recipe}"), "arch": r.arch, "size": r.size,
+                     "mode": mode, "arch": r.arch, "size": r.size,
                      "epochs": r.epochs, "bs": 32, "best_acc": r.best_acc, "final_acc": r.last_acc,
                      "fit_seconds": r.train_seconds, "train_images_per_s": r.images_per_s,
                      "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),

@@ -64,7 +64,8 @@ def body_outputs(body: torch.nn.Module, dl, train: bool, what: str) -> tuple:
     fastai's `get_preds` runs the model in eval mode; a frozen paper run trains with the body in
     train mode (BatchNorm on batch statistics, dropout in AlexNet/VGG's kept classifier layers),
     so the training views are computed that way (in eval mode with --freeze-bn, as such a run
-    trains), and the validation view in eval mode, as fastai validates. Outputs are a tuple (main, auxiliary) for Inception v3 with its auxiliary branch.
+    trains), and the validation view in eval mode, as fastai validates. Outputs are a tuple
+    (main, auxiliary) for Inception v3 with its auxiliary branch.
     """
     body.train(train)
     outputs, targets = [], []

@@ -351,7 +351,8 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
         if is_main_process():  # only the main process writes; the others train their share and wait
             staging = _staging(cfg)
             config = {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr,
-                      "aux_logits": models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn), "workers": data.workers(cfg),
+                      "aux_logits": models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn),
+                      "workers": data.workers(cfg),
                       "processes": max(1, num_distrib()), "device_used": describe_device(device),
                       "arch_source": arch.source, "weights": _weights_record(arch, cfg.pretrained),
                       "preprocess": models.preprocess(cfg), "environment": environment()}

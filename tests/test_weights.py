@@ -100,7 +100,8 @@ def use_file(monkeypatch, server, name: str, data: bytes | None):
     variable at the stand-in, and serve `data` there (None: serve nothing)."""
     spec = models.ARCHS["resnet18"]
     monkeypatch.setitem(models.ARCHS, "resnet18",
-                        dataclasses.replace(spec, weights=weights.TorchvisionFile(f"https://download.pytorch.org/models/{name}")))
+                        dataclasses.replace(spec, weights=weights.TorchvisionFile(
+                            f"https://download.pytorch.org/models/{name}")))
     monkeypatch.setenv("REPLICATE_WEIGHTS_URL", server.url + "/models/")
     if data is not None:
         server.files[f"/models/{name}"] = data
