@@ -146,7 +146,7 @@ def test_freeze_bn_keeps_every_batchnorm_buffer_the_studys_mode_moves_them(tiny_
     learn = load_learner(run_dir / "export.pkl", cpu=True)
     after = bn_buffers(learn.model[0])
     arch = models.get_arch(LITE)
-    pretrained = bn_buffers_of_file(arch.weights.loadable(LITE), after)
+    pretrained = torch.load(arch.weights.loadable(LITE), map_location="cpu", weights_only=True)  # timm's names
     assert len(after) == 3 * 49  # lite0's 49 BatchNorm layers: mean, var, counter
     same = [k for k in after if torch.equal(after[k], pretrained[k])]
     if freeze_bn:
@@ -156,16 +156,7 @@ def test_freeze_bn_keeps_every_batchnorm_buffer_the_studys_mode_moves_them(tiny_
         assert len(moved) == 49  # every layer's statistics drifted to the listing photos
     # Only the new layer trained either way: every other weight is the package's.
     body = learn.model[0].state_dict()
-    assert all(torch.equal(body[k], pretrained_weights(arch)[k]) for k in body if k not in after)
-
-
-def bn_buffers_of_file(path: Path, keys) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: state[k] for k in keys}
-
-
-def pretrained_weights(arch) -> dict:
-    return torch.load(arch.weights.loadable(arch.name), map_location="cpu", weights_only=True)
+    assert all(torch.equal(body[k], pretrained[k]) for k in body if k not in after)
 
 
 @pytest.mark.parametrize("args, message", [
