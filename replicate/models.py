@@ -323,8 +323,7 @@ def timm_kwargs(arch: Arch, size: int, pretrained: bool) -> dict:
     """timm.create_model arguments: the weights file resolved above (so timm itself never goes to
     the network), and for ViTs the input size their position embeddings are resampled to."""
     kwargs = {}
-    if pretrained:
-        ensure_weights(arch)  # the user's error (missing, corrupt) before timm's
+    if pretrained:  # loadable fetches and verifies first: the user's error (missing, corrupt) before timm's
         kwargs["pretrained_cfg_overlay"] = {"file": str(arch.weights.loadable(arch.name))}
     if arch.fixed_input_size and size != arch.input_size:
         kwargs["img_size"] = size
