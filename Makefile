@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/replicate demo
 
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 clean:

@@ -25,7 +25,7 @@ import torch
 from fastai.callback.core import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from replicate import models, train  # noqa: E402
+from replicate import models, runtime, train  # noqa: E402
 from replicate.config import RunConfig  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def main() -> None:
         train.run(cfg, log=print)
     wall = time.perf_counter() - start
     table = pd.DataFrame([r for r in timer.rows if r["batches"]]).round(3)  # not get_preds' passes
-    print(f"{args.arch} {'unfrozen' if args.unfreeze else 'frozen'} {args.precision} on {train.describe_device(train.resolve_device(args.device))}, "
+    print(f"{args.arch} {'unfrozen' if args.unfreeze else 'frozen'} {args.precision} on {runtime.describe_device(runtime.resolve_device(args.device))}, "
           f"{args.epochs} epochs, run wall {wall:.1f}s (with start-up, data check and plots)")
     print(table.to_string(index=False))
     later = table.iloc[1:] if len(table) > 1 else table  # the first epoch also warms up kernels

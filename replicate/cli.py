@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=Fu
 # and --help need none of it.
 from . import audit as auditing  # noqa: E402
 from . import clean as cleaning  # noqa: E402
-from . import report  # noqa: E402
+from . import report, runtime  # noqa: E402
 from .config import STUDY_ARCHS, RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
 from .folders import task_files  # noqa: E402
@@ -210,7 +210,7 @@ def run(
                     cache_features=cache_features, freeze_bn=freeze_bn, precision=precision.value, audit=audit,
                     data_dir=data_dir, exports_dir=exports_dir)
     run_dir = train.run(cfg, log=echo)
-    if quantize and train.is_main_process():
+    if quantize and runtime.is_main_process():
         from . import export
         export.quantize_run(run_dir, log=echo)
     _summary(run_dir)
@@ -282,7 +282,7 @@ def compare(
                          [m.strip() for m in modes.split(",") if m.strip()], seeds)
         cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs, log=echo))
         failed += sum(c.status == "failed" for c in cells)
-        if train.is_main_process():  # under accelerate launch, one process writes the report
+        if runtime.is_main_process():  # under accelerate launch, one process writes the report
             if quantize:
                 grid.quantize(cells, log=echo)
             grid.record_failures(cells, grid.failures_file(exports_dir, name, recipe.value))

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import models, train
+from . import models, runtime, train
 from .config import RunConfig
 from .errors import ReplicateError
 
@@ -149,7 +149,7 @@ def preflight(cfgs: list[RunConfig], log=print) -> dict:
     scanned = {}
     for task_dir, cfg in first.items():
         images = data.scan_task(task_dir)
-        scanned[task_dir] = (images, train.audit_counts(cfg, images, log) if train.is_main_process() else None)
+        scanned[task_dir] = (images, train.audit_counts(cfg, images, log) if runtime.is_main_process() else None)
     return scanned
 
 

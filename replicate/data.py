@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 import re
 import shutil
@@ -23,21 +22,23 @@ import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
-from fastai.data.block import CategoryBlock, DataBlock
-from fastai.data.transforms import GrandparentSplitter, Normalize, parent_label
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+from fastai.data.transforms import GrandparentSplitter, IntToFloatTensor, Normalize, parent_label
 from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, aug_transforms
-from fastai.vision.data import ImageBlock
+from fastai.vision.core import PILImage
 from fastai.vision.utils import verify_images
 from fastprogress.fastprogress import progress_bar
-from PIL import Image, ImageOps
+from PIL import Image
 
+from . import photos, runtime
 from .audit import link_owners
 from .errors import ReplicateError
 from .folders import SPLITS, class_dirs, image_files, task_files
-from .predict import RESAMPLING, valid_crop
+from .photos import RESAMPLING, largest_crop, valid_crop
 
 HOUSES_URL = "https://github.com/emanhamed/Houses-dataset/archive/refs/heads/master.zip"
 ROOMS = ("bathroom", "bedroom", "kitchen")
@@ -193,9 +194,7 @@ def write_task(task_dir: Path, files: dict[str, bytes | Path], force: bool = Fal
 def _clean_image(path: Path, width: int, min_size: int) -> tuple[Image.Image | None, str]:
     """(resized RGB image, "") or (None, reason it was rejected)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im).convert("RGB")
+        im = photos.open_photo(path)
     except Exception as e:  # PIL raises many types for undecodable files
         return None, f"cannot decode: {e}"
     w, h = im.size
@@ -314,7 +313,14 @@ def scan_task(task_dir: Path) -> TaskImages:
     return TaskImages([f for f in everything if f not in bad], classes, counts, sorted(bad))
 
 
-# Module-level transform classes: an exported learner pickles them by name.
+# Module-level transforms: an exported learner pickles them by name.
+def open_image(path: Path, largest: int | None = None) -> PILImage:
+    """fastai's image type from `photos.open_photo`: the decode the ONNX engine does (EXIF upright,
+    RGB, the same draft-mode decision for the model's `largest` crop). fastai's own PILImage.create
+    ignores EXIF orientation and always decodes in full, so served photos would differ."""
+    return PILImage.create(photos.open_photo(path, largest))
+
+
 class TrainCrop(RandomResizedCrop):
     """The study's train crop (torchvision RandomResizedCrop: scale 0.08-1, ratio 3/4-4/3); train only."""
 
@@ -338,7 +344,7 @@ class ValidCrop(Resize):
         self.crop_pct = crop_pct
 
     def encodes(self, x: Image.Image):
-        # The arithmetic lives in predict.valid_crop, which the ONNX engine runs without fastai:
+        # The arithmetic lives in photos.valid_crop, which the ONNX engine runs without fastai:
         # one definition, so training's validation input and predict's cannot drift apart.
         return valid_crop(x, self.size[0], self.crop_pct, self.resamples[0])
 
@@ -359,18 +365,14 @@ def dataloaders(images: TaskImages, cfg, prep: dict, device):
     else:
         item_tfms = [TrainCrop(size, resamples=resamples), valid, FlipItem(0.5)]
         batch_tfms = [normalize]
+    opener = partial(open_image, largest=largest_crop(size, prep["crop_pct"]))
     block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock(vocab=images.classes)),
+        blocks=(TransformBlock(type_tfms=opener, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=images.classes)),
         splitter=GrandparentSplitter(train_name="train", valid_name="valid"),
         get_y=parent_label, item_tfms=item_tfms, batch_tfms=batch_tfms,
     )
     n_train = int(images.counts["train"].sum())
     # Keep the last partial batch (the study's DataLoader did) unless it would hold one image:
     # BatchNorm cannot train on a batch of one.
-    return block.dataloaders(images.files, bs=cfg.bs, device=device, num_workers=workers(cfg),
+    return block.dataloaders(images.files, bs=cfg.bs, device=device, num_workers=runtime.workers(cfg.workers),
                              drop_last=n_train % cfg.bs == 1)
-
-
-def workers(cfg) -> int:
-    """DataLoader worker processes: --workers, else one per CPU core, at most 8."""
-    return cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import predict
+from . import photos, predict
+from .data import ValidCrop
 from .errors import ReplicateError
 from .folders import sha256_file, task_files
 
@@ -37,24 +38,22 @@ OPSET = 18  # the torch.export-based exporter's lowest; onnxruntime >= 1.14 runs
 CALIBRATION_PHOTOS = 256  # training photos that set the int8 activation ranges
 
 
-def preprocess_of(learn, recorded: dict | None = None) -> predict.Preprocess:
+def preprocess_of(learn, recorded: dict | None = None) -> photos.Preprocess:
     """How the learner turns a photo into input, read from its own validation transforms (the truth
     of what fastai does, also for exports made before config.json recorded it). The normalisation is
     taken from config.json's "preprocess" where it is recorded: the learner keeps it in float32."""
     from fastai.data.transforms import Normalize
-
-    from .data import ValidCrop
 
     crop = next((t for t in learn.dls.after_item.fs if isinstance(t, ValidCrop)), None)
     norm = next((t for t in learn.dls.after_batch.fs if isinstance(t, Normalize)), None)
     if crop is None or norm is None:
         raise ReplicateError("this export has no validation crop or normalisation that replicate knows: "
                              "retrain it with this version")
-    names = {v: k for k, v in predict.RESAMPLING.items()}
+    names = {v: k for k, v in photos.RESAMPLING.items()}
     mean, std = tuple(norm.mean.flatten().tolist()), tuple(norm.std.flatten().tolist())
     if recorded and np.allclose(recorded["mean"], mean) and np.allclose(recorded["std"], std):
         mean, std = tuple(recorded["mean"]), tuple(recorded["std"])
-    return predict.Preprocess(size=int(crop.size[0]), crop_pct=float(crop.crop_pct),
+    return photos.Preprocess(size=int(crop.size[0]), crop_pct=float(crop.crop_pct),
                               interpolation=names[crop.resamples[0]], mean=mean, std=std)
 
 
@@ -189,9 +188,9 @@ def _quiet_logging():
         logging.disable(logging.NOTSET)
 
 
-def _decoded_batches(files: list[Path], prep: predict.Preprocess, bs: int = 32):
+def _decoded_batches(files: list[Path], prep: photos.Preprocess, bs: int = 32):
     """uint8 batches (N, H, W, 3) of `files` as `prep` crops them; files that do not decode are left out."""
-    decoded = [predict.decode(f, [prep.geometry]) for f in files]
+    decoded = [photos.decode(f, [prep.geometry]) for f in files]
     arrays = [d[prep.geometry] for d, error in decoded if not error]
     for i in range(0, len(arrays), bs):
         yield np.stack(arrays[i:i + bs])

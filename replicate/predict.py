@@ -4,9 +4,9 @@
 
 Two engines. `onnx` (the default) runs a run folder's `model.onnx` with ONNX Runtime: no pickle is
 loaded, so it is safe for files from elsewhere, and it needs neither fastai nor PyTorch. Each photo
-is decoded once for all the models (EXIF orientation applied), by parallel worker threads, and
-cropped the way each model's metadata says (the same arithmetic as training's validation crop);
-inference runs in batches. `fastai` loads `export.pkl` (a pickle: it runs code, so only files the
+is decoded by `photos.decode` (the decoding training used: EXIF orientation, draft-mode rule and
+validation crop, as each model's metadata records them), by parallel worker threads; inference
+runs in batches. `fastai` loads `export.pkl` (a pickle: it runs code, so only files the
 user trusts) and runs fastai's own `test_dl` pipeline: the path `interpret` uses too.
 
 Both check the file against the SHA-256 recorded in metrics.json when it was written, and turn
@@ -27,18 +27,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 from fastprogress.fastprogress import progress_bar
-from PIL import Image, ImageOps
+from PIL import Image
 
+from . import runtime
 from .errors import ReplicateError
 from .folders import image_files, sha256_file
+from .photos import Preprocess, decode
 
 if TYPE_CHECKING:  # fastai and torch load only for the fastai engine (seconds, and a pickle)
     import torch
     from fastai.learner import Learner
 
 META_KEY = "replicate"  # model.onnx's metadata entry: JSON written by export.write_onnx
-RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
 @dataclass
@@ -70,69 +70,6 @@ def checksum_warning(path: Path) -> str:
 
 
 # --- the onnx engine ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Photo -> model input: aspect-preserving resize and centre crop of `crop_pct` of the short side
-    to `size` px with `interpolation`, then (pixel / 255 - mean) / std. Recorded in model.onnx."""
-
-    size: int
-    crop_pct: float
-    interpolation: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def geometry(self) -> tuple[int, float, str]:
-        """What decoding must produce (models sharing it share the decoded crop)."""
-        return self.size, self.crop_pct, self.interpolation
-
-    def to_meta(self, **more) -> dict:
-        return {"format": 1, "size": self.size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std),
-                "input": "float32 N x 3 x size x size, RGB, (pixel / 255 - mean) / std",
-                "output": "class probabilities", **more}
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> Preprocess:
-        return cls(int(meta["size"]), float(meta["crop_pct"]), str(meta["interpolation"]),
-                   tuple(meta["mean"]), tuple(meta["std"]))
-
-
-def valid_crop(im: Image.Image, size: int, crop_pct: float, resample: str | int) -> Image.Image:
-    """The validation crop, for training (`data.ValidCrop`) and prediction alike: the centre
-    `crop_pct` of the short side's square, resized to `size` with `resample` (a PIL filter or its
-    name). A test checks fastai's pipeline around it gives the pixels predict uses."""
-    w, h = im.size
-    crop = max(1, int(min(w / size, h / size) * crop_pct * size))  # as fastai-era runs computed it, bit for bit
-    left, top = (w - crop) // 2, (h - crop) // 2
-    return im.crop((left, top, left + crop, top + crop)).resize((size, size), RESAMPLING.get(resample, resample))
-
-
-def open_photo(path: Path, largest: int | None = None) -> Image.Image:
-    """The photo as RGB, turned upright by its EXIF orientation (phone photos are stored rotated).
-
-    `largest`: the biggest crop any model takes from it; a JPEG at least 4x that size is decoded at a
-    reduced scale that stays at least 2x it (libjpeg's draft mode: much faster on huge photos)."""
-    with Image.open(path) as im:
-        if largest and im.format == "JPEG" and min(im.size) >= 4 * largest:
-            im.draft(im.mode, (2 * largest, 2 * largest))
-        im.load()
-        upright = ImageOps.exif_transpose(im)
-        return upright.convert("RGB")
-
-
-def decode(path: Path, geometries: list[tuple[int, float, str]]) -> tuple[dict | None, str]:
-    """({geometry: uint8 array H x W x 3}, '') for a photo, or (None, the error) when it does not decode.
-
-    Runs in the decoding threads; uint8 crops, normalised per model only when batched."""
-    try:
-        largest = max(int(size / crop_pct) + 1 for size, crop_pct, _ in geometries)
-        im = open_photo(path, largest)
-        return {g: np.asarray(valid_crop(im, *g)) for g in geometries}, ""
-    except Exception as e:  # PIL raises many types for files that are not images
-        return None, f"{type(e).__name__}: {e}"
-
 
 @dataclass
 class OnnxModel:
@@ -233,7 +170,7 @@ def tag_onnx(models: list[OnnxModel], files: list[Path], bs: int = 64, workers: 
              progress: bool = True) -> pd.DataFrame:
     """One row per file: path, error, and per model <name>_predicted, <name>_p_<class>. Each photo
     is decoded once (by `workers` threads; None: one per core) for all the models."""
-    workers = default_workers() if workers is None else workers
+    workers = runtime.workers(workers)
     geometries = list(dict.fromkeys(m.prep.geometry for m in models))
     errors = [""] * len(files)
     probs = {m.name: np.full((len(files), len(m.classes)), np.nan, dtype=np.float32) for m in models}
@@ -264,12 +201,6 @@ def tag_onnx(models: list[OnnxModel], files: list[Path], bs: int = 64, workers: 
         for k, c in enumerate(m.classes):
             table[f"{m.name}_p_{c}"] = p[:, k]
     return table
-
-
-def default_workers() -> int:
-    """Decoding threads: one per core the process may use, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores)
 
 
 # --- the fastai engine ----------------------------------------------------------------------------
@@ -319,12 +250,11 @@ def plan(engine: str, device: str, model_paths: list[Path]) -> tuple[str, str, s
     CUDA provider where onnxruntime-gpu is installed, else PyTorch (the fastai engine: export.pkl)."""
     import onnxruntime as ort
 
-    if device == "cpu" or (device == "auto" and not _gpu_present()):
+    if device == "cpu" or (device == "auto" and not runtime.gpu_present()):
         return engine, "cpu", ""
     if engine == "onnx" and "CUDAExecutionProvider" in ort.get_available_providers():
         return "onnx", "cuda", ""
-    from .train import resolve_device  # PyTorch decides: no CUDA with --device cuda is its error
-    if resolve_device(device).type != "cuda":
+    if runtime.resolve_device(device).type != "cuda":  # PyTorch decides: no CUDA with --device cuda is its error
         return engine, "cpu", ""
     if engine == "onnx":
         if not all(_has_pickle(p) for p in model_paths):
@@ -333,11 +263,6 @@ def plan(engine: str, device: str, model_paths: list[Path]) -> tuple[str, str, s
         return "fastai", "cuda", ("ONNX Runtime here has no CUDA provider (pip install onnxruntime-gpu): "
                                   "running export.pkl with PyTorch on the GPU (a pickle: trusted files only)")
     return "fastai", "cuda", ""
-
-
-def _gpu_present() -> bool:
-    """An NVIDIA device node: cheaper than importing PyTorch to ask."""
-    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
 
 
 def _has_pickle(model: Path) -> bool:
@@ -382,8 +307,7 @@ def tag_any(models: list, files: list[Path], bs: int = 64, workers: int | None =
     if models and isinstance(models[0], OnnxModel):
         table = tag_onnx(models, mine, bs, workers, progress=state is None or state.is_main_process)
     else:
-        from .train import alone  # each process predicts its own share: no gathering in get_preds
-        with alone():
+        with runtime.alone():  # each process predicts its own share: no gathering in get_preds
             table = tag(models, mine, bs)
     if state is None:
         return table

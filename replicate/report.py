@@ -13,6 +13,7 @@ import io
 import json
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -152,13 +153,16 @@ if __name__ == "__main__":
 
 # --- comparing runs: the study's tables and figures ----------------------------------------------
 
-PAPER_TASKS = ("balcony", "fireplace", "rooms")
-
-
 def _arch_order(arch: str) -> int:
-    """Registry order (the study's table order); unknown names last."""
-    from .models import ARCHS
-    return list(ARCHS).index(arch) if arch in ARCHS else len(ARCHS)
+    """The study's table order for its five (the order of paper_results.csv, which is also the
+    registry's: read here without importing PyTorch); any other arch after them."""
+    study = _study_archs()
+    return study.index(arch) if arch in study else len(study)
+
+
+@lru_cache(maxsize=1)
+def _study_archs() -> list[str]:
+    return list(dict.fromkeys(paper_results().arch))
 
 
 def paper_results() -> pd.DataFrame:

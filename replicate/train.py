@@ -27,40 +27,15 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, set_seed
 
-from . import audit, data, export, features, models, report
+from . import audit, data, export, features, models, report, runtime
+from .runtime import alone, describe_device, is_main_process, resolve_device
 from .folders import sha256_file
 from .config import RunConfig, environment
 from .errors import ReplicateError
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present else CPU; 'cuda' without CUDA is a ReplicateError.
-    Launched as one of several processes on a machine, each takes the GPU of its LOCAL_RANK."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ReplicateError(f"unknown device {name!r}: use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ReplicateError(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU "
-                             f"(check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --device cpu")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    if num_distrib() > 1:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def is_main_process() -> bool:
-    """True unless this is one of the other processes of an `accelerate launch` / `torchrun` job."""
-    return rank_distrib() == 0
-
-
 def _quiet(*args, **kwargs) -> None:
     """The log of processes other than the main one."""
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 class KeepBest(TrackerCallback):
@@ -236,22 +211,6 @@ def distributed(learn):
         learn.detach_distributed()
 
 
-@contextlib.contextmanager
-def alone():
-    """Let this process work on its own: fastai gathers every prediction and loss from all processes
-    whenever WORLD_SIZE > 1 (in `get_preds` too), and would wait for processes doing something else.
-    Used by the main process to write the results, and by every process for a cached-feature fit."""
-    world = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = "1"
-    try:
-        yield
-    finally:
-        if world is None:
-            del os.environ["WORLD_SIZE"]
-        else:
-            os.environ["WORLD_SIZE"] = world
-
-
 def _train(learn, cfg: RunConfig, lr: float, staging: Path | None, log) -> dict:
     """Fit, writing history.csv as it goes; ends with the best validation epoch's weights loaded.
 
@@ -352,7 +311,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
             staging = _staging(cfg)
             config = {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr,
                       "aux_logits": models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn),
-                      "workers": data.workers(cfg),
+                      "workers": runtime.workers(cfg.workers),
                       "processes": max(1, num_distrib()), "device_used": describe_device(device),
                       "arch_source": arch.source, "weights": _weights_record(arch, cfg.pretrained),
                       "preprocess": models.preprocess(cfg), "environment": environment()}

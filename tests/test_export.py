@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_task, odd_photos
+from replicate import photos as photos_
 from replicate import predict, train
 from replicate.cli import app
 from replicate.config import RunConfig
@@ -191,14 +192,16 @@ def test_odd_files_give_todays_rows_and_phone_photos_stand_upright(run_dir, runn
     assert set(Path(p).name for p in onnx.index[onnx.error != ""]) == {"zero.jpg", "text.jpg", "truncated.jpg"}
     assert (onnx.error.str.split(":").str[0] == fastai.error.str.split(":").str[0]).all()  # the same exception
     probs = probability_columns(onnx)
-    same = [str(photos / n) for n in ("good.jpg", "gray.png", "cmyk.jpg", "alpha.png", "sixteen.png", "upright.png")]
+    # Both engines decode through replicate.photos: the huge JPEG at the same reduced scale, the
+    # phone photo turned upright, so every readable photo gets the same probabilities.
+    same = [str(photos / n) for n in ("good.jpg", "gray.png", "cmyk.jpg", "alpha.png", "sixteen.png", "upright.png",
+                                      "huge.jpg", "phone.png")]
     assert np.abs(onnx.loc[same, probs].to_numpy(float) - fastai.loc[same, probs].to_numpy(float)).max() < 1e-4
-    # huge.jpg: the ONNX engine decodes it at a reduced scale (still 2x the crop): the same class.
-    assert onnx.loc[str(photos / "huge.jpg"), "rooms_predicted"] == fastai.loc[str(photos / "huge.jpg"), "rooms_predicted"]
-    # The phone photo is turned upright: exactly the upright photo's input. fastai's path does not turn it.
+    assert (onnx.loc[same, "rooms_predicted"] == fastai.loc[same, "rooms_predicted"]).all()
+    # The phone photo is turned upright: exactly the upright photo's input.
     assert np.abs(onnx.loc[str(phone), probs].to_numpy(float) - onnx.loc[str(upright), probs].to_numpy(float)).max() < 1e-6
-    rotated = predict.decode(phone, [(32, 1.0, "bilinear")])[0][(32, 1.0, "bilinear")]
-    straight = predict.decode(upright, [(32, 1.0, "bilinear")])[0][(32, 1.0, "bilinear")]
+    rotated = photos_.decode(phone, [(32, 1.0, "bilinear")])[0][(32, 1.0, "bilinear")]
+    straight = photos_.decode(upright, [(32, 1.0, "bilinear")])[0][(32, 1.0, "bilinear")]
     assert (rotated == straight).all()
 
 
@@ -306,9 +309,9 @@ def test_on_a_gpu_machine_the_engine_follows_what_is_installed(run_dir, tmp_path
     else PyTorch (the fastai engine, which needs export.pkl), else ONNX Runtime on the CPU."""
     import onnxruntime as ort
     import torch
-    from replicate import train as training
-    monkeypatch.setattr(predict, "_gpu_present", lambda: True)
-    monkeypatch.setattr(training, "resolve_device", lambda name: torch.device("cuda", 0))  # PyTorch sees a GPU
+    from replicate import runtime
+    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: torch.device("cuda", 0))  # PyTorch sees a GPU
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert predict.plan("onnx", "auto", [run_dir]) == ("onnx", "cuda", "")
     assert predict.providers("cuda", 1)[0] == ("CUDAExecutionProvider", {"device_id": 1})

@@ -1,0 +1,83 @@
+"""Where the work runs: the device, this process's rank among several, and worker counts.
+
+Training, prediction and the benchmarks ask here. PyTorch and fastai are imported inside the
+functions that need them: the ONNX engine imports this module and must stay free of PyTorch.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ReplicateError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def cores() -> int:
+    """CPU cores this process may use (its affinity mask, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def workers(requested: int | None) -> int:
+    """Worker processes or threads: `requested` (--workers), else one per usable core, at most 8."""
+    return requested if requested is not None else min(8, cores())
+
+
+def gpu_present() -> bool:
+    """An NVIDIA device node: cheaper than importing PyTorch to ask."""
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present else CPU; 'cuda' without CUDA is a ReplicateError.
+    Launched as one of several processes on a machine, each takes the GPU of its LOCAL_RANK."""
+    import torch
+    from fastai.torch_core import num_distrib
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise ReplicateError(f"unknown device {name!r}: use auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ReplicateError(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU "
+                             f"(check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --device cpu")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if num_distrib() > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def describe_device(device: torch.device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def processes() -> int:
+    """How many processes this job runs as (`accelerate launch` / `torchrun` set WORLD_SIZE)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def is_main_process() -> bool:
+    """True unless this is one of the other processes of an `accelerate launch` / `torchrun` job."""
+    return int(os.environ.get("RANK", 0)) == 0  # what fastai's rank_distrib reads
+
+
+@contextlib.contextmanager
+def alone():
+    """Let this process work on its own: fastai gathers every prediction and loss from all processes
+    whenever WORLD_SIZE > 1 (in `get_preds` too), and would wait for processes doing something else.
+    Used by the main process to write the results, and by every process for a cached-feature fit."""
+    world = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if world is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = world
