@@ -67,6 +67,10 @@ FreezeBn = Annotated[bool, typer.Option(
 AuditOption = Annotated[bool, typer.Option(
     help="First check the split for near-duplicate photos in train and valid and photos under two labels "
          "(cached; recorded in metrics.json). --no-audit skips it.")]
+OnnxOption = Annotated[bool, typer.Option(
+    envvar="REPLICATE_ONNX",
+    help="Write model.onnx (what `predict` runs, no pickle) beside export.pkl. --no-onnx (or REPLICATE_ONNX=0) "
+         "saves the export's seconds to minutes per run; `replicate export RUN_DIR` writes it later.")]
 
 
 def user_errors(command):
@@ -196,6 +200,7 @@ def run(
     freeze_bn: FreezeBn = False,
     precision: PrecisionOption = Precision.fp32,
     audit: AuditOption = True,
+    onnx: OnnxOption = True,
     quantize: QuantizeOption = None,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
@@ -208,7 +213,7 @@ def run(
     cfg = RunConfig(task=task, arch=arch, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
                     cache_features=cache_features, freeze_bn=freeze_bn, precision=precision.value, audit=audit,
-                    data_dir=data_dir, exports_dir=exports_dir)
+                    onnx=onnx, data_dir=data_dir, exports_dir=exports_dir)
     run_dir = train.run(cfg, log=echo)
     if quantize and runtime.is_main_process():
         from . import export
@@ -258,6 +263,7 @@ def compare(
     freeze_bn: FreezeBn = False,
     precision: PrecisionOption = Precision.fp32,
     audit: AuditOption = True,
+    onnx: OnnxOption = True,
     quantize: QuantizeOption = None,
     force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
     data_dir: DataDir = Path("data"),
@@ -277,7 +283,7 @@ def compare(
         base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                          pretrained=pretrained, seed=seed, device=device.value, workers=workers,
                          cache_features=cache_features, freeze_bn=freeze_bn, precision=precision.value,
-                         audit=audit, data_dir=data_dir, exports_dir=exports_dir)
+                         audit=audit, onnx=onnx, data_dir=data_dir, exports_dir=exports_dir)
         cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
                          [m.strip() for m in modes.split(",") if m.strip()], seeds)
         cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs, log=echo))

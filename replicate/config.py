@@ -45,6 +45,7 @@ class RunConfig:
     freeze_bn: bool = False
     precision: str = "fp32"  # fp32 (the study's) | bf16 | fp16: fastai's mixed precision, CUDA only
     audit: bool = True  # check the split for leaks and conflicting labels first (replicate audit's fast part)
+    onnx: bool = True  # write model.onnx (what `predict` runs); False: `replicate export RUN_DIR` writes it later
     data_dir: Path = Path("data")
     exports_dir: Path = Path("exports")
 

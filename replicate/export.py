@@ -142,6 +142,9 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
 
     run_dir = Path(run_dir)
     config = _run_config(run_dir)
+    if not (run_dir / "model.onnx").is_file() and (run_dir / "export.pkl").is_file():
+        log(f"{run_dir} has no model.onnx (trained with --no-onnx): writing it from export.pkl first")
+        export_run(run_dir)
     fp32 = predict.load_onnx(run_dir / "model.onnx")
     task_dir = Path(config.get("task_dir") or Path(config["data_dir"]) / config["task"])
     train = _split_files(task_dir, "train")

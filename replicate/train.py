@@ -233,10 +233,13 @@ def _train(learn, cfg: RunConfig, lr: float, staging: Path | None, log) -> dict:
 
 
 def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict, log=print) -> None:
-    """Predictions, model.onnx and export.pkl (with their checksums), metrics and plots, into the
-    staging folder. model.onnx comes first: it is what `predict` runs, and it needs no pickle."""
+    """Predictions, model.onnx (unless --no-onnx) and export.pkl (with their checksums), metrics and
+    plots, into the staging folder. model.onnx comes first: it is what `predict` runs, and it needs
+    no pickle."""
     valid_predictions(learn).to_csv(staging / "valid_predictions.csv", index=False)
-    export.write_onnx(learn, staging / "model.onnx", json.loads((staging / "config.json").read_text()))
+    config = json.loads((staging / "config.json").read_text())
+    if config["onnx"]:
+        export.write_onnx(learn, staging / "model.onnx", config)
     metrics = _metrics(pd.read_csv(staging / "history.csv"), images, extra)
     error = _export_pickle(learn, staging, log)
     if error:

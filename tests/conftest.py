@@ -53,6 +53,16 @@ def make_houses_zip(path: Path, n_houses: int = 10, extra: dict[str, bytes] | No
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_onnx_unless_asked():
+    """Runs started from the command line skip model.onnx (REPLICATE_ONNX=0; runs made with RunConfig
+    write it unless given onnx=False): the export takes 3-15 s a run, and only the tests that open a
+    model.onnx need one; those pass --onnx. Subprocesses (accelerate launch) inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPLICATE_ONNX", "0")
+        yield
+
+
 @pytest.fixture
 def tiny_task(tmp_path) -> Path:
     """data/toy with 2 classes x (4 train + 2 valid) images; returns the data folder."""
@@ -108,3 +118,43 @@ def synthetic_photo(seed: int, size=(320, 240)) -> Image.Image:
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
     return image
+
+
+# --- one trained grid, shared -------------------------------------------------------------------
+
+ROOMS = {"bathroom": (30, 90, 200), "bedroom": (200, 60, 40), "kitchen": (60, 180, 60)}
+GRID_ARGS = ["--archs", "resnet18,alexnet", "--epochs", "1", "--size", "32", "--no-pretrained", "--workers", "0"]
+
+
+def compare_cli(runner, root: Path, *args):
+    """`replicate compare rooms` on root/data with the shared grid's arguments, into root/exports."""
+    from replicate.cli import app
+    return runner.invoke(app, ["compare", "rooms", *GRID_ARGS, *args, "--data-dir", str(root / "data"),
+                               "--exports-dir", str(root / "exports")])
+
+
+@pytest.fixture(scope="session")
+def grid(tmp_path_factory) -> tuple[Path, str]:
+    """The study's grid in miniature, trained once: resnet18 and alexnet, frozen and unfrozen, on a
+    three-class task named like the study's (so tables carry its numbers). (root, compare's output).
+    Read it as it is; a test that changes it takes `grid_copy`."""
+    root = tmp_path_factory.mktemp("grid")
+    make_task(root / "data" / "rooms", classes=ROOMS)
+    result = compare_cli(CliRunner(), root)
+    assert result.exit_code == 0, result.output
+    return root, result.output
+
+
+@pytest.fixture
+def grid_copy(grid, tmp_path) -> Path:
+    """A copy of the shared grid's root for a test that retrains or deletes. export.pkl files are
+    hard links (hundreds of MB for alexnet): nothing rewrites one in place, a retrained run
+    replaces its whole folder."""
+    import os
+    import shutil
+
+    def link_pickles(src, dst):
+        return os.link(src, dst) if src.endswith("export.pkl") else shutil.copy2(src, dst)
+
+    shutil.copytree(grid[0], tmp_path / "grid", copy_function=link_pickles, symlinks=True)
+    return tmp_path / "grid"

@@ -72,17 +72,12 @@ def test_review_page_decisions_download_and_clean_round_trip(trained, runner, br
     assert {k: v for k, v in tree(task_dir).items() if not k.startswith("_cleaning/")} == before
 
 
-def test_compare_report_shows_the_table_and_every_image(tiny_task, runner, browser):
-    exports = tiny_task.parent / "exports"
-    result = runner.invoke(app, ["compare", "toy", "--archs", "resnet18", "--epochs", "1", "--size", "32",
-                                 "--no-pretrained", "--workers", "0", "--data-dir", str(tiny_task),
-                                 "--exports-dir", str(exports)])
-    assert result.exit_code == 0, result.output
+def test_compare_report_shows_the_table_and_every_image(grid, browser):
     page = browser.new_page()
-    page.goto(f"file://{exports / 'toy' / 'compare' / 'report.html'}")
-    assert page.locator("table tr").count() == 3  # header + frozen + unfrozen
+    page.goto(f"file://{grid[0] / 'exports' / 'rooms' / 'compare' / 'report.html'}")
+    assert page.locator("table tr").count() == 5  # header + 2 archs x (frozen, unfrozen)
     sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
-    assert len(sizes) == 5 + 2 * 2 and all(done and width > 0 for done, width in sizes)
+    assert len(sizes) == 5 + 2 * 4 and all(done and width > 0 for done, width in sizes)
 
 
 def test_audit_page_preselects_suggestions_and_downloads_decisions_for_clean(task, runner, browser, tmp_path):  # noqa: F811

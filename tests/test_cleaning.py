@@ -167,7 +167,7 @@ def test_undo_refuses_when_a_moved_file_changed(task, runner, tmp_path):
 def test_a_cleaned_task_still_trains(task, runner, tmp_path):
     photo = sorted((task / "train" / "bathroom").iterdir())[0]
     clean(runner, task, "--decisions", str(decisions_file(tmp_path, [(str(photo), "remove", "")])), "--apply")
-    cfg = RunConfig("rooms", "resnet18", epochs=1, size=32, pretrained=False, workers=0,
+    cfg = RunConfig("rooms", "resnet18", epochs=1, size=32, pretrained=False, onnx=False, workers=0,
                     data_dir=task.parent, exports_dir=tmp_path / "exports")
     run_dir = train.run(cfg, log=lambda *a: None)
     assert json.loads((run_dir / "metrics.json").read_text())["n_train"] == 11  # _removed/ is not trained on

@@ -115,7 +115,7 @@ def test_a_failed_run_leaves_no_folder_that_looks_finished(tiny_task, runner, mo
         raise RuntimeError("disk full")
     monkeypatch.setattr(report, "render_run", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        train.run(train.RunConfig("toy", "resnet18", epochs=1, size=32, pretrained=False, workers=0,
+        train.run(train.RunConfig("toy", "resnet18", epochs=1, size=32, pretrained=False, onnx=False, workers=0,
                                   data_dir=tiny_task, exports_dir=tiny_task.parent / "exports"))
     assert list((tiny_task.parent / "exports" / "toy").iterdir()) == []
 

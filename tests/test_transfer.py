@@ -138,7 +138,7 @@ def bn_buffers(module: torch.nn.Module) -> dict:
 @pytest.mark.parametrize("cache", [0, 1], ids=["uncached", "cached"])
 @pytest.mark.parametrize("freeze_bn", [True, False], ids=["freeze-bn", "study"])
 def test_freeze_bn_keeps_every_batchnorm_buffer_the_studys_mode_moves_them(tiny_task, cache, freeze_bn):
-    cfg = RunConfig("toy", LITE, epochs=2, size=32, bs=4, cache_features=cache, freeze_bn=freeze_bn, workers=0,
+    cfg = RunConfig("toy", LITE, epochs=2, size=32, bs=4, cache_features=cache, freeze_bn=freeze_bn, workers=0, onnx=False,
                     audit=False, data_dir=tiny_task, exports_dir=tiny_task.parent / "exports")
     run_dir = train.run(cfg, log=quiet)
     assert run_dir.name == f"{LITE}-frozen{f'-cached{cache}' if cache else ''}{'-freezebn' if freeze_bn else ''}"
