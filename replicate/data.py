@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import re
 import shutil
@@ -22,9 +23,9 @@ import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.transforms import GrandparentSplitter, IntToFloatTensor, Normalize, parent_label
@@ -32,6 +33,7 @@ from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, aug_trans
 from fastai.vision.core import PILImage
 from fastai.vision.utils import verify_images
 from fastprogress.fastprogress import progress_bar
+from fasttransform import Transform  # fastai's Transform base (fastai.imports re-exports it)
 from PIL import Image
 
 from . import photos, runtime
@@ -314,11 +316,23 @@ def scan_task(task_dir: Path) -> TaskImages:
 
 
 # Module-level transforms: an exported learner pickles them by name.
-def open_image(path: Path, largest: int | None = None) -> PILImage:
-    """fastai's image type from `photos.open_photo`: the decode the ONNX engine does (EXIF upright,
-    RGB, the same draft-mode decision for the model's `largest` crop). fastai's own PILImage.create
-    ignores EXIF orientation and always decodes in full, so served photos would differ."""
-    return PILImage.create(photos.open_photo(path, largest))
+class OpenImage(Transform):
+    """File -> fastai's image type through `photos.open_photo`: the decode the ONNX engine does
+    (EXIF upright, RGB, the same draft-mode decision for the model's `largest` crop). fastai's own
+    PILImage.create ignores EXIF orientation and always decodes in full, so served photos would
+    differ. An image already in memory (PIL, array, bytes) goes to PILImage.create, as in fastai."""
+
+    # What fastai's test_dl / learn.predict accept as this step's input (it reads `input_types`).
+    input_types = (str, os.PathLike, Image.Image, np.ndarray, bytes)
+
+    def __init__(self, largest: int | None = None):
+        super().__init__()
+        self.largest = largest
+
+    def encodes(self, item):
+        if isinstance(item, (str, os.PathLike)):
+            return PILImage.create(photos.open_photo(Path(item), self.largest))
+        return PILImage.create(item)
 
 
 class TrainCrop(RandomResizedCrop):
@@ -365,7 +379,7 @@ def dataloaders(images: TaskImages, cfg, prep: dict, device):
     else:
         item_tfms = [TrainCrop(size, resamples=resamples), valid, FlipItem(0.5)]
         batch_tfms = [normalize]
-    opener = partial(open_image, largest=largest_crop(size, prep["crop_pct"]))
+    opener = OpenImage(largest_crop(size, prep["crop_pct"]))
     block = DataBlock(
         blocks=(TransformBlock(type_tfms=opener, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=images.classes)),
         splitter=GrandparentSplitter(train_name="train", valid_name="valid"),

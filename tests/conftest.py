@@ -158,3 +158,31 @@ def grid_copy(grid, tmp_path) -> Path:
 
     shutil.copytree(grid[0], tmp_path / "grid", copy_function=link_pickles, symlinks=True)
     return tmp_path / "grid"
+
+
+# --- every study arch (and a timm one), trained once ---------------------------------------------
+
+ZOO_SIZES = {"resnet18": 32, "alexnet": 64, "vgg11_bn": 32, "densenet121": 32, "inception_v3": 299,
+             "convnext_atto": 32}  # inception_v3 at 299: big enough for its auxiliary branch
+ZOO_TIMM = ("efficientnet_b0", "vit_tiny_patch16_224")  # unfrozen only: a BatchNorm CNN and a ViT
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, str]]:
+    """Runs of `replicate run` on a 2-class task (4 + 2 photos per class), 2 epochs from random init:
+    each ZOO_SIZES arch frozen and unfrozen (unfrozen ones with --onnx), and the ZOO_TIMM archs
+    unfrozen. {(arch, mode): (run folder, the command's output)}. Read them; never change them."""
+    from replicate.cli import app
+    root = tmp_path_factory.mktemp("zoo")
+    make_task(root / "data" / "toy")
+    runner, runs = CliRunner(), {}
+    todo = [(a, s, m) for a, s in ZOO_SIZES.items() for m in ("frozen", "unfrozen")]
+    todo += [(a, 32, "unfrozen") for a in ZOO_TIMM]
+    for arch, size, mode in todo:
+        extra = ["--unfreeze", "--onnx"] if mode == "unfrozen" else []
+        result = runner.invoke(app, ["run", "toy", "--arch", arch, "--epochs", "2", "--size", str(size),
+                                     "--no-pretrained", "--workers", "0", "--data-dir", str(root / "data"),
+                                     "--exports-dir", str(root / "exports"), *extra])
+        assert result.exit_code == 0, result.output
+        runs[arch, mode] = (root / "exports" / "toy" / f"{arch}-{mode}", result.output)
+    return runs

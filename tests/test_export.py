@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import make_task, odd_photos
+from conftest import ZOO_SIZES, ZOO_TIMM, make_task, odd_photos
 from replicate import photos as photos_
 from replicate import predict, train
 from replicate.cli import app
@@ -49,30 +49,28 @@ def probability_columns(table: pd.DataFrame) -> list[str]:
 
 # --- ONNX Runtime == the fastai learner --------------------------------------------------------------
 
-@pytest.mark.parametrize("arch, recipe, size", [
-    ("resnet18", "fastai", 32),  # fastai's head: concat pooling, BatchNorm1d, dropout
-    ("alexnet", "paper", 64),
-    ("vgg11_bn", "paper", 32),
-    ("densenet121", "paper", 32),
-    ("inception_v3", "paper", 75),
-    ("convnext_atto", "paper", 32),  # timm: crop_pct 0.95, bicubic, LayerNorm
-])
-def test_onnx_runtime_gives_the_learners_probabilities_on_the_validation_photos(rooms, tmp_path, arch, recipe, size):
-    cfg = RunConfig("rooms", arch, unfreeze=True, recipe=recipe, lr=1e-3, epochs=1, size=size, pretrained=False,
-                    workers=0, audit=False, data_dir=rooms, exports_dir=tmp_path)
-    run = train.run(cfg, log=quiet)
+@pytest.mark.parametrize("arch", [*ZOO_SIZES, *ZOO_TIMM, "resnet18-fastai"])
+def test_onnx_runtime_gives_the_learners_probabilities_on_the_validation_photos(zoo, rooms, tmp_path, arch):
+    """The study's five, ConvNeXt (timm: crop_pct 0.95, bicubic, LayerNorm), EfficientNet, a ViT, and
+    fastai's own head (concat pooling, BatchNorm1d, dropout)."""
+    if arch == "resnet18-fastai":
+        cfg = RunConfig("rooms", "resnet18", unfreeze=True, recipe="fastai", lr=1e-3, epochs=1, size=32,
+                        pretrained=False, workers=0, audit=False, data_dir=rooms, exports_dir=tmp_path)
+        run = train.run(cfg, log=quiet)
+    else:
+        run = zoo[arch, "unfrozen"][0]
     learner = pd.read_csv(run / "valid_predictions.csv")  # the learner's get_preds, fastai's own pipeline
     model = predict.load_onnx(run)
     onnx = predict.tag_onnx([model], [Path(p) for p in learner.path], workers=0, progress=False)
+    config = json.loads((run / "config.json").read_text())
     classes = json.loads((run / "metrics.json").read_text())["classes"]
-    ours = onnx[[f"rooms_p_{c}" for c in classes]].to_numpy()
+    ours = onnx[[f"{config['task']}_p_{c}" for c in classes]].to_numpy()
     theirs = learner[[f"p_{c}" for c in classes]].to_numpy()
     assert np.abs(ours - theirs).max() < 1e-4
-    assert (onnx.rooms_predicted == learner.predicted).all()
+    assert (onnx[f"{config['task']}_predicted"] == learner.predicted).all()
     # The file alone says how to get from a photo to its input: what the run recorded.
-    prep = json.loads((run / "config.json").read_text())["preprocess"]
-    assert model.classes == classes and model.meta["task"] == "rooms" and model.meta["arch"] == arch
-    assert {k: model.meta[k] for k in prep} == prep
+    assert model.classes == classes and model.meta["task"] == config["task"] and model.meta["arch"] == config["arch"]
+    assert {k: model.meta[k] for k in config["preprocess"]} == config["preprocess"]
 
 
 def test_the_pil_crop_is_fastais_validation_crop_pixel_for_pixel(run_dir, rooms):
@@ -240,7 +238,7 @@ def test_a_run_whose_pickle_fails_still_completes_with_model_onnx(rooms, runner,
     monkeypatch.setattr(Learner, "export", unpicklable)
     result = runner.invoke(app, ["run", "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "32",
                                  "--no-pretrained", "--workers", "0", "--data-dir", str(rooms),
-                                 "--exports-dir", str(tmp_path)])
+                                 "--exports-dir", str(tmp_path), "--onnx"])
     assert result.exit_code == 0, result.output
     assert "warning: export.pkl could not be written (TypeError: cannot pickle '_thread.RLock' object)" in result.output
     run = tmp_path / "rooms" / "resnet18-frozen"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import HOUSES_ZIP, requires_houses
+from conftest import HOUSES_ZIP, ZOO_SIZES, requires_houses
 from replicate import data, models, report, train
 from replicate.cli import app
 from replicate.models import ARCHS
@@ -22,7 +22,6 @@ from replicate.models import ARCHS
 RUN_FILES = {"config.json", "history.csv", "metrics.json", "export.pkl", "loss.png", "accuracy.png",
              "confusion_matrix.png", "top_losses.png", "top_losses.csv", "valid_predictions.csv"}
 HISTORY = ["epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds", "train_seconds"]
-SIZES = {"resnet18": 32, "alexnet": 64, "vgg11_bn": 32, "densenet121": 32, "inception_v3": 299}
 TIMM = ["efficientnet_b0", "convnext_atto", "vit_tiny_patch16_224"]  # BatchNorm CNN, ConvNeXt, ViT
 
 
@@ -39,15 +38,13 @@ def assert_valid_png(path):
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "convnext_atto"])
-@pytest.mark.parametrize("unfreeze", [False, True], ids=["frozen", "unfrozen"])
-def test_run_leaves_a_complete_run_folder_for_every_arch(tiny_task, runner, arch, unfreeze):
-    args = ["toy", "--arch", arch, "--epochs", "2", "--size", str(SIZES.get(arch, 32))] + (["--unfreeze"] if unfreeze else [])
-    result, exports = run_cli(runner, tiny_task, *args)
-    assert result.exit_code == 0, result.output
-    run_dir = exports / "toy" / f"{arch}-{'unfrozen' if unfreeze else 'frozen'}"
+@pytest.mark.parametrize("mode", ["frozen", "unfrozen"])
+def test_run_leaves_a_complete_run_folder_for_every_arch(zoo, arch, mode):
+    run_dir, output = zoo[arch, mode]
+    unfreeze = mode == "unfrozen"
     assert RUN_FILES <= {p.name for p in run_dir.iterdir()}
-    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]  # no staging folder left
-    assert "device: cpu" in result.output and f"results: {run_dir}" in result.output
+    assert not [p.name for p in run_dir.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert "device: cpu" in output and f"results: {run_dir}" in output
 
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history.columns) == HISTORY and list(history.epoch) == [1, 2]
@@ -59,7 +56,7 @@ def test_run_leaves_a_complete_run_folder_for_every_arch(tiny_task, runner, arch
     preds = pd.read_csv(run_dir / "valid_predictions.csv")
     assert (preds.actual == preds.predicted).mean() == pytest.approx(metrics["best_valid_accuracy"])
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["arch"] == arch and config["unfreeze"] == unfreeze and config["size"] == SIZES.get(arch, 32)
+    assert config["arch"] == arch and config["unfreeze"] == unfreeze and config["size"] == ZOO_SIZES[arch]
     assert config["lr"] == 0.001 and config["momentum"] == 0.9 and config["bs"] == 32 and config["recipe"] == "paper"
     assert config["aux_logits"] == (arch == "inception_v3")
     assert {"torch", "fastai", "torchvision", "timm", "python"} <= set(config["environment"])
@@ -67,33 +64,34 @@ def test_run_leaves_a_complete_run_folder_for_every_arch(tiny_task, runner, arch
     assert config["preprocess"] == {"size": config["size"], "crop_pct": spec.crop_pct, "interpolation": spec.interpolation,
                                     "mean": list(spec.mean), "std": list(spec.std)}
     assert config["arch_source"] == ("torchvision" if arch in ARCHS else "timm") and config["weights"] is None
+    # model.onnx where asked for (--onnx), not otherwise (REPLICATE_ONNX=0 in the tests), and checksummed
+    assert (run_dir / "model.onnx").is_file() == unfreeze == config["onnx"]
+    assert set(metrics["checksums"]) == ({"export.pkl", "model.onnx"} if unfreeze else {"export.pkl"})
     for png in ("loss.png", "accuracy.png", "confusion_matrix.png", "top_losses.png"):
         assert_valid_png(run_dir / png)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", *TIMM])
-def test_export_predicts_the_same_in_a_fresh_cpu_process(tiny_task, runner, arch):
-    result, exports = run_cli(runner, tiny_task, "toy", "--arch", arch, "--epochs", "3",
-                              "--size", "32", "--unfreeze")
-    assert result.exit_code == 0, result.output
-    run_dir = exports / "toy" / f"{arch}-unfrozen"
-    preds = pd.read_csv(run_dir / "valid_predictions.csv")
-    script = textwrap.dedent(f"""
+def test_exports_predict_the_same_in_a_fresh_cpu_process(zoo):
+    """export.pkl of study, timm CNN, ConvNeXt and ViT runs, loaded by plain fastai in a new process
+    (one process for all four: its start-up is most of the time)."""
+    runs = [zoo[arch, "unfrozen"][0] for arch in ("resnet18", *TIMM)]
+    preds = [pd.read_csv(r / "valid_predictions.csv") for r in runs]
+    script = textwrap.dedent("""
         import json, sys
         from fastai.learner import load_learner
-        learn = load_learner({str(run_dir / 'export.pkl')!r}, cpu=True)
         out = []
-        for path in json.loads(sys.argv[1]):
-            label, _, probs = learn.predict(path)
-            out.append([str(label), probs.tolist()])
+        for run, paths in json.loads(sys.argv[1]):
+            learn = load_learner(run + "/export.pkl", cpu=True)
+            out.append([[str(label), probs.tolist()] for label, _, probs in map(learn.predict, paths)])
         print(json.dumps(out))
     """)
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(preds.path.tolist())],
-                          capture_output=True, text=True, check=True)
+    work = json.dumps([[str(r), p.path.tolist()] for r, p in zip(runs, preds)])
+    done = subprocess.run([sys.executable, "-c", script, work], capture_output=True, text=True, check=True)
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [label for label, _ in fresh] == preds.predicted.tolist()
-    probs = torch.tensor([p for _, p in fresh])
-    assert torch.allclose(probs, torch.tensor(preds[["p_blue", "p_red"]].values, dtype=torch.float32), atol=1e-4)
+    for run, p, got in zip(runs, preds, fresh):
+        assert [label for label, _ in got] == p.predicted.tolist(), run
+        probs = torch.tensor([q for _, q in got])
+        assert torch.allclose(probs, torch.tensor(p[["p_blue", "p_red"]].values, dtype=torch.float32), atol=1e-4), run
 
 
 def test_report_rebuilds_the_plots_from_the_folder_alone(tiny_task, runner):
