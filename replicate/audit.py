@@ -270,6 +270,13 @@ def _quality_findings(photos: pd.DataFrame) -> pd.DataFrame:
 
 # --- what to do about them ------------------------------------------------------------------------
 
+def group_table(result: Audit) -> pd.DataFrame:
+    """One row per near-duplicate group: its findings joined (leak+conflict), files and labels; for the terminal."""
+    groups = result.findings[result.findings.group != ""]
+    return groups.groupby("group").agg(flags=("finding", "+".join), files=("files", "first"),
+                                       labels=("labels", "first"))
+
+
 def suggested_decisions(result: Audit, task_dir: Path) -> pd.DataFrame:
     """A decisions file for `replicate clean` (path,action,new_label, and why): in each group without
     a label conflict, keep one copy (a training one if the group leaks) and remove the others;

@@ -153,23 +153,17 @@ def audit(
     auditing.check_threshold(threshold)
     files, classes = task_files(data_dir / task)  # unreadable photos become findings, not errors
     result = auditing.audit_task(data_dir / task, [f for fs in files.values() for f in fs], threshold)
-    out = exports_dir / task / "audit"
-    out.mkdir(parents=True, exist_ok=True)
-    result.findings.to_csv(out / "audit.csv", index=False)
     suggestions = auditing.suggested_decisions(result, data_dir / task)
-    suggestions.to_csv(out / "decisions.csv", index=False)
     text = auditing.summary(result)
-    report.write_audit_page(result, suggestions, classes, data_dir / task, text, out / "audit.html")
+    written = report.write_audit(result, suggestions, classes, data_dir / task, text, exports_dir / task / "audit")
     typer.echo(text)
-    groups = result.findings[result.findings.group != ""]
+    groups = auditing.group_table(result)
     if len(groups):
-        shown = groups.groupby("group").agg(flags=("finding", "+".join), files=("files", "first"),
-                                            labels=("labels", "first"))
-        typer.echo("\n" + shown.to_string())
+        typer.echo("\n" + groups.to_string())
     removes = int((suggestions.action == "remove").sum())
-    typer.echo(f"\nwritten: {out / 'audit.csv'}, {out / 'audit.html'} (open it to decide), {out / 'decisions.csv'}"
-               f"\nsuggested: remove {removes} copies; see them with: replicate clean {task} --decisions "
-               f"{out / 'decisions.csv'} (then --apply; --undo puts them back)")
+    typer.echo(f"\nwritten: {written['audit.csv']}, {written['audit.html']} (open it to decide), "
+               f"{written['decisions.csv']}\nsuggested: remove {removes} copies; see them with: replicate clean "
+               f"{task} --decisions {written['decisions.csv']} (then --apply; --undo puts them back)")
 
 
 @app.command()
@@ -277,7 +271,6 @@ def compare(
     Example: replicate compare rooms --no-pretrained --epochs 2 --size 64
     """
     from . import compare as grid
-    from . import train
     failed = 0
     for name in grid.tasks(data_dir, task):
         base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,

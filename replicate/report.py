@@ -445,6 +445,18 @@ def render_template(template: str, **values) -> str:
     return env.get_template(template).render(**values)
 
 
+def write_audit(result, suggestions: pd.DataFrame, classes: list[str], task_dir: Path, summary: str,
+                out: Path) -> dict[str, Path]:
+    """An audit's outputs in `out` (exports/TASK/audit/): audit.csv (the findings), decisions.csv (the
+    suggested decisions, for `replicate clean`) and audit.html (to look and decide). {name: path}."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = {name: out / name for name in ("audit.csv", "decisions.csv", "audit.html")}
+    result.findings.to_csv(written["audit.csv"], index=False)
+    suggestions.to_csv(written["decisions.csv"], index=False)
+    write_audit_page(result, suggestions, classes, task_dir, summary, written["audit.html"])
+    return written
+
+
 def write_audit_page(result, suggestions: pd.DataFrame, classes: list[str], task_dir: Path, summary: str,
                      path: Path) -> Path:
     """audit.html: each near-duplicate group side by side (then the quality findings), thumbnails

@@ -170,19 +170,46 @@ ZOO_TIMM = ("efficientnet_b0", "vit_tiny_patch16_224")  # unfrozen only: a Batch
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, str]]:
     """Runs of `replicate run` on a 2-class task (4 + 2 photos per class), 2 epochs from random init:
-    each ZOO_SIZES arch frozen and unfrozen (unfrozen ones with --onnx), and the ZOO_TIMM archs
+    each ZOO_SIZES arch frozen and unfrozen (the unfrozen ones with --onnx), and the ZOO_TIMM archs
     unfrozen. {(arch, mode): (run folder, the command's output)}. Read them; never change them."""
     from replicate.cli import app
     root = tmp_path_factory.mktemp("zoo")
     make_task(root / "data" / "toy")
     runner, runs = CliRunner(), {}
-    todo = [(a, s, m) for a, s in ZOO_SIZES.items() for m in ("frozen", "unfrozen")]
-    todo += [(a, 32, "unfrozen") for a in ZOO_TIMM]
-    for arch, size, mode in todo:
-        extra = ["--unfreeze", "--onnx"] if mode == "unfrozen" else []
+    todo = [(a, s, m, m == "unfrozen") for a, s in ZOO_SIZES.items() for m in ("frozen", "unfrozen")]
+    todo += [(a, 32, "unfrozen", False) for a in ZOO_TIMM]
+    for arch, size, mode, onnx in todo:
+        extra = (["--unfreeze"] if mode == "unfrozen" else []) + (["--onnx"] if onnx else [])
         result = runner.invoke(app, ["run", "toy", "--arch", arch, "--epochs", "2", "--size", str(size),
                                      "--no-pretrained", "--workers", "0", "--data-dir", str(root / "data"),
                                      "--exports-dir", str(root / "exports"), *extra])
         assert result.exit_code == 0, result.output
         runs[arch, mode] = (root / "exports" / "toy" / f"{arch}-{mode}", result.output)
     return runs
+
+
+@pytest.fixture(scope="session")
+def houses(tmp_path_factory) -> Path:
+    """The real Houses zip imported once by `replicate data houses` (tasks rooms and exterior);
+    returns the data folder. Tests read it (runs and audits write beside it, in ../exports)."""
+    from replicate.cli import app
+    if not HOUSES_ZIP.is_file():
+        pytest.skip(f"the Houses zip is not at {HOUSES_ZIP} (../shared beside the repo)")
+    data_dir = tmp_path_factory.mktemp("houses") / "data"
+    result = CliRunner().invoke(app, ["data", "houses", "--source", str(HOUSES_ZIP), "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def rooms_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A three-class task (4 train + 2 valid photos per class) and resnet18 finetuned on it for 2
+    epochs at 32 px, with model.onnx: (root, run folder); the task is root/data/rooms. Tests may add
+    files to the run folder (interpret, review) but change nothing in it."""
+    from replicate import train
+    from replicate.config import RunConfig
+    root = tmp_path_factory.mktemp("rooms-run")
+    make_task(root / "data" / "rooms", n_train=4, n_valid=2, classes=ROOMS)
+    cfg = RunConfig("rooms", "resnet18", unfreeze=True, epochs=2, size=32, pretrained=False, workers=0,
+                    data_dir=root / "data", exports_dir=root / "exports")
+    return root, train.run(cfg, log=lambda *a: None)

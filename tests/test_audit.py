@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import HOUSES_ZIP, requires_houses, synthetic_photo
+from conftest import synthetic_photo
 from replicate import audit, data
 from replicate.cli import app
 
@@ -246,10 +246,8 @@ def test_prepare_keeps_near_duplicates_in_one_split(tmp_path):
         assert counts["valid"].sum() >= 3 and counts.loc["balcony"].sum() == 12
 
 
-@requires_houses
-def test_real_houses_audit_finds_the_known_groups_and_a_fresh_import_does_not_leak(tmp_path, runner):
-    data_dir = tmp_path / "data"
-    data.import_houses(str(HOUSES_ZIP), data_dir)
+def test_real_houses_audit_finds_the_known_groups_and_a_fresh_import_does_not_leak(houses, runner):
+    data_dir = houses
     result, out = run_audit(runner, data_dir)
     findings = pd.read_csv(out / "audit.csv", keep_default_na=False)
     groups = [set(f.split(";")) for f in findings.files]

@@ -16,22 +16,16 @@ import pytest
 from fastai.learner import load_learner
 from PIL import Image
 
-from conftest import make_image, make_task, odd_photos
+from conftest import make_image, odd_photos
 from replicate import train
 from replicate.cli import app
 from replicate.config import RunConfig
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A task with three classes and a model trained on it, made once for this module."""
-    root = tmp_path_factory.mktemp("loop")
-    make_task(root / "data" / "rooms", n_train=4, n_valid=2,
-              classes={"bathroom": (30, 90, 200), "bedroom": (200, 60, 40), "kitchen": (60, 180, 60)})
-    cfg = RunConfig("rooms", "resnet18", unfreeze=True, epochs=2, size=32, pretrained=False, workers=0,
-                    data_dir=root / "data", exports_dir=root / "exports")
-    run_dir = train.run(cfg, log=lambda *a: None)
-    return root, run_dir
+@pytest.fixture
+def trained(rooms_run):
+    """A task with three classes and resnet18 trained on it (conftest.rooms_run, made once)."""
+    return rooms_run
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import HOUSES_ZIP, make_houses_zip, make_image, requires_houses
+from conftest import make_houses_zip, make_image, requires_houses
 from replicate import data
 from replicate.cli import app
 from replicate.errors import ReplicateError
@@ -104,8 +104,8 @@ def test_a_corrupt_member_leaves_no_half_written_task(tmp_path):
 
 
 @requires_houses
-def test_real_houses_zip_gives_535_photos_per_room_split_80_20(tmp_path):
-    tasks = data.import_houses(str(HOUSES_ZIP), tmp_path / "data")
+def test_real_houses_zip_gives_535_photos_per_room_split_80_20(houses):
+    tasks = {t: houses / t for t in ("rooms", "exterior")}
     counts = data.scan_task(tasks["rooms"]).counts
     assert (counts.sum(axis=1) == 535).all()
     assert (counts["valid"] == 107).all()  # round(535 * 0.2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import HOUSES_ZIP, ZOO_SIZES, requires_houses
+from conftest import ZOO_SIZES
 from replicate import data, models, report, train
 from replicate.cli import app
 from replicate.models import ARCHS
@@ -174,16 +174,13 @@ def test_run_on_cuda(tiny_task, runner):
     assert "device: cuda" in result.output
 
 
-@requires_houses
-def test_houses_end_to_end(tmp_path, runner):
-    """The real listing photos: import, then one short unfrozen run of the study's smallest backbone."""
-    data_dir = tmp_path / "data"
-    result = runner.invoke(app, ["data", "houses", "--source", str(HOUSES_ZIP), "--data-dir", str(data_dir)])
-    assert result.exit_code == 0, result.output
-    result, exports = run_cli(runner, data_dir, "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "64",
+def test_houses_end_to_end(houses, runner):
+    """The real listing photos, as `replicate data houses` imported them: one short unfrozen run of the
+    study's smallest backbone."""
+    result, exports = run_cli(runner, houses, "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "64",
                               "--unfreeze")
     assert result.exit_code == 0, result.output
     metrics = json.loads((exports / "rooms" / "resnet18-unfrozen" / "metrics.json").read_text())
     assert metrics["n_train"] == 1284 and metrics["n_valid"] == 321
     assert metrics["best_valid_accuracy"] > 0.4  # 3 balanced classes: chance is 1/3
-    assert data.scan_task(data_dir / "rooms").counts.values.sum() == 1605
+    assert data.scan_task(houses / "rooms").counts.values.sum() == 1605

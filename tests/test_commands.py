@@ -1,0 +1,153 @@
+"""Commands and options end to end that the stage tests do not reach: `demo`, `run --quantize`,
+`compare --quantize/--force/all`, `report RUN_DIR`, export.pkl on its retry, `predict`'s listing
+options, and `interpret` on a task that grew a class.
+
+    python -m pytest tests/test_commands.py
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOMS, compare_cli, make_image, make_task
+from replicate import train
+from replicate.cli import app
+from replicate.config import RunConfig
+
+
+def test_demo_says_what_it_trains_and_where_the_results_are(tiny_task, runner, monkeypatch):
+    """The command's own work (demo_config's choices are tested in test_transfer.py): it says why,
+    trains that configuration and prints the summary."""
+    exports = tiny_task.parent / "exports"
+    chosen = RunConfig("toy", "resnet18", epochs=1, size=32, pretrained=False, workers=0, data_dir=tiny_task,
+                       exports_dir=exports)
+    seen = []
+    monkeypatch.setattr(train, "demo_config", lambda d, e: seen.append((d, e)) or (chosen, "the reason, in one line"))
+    result = runner.invoke(app, ["demo", "--data-dir", str(tiny_task), "--exports-dir", str(exports)])
+    assert result.exit_code == 0, result.output
+    assert seen == [(tiny_task, exports)]
+    assert result.output.startswith("the reason, in one line")
+    assert f"results: {chosen.run_dir}" in result.output and (chosen.run_dir / "metrics.json").is_file()
+
+
+def test_run_quantize_writes_model_onnx_first_and_records_int8(runner, tmp_path):
+    make_task(tmp_path / "data" / "rooms", classes=ROOMS)
+    result = runner.invoke(app, ["run", "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "32",
+                                 "--no-pretrained", "--workers", "0", "--no-onnx", "--quantize", "int8",
+                                 "--data-dir", str(tmp_path / "data"), "--exports-dir", str(tmp_path / "exports")])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "exports" / "rooms" / "resnet18-frozen"
+    assert "has no model.onnx (trained with --no-onnx): writing it from export.pkl first" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"export.pkl", "model.onnx", "model.int8.onnx"} <= set(metrics["checksums"])
+    assert metrics["int8"]["fp32_valid_accuracy"] == pytest.approx(metrics["best_valid_accuracy"])
+    assert "int8: " in result.output
+
+
+def test_compare_quantizes_reused_cells_without_retraining(grid_copy, runner):
+    run = grid_copy / "exports" / "rooms" / "resnet18-frozen"
+    stamp = (run / "export.pkl").stat().st_mtime_ns
+    result = compare_cli(runner, grid_copy, "--archs", "resnet18", "--modes", "frozen", "--quantize", "int8")
+    assert result.exit_code == 0, result.output
+    assert "0 trained, 1 reused, 0 failed" in result.output and (run / "export.pkl").stat().st_mtime_ns == stamp
+    assert (run / "model.int8.onnx").is_file()
+    table = pd.read_csv(grid_copy / "exports" / "rooms" / "compare" / "table.csv").set_index(["arch", "mode"])
+    int8 = json.loads((run / "metrics.json").read_text())["int8"]
+    assert table.loc[("resnet18", "frozen"), "int8_acc"] == pytest.approx(round(100 * int8["valid_accuracy"], 2))
+    assert pd.isna(table.loc[("alexnet", "frozen"), "int8_acc"])  # not asked for: blank
+
+
+def test_compare_force_retrains_and_all_runs_every_task(grid_copy, runner):
+    run = grid_copy / "exports" / "rooms" / "resnet18-frozen"
+    stamp = (run / "export.pkl").stat().st_mtime_ns
+    forced = compare_cli(runner, grid_copy, "--archs", "resnet18", "--modes", "frozen", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "1 trained, 0 reused" in forced.output and (run / "export.pkl").stat().st_mtime_ns != stamp
+
+    make_task(grid_copy / "data" / "toy")  # a second task
+    every = runner.invoke(app, ["compare", "all", "--archs", "resnet18", "--modes", "frozen", "--epochs", "1",
+                                "--size", "32", "--no-pretrained", "--workers", "0",
+                                "--data-dir", str(grid_copy / "data"), "--exports-dir", str(grid_copy / "exports")])
+    assert every.exit_code == 0, every.output
+    assert "0 trained, 1 reused" in every.output and "1 trained, 0 reused" in every.output  # rooms, then toy
+    for task in ("rooms", "toy"):
+        assert (grid_copy / "exports" / task / "compare" / "report.html").is_file()
+
+
+def test_report_on_a_run_folder_redraws_its_plots(zoo, runner, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(zoo["resnet18", "frozen"][0], run, ignore=shutil.ignore_patterns("*.pkl", "*.onnx"))
+    plots = ("loss.png", "accuracy.png", "confusion_matrix.png", "top_losses.png")
+    for p in plots:
+        (run / p).unlink()
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert all((run / p).is_file() and str(run / p) in result.output for p in plots)
+
+
+def test_export_pkl_written_on_the_retry_is_a_complete_run(runner, tmp_path, monkeypatch):
+    from fastai.learner import Learner, load_learner
+    make_task(tmp_path / "data" / "toy")
+    real, calls = Learner.export, []
+
+    def fails_once(self, *args, **kwargs):
+        calls.append(next(self.model.parameters()).device.type)
+        if len(calls) == 1:
+            raise TypeError("cannot pickle '_thread.RLock' object")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Learner, "export", fails_once)
+    result = runner.invoke(app, ["run", "toy", "--arch", "resnet18", "--epochs", "1", "--size", "32",
+                                 "--no-pretrained", "--workers", "0", "--data-dir", str(tmp_path / "data"),
+                                 "--exports-dir", str(tmp_path / "exports")])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "exports" / "toy" / "resnet18-frozen"
+    assert calls == ["cpu", "cpu"] and "warning" not in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "export_pkl_error" not in metrics and set(metrics["checksums"]) == {"export.pkl"}
+    learn = load_learner(run / "export.pkl", cpu=True)
+    preds = pd.read_csv(run / "valid_predictions.csv")
+    assert str(learn.predict(preds.path[0])[0]) == preds.predicted[0]
+
+
+@pytest.fixture
+def listing_photos(tmp_path) -> Path:
+    photos = tmp_path / "listing-photos"
+    for house in (1, 2):
+        for room, colour in (("kitchen", (60, 180, 60)), ("bedroom", (200, 60, 40))):
+            make_image(photos / f"{house}_{room}.jpg", colour, seed=house)
+    return photos
+
+
+def test_predict_listing_pattern_errors_and_threshold_columns(zoo, listing_photos, runner, tmp_path):
+    run = zoo["resnet18", "unfrozen"][0]
+    args = ["predict", str(run), str(listing_photos), "--out", str(tmp_path / "tags.csv")]
+    result = runner.invoke(app, [*args, "--listing-pattern", r"^\d+_"])
+    assert result.exit_code == 2 and "needs a group that captures the listing id" in result.output
+    result = runner.invoke(app, [*args, "--listing-pattern", r"^house(\d+)"])
+    assert result.exit_code == 2 and "matched none of the file names" in result.output
+    for threshold in ("0.5", "0.9"):
+        result = runner.invoke(app, [*args, "--listing-pattern", r"^(\d+)_", "--threshold", threshold])
+        assert result.exit_code == 0, result.output
+        listings = pd.read_csv(tmp_path / "tags_listings.csv").set_index("listing")
+        for c in ("blue", "red"):
+            assert (listings[f"has_toy_{c}"] == (listings[f"max_toy_p_{c}"] >= float(threshold))).all()
+    assert listings.loc[1, "photos"] == 2
+
+
+def test_interpret_refuses_a_task_that_grew_a_class(zoo, runner, tmp_path):
+    source = zoo["resnet18", "frozen"][0]
+    run, task = tmp_path / "run", tmp_path / "data" / "toy"
+    shutil.copytree(source, run)
+    config = json.loads((run / "config.json").read_text())
+    shutil.copytree(config["task_dir"], task)
+    (run / "config.json").write_text(json.dumps({**config, "task_dir": str(task)}))
+    for split in ("train", "valid"):
+        make_image(task / split / "green" / "g.jpg", (40, 190, 60))
+    result = runner.invoke(app, ["interpret", str(run)])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: the task now has classes the model never saw: ['green']"
