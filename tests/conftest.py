@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -51,6 +52,21 @@ def make_houses_zip(path: Path, n_houses: int = 10, extra: dict[str, bytes] | No
         for name, data in (extra or {}).items():
             zf.writestr(name, data)
     return path
+
+
+# The suite runs in worker processes, one per core, each taking whole test files (pytest-xdist,
+# --dist loadfile in pyproject.toml): the session fixtures below are built in each worker that
+# uses them, so each one's users live in as few files as can be (zoo: test_archs.py; houses:
+# test_houses.py; grid: test_compare.py, and the browser's look at its page).
+
+
+def pytest_configure(config):
+    """One PyTorch thread per core and worker: two workers with two threads each on two cores
+    oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -246,27 +246,6 @@ def test_prepare_keeps_near_duplicates_in_one_split(tmp_path):
         assert counts["valid"].sum() >= 3 and counts.loc["balcony"].sum() == 12
 
 
-def test_real_houses_audit_finds_the_known_groups_and_a_fresh_import_does_not_leak(houses, runner):
-    data_dir = houses
-    result, out = run_audit(runner, data_dir)
-    findings = pd.read_csv(out / "audit.csv", keep_default_na=False)
-    groups = [set(f.split(";")) for f in findings.files]
-    names = lambda g: {p.split("/")[-1] for p in g}  # noqa: E731
-    for pair in ({"199_bathroom.jpg", "214_bathroom.jpg"}, {"9_bedroom.jpg", "21_bedroom.jpg"},
-                 {"259_bathroom.jpg", "296_bathroom.jpg"}, {"227_bedroom.jpg", "227_kitchen.jpg"}):
-        assert any(names(g) == pair for g in groups), pair
-    conflicts = {frozenset(names(f.split(";"))) for f in findings[findings.finding == "conflict"].files}
-    assert {next(iter(c)).split("_")[0] for c in conflicts} == {"227", "343", "466", "354", "12"}
-    assert all(len({n.split("_")[0] for n in c}) == 1 for c in conflicts)  # each within one house
-    assert (findings.finding == "leak").sum() == 0  # the import kept linked houses together
-    ext = audit.audit_task(data_dir / "exterior", data.scan_task(data_dir / "exterior").files)
-    assert ext.counts()["leak_groups"] == 0
-    for task in ("rooms", "exterior"):
-        counts = data.image_counts(data_dir / task)
-        share = counts["valid"] / counts.sum(axis=1)
-        assert share.between(0.18, 0.22).all(), counts
-
-
 def test_linking_moves_only_the_linked_houses():
     houses = list(range(1, 201))
     plain = data.split_houses(houses, 0.2, 3)

@@ -1,6 +1,6 @@
 """Commands and options end to end that the stage tests do not reach: `demo`, `run --quantize`,
-`compare --quantize/--force/all`, `report RUN_DIR`, export.pkl on its retry, `predict`'s listing
-options, and `interpret` on a task that grew a class.
+`report RUN_DIR`, export.pkl on its retry, `predict`'s listing options, and `interpret` on a task
+that grew a class. (`compare --quantize/--force/all` are in test_compare.py.)
 
     python -m pytest tests/test_commands.py
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOMS, compare_cli, make_image, make_task
+from conftest import ROOMS, make_image, make_task
 from replicate import train
 from replicate.cli import app
 from replicate.config import RunConfig
@@ -48,39 +48,9 @@ def test_run_quantize_writes_model_onnx_first_and_records_int8(runner, tmp_path)
     assert "int8: " in result.output
 
 
-def test_compare_quantizes_reused_cells_without_retraining(grid_copy, runner):
-    run = grid_copy / "exports" / "rooms" / "resnet18-frozen"
-    stamp = (run / "export.pkl").stat().st_mtime_ns
-    result = compare_cli(runner, grid_copy, "--archs", "resnet18", "--modes", "frozen", "--quantize", "int8")
-    assert result.exit_code == 0, result.output
-    assert "0 trained, 1 reused, 0 failed" in result.output and (run / "export.pkl").stat().st_mtime_ns == stamp
-    assert (run / "model.int8.onnx").is_file()
-    table = pd.read_csv(grid_copy / "exports" / "rooms" / "compare" / "table.csv").set_index(["arch", "mode"])
-    int8 = json.loads((run / "metrics.json").read_text())["int8"]
-    assert table.loc[("resnet18", "frozen"), "int8_acc"] == pytest.approx(round(100 * int8["valid_accuracy"], 2))
-    assert pd.isna(table.loc[("alexnet", "frozen"), "int8_acc"])  # not asked for: blank
-
-
-def test_compare_force_retrains_and_all_runs_every_task(grid_copy, runner):
-    run = grid_copy / "exports" / "rooms" / "resnet18-frozen"
-    stamp = (run / "export.pkl").stat().st_mtime_ns
-    forced = compare_cli(runner, grid_copy, "--archs", "resnet18", "--modes", "frozen", "--force")
-    assert forced.exit_code == 0, forced.output
-    assert "1 trained, 0 reused" in forced.output and (run / "export.pkl").stat().st_mtime_ns != stamp
-
-    make_task(grid_copy / "data" / "toy")  # a second task
-    every = runner.invoke(app, ["compare", "all", "--archs", "resnet18", "--modes", "frozen", "--epochs", "1",
-                                "--size", "32", "--no-pretrained", "--workers", "0",
-                                "--data-dir", str(grid_copy / "data"), "--exports-dir", str(grid_copy / "exports")])
-    assert every.exit_code == 0, every.output
-    assert "0 trained, 1 reused" in every.output and "1 trained, 0 reused" in every.output  # rooms, then toy
-    for task in ("rooms", "toy"):
-        assert (grid_copy / "exports" / task / "compare" / "report.html").is_file()
-
-
-def test_report_on_a_run_folder_redraws_its_plots(zoo, runner, tmp_path):
+def test_report_on_a_run_folder_redraws_its_plots(rooms_run, runner, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(zoo["resnet18", "frozen"][0], run, ignore=shutil.ignore_patterns("*.pkl", "*.onnx"))
+    shutil.copytree(rooms_run[1], run, ignore=shutil.ignore_patterns("*.pkl", "*.onnx"))
     plots = ("loss.png", "accuracy.png", "confusion_matrix.png", "top_losses.png")
     for p in plots:
         (run / p).unlink()
@@ -123,8 +93,8 @@ def listing_photos(tmp_path) -> Path:
     return photos
 
 
-def test_predict_listing_pattern_errors_and_threshold_columns(zoo, listing_photos, runner, tmp_path):
-    run = zoo["resnet18", "unfrozen"][0]
+def test_predict_listing_pattern_errors_and_threshold_columns(rooms_run, listing_photos, runner, tmp_path):
+    run = rooms_run[1]
     args = ["predict", str(run), str(listing_photos), "--out", str(tmp_path / "tags.csv")]
     result = runner.invoke(app, [*args, "--listing-pattern", r"^\d+_"])
     assert result.exit_code == 2 and "needs a group that captures the listing id" in result.output
@@ -134,20 +104,20 @@ def test_predict_listing_pattern_errors_and_threshold_columns(zoo, listing_photo
         result = runner.invoke(app, [*args, "--listing-pattern", r"^(\d+)_", "--threshold", threshold])
         assert result.exit_code == 0, result.output
         listings = pd.read_csv(tmp_path / "tags_listings.csv").set_index("listing")
-        for c in ("blue", "red"):
-            assert (listings[f"has_toy_{c}"] == (listings[f"max_toy_p_{c}"] >= float(threshold))).all()
+        for c in ROOMS:
+            assert (listings[f"has_rooms_{c}"] == (listings[f"max_rooms_p_{c}"] >= float(threshold))).all()
     assert listings.loc[1, "photos"] == 2
 
 
-def test_interpret_refuses_a_task_that_grew_a_class(zoo, runner, tmp_path):
-    source = zoo["resnet18", "frozen"][0]
-    run, task = tmp_path / "run", tmp_path / "data" / "toy"
+def test_interpret_refuses_a_task_that_grew_a_class(rooms_run, runner, tmp_path):
+    source = rooms_run[1]
+    run, task = tmp_path / "run", tmp_path / "data" / "rooms"
     shutil.copytree(source, run)
     config = json.loads((run / "config.json").read_text())
     shutil.copytree(config["task_dir"], task)
     (run / "config.json").write_text(json.dumps({**config, "task_dir": str(task)}))
     for split in ("train", "valid"):
-        make_image(task / split / "green" / "g.jpg", (40, 190, 60))
+        make_image(task / split / "garage" / "g.jpg", (40, 190, 60))
     result = runner.invoke(app, ["interpret", str(run)])
     assert result.exit_code == 2
-    assert result.output.strip() == "error: the task now has classes the model never saw: ['green']"
+    assert result.output.strip() == "error: the task now has classes the model never saw: ['garage']"

@@ -240,3 +240,33 @@ def test_compare_puts_study_and_timm_backbones_in_one_table_and_page(grid_copy, 
     assert all(f">{arch}<" in page or f"{arch} " in page for arch in table.index)
     for arch in table.index:
         assert (rooms / "exports" / "rooms" / f"{arch}-frozen" / "export.pkl").is_file()
+
+
+def test_compare_quantizes_reused_cells_without_retraining(grid_copy, runner):
+    run = grid_copy / "exports" / "rooms" / "resnet18-frozen"
+    stamp = (run / "export.pkl").stat().st_mtime_ns
+    result = compare_cli(runner, grid_copy, "--archs", "resnet18", "--modes", "frozen", "--quantize", "int8")
+    assert result.exit_code == 0, result.output
+    assert "0 trained, 1 reused, 0 failed" in result.output and (run / "export.pkl").stat().st_mtime_ns == stamp
+    assert (run / "model.int8.onnx").is_file()
+    table = pd.read_csv(grid_copy / "exports" / "rooms" / "compare" / "table.csv").set_index(["arch", "mode"])
+    int8 = json.loads((run / "metrics.json").read_text())["int8"]
+    assert table.loc[("resnet18", "frozen"), "int8_acc"] == pytest.approx(round(100 * int8["valid_accuracy"], 2))
+    assert pd.isna(table.loc[("alexnet", "frozen"), "int8_acc"])  # not asked for: blank
+
+
+def test_compare_force_retrains_and_all_runs_every_task(grid_copy, runner):
+    run = grid_copy / "exports" / "rooms" / "resnet18-frozen"
+    stamp = (run / "export.pkl").stat().st_mtime_ns
+    forced = compare_cli(runner, grid_copy, "--archs", "resnet18", "--modes", "frozen", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "1 trained, 0 reused" in forced.output and (run / "export.pkl").stat().st_mtime_ns != stamp
+
+    make_task(grid_copy / "data" / "toy")  # a second task
+    every = runner.invoke(app, ["compare", "all", "--archs", "resnet18", "--modes", "frozen", "--epochs", "1",
+                                "--size", "32", "--no-pretrained", "--workers", "0",
+                                "--data-dir", str(grid_copy / "data"), "--exports-dir", str(grid_copy / "exports")])
+    assert every.exit_code == 0, every.output
+    assert "0 trained, 1 reused" in every.output and "1 trained, 0 reused" in every.output  # rooms, then toy
+    for task in ("rooms", "toy"):
+        assert (grid_copy / "exports" / task / "compare" / "report.html").is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import make_houses_zip, make_image, requires_houses
+from conftest import make_houses_zip, make_image
 from replicate import data
 from replicate.cli import app
 from replicate.errors import ReplicateError
@@ -101,17 +101,6 @@ def test_a_corrupt_member_leaves_no_half_written_task(tmp_path):
     with pytest.raises(ReplicateError, match="not a readable zip"):
         data.import_houses(str(src), tmp_path / "data")
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
-
-
-@requires_houses
-def test_real_houses_zip_gives_535_photos_per_room_split_80_20(houses):
-    tasks = {t: houses / t for t in ("rooms", "exterior")}
-    counts = data.scan_task(tasks["rooms"]).counts
-    assert (counts.sum(axis=1) == 535).all()
-    assert (counts["valid"] == 107).all()  # round(535 * 0.2)
-    assert house_ids(tasks["rooms"] / "train").isdisjoint(house_ids(tasks["rooms"] / "valid"))
-    ext = data.scan_task(tasks["exterior"]).counts
-    assert ext.loc["frontal"].sum() == 535 and ext.loc["indoor"].sum() == 3 * 535
 
 
 # --- prepare ------------------------------------------------------------------------------------

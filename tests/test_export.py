@@ -15,11 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import ZOO_SIZES, odd_photos
+from conftest import odd_photos
 from replicate import photos as photos_
-from replicate import predict, train
+from replicate import predict
 from replicate.cli import app
-from replicate.config import RunConfig
 
 
 
@@ -43,30 +42,6 @@ def probability_columns(table: pd.DataFrame) -> list[str]:
 
 
 # --- ONNX Runtime == the fastai learner --------------------------------------------------------------
-
-@pytest.mark.parametrize("arch", [*ZOO_SIZES, "resnet18-fastai"])
-def test_onnx_runtime_gives_the_learners_probabilities_on_the_validation_photos(zoo, rooms, tmp_path, arch):
-    """The study's five, ConvNeXt (timm: crop_pct 0.95, bicubic, LayerNorm), and fastai's own head
-    (concat pooling, BatchNorm1d, dropout)."""
-    if arch == "resnet18-fastai":
-        cfg = RunConfig("rooms", "resnet18", unfreeze=True, recipe="fastai", lr=1e-3, epochs=1, size=32,
-                        pretrained=False, workers=0, audit=False, data_dir=rooms, exports_dir=tmp_path)
-        run = train.run(cfg, log=quiet)
-    else:
-        run = zoo[arch, "unfrozen"][0]
-    learner = pd.read_csv(run / "valid_predictions.csv")  # the learner's get_preds, fastai's own pipeline
-    model = predict.load_onnx(run)
-    onnx = predict.tag_onnx([model], [Path(p) for p in learner.path], workers=0, progress=False)
-    config = json.loads((run / "config.json").read_text())
-    classes = json.loads((run / "metrics.json").read_text())["classes"]
-    ours = onnx[[f"{config['task']}_p_{c}" for c in classes]].to_numpy()
-    theirs = learner[[f"p_{c}" for c in classes]].to_numpy()
-    assert np.abs(ours - theirs).max() < 1e-4
-    assert (onnx[f"{config['task']}_predicted"] == learner.predicted).all()
-    # The file alone says how to get from a photo to its input: what the run recorded.
-    assert model.classes == classes and model.meta["task"] == config["task"] and model.meta["arch"] == config["arch"]
-    assert {k: model.meta[k] for k in config["preprocess"]} == config["preprocess"]
-
 
 def test_the_pil_crop_is_fastais_validation_crop_pixel_for_pixel(run_dir, rooms):
     from replicate.data import RESAMPLING, ValidCrop
