@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from replicate import data, export, models, predict
+from replicate import data, export, models, photos, predict
 from replicate.config import RunConfig
 
 RESULTS = Path(__file__).with_name("results.csv")
@@ -130,7 +130,7 @@ def main() -> None:
             speeds = {e: photos_per_second(e, run_dir, files, args.workers) for e in ("fastai", "onnx-fp32", "onnx-int8")}
             geometry = predict.load_onnx(run_dir / "model.onnx").prep.geometry
             start = time.perf_counter()
-            pixels = [predict.decode(f, [geometry])[0][geometry] for f in files]
+            pixels = [photos.decode(f, [geometry])[0][geometry] for f in files]
             decode_rate = len(files) / (time.perf_counter() - start)  # one thread
             batches = [np.stack(pixels[i:i + 64]) for i in range(0, len(pixels), 64)]
             for engine, speed in speeds.items():

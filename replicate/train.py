@@ -315,7 +315,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
             config = {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr,
                       "aux_logits": models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn),
                       "workers": runtime.workers(cfg.workers),
-                      "processes": max(1, num_distrib()), "device_used": describe_device(device),
+                      "processes": runtime.processes(), "device_used": describe_device(device),
                       "arch_source": arch.source, "weights": _weights_record(arch, cfg.pretrained),
                       "preprocess": models.preprocess(cfg), "environment": environment()}
             (staging / "config.json").write_text(json.dumps(config, indent=2))

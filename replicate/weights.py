@@ -312,15 +312,11 @@ def map_by_order(source: dict, target: dict, what: str) -> dict:
 # Converted files for timm to load, one folder per process, removed at exit: timm's loader takes a
 # file (pretrained_cfg "file"); a state dict passed in its config instead would be stored in the
 # model's pretrained_cfg and pickled into every export.
-_CONVERTED: list[Path] = []
-
-
+@lru_cache(maxsize=1)
 def _converted_dir() -> Path:
-    if not _CONVERTED:
-        folder = Path(tempfile.mkdtemp(prefix="replicate-weights-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        _CONVERTED.append(folder)
-    return _CONVERTED[0]
+    folder = Path(tempfile.mkdtemp(prefix="replicate-weights-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 @lru_cache(maxsize=None)
