@@ -1,6 +1,6 @@
 """File -> pixels, one way for training, validation and serving.
 
-Training's fastai pipeline (`data.open_image`), the ONNX engine (`decode`) and `prepare` all open
+Training's fastai pipeline (`data.OpenImage`), the ONNX engine (`decode`) and `prepare` all open
 photos here, so a model sees the same pixels when it is served as when it was validated:
 
 - EXIF orientation applied (phone photos are stored rotated), then RGB;
