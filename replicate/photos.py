@@ -86,19 +86,23 @@ def valid_crop(im: Image.Image, size: int, crop_pct: float, resample: str | int)
 def decode(path: Path, geometries: list[tuple[int, float, str]]) -> tuple[dict | None, str]:
     """({geometry: uint8 array H x W x 3}, '') for a photo, or (None, the error) when it does not decode.
 
-    The photo is decoded once per distinct draft decision (once, unless the models' input sizes
-    differ enough to decode a big JPEG at different scales), each model's crop taken from the
-    decode its own validation saw. Runs in the ONNX engine's decoding threads."""
+    Each model's crop is taken from the decode its own validation saw: one decode for models with
+    the same largest crop (the usual case: the file is opened once), else one per distinct draft
+    decision, read from the header. Runs in the ONNX engine's decoding threads."""
     try:
-        with Image.open(path) as im:  # the header only: format and size
-            fmt, short = im.format, min(im.size)
-        by_decode: dict[int | None, list] = {}
+        by_largest: dict[int, list] = {}
         for g in geometries:
-            largest = largest_crop(g[0], g[1])
-            key = largest if fmt == "JPEG" and short >= DRAFT_FACTOR * largest else None
-            by_decode.setdefault(key, []).append(g)
+            by_largest.setdefault(largest_crop(g[0], g[1]), []).append(g)
+        if len(by_largest) > 1:  # models of different sizes: decode alike where the draft rule does
+            with Image.open(path) as im:  # the header only: format and size
+                fmt, short = im.format, min(im.size)
+            by_decode: dict[int | None, list] = {}
+            for largest, group in by_largest.items():
+                drafted = fmt == "JPEG" and short >= DRAFT_FACTOR * largest
+                by_decode.setdefault(largest if drafted else None, []).extend(group)
+            by_largest = by_decode
         out = {}
-        for largest, group in by_decode.items():
+        for largest, group in by_largest.items():
             im = open_photo(path, largest)
             out.update({g: np.asarray(valid_crop(im, *g)) for g in group})
         return out, ""

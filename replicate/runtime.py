@@ -57,6 +57,8 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+# processes and is_main_process read the environment as fastai's num_distrib and rank_distrib do;
+# importing those would load PyTorch into `replicate --help`, `report` and the ONNX engine.
 def processes() -> int:
     """How many processes this job runs as (`accelerate launch` / `torchrun` set WORLD_SIZE)."""
     return max(1, int(os.environ.get("WORLD_SIZE", 1)))
@@ -64,7 +66,7 @@ def processes() -> int:
 
 def is_main_process() -> bool:
     """True unless this is one of the other processes of an `accelerate launch` / `torchrun` job."""
-    return int(os.environ.get("RANK", 0)) == 0  # what fastai's rank_distrib reads
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 @contextlib.contextmanager

@@ -27,10 +27,6 @@ def rooms(tmp_path):
     return tmp_path
 
 
-def invoke(runner, root, *args):
-    return compare_cli(runner, root, *args)
-
-
 def png_ok(data: bytes) -> bool:
     return data.startswith(b"\x89PNG\r\n\x1a\n")
 
@@ -58,7 +54,7 @@ def test_compare_runs_the_grid_writes_everything_and_reuses_it(grid, grid_copy, 
 
     stamps = {p: p.stat().st_mtime_ns for p in (grid_copy / "exports" / "rooms").glob("*/export.pkl")}
     assert len(stamps) == 4
-    again = invoke(runner, grid_copy)
+    again = compare_cli(runner, grid_copy)
     assert again.exit_code == 0 and "0 trained, 4 reused, 0 failed" in again.output
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
@@ -138,7 +134,7 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(grid_copy, runner, monk
         return real_run(cfg, log, images, audited)
 
     monkeypatch.setattr(train, "run", out_of_memory_in_cell_2)
-    result = invoke(runner, grid_copy)
+    result = compare_cli(runner, grid_copy)
     assert result.exit_code == 1
     assert "1 trained, 2 reused, 1 failed" in result.output
     assert "failed: resnet18-unfrozen: RuntimeError: CUDA out of memory" in result.output
@@ -152,7 +148,7 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(grid_copy, runner, monk
 
 
 def test_seeds_repeat_each_cell_and_report_the_spread(grid_copy, runner):
-    result = invoke(runner, grid_copy, "--seeds", "2", "--modes", "frozen")
+    result = compare_cli(runner, grid_copy, "--seeds", "2", "--modes", "frozen")
     assert result.exit_code == 0, result.output
     assert "2 trained, 2 reused, 0 failed" in result.output
     names = sorted(p.name for p in (grid_copy / "exports" / "rooms").iterdir())
@@ -179,7 +175,7 @@ def test_fastai_recipe_runs_for_every_arch_in_both_modes(tiny_task, runner, arch
 
 
 def test_fastai_recipe_sits_beside_paper_runs_in_one_table(grid_copy, runner):
-    result = invoke(runner, grid_copy, "--modes", "frozen", "--recipe", "fastai")
+    result = compare_cli(runner, grid_copy, "--modes", "frozen", "--recipe", "fastai")
     assert result.exit_code == 0, result.output
     assert "2 trained, 0 reused" in result.output  # the paper cells are not the fastai recipe's
     assert "(the fastai recipe's rate from random init)" in result.output  # --no-pretrained: not lr_find
@@ -200,9 +196,9 @@ def test_wilson_interval_matches_known_values():
 
 
 def test_compare_errors(rooms, runner):
-    result = invoke(runner, rooms, "--archs", "resnet18,resnet19")
+    result = compare_cli(runner, rooms, "--archs", "resnet18,resnet19")
     assert result.exit_code == 2 and "unknown arch 'resnet19'" in result.output and "[cell" not in result.output
-    result = invoke(runner, rooms, "--modes", "frozen,thawed")
+    result = compare_cli(runner, rooms, "--modes", "frozen,thawed")
     assert result.exit_code == 2 and "unknown mode 'thawed'" in result.output
     result = runner.invoke(app, ["report", "kitchens", "--exports-dir", str(rooms / "exports")])
     assert result.exit_code == 2 and "no finished paper runs" in result.output
@@ -216,7 +212,7 @@ def test_compare_checks_the_images_once_for_all_cells(grid_copy, runner, monkeyp
     audits = []
     real_audit = audit.audit_task
     monkeypatch.setattr(audit, "audit_task", lambda *a, **k: audits.append(a[0]) or real_audit(*a, **k))
-    result = invoke(runner, grid_copy, "--modes", "frozen", "--archs", "resnet18,alexnet,densenet121")
+    result = compare_cli(runner, grid_copy, "--modes", "frozen", "--archs", "resnet18,alexnet,densenet121")
     assert result.exit_code == 0, result.output
     assert "2 trained, 1 reused" in result.output and len(calls) == 1 and len(audits) == 1  # audited once too
     metrics = [json.loads((grid_copy / "exports" / "rooms" / f"{arch}-frozen" / "metrics.json").read_text())
@@ -228,7 +224,7 @@ def test_compare_puts_study_and_timm_backbones_in_one_table_and_page(grid_copy, 
     rooms = grid_copy
     for name in ("alexnet-frozen", "alexnet-unfrozen", "resnet18-unfrozen"):
         shutil.rmtree(rooms / "exports" / "rooms" / name)
-    result = invoke(runner, rooms, "--archs", "resnet18,convnext_atto,vit_tiny_patch16_224", "--modes", "frozen")
+    result = compare_cli(runner, rooms, "--archs", "resnet18,convnext_atto,vit_tiny_patch16_224", "--modes", "frozen")
     assert result.exit_code == 0, result.output
     assert "2 trained, 1 reused" in result.output
     out = rooms / "exports" / "rooms" / "compare"

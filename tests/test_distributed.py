@@ -29,11 +29,11 @@ def free_port() -> int:
 
 
 def accelerate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch` with two processes on this machine's CPUs."""
+    """`replicate ARGS --device cpu` under `accelerate launch` with two processes on this machine's CPUs."""
     launcher = Path(sys.executable).with_name("accelerate")
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "replicate", *args, "--device", "cpu", "--no-pretrained", "--workers", "0"]
+           "-m", "replicate", *args, "--device", "cpu"]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -45,7 +45,8 @@ def launched(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("launched")
     make_task(root / "data" / "toy", n_train=4, n_valid=3, classes=CLASSES)
     done = accelerate("compare", "toy", "--archs", "resnet18", "--modes", "frozen,unfrozen", *RUN_ARGS,
-                      "--cache-features", "2", "--onnx", "--exports-dir", "exports", cwd=root)
+                      "--cache-features", "2", "--onnx", "--no-pretrained", "--workers", "0", "--exports-dir", "exports",
+                      cwd=root)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return root, done
 
@@ -98,13 +99,8 @@ def test_predict_under_accelerate_shares_the_photos_and_writes_one_table(launche
     single = runner.invoke(app, ["predict", str(run_dir), str(photos), "--out", str(tmp_path / "one.csv"),
                                  "--device", "cpu"])
     assert single.exit_code == 0, single.output
-    launcher = Path(sys.executable).with_name("accelerate")
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "replicate", "predict", str(run_dir), str(photos), "--out", str(tmp_path / "two.csv"),
-           "--device", "cpu", "--workers", "1"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = accelerate("predict", str(run_dir), str(photos), "--out", str(tmp_path / "two.csv"), "--workers", "1",
+                      cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("table: ") == 1 and done.stdout.count("unreadable: ") == 1  # one process speaks
     one, two = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")

@@ -12,12 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import HOUSES_ZIP, make_task, requires_houses, synthetic_photo
+from conftest import HOUSES_ZIP, ROOMS, make_task, requires_houses, synthetic_photo
 from replicate import photos, train
 from replicate.cli import app
 from replicate.config import RunConfig
-
-ROOMS = {"bathroom": (30, 90, 200), "bedroom": (200, 60, 40), "kitchen": (60, 180, 60)}
 
 
 def test_the_crop_box_is_the_centre_share_of_the_short_side():
