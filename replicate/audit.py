@@ -4,20 +4,32 @@ under two labels, and photos a scraper should not have kept.
     replicate audit rooms
 
 Every photo gets a fingerprint: the SHA-256 of its bytes (exact copies) and perceptual hashes
-(imagehash's pHash, 64 bits) of three centre crops, 100%, 90% and 80% of each side. Two photos are
-near-duplicates when the closest pair of their crops' hashes differs in at most `THRESHOLD` bits:
-a resized, recompressed or re-saved copy differs by 0-2 bits, a copy cropped to 90% or 80%
-matches a crop of the original; on the Houses photos different photos differ by 10 or more
-(README, "Auditing the data", has the measurements). Near-duplicates are grouped
-(connected components: a copy of a copy is in the group), and each group is flagged:
+(imagehash's pHash, 64 bits) of three centre crops, 100%, 90% and 80% of each side, of its
+content: uniform borders (letterbox or pillarbox padding, white, black or any flat colour, and
+flat frames) are trimmed first, so a padded copy hashes like its original and two padded photos
+are not compared by their padding. Finding near-duplicates takes three steps:
+
+1. search: pairs where the whole content of one photo is within `THRESHOLD` bits of the whole or
+   of a crop of the other (a resized, recompressed or re-saved copy differs by 0-2 bits, a copy
+   cropped to 90% or 80% matches a crop of the original). The search is an exact multi-index
+   search (`hamming`), not a comparison of every pair: a million photos take about a minute.
+2. confirm: a second, independent signal, the correlation of the two photos' matched crops
+   aligned at 16 x 16 px in colour, must be at least `SIMILAR` (copies measure 0.998 or more,
+   different photos 0.74 or less on the Houses photos; README, "Auditing the data"). Byte-
+   identical photos need no confirmation.
+3. group: every member of a group is a confirmed near-duplicate of every other member; A~B and
+   B~C with A far from C make no group of three.
+
+Each group is flagged:
 
 - leak: copies in train and in valid, so validation accuracy is inflated;
 - conflict: the same photo under different labels, a contradiction to learn;
 - duplicate: copies within one split, which overweight that photo.
 
 Quality checks flag what a scraped set holds: too small, nearly uniform (blank), very dark or
-blown out, an extreme aspect ratio, unreadable. Uniform photos are left out of the grouping:
-their hashes say nothing.
+blown out (levels of the content inside any border), an extreme aspect ratio, unreadable. Uniform
+photos and those whose content is under 32 px are left out of the grouping: their hashes say
+nothing.
 
 Fingerprints are cached per file in TASK/_audit/fingerprints.csv, keyed on path, size and mtime,
 so auditing again costs a second.
@@ -35,61 +47,123 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from . import hamming, runtime
 from .errors import ReplicateError
 
 THRESHOLD = 8  # bits of 64; see the module docstring and the README for how it was chosen
-CROPS = (1.0, 0.9, 0.8)  # centre crops hashed per photo
+CROPS = (1.0, 0.9, 0.8)  # centre crops of the content hashed per photo; pairs compare the first with each
 # Quality limits: short side in px, grey-level standard deviation and mean (0-255), long/short side.
 MIN_SIDE, MIN_STD, DARK, BRIGHT, MAX_ASPECT = 100, 6.0, 30.0, 225.0, 3.0
-FINGERPRINT_COLUMNS = ["path", "size", "mtime_ns", "sha256", "phash", "width", "height", "mean", "std", "error"]
+# A border line (row or column) of padding: grey-level std at most FLAT_STD, its mean within FLAT_STEP
+# of the outermost line's. Padding stays exactly flat through JPEG (a block of one colour keeps only
+# its DC term) up to a few px from the content; a camera's grain, even on a white wall, is above
+# 0.5, and at 1.0 or more a recompressed copy's smoothed edges were trimmed where the original's were not.
+FLAT_STD, FLAT_STEP = 0.5, 2.0
+MIN_CONTENT = 32  # px: content shorter than this is not hashed (pHash reduces to 32 x 32)
+PADDED = 0.02  # share of the image in trimmed borders from which a photo counts as padded
+ALIGNED_SIDE, SIMILAR = 16, 0.9  # the confirmation: crops compared at 16 x 16, correlation at least 0.9
+DECODE_SIDE = 512  # JPEGs are decoded at a reduced scale no smaller than this (libjpeg draft mode)
+# Cached fingerprints of another version are computed again: 2 hashes the content inside borders.
+FINGERPRINT_VERSION = 2
+FINGERPRINT_COLUMNS = ["version", "path", "size", "mtime_ns", "sha256", "phash", "width", "height", "box", "mean", "std",
+                       "error"]
 FINDING_COLUMNS = ["finding", "group", "n", "files", "splits", "labels", "identical", "distance", "detail"]
+PAIR_COLUMNS = ["i", "j", "distance", "crop_i", "crop_j"]
 
 
 # --- fingerprints --------------------------------------------------------------------------------
 
-def _centre(image: Image.Image, share: float) -> Image.Image:
-    if share == 1.0:
-        return image
-    w, h = image.size
+def _open(data: bytes, mode: str) -> tuple[Image.Image, tuple[int, int]]:
+    """The photo upright in `mode`, decoded at a reduced scale when it is large, and its full
+    upright (width, height)."""
+    with Image.open(io.BytesIO(data)) as im:
+        turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        full = im.size[::-1] if turned else im.size
+        im.draft(mode, (DECODE_SIDE, DECODE_SIDE))
+        return ImageOps.exif_transpose(im).convert(mode), full
+
+
+def _flat_lines(means: np.ndarray, stds: np.ndarray) -> int:
+    """How many lines from the start are flat and at the level of the first: a border's width."""
+    flat = (stds <= FLAT_STD) & (np.abs(means - means[0]) <= FLAT_STEP)
+    return len(flat) if flat.all() else int(np.argmin(flat))
+
+
+def content_box(gray: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) inside uniform borders: letterbox or pillarbox padding of any flat
+    colour, or a flat frame; all four sides trimmed on their own. A photo flat throughout keeps its
+    whole box (it is then `uniform`, and not hashed).
+
+    Hand-written because PIL's `getbbox` after a difference with the corner colour needs one
+    colour for all sides and trims nothing when JPEG noise touches the padding."""
+    rows_mean, rows_std = gray.mean(axis=1), gray.std(axis=1)
+    top = _flat_lines(rows_mean, rows_std)
+    if top == len(rows_mean):
+        return 0, 0, gray.shape[1], gray.shape[0]
+    bottom = len(rows_mean) - _flat_lines(rows_mean[::-1], rows_std[::-1])
+    inner = gray[top:bottom]
+    cols_mean, cols_std = inner.mean(axis=0), inner.std(axis=0)
+    left = _flat_lines(cols_mean, cols_std)
+    right = len(cols_mean) - _flat_lines(cols_mean[::-1], cols_std[::-1])
+    return left, top, right, bottom
+
+
+def _crop(image: Image.Image, box: tuple[int, int, int, int], share: float) -> Image.Image:
+    """The centre `share` of each side of `box` (in `image`'s pixels)."""
+    left, top, right, bottom = box
+    w, h = right - left, bottom - top
     cw, ch = max(1, round(w * share)), max(1, round(h * share))
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch))
+    x, y = left + (w - cw) // 2, top + (h - ch) // 2
+    return image.crop((x, y, x + cw, y + ch))
+
+
+def _scaled(box: tuple[int, ...], scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    sx, sy = scale
+    return round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)
 
 
 def fingerprint(source: Path | bytes) -> dict:
-    """sha256, the pHashes of the centre crops (hex, space-separated), size and grey-level statistics
-    of one photo (EXIF orientation applied); `error` says why a file could not be read."""
+    """sha256; the pHashes of the centre crops of the content inside any uniform border (hex,
+    space-separated); the upright size; `box`, the content's "left top right bottom" in that size;
+    grey-level mean and std of the content. `error` says why a file could not be read."""
+    empty = {"phash": "", "width": 0, "height": 0, "box": "", "mean": 0.0, "std": 0.0}
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as e:
-        return {"sha256": "", "phash": "", "width": 0, "height": 0, "mean": 0.0, "std": 0.0, "error": str(e)}
+        return {"sha256": "", **empty, "error": str(e)}
     result = {"sha256": hashlib.sha256(data).hexdigest()}
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            gray = ImageOps.exif_transpose(im).convert("L")
+        gray, (width, height) = _open(data, "L")
     except Exception as e:  # PIL raises many types for files that are not images
-        return {**result, "phash": "", "width": 0, "height": 0, "mean": 0.0, "std": 0.0,
-                "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-    width, height = gray.size
-    small = gray.copy()
-    small.thumbnail((128, 128))
-    pixels = np.asarray(small, dtype=np.float32)
-    hashes = " ".join(str(imagehash.phash(_centre(gray, share))) for share in CROPS)
-    return {**result, "phash": hashes, "width": width, "height": height, "mean": float(pixels.mean()),
-            "std": float(pixels.std()), "error": ""}
+        return {**result, **empty, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    box = content_box(np.asarray(gray, dtype=np.float32))
+    full_box = _scaled(box, (width / gray.width, height / gray.height))
+    content = gray.crop(box)
+    hashes = ""
+    if min(full_box[2] - full_box[0], full_box[3] - full_box[1]) >= MIN_CONTENT:
+        hashes = " ".join(str(imagehash.phash(_crop(gray, box, share))) for share in CROPS)
+    content.thumbnail((128, 128))
+    pixels = np.asarray(content, dtype=np.float32)
+    return {**result, "phash": hashes, "width": width, "height": height, "box": " ".join(map(str, full_box)),
+            "mean": float(pixels.mean()), "std": float(pixels.std()), "error": ""}
+
+
+def _pool_map(function, items: list, chunksize: int = 32) -> list:
+    """`function` over `items`, in one process per core when there are many (PIL's decode holds the GIL)."""
+    workers = min(len(items) // 64 + 1, runtime.cores())
+    if workers <= 1:
+        return [function(item) for item in items]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(function, items, chunksize=chunksize))
 
 
 def fingerprint_many(sources: list) -> list[dict]:
-    """`fingerprint` of each file or bytes, in parallel processes when there are many."""
-    workers = min(len(sources) // 64 + 1, os.cpu_count() or 1)
-    if workers <= 1:
-        return [fingerprint(s) for s in sources]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(fingerprint, sources, chunksize=32))
+    """`fingerprint` of each file or bytes, on all cores when there are many."""
+    return _pool_map(fingerprint, sources)
 
 
 def fingerprints(files: list[Path], cache: Path | None = None, log=None) -> pd.DataFrame:
@@ -102,7 +176,8 @@ def fingerprints(files: list[Path], cache: Path | None = None, log=None) -> pd.D
                if f in cached and (cached[f]["size"], cached[f]["mtime_ns"]) == (st.st_size, st.st_mtime_ns)}
     todo = [f for f in stats if f not in current]
     computed = dict(zip(todo, fingerprint_many([Path(f) for f in todo]))) if todo else {}
-    rows = [cached[f] if f in current else {"path": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns, **computed[f]}
+    rows = [cached[f] if f in current else {"version": FINGERPRINT_VERSION, "path": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                    **computed[f]}
             for f, st in stats.items()]
     frame = pd.DataFrame(rows, columns=FINGERPRINT_COLUMNS)
     if cache is not None and (todo or len(cached) != len(frame)):  # new files, or moved/removed ones to forget
@@ -120,12 +195,12 @@ def _read_cache(cache: Path | None) -> dict[str, dict]:
         frame = pd.read_csv(cache, dtype={"sha256": str, "phash": str, "error": str}, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError):
         return {}  # a damaged cache is rebuilt, not trusted
-    if list(frame.columns) != FINGERPRINT_COLUMNS:
+    if list(frame.columns) != FINGERPRINT_COLUMNS or (frame.version != FINGERPRINT_VERSION).any():
         return {}
     return {r["path"]: r for r in frame.to_dict("records")}
 
 
-# --- near-duplicate groups -------------------------------------------------------------------------
+# --- near-duplicate pairs and groups -------------------------------------------------------------
 
 def hash_matrix(phashes: list[str]) -> np.ndarray:
     """(n, crops) uint64 from the space-separated hex hashes."""
@@ -133,56 +208,137 @@ def hash_matrix(phashes: list[str]) -> np.ndarray:
 
 
 def near_pairs(hashes: np.ndarray, threshold: int = THRESHOLD) -> pd.DataFrame:
-    """Pairs (i < j) whose closest crop hashes differ in at most `threshold` bits, with that distance.
+    """Pairs (i < j) where the whole content of one is within `threshold` bits of a crop of the
+    other (whole with whole included), with the least distance and the crops it was found at
+    (PAIR_COLUMNS). An exact multi-index search (`hamming.within`): 1,000,000 photos in about a
+    minute on 2 cores (benchmarks/audit_bench.py); it used to compare every pair of crops.
 
-    Every pair is compared, with numpy's bit count over XORs in blocks of rows to bound memory:
-    exact for any threshold, n^2 work: 0.4 s for 2,140 photos and 8 s for 10,000 on 2 cores, so
-    minutes beyond 30,000, where an index (a BK-tree) would start to pay off."""
+    Only pairs that include a whole content are compared: a copy cropped to 90% matches the
+    original's 90% crop with its whole, and the pairs of two crops would only give two different
+    photos more chances to fall under the threshold."""
     n, k = hashes.shape
-    found = []
-    block = max(1, 4_000_000 // max(1, n * k * k))
-    for start in range(0, n, block):
-        rows = hashes[start:start + block]
-        bits = np.bitwise_count(rows[:, None, :, None] ^ hashes[None, :, None, :]).min(axis=(2, 3))
-        i, j = np.nonzero(bits <= threshold)
-        i += start
-        keep = j > i
-        found.append(pd.DataFrame({"i": i[keep], "j": j[keep], "distance": bits[i[keep] - start, j[keep]]}))
-    return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=["i", "j", "distance"])
+    if n < 2:
+        return pd.DataFrame(columns=PAIR_COLUMNS)
+    q, flat, distance = hamming.within(hashes[:, 0], hashes.ravel(), threshold, threads=runtime.cores())
+    other, crop = flat // k, flat % k
+    pairs = pd.DataFrame({"q": q, "other": other, "distance": distance.astype(int), "crop": crop})
+    pairs = pairs[pairs.q != pairs.other]
+    swap = pairs.q > pairs.other  # the whole of the larger index against a crop of the smaller one
+    pairs = pd.DataFrame({"i": np.where(swap, pairs.other, pairs.q), "j": np.where(swap, pairs.q, pairs.other),
+                          "distance": pairs.distance,
+                          "crop_i": np.where(swap, pairs.crop, 0), "crop_j": np.where(swap, 0, pairs.crop)})
+    pairs = pairs.sort_values(["i", "j", "distance", "crop_i", "crop_j"]).drop_duplicates(["i", "j"])
+    return pairs.reset_index(drop=True)[PAIR_COLUMNS]
 
 
-def group_ids(n: int, pairs: pd.DataFrame) -> np.ndarray:
-    """A group number per item: connected components of the near-duplicate pairs (scipy's)."""
-    graph = coo_matrix((np.ones(len(pairs)), (pairs.i.to_numpy(int), pairs.j.to_numpy(int))), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+def aligned(job: tuple) -> list[np.ndarray]:
+    """For (photo: file or bytes, box: "left top right bottom", shares): each centre crop of the
+    content, SIDE x SIDE RGB, as floats of mean 0 and std 1 (a brightness or contrast change does
+    not move it)."""
+    source, box, shares = job
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    image, (width, height) = _open(data, "RGB")
+    box = _scaled(tuple(int(v) for v in box.split()), (image.width / width, image.height / height))
+    out = []
+    for share in shares:
+        pixels = np.asarray(_crop(image, box, share).resize((ALIGNED_SIDE, ALIGNED_SIDE), Image.Resampling.BOX),
+                            dtype=np.float32)
+        out.append((pixels - pixels.mean()) / max(float(pixels.std()), 1.0))
+    return out
+
+
+def confirm(frame: pd.DataFrame, sources: list, pairs: pd.DataFrame) -> pd.DataFrame:
+    """`pairs` with `similarity` and `confirmed` (similarity >= SIMILAR): the correlation
+    of the two photos' matched crops, aligned and reduced to ALIGNED_SIDE px in colour (the pHash
+    keeps only the signs of a grey image's low frequencies). Byte-identical pairs need no check (1.0).
+    Only the photos in unconfirmed pairs are read again."""
+    sha = frame.sha256.to_numpy()
+    pairs = pairs.assign(similarity=np.where(sha[pairs.i.to_numpy(int)] == sha[pairs.j.to_numpy(int)], 1.0, np.nan))
+    check = pairs[pairs.similarity.isna()]
+    needed: dict[int, set] = {}
+    for row, crop in [*zip(check.i, check.crop_i), *zip(check.j, check.crop_j)]:
+        needed.setdefault(int(row), set()).add(int(crop))
+    rows = sorted(needed)
+    jobs = [(sources[r], frame.box.iat[r], [CROPS[c] for c in sorted(needed[r])]) for r in rows]
+    thumbs = {(r, c): t for r, ts in zip(rows, _pool_map(aligned, jobs, chunksize=4))
+              for c, t in zip(sorted(needed[r]), ts)}
+    similarity = [float((thumbs[int(p.i), int(p.crop_i)] * thumbs[int(p.j), int(p.crop_j)]).mean())
+                  for p in check.itertuples()]
+    pairs.loc[check.index, "similarity"] = similarity
+    return pairs.assign(confirmed=pairs.similarity >= SIMILAR)
 
 
 def hashable(frame: pd.DataFrame) -> np.ndarray:
-    """Rows whose perceptual hash means something: readable and not nearly uniform."""
-    return ((frame.error == "") & (frame["std"] >= MIN_STD)).to_numpy()
+    """Rows whose perceptual hash means something: readable, content large enough, not nearly uniform."""
+    return ((frame.error == "") & (frame.phash != "") & (frame["std"] >= MIN_STD)).to_numpy()
 
 
-def linked(frame: pd.DataFrame, threshold: int = THRESHOLD) -> tuple[np.ndarray, pd.DataFrame]:
-    """(group id per row, -1 for rows left out; the near pairs as row numbers of `frame`)."""
+def cliques(n: int, pairs: pd.DataFrame) -> np.ndarray:
+    """A group number per item such that every two members of a group are a pair: near-duplicates
+    of each other, not links of a chain (A~B and B~C with A far from C do not make one group).
+
+    Greedy, per connected component (scipy's): the member with most pairs starts a group, its
+    partners join closest first while they pair with every member so far; repeat with the rest.
+    Hand-written because neither scipy nor networkx partitions a graph into cliques (networkx
+    lists maximal cliques, which overlap), and components are small."""
+    groups = np.arange(n)
+    if len(pairs) == 0:
+        return groups
+    i, j = pairs.i.to_numpy(int), pairs.j.to_numpy(int)
+    graph = coo_matrix((np.ones(len(pairs)), (i, j)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    distance = {}
+    for a, b, d in zip(i, j, pairs.distance.to_numpy(int)):
+        distance[a, b] = distance[b, a] = d
+    partners: dict[int, list[int]] = {}
+    for a, b in zip(i, j):
+        partners.setdefault(a, []).append(b)
+        partners.setdefault(b, []).append(a)
+    for members in pd.Series(np.arange(n)).groupby(component).groups.values():
+        if len(members) < 2:
+            continue
+        left = set(members)
+        while left:
+            seed = max(sorted(left), key=lambda a: sum(b in left for b in partners.get(a, [])))
+            group = [seed]
+            for b in sorted((b for b in partners.get(seed, []) if b in left), key=lambda b: (distance[seed, b], b)):
+                if all((b, g) in distance for g in group):
+                    group.append(b)
+            groups[group] = seed
+            left -= set(group)
+    return groups
+
+
+def linked(frame: pd.DataFrame, sources: list | None = None,
+           threshold: int = THRESHOLD) -> tuple[np.ndarray, pd.DataFrame]:
+    """(group id per row, -1 for rows left out; the candidate pairs as row numbers of `frame`, with
+    `similarity` and `confirmed`). Groups are cliques of confirmed pairs. `sources`: the photos
+    (files or bytes) for the confirmation; `frame.path` by default."""
     usable = np.flatnonzero(hashable(frame))
     groups = np.full(len(frame), -1)
     if len(usable) == 0:
-        return groups, pd.DataFrame(columns=["i", "j", "distance"])
+        return groups, pd.DataFrame(columns=PAIR_COLUMNS + ["similarity", "confirmed"])
     pairs = near_pairs(hash_matrix(frame.phash.iloc[usable].tolist()), threshold)
-    groups[usable] = group_ids(len(usable), pairs)
     pairs = pairs.assign(i=usable[pairs.i.to_numpy(int)], j=usable[pairs.j.to_numpy(int)])
+    pairs = confirm(frame, list(frame.path) if sources is None else sources, pairs)
+    held = pairs[pairs.confirmed]
+    groups[usable] = usable[cliques(len(usable), held.assign(i=np.searchsorted(usable, held.i),
+                                                              j=np.searchsorted(usable, held.j)))]
     return groups, pairs
 
 
 def link_owners(owners: list, photos: list, threshold: int = THRESHOLD) -> dict:
     """{owner: group}: owners (houses, listings) that share a near-duplicate photo, transitively,
-    get the same group; `photos[k]` (bytes or a file) belongs to `owners[k]`."""
+    get the same group; `photos[k]` (bytes or a file) belongs to `owners[k]`. Transitive on
+    purpose: a split that keeps a chain's owners together cannot leak any pair of it."""
     frame = pd.DataFrame(fingerprint_many(photos))
-    _, pairs = linked(frame, threshold)
+    _, pairs = linked(frame, photos, threshold)
+    pairs = pairs[pairs.confirmed]
     names = sorted(set(owners))
     index = {o: i for i, o in enumerate(names)}
-    edges = pd.DataFrame({"i": [index[owners[i]] for i in pairs.i], "j": [index[owners[j]] for j in pairs.j]})
-    return dict(zip(names, group_ids(len(names), edges)))
+    edges = coo_matrix((np.ones(len(pairs)), ([index[owners[i]] for i in pairs.i], [index[owners[j]] for j in pairs.j])),
+                       shape=(len(names), len(names)))
+    return dict(zip(names, connected_components(edges, directed=False)[1]))
 
 
 # --- a task's findings ------------------------------------------------------------------------------
@@ -193,6 +349,7 @@ class Audit:
 
     photos: pd.DataFrame
     findings: pd.DataFrame
+    pairs: pd.DataFrame  # every candidate pair the search found, with its similarity and whether it held
     seconds: float
     threshold: int
 
@@ -205,7 +362,17 @@ class Audit:
                 "leak_groups": len(leaks), "leaked_valid_photos": int(leaked_valid),
                 "conflict_groups": int((f.finding == "conflict").sum()),
                 "duplicate_groups": int((f.finding == "duplicate").sum()),
-                "quality_findings": int((~f.finding.isin(["leak", "conflict", "duplicate"])).sum())}
+                "quality_findings": int((~f.finding.isin(["leak", "conflict", "duplicate"])).sum()),
+                "candidate_pairs": len(self.pairs), "confirmed_pairs": int(self.pairs.confirmed.sum()),
+                "padded_photos": int(padded(self.photos).sum())}
+
+    def pair_table(self) -> pd.DataFrame:
+        """Every candidate pair as files: distance in bits, crops, similarity, confirmed (pairs.csv)."""
+        rel, p = self.photos.rel.to_numpy(), self.pairs
+        return pd.DataFrame({"file_a": rel[p.i.to_numpy(int)], "file_b": rel[p.j.to_numpy(int)],
+                             "distance": p.distance, "crop_a": [CROPS[c] for c in p.crop_i],
+                             "crop_b": [CROPS[c] for c in p.crop_j], "similarity": p.similarity.round(4),
+                             "confirmed": p.confirmed})
 
 
 def split_and_label(path: Path, task_dir: Path) -> tuple[str, str]:
@@ -221,9 +388,17 @@ def audit_task(task_dir: Path, files: list[Path], threshold: int = THRESHOLD, lo
     where = [split_and_label(p, task_dir) for p in photos.path]
     photos["split"], photos["label"] = [w[0] for w in where], [w[1] for w in where]
     photos["rel"] = [Path(p).resolve().relative_to(task_dir.resolve()).as_posix() for p in photos.path]
-    photos["group"], pairs = linked(photos, threshold)
-    findings = pd.concat([_group_findings(photos, pairs), _quality_findings(photos)], ignore_index=True)
-    return Audit(photos, findings, time.perf_counter() - start, threshold)
+    photos["group"], pairs = linked(photos, threshold=threshold)
+    findings = pd.concat([_group_findings(photos, pairs[pairs.confirmed]), _quality_findings(photos)],
+                         ignore_index=True)
+    return Audit(photos, findings, pairs, time.perf_counter() - start, threshold)
+
+
+def padded(photos: pd.DataFrame) -> pd.Series:
+    """Photos with at least PADDED of their area in trimmed uniform borders."""
+    sizes = content_sizes(photos)
+    area = (photos.width * photos.height).clip(lower=1)
+    return (photos.error == "") & (sizes.content_width * sizes.content_height < (1 - PADDED) * area)
 
 
 def _group_findings(photos: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -232,7 +407,8 @@ def _group_findings(photos: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     distance = {}
     for p in pairs.itertuples():
         g = photos.group.iat[p.i]
-        distance[g] = max(distance.get(g, 0), int(p.distance))
+        if g == photos.group.iat[p.j]:  # pairs that would have chained two groups are not theirs
+            distance[g] = max(distance.get(g, 0), int(p.distance))
     for number, g in enumerate(sorted(sizes[sizes > 1].index), 1):
         members = photos[photos.group == g].sort_values(["split", "rel"], ascending=[True, True])
         base = {"group": number, "n": len(members), "files": ";".join(members.rel), "splits": ";".join(members.split),
@@ -248,7 +424,15 @@ def _group_findings(photos: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=FINDING_COLUMNS)
 
 
+def content_sizes(photos: pd.DataFrame) -> pd.DataFrame:
+    """(content_width, content_height) per photo: its size inside any uniform border; 0 when unreadable."""
+    box = photos.box.str.split(expand=True).reindex(columns=range(4)).fillna(0).astype(int)
+    return pd.DataFrame({"content_width": box[2] - box[0], "content_height": box[3] - box[1]}, index=photos.index)
+
+
 def _quality_findings(photos: pd.DataFrame) -> pd.DataFrame:
+    """Size and aspect of the whole file (a trimmed border may be a flat sky); levels of the content
+    (white padding does not make a dark photo look bright)."""
     short = photos[["width", "height"]].min(axis=1)
     aspect = photos[["width", "height"]].max(axis=1) / short.clip(lower=1)
     ok = photos.error == ""
@@ -270,11 +454,25 @@ def _quality_findings(photos: pd.DataFrame) -> pd.DataFrame:
 
 # --- what to do about them ------------------------------------------------------------------------
 
-def group_table(result: Audit) -> pd.DataFrame:
-    """One row per near-duplicate group: its findings joined (leak+conflict), files and labels; for the terminal."""
+FLAG_ORDER = {"leak": 0, "conflict": 1, "duplicate": 2}
+
+
+def top_groups(result: Audit, width: int, limit: int = 10) -> list[str]:
+    """One line per near-duplicate group, at most `width` characters, leaks first, then conflicts:
+    its flags, size and files; the first `limit`, then how many more there are."""
     groups = result.findings[result.findings.group != ""]
-    return groups.groupby("group").agg(flags=("finding", "+".join), files=("files", "first"),
-                                       labels=("labels", "first"))
+    if groups.empty:
+        return []
+    table = groups.groupby("group").agg(findings=("finding", "+".join), n=("n", "first"), files=("files", "first"))
+    table["rank"] = [min(FLAG_ORDER[f] for f in found.split("+")) for found in table.findings]
+    table = table.sort_values(["rank", "group"])
+    lines = []
+    for number, row in table.head(limit).iterrows():
+        line = f"  #{number} {row.findings}: {row.n} photos: {row.files.replace(';', ', ')}"
+        lines.append(line if len(line) <= width else line[:max(width - 3, 20)] + "...")
+    if len(table) > limit:
+        lines.append(f"  ... and {len(table) - limit} more groups (all in audit.html and audit.csv)")
+    return lines
 
 
 def suggested_decisions(result: Audit, task_dir: Path) -> pd.DataFrame:
@@ -305,8 +503,10 @@ def summary(result: Audit) -> str:
     c = result.counts()
     quality = result.findings[~result.findings.finding.isin(["leak", "conflict", "duplicate"])]
     kinds = ", ".join(f"{n} {k}" for k, n in quality.finding.value_counts().items()) or "none"
-    return (f"{c['photos']} photos audited in {result.seconds:.1f}s; near-duplicate threshold {c['threshold']} of "
-            f"64 bits\n  leak: {c['leak_groups']} groups with copies in train and valid "
+    padding = f"; uniform borders trimmed from {c['padded_photos']}" if c["padded_photos"] else ""
+    return (f"{c['photos']} photos audited in {result.seconds:.1f}s{padding}; near-duplicate threshold "
+            f"{c['threshold']} of 64 bits: {c['candidate_pairs']} candidate pairs, {c['confirmed_pairs']} confirmed "
+            f"by their pixels\n  leak: {c['leak_groups']} groups with copies in train and valid "
             f"({c['leaked_valid_photos']} valid photos)\n  conflict: {c['conflict_groups']} photos under two labels\n"
             f"  duplicate: {c['duplicate_groups']} groups with copies within one split\n  quality: {kinds}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 import warnings
 from enum import Enum
@@ -157,12 +158,12 @@ def audit(
     text = auditing.summary(result)
     written = report.write_audit(result, suggestions, classes, data_dir / task, text, exports_dir / task / "audit")
     typer.echo(text)
-    groups = auditing.group_table(result)
-    if len(groups):
-        typer.echo("\n" + groups.to_string())
+    lines = auditing.top_groups(result, shutil.get_terminal_size((100, 24)).columns)
+    if lines:
+        typer.echo("\n" + "\n".join(lines))
     removes = int((suggestions.action == "remove").sum())
-    typer.echo(f"\nwritten: {written['audit.csv']}, {written['audit.html']} (open it to decide), "
-               f"{written['decisions.csv']}\nsuggested: remove {removes} copies; see them with: replicate clean "
+    typer.echo(f"\nwritten: {written['audit.html']} (open it to decide), {written['audit.csv']}, "
+               f"{written['pairs.csv']}, {written['decisions.csv']}\nsuggested: remove {removes} copies; see them with: replicate clean "
                f"{task} --decisions {written['decisions.csv']} (then --apply; --undo puts them back)")
 
 

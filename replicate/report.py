@@ -447,11 +447,13 @@ def render_template(template: str, **values) -> str:
 
 def write_audit(result, suggestions: pd.DataFrame, classes: list[str], task_dir: Path, summary: str,
                 out: Path) -> dict[str, Path]:
-    """An audit's outputs in `out` (exports/TASK/audit/): audit.csv (the findings), decisions.csv (the
-    suggested decisions, for `replicate clean`) and audit.html (to look and decide). {name: path}."""
+    """An audit's outputs in `out` (exports/TASK/audit/): audit.csv (the findings), pairs.csv (every
+    candidate pair, confirmed or not), decisions.csv (the suggested decisions, for `replicate clean`)
+    and audit.html (to look and decide). {name: path}."""
     out.mkdir(parents=True, exist_ok=True)
-    written = {name: out / name for name in ("audit.csv", "decisions.csv", "audit.html")}
+    written = {name: out / name for name in ("audit.csv", "pairs.csv", "decisions.csv", "audit.html")}
     result.findings.to_csv(written["audit.csv"], index=False)
+    result.pair_table().to_csv(written["pairs.csv"], index=False)
     suggestions.to_csv(written["decisions.csv"], index=False)
     write_audit_page(result, suggestions, classes, task_dir, summary, written["audit.html"])
     return written

@@ -119,8 +119,9 @@ def odd_photos(folder: Path) -> Path:
 
 
 def synthetic_photo(seed: int, size=(320, 240)) -> Image.Image:
-    """A photo-like image: a colour gradient with random boxes and ellipses, different for every seed
-    (perceptual hashes need structure; noise or a flat colour would not behave like a photo)."""
+    """A photo-like image: a colour gradient with random boxes and ellipses and a camera's grain,
+    different for every seed (perceptual hashes need structure; noise or a flat colour alone would
+    not behave like a photo, and without grain a flat edge would look like padding to the audit)."""
     from PIL import ImageDraw
     rng = np.random.default_rng(seed)
     w, h = size
@@ -133,7 +134,8 @@ def synthetic_photo(seed: int, size=(320, 240)) -> Image.Image:
         box = (x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2)))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
-    return image
+    grain = rng.normal(0, 4, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype("uint8"))
 
 
 # --- one trained grid, shared -------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_made_up_copies_are_found_and_distinct_photos_are_not(tmp_path):
             photos.append(data_)
             owners.append(seed)
     frame = pd.DataFrame(audit.fingerprint_many(photos))
-    groups, pairs = audit.linked(frame)
+    groups, pairs = audit.linked(frame, photos)
     # each original and its four copies form one group, and nothing else joins it
     assert len(set(groups)) == 20
     for seed in range(20):
