@@ -9,16 +9,16 @@ values within r // m bits of its own chunk, and only the hashes found there are 
 Nothing within r bits is missed: the search is exact, not approximate.
 
 Why written here rather than taken from faiss: faiss's `IndexBinaryMultiHash` is the same
-algorithm, but it keeps a C++ hash map per chunk and a hash set per query, and measured 26 s for
-300,000 queries against 900,000 hashes on 2 cores where this took 9 s (benchmarks/audit_bench.py);
-a million photos would have taken minutes. Here each chunk's table is a sorted array with direct
+algorithm, but it keeps a C++ hash map per chunk and a hash set per query: 300,000 photos (their
+whole hashes against all 900,000 crop hashes) took it 27.5 s on 2 cores where this takes 7.1 s
+(`benchmarks/audit_bench.py --faiss`), and a million would take minutes; this takes 43 s. Here each chunk's table is a sorted array with direct
 offsets (chunks are at most 22 bits), and one probe pattern is applied to all queries at once.
 """
 from __future__ import annotations
 
 import itertools
-from math import comb
 from concurrent.futures import ThreadPoolExecutor
+from math import comb
 
 import numpy as np
 

@@ -1,5 +1,6 @@
-"""`replicate audit`: duplicates, leaks across the split, conflicting labels, quality; splits that
-cannot leak; the audit before every run; its decisions through `clean` and back.
+"""`replicate audit`: duplicates, leaks across the split, conflicting labels, quality; padded photos,
+chains and the exact index; splits that cannot leak; the audit before every run; its decisions
+through `clean` and back.
 
     python -m pytest tests/test_audit.py
 """
@@ -11,13 +12,14 @@ import json
 import os
 import zipfile
 
+import imagehash
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import synthetic_photo
-from replicate import audit, data
+from conftest import HOUSES_ZIP, requires_houses, synthetic_photo
+from replicate import audit, data, hamming
 from replicate.cli import app
 
 
@@ -96,6 +98,113 @@ def test_made_up_copies_are_found_and_distinct_photos_are_not(tmp_path):
 def test_two_hundred_distinct_photos_give_no_false_pair():
     frame = pd.DataFrame(audit.fingerprint_many([jpeg(synthetic_photo(1000 + s)) for s in range(200)]))
     assert audit.near_pairs(audit.hash_matrix(frame.phash.tolist())).empty
+
+
+# --- padded photos, chains, the index -------------------------------------------------------------
+
+def padded(data_: bytes, canvas: tuple[int, int], colour, frame: int = 0) -> bytes:
+    """The photo fitted into `canvas` and centred on `colour` (letterbox or pillarbox padding), or
+    inside a flat frame `frame` px wide; JPEG quality 90."""
+    image = Image.open(io.BytesIO(data_)).convert("RGB")
+    if frame:
+        canvas = (image.width + 2 * frame, image.height + 2 * frame)
+    else:
+        image.thumbnail(canvas)
+    out = Image.new("RGB", canvas, colour)
+    out.paste(image, ((canvas[0] - image.width) // 2, (canvas[1] - image.height) // 2))
+    return jpeg(out, 90)
+
+
+@pytest.mark.parametrize("canvas,colour,frame,where", [
+    ((416, 416), "white", 0, (8, 75, 408, 341)),       # letterbox: a 400x266 photo in a white square
+    ((640, 266), "black", 0, (120, 0, 520, 266)),       # pillarbox, black
+    (None, (114, 114, 114), 20, (20, 20, 420, 286)),   # a flat grey frame on all four sides
+])
+def test_uniform_borders_are_trimmed_to_the_photo(canvas, colour, frame, where):
+    photo = jpeg(synthetic_photo(7, size=(400, 266)))
+    row = audit.fingerprint(padded(photo, canvas, colour, frame))
+    box = np.array(row["box"].split(), dtype=int)
+    assert np.abs(box - where).max() <= 8  # JPEG ringing keeps a few px of padding beside the photo
+    assert audit.fingerprint(photo)["box"] == "0 0 400 266"  # a photo without borders keeps all of itself
+
+
+@requires_houses
+def test_padded_houses_photos_pair_only_with_their_copies():
+    """600 real room photos letterboxed white into 416 x 416 squares (38% or more padding); 30 of them
+    also as the original, pillarboxed in black and in a grey frame. Expected pairs: the copies of one
+    photo, and the Houses' own duplicates (the pairs the audit confirms on the unpadded originals)."""
+    with zipfile.ZipFile(HOUSES_ZIP) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(("_bathroom.jpg", "_bedroom.jpg", "_kitchen.jpg")))[:600]
+        originals = [zf.read(n) for n in names]
+    photos = [padded(d, (416, 416), "white") for d in originals]
+    origin = list(range(len(names)))
+    for k in range(0, 600, 20):
+        photos += [originals[k], padded(originals[k], (720, 300), "black"), padded(originals[k], None, (114, 114, 114), 24)]
+        origin += [k, k, k]
+    plain = pd.DataFrame(audit.fingerprint_many(originals))
+    _, own = audit.linked(plain, originals)
+    twins = {frozenset(p) for p in zip(own.i[own.confirmed], own.j[own.confirmed])}
+    assert {frozenset(names[i].split("/")[-1] for i in t) for t in twins} >= {
+        frozenset({"199_bathroom.jpg", "214_bathroom.jpg"}), frozenset({"227_bedroom.jpg", "227_kitchen.jpg"})}
+
+    frame = pd.DataFrame(audit.fingerprint_many(photos))
+    groups, pairs = audit.linked(frame, photos)
+    found = {frozenset((int(i), int(j))) for i, j in zip(pairs.i[pairs.confirmed], pairs.j[pairs.confirmed])}
+    expected = {frozenset((a, b)) for a in range(len(photos)) for b in range(a + 1, len(photos))
+                if origin[a] == origin[b] or frozenset((origin[a], origin[b])) in twins}
+    assert found == expected
+    for k in range(0, 600, 20):  # the letterboxed photo, the original, pillarboxed, framed: one group
+        assert len({groups[m] for m in range(len(photos)) if origin[m] == k}) == 1
+    # The hazard is in these photos: hashed whole, padding and all, different photos pair up.
+    whole = np.array([int(str(imagehash.phash(Image.open(io.BytesIO(d)).convert("L"))), 16) for d in photos[:600]],
+                     dtype=np.uint64)
+    close = np.argwhere(np.triu(np.bitwise_count(whole[:, None] ^ whole[None, :]) <= audit.THRESHOLD, 1))
+    assert any(frozenset(p) not in twins for p in map(tuple, close.tolist()))
+
+
+def test_a_loose_threshold_finds_candidates_the_pixels_reject():
+    photos = [jpeg(synthetic_photo(500 + s)) for s in range(60)]
+    photos.append(jpeg(synthetic_photo(500), 40))  # one real copy
+    frame = pd.DataFrame(audit.fingerprint_many(photos))
+    _, pairs = audit.linked(frame, photos, threshold=24)
+    assert len(pairs) > 10  # 24 of 64 bits pairs many different photos
+    assert set(zip(pairs.i[pairs.confirmed], pairs.j[pairs.confirmed])) == {(0, 60)}
+    assert pairs.similarity[~pairs.confirmed].max() < audit.SIMILAR <= pairs.similarity[pairs.confirmed].min()
+
+
+def test_a_chain_is_not_one_group():
+    chain = pd.DataFrame({"i": [0, 1], "j": [1, 2], "distance": [2, 6]})  # A~B, B~C, A far from C
+    groups = audit.cliques(4, chain)
+    assert groups[0] == groups[1] != groups[2]  # B joins its closer partner A; C is left alone
+    assert groups[3] not in groups[:3]
+    triangle = pd.DataFrame({"i": [0, 0, 1, 3], "j": [1, 2, 2, 4], "distance": [1, 1, 1, 0]})
+    groups = audit.cliques(5, triangle)
+    assert len({groups[0], groups[1], groups[2]}) == 1 and groups[3] == groups[4] != groups[0]
+    star = pd.DataFrame({"i": [0, 0, 0, 1], "j": [1, 2, 3, 2], "distance": [3, 1, 2, 0]})  # 3 pairs only with 0
+    groups = audit.cliques(4, star)
+    assert groups[0] == groups[1] == groups[2] != groups[3]
+
+
+@pytest.mark.parametrize("n,radius", [(300, 0), (3000, 4), (3000, 8), (20000, 8), (3000, 16)])
+def test_the_index_finds_exactly_the_pairs_within_the_radius(n, radius):
+    rng = np.random.default_rng(n + radius)
+    hashes = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
+    for k in range(n // 10):  # planted near-duplicates at every distance up to the radius, and one beyond
+        bits = rng.choice(64, int(rng.integers(0, radius + 2)), replace=False)
+        hashes[n - 1 - k] = hashes[k] ^ np.uint64(sum(1 << int(b) for b in bits))
+    queries = hashes[: n // 2]
+    qi, hi, distance = hamming.within(queries, hashes, radius)
+    every = np.bitwise_count(queries[:, None] ^ hashes[None, :])
+    assert set(zip(qi.tolist(), hi.tolist())) == set(zip(*np.nonzero(every <= radius)))
+    assert (distance == every[qi, hi]).all()
+
+
+def test_pairs_compare_a_whole_photo_with_each_crop_of_the_other():
+    hashes = np.array([[0, 0xFF, 0xFFFF], [0xFFFF0000, 0xFFF000, 0xFFFE], [0xFF00000000, 0, 0]], dtype=np.uint64)
+    pairs = audit.near_pairs(hashes, threshold=8)
+    # 0's whole is 8 bits from 2's whole and 0 from 2's crops: one pair, at 0 bits. The crops 0xFFFF
+    # of 0 and 0xFFFE of 1 are 1 bit apart, but two crops are never compared: 0 and 1 do not pair.
+    assert pairs[["i", "j", "distance", "crop_i", "crop_j"]].values.tolist() == [[0, 2, 0, 0, 1]]
 
 
 def test_leak_conflict_duplicate_and_quality_findings(task, runner):
