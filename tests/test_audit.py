@@ -248,6 +248,34 @@ def test_a_second_audit_reads_the_cache_and_only_changed_files_are_fingerprinted
     assert "leak: 1 groups" in result.output
 
 
+def test_fingerprints_of_an_older_version_are_computed_again(task, runner, monkeypatch):
+    run_audit(runner, task)
+    cache = task / "rooms" / "_audit" / "fingerprints.csv"
+    old = pd.read_csv(cache, keep_default_na=False).assign(version=audit.FINGERPRINT_VERSION - 1)
+    old.to_csv(cache, index=False)
+    real, computed = audit.fingerprint_many, []
+    monkeypatch.setattr(audit, "fingerprint_many", lambda sources: computed.extend(sources) or real(sources))
+    run_audit(runner, task)
+    assert len(computed) == len(old)
+    assert (pd.read_csv(cache).version == audit.FINGERPRINT_VERSION).all()
+
+
+def test_the_terminal_gets_one_line_per_group_within_its_width(task, runner):
+    rooms = task / "rooms" / "train" / "kitchen"
+    for k in range(12):  # 12 more duplicate groups, with long names
+        photo = jpeg(synthetic_photo(700 + k))
+        for copy in "ab":
+            (rooms / f"a_rather_long_listing_photo_name_{k}_{copy}.jpg").write_bytes(photo)
+    result = runner.invoke(app, ["audit", "rooms", "--data-dir", str(task), "--exports-dir", str(task.parent / "x")],
+                           env={"COLUMNS": "72"})
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("  #")]
+    assert len(lines) == 10 and all(len(line) <= 72 for line in lines)
+    assert lines[0].startswith("  #") and "leak" in lines[0]  # leaks first, then conflicts
+    assert "conflict" in lines[1] and "  ... and 5 more groups (all in audit.html and audit.csv)" in result.output
+    assert len(pd.read_csv(task.parent / "x" / "rooms" / "audit" / "audit.csv").group.dropna().unique()) == 15
+
+
 def test_suggested_decisions_go_through_clean_and_undo_restores_every_byte(task, runner):
     before = tree(task / "rooms")
     _, out = run_audit(runner, task)
