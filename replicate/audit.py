@@ -182,8 +182,8 @@ def fingerprints(files: list[Path], cache: Path | None = None, log=None) -> pd.D
                if f in cached and (cached[f]["size"], cached[f]["mtime_ns"]) == (st.st_size, st.st_mtime_ns)}
     todo = [f for f in stats if f not in current]
     computed = dict(zip(todo, fingerprint_many([Path(f) for f in todo]))) if todo else {}
-    rows = [cached[f] if f in current else {"version": FINGERPRINT_VERSION, "path": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                    **computed[f]}
+    rows = [cached[f] if f in current else
+            {"version": FINGERPRINT_VERSION, "path": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns, **computed[f]}
             for f, st in stats.items()]
     frame = pd.DataFrame(rows, columns=FINGERPRINT_COLUMNS)
     if cache is not None and (todo or len(cached) != len(frame)):  # new files, or moved/removed ones to forget
@@ -210,7 +210,7 @@ def _read_cache(cache: Path | None) -> dict[str, dict]:
 
 def hash_matrix(phashes: list[str]) -> np.ndarray:
     """(n, crops) uint64 from the space-separated hex hashes."""
-    return np.array([[int(h, 16) for h in p.split()] for p in phashes], dtype=np.uint64).reshape(len(phashes), -1)
+    return np.array([[int(h, 16) for h in p.split()] for p in phashes], dtype=np.uint64).reshape(len(phashes), len(CROPS))
 
 
 def near_pairs(hashes: np.ndarray, threshold: int = THRESHOLD) -> pd.DataFrame:
@@ -224,7 +224,7 @@ def near_pairs(hashes: np.ndarray, threshold: int = THRESHOLD) -> pd.DataFrame:
     photos more chances to fall under the threshold."""
     n, k = hashes.shape
     if n < 2:
-        return pd.DataFrame(columns=PAIR_COLUMNS)
+        return pd.DataFrame({c: np.empty(0, int) for c in PAIR_COLUMNS})
     q, flat, distance = hamming.within(hashes[:, 0], hashes.ravel(), threshold, threads=runtime.cores())
     other, crop = flat // k, flat % k
     pairs = pd.DataFrame({"q": q, "other": other, "distance": distance.astype(int), "crop": crop})
@@ -239,7 +239,7 @@ def near_pairs(hashes: np.ndarray, threshold: int = THRESHOLD) -> pd.DataFrame:
 
 def aligned(job: tuple) -> list[np.ndarray]:
     """For (photo: file or bytes, box: "left top right bottom", shares): each centre crop of the
-    content, SIDE x SIDE RGB, as floats of mean 0 and std 1 (a brightness or contrast change does
+    content, ALIGNED_SIDE px square in RGB, as floats of mean 0 and std 1 (a brightness or contrast change does
     not move it)."""
     source, box, shares = job
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -254,24 +254,19 @@ def aligned(job: tuple) -> list[np.ndarray]:
 
 
 def confirm(frame: pd.DataFrame, sources: list, pairs: pd.DataFrame) -> pd.DataFrame:
-    """`pairs` with `similarity` and `confirmed` (similarity >= SIMILAR): the correlation
-    of the two photos' matched crops, aligned and reduced to ALIGNED_SIDE px in colour (the pHash
-    keeps only the signs of a grey image's low frequencies). Byte-identical pairs need no check (1.0).
-    Only the photos in unconfirmed pairs are read again."""
-    sha = frame.sha256.to_numpy()
-    pairs = pairs.assign(similarity=np.where(sha[pairs.i.to_numpy(int)] == sha[pairs.j.to_numpy(int)], 1.0, np.nan))
-    check = pairs[pairs.similarity.isna()]
+    """`pairs` with `similarity` and `confirmed` (similarity >= SIMILAR): the correlation of the two
+    photos' matched crops, aligned and reduced to ALIGNED_SIDE px in colour (the pHash keeps only
+    the signs of a grey image's low frequencies). Only the photos in `pairs` are read again."""
     needed: dict[int, set] = {}
-    for row, crop in [*zip(check.i, check.crop_i), *zip(check.j, check.crop_j)]:
+    for row, crop in [*zip(pairs.i, pairs.crop_i), *zip(pairs.j, pairs.crop_j)]:
         needed.setdefault(int(row), set()).add(int(crop))
     rows = sorted(needed)
     jobs = [(sources[r], frame.box.iat[r], [CROPS[c] for c in sorted(needed[r])]) for r in rows]
     thumbs = {(r, c): t for r, ts in zip(rows, _pool_map(aligned, jobs, chunksize=4))
               for c, t in zip(sorted(needed[r]), ts)}
-    similarity = [float((thumbs[int(p.i), int(p.crop_i)] * thumbs[int(p.j), int(p.crop_j)]).mean())
-                  for p in check.itertuples()]
-    pairs.loc[check.index, "similarity"] = similarity
-    return pairs.assign(confirmed=pairs.similarity >= SIMILAR)
+    similarity = np.array([float((thumbs[int(p.i), int(p.crop_i)] * thumbs[int(p.j), int(p.crop_j)]).mean())
+                           for p in pairs.itertuples()], dtype=float)
+    return pairs.assign(similarity=similarity, confirmed=similarity >= SIMILAR)
 
 
 def hashable(frame: pd.DataFrame) -> np.ndarray:
@@ -319,18 +314,27 @@ def linked(frame: pd.DataFrame, sources: list | None = None,
            threshold: int = THRESHOLD) -> tuple[np.ndarray, pd.DataFrame]:
     """(group id per row, -1 for rows left out; the candidate pairs as row numbers of `frame`, with
     `similarity` and `confirmed`). Groups are cliques of confirmed pairs. `sources`: the photos
-    (files or bytes) for the confirmation; `frame.path` by default."""
+    (files or bytes) for the confirmation; `frame.path` by default.
+
+    Byte-identical photos are one photo to the search and need no confirmation: each copy joins
+    its first copy's group, paired with it alone (a site's thousand copies of a placeholder would
+    otherwise be half a million pairs)."""
     usable = np.flatnonzero(hashable(frame))
     groups = np.full(len(frame), -1)
-    if len(usable) == 0:
-        return groups, pd.DataFrame(columns=PAIR_COLUMNS + ["similarity", "confirmed"])
-    pairs = near_pairs(hash_matrix(frame.phash.iloc[usable].tolist()), threshold)
-    pairs = pairs.assign(i=usable[pairs.i.to_numpy(int)], j=usable[pairs.j.to_numpy(int)])
+    first = pd.Series(usable).groupby(frame.sha256.to_numpy()[usable]).transform("first").to_numpy(int)
+    unique = np.unique(first)
+    pairs = near_pairs(hash_matrix(frame.phash.iloc[unique].tolist()), threshold)
+    pairs = pairs.assign(i=unique[pairs.i.to_numpy(int)], j=unique[pairs.j.to_numpy(int)])
     pairs = confirm(frame, list(frame.path) if sources is None else sources, pairs)
-    held = pairs[pairs.confirmed]
-    groups[usable] = usable[cliques(len(usable), held.assign(i=np.searchsorted(usable, held.i),
-                                                              j=np.searchsorted(usable, held.j)))]
-    return groups, pairs
+    held = pairs[pairs.confirmed.to_numpy(bool)]
+    groups[unique] = unique[cliques(len(unique), held.assign(i=np.searchsorted(unique, held.i),
+                                                             j=np.searchsorted(unique, held.j)))]
+    groups[usable] = groups[first]
+    copy = usable != first
+    identical = pd.DataFrame({"i": first[copy], "j": usable[copy], "distance": 0, "crop_i": 0, "crop_j": 0,
+                              "similarity": 1.0, "confirmed": True})
+    pairs = pd.concat([identical, pairs], ignore_index=True) if len(identical) else pairs
+    return groups, pairs.sort_values(["i", "j"]).reset_index(drop=True)
 
 
 def link_owners(owners: list, photos: list, threshold: int = THRESHOLD) -> dict:
@@ -339,7 +343,7 @@ def link_owners(owners: list, photos: list, threshold: int = THRESHOLD) -> dict:
     purpose: a split that keeps a chain's owners together cannot leak any pair of it."""
     frame = pd.DataFrame(fingerprint_many(photos))
     _, pairs = linked(frame, photos, threshold)
-    pairs = pairs[pairs.confirmed]
+    pairs = pairs[pairs.confirmed.to_numpy(bool)]
     names = sorted(set(owners))
     index = {o: i for i, o in enumerate(names)}
     edges = coo_matrix((np.ones(len(pairs)), ([index[owners[i]] for i in pairs.i], [index[owners[j]] for j in pairs.j])),
@@ -395,7 +399,7 @@ def audit_task(task_dir: Path, files: list[Path], threshold: int = THRESHOLD, lo
     photos["split"], photos["label"] = [w[0] for w in where], [w[1] for w in where]
     photos["rel"] = [Path(p).resolve().relative_to(task_dir.resolve()).as_posix() for p in photos.path]
     photos["group"], pairs = linked(photos, threshold=threshold)
-    findings = pd.concat([_group_findings(photos, pairs[pairs.confirmed]), _quality_findings(photos)],
+    findings = pd.concat([_group_findings(photos, pairs[pairs.confirmed.to_numpy(bool)]), _quality_findings(photos)],
                          ignore_index=True)
     return Audit(photos, findings, pairs, time.perf_counter() - start, threshold)
 
@@ -511,8 +515,8 @@ def summary(result: Audit) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in quality.finding.value_counts().items()) or "none"
     padding = f"; uniform borders trimmed from {c['padded_photos']}" if c["padded_photos"] else ""
     return (f"{c['photos']} photos audited in {result.seconds:.1f}s{padding}; near-duplicate threshold "
-            f"{c['threshold']} of 64 bits: {c['candidate_pairs']} candidate pairs, {c['confirmed_pairs']} confirmed "
-            f"by their pixels\n  leak: {c['leak_groups']} groups with copies in train and valid "
+            f"{c['threshold']} of 64 bits: {c['candidate_pairs']} pairs within it, {c['confirmed_pairs']} confirmed "
+            f"(byte-identical, or by their pixels)\n  leak: {c['leak_groups']} groups with copies in train and valid "
             f"({c['leaked_valid_photos']} valid photos)\n  conflict: {c['conflict_groups']} photos under two labels\n"
             f"  duplicate: {c['duplicate_groups']} groups with copies within one split\n  quality: {kinds}")
 
