@@ -38,8 +38,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import HOUSES_ZIP  # noqa: E402
 from replicate import audit, data, runtime  # noqa: E402
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
 
-RESULTS = Path(__file__).with_name("results.csv")
 PAIRS = Path(__file__).with_name("audit_pairs.csv")
 
 
@@ -238,10 +238,7 @@ def main() -> None:
     if not args.search_only and HOUSES_ZIP.is_file():
         with tempfile.TemporaryDirectory() as tmp:
             rows += real(Path(tmp)) + houses(Path(tmp))
-    table = pd.DataFrame(rows)
-    if RESULTS.is_file():
-        table = pd.concat([pd.read_csv(RESULTS), table], ignore_index=True)
-    table.to_csv(RESULTS, index=False)
+    results.append(rows)
 
 
 if __name__ == "__main__":

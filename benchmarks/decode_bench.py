@@ -18,13 +18,12 @@ import time
 import zipfile
 from pathlib import Path
 
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import HOUSES_ZIP, synthetic_photo  # noqa: E402  (the tests' photo-like images)
 from replicate import photos  # noqa: E402
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
 
-RESULTS = Path(__file__).with_name("results.csv")
 
 
 def rate(files: list[Path], size: int, largest: int | None, seconds: float = 3.0) -> float:
@@ -62,10 +61,7 @@ def main() -> None:
                              "date": datetime.datetime.now().isoformat(timespec="seconds"),
                              "machine": platform.node(), "processor": platform.processor()})
                 print(f"{name:>9} at {size:3d} px: full {full:7.1f}/s, draft rule {draft:7.1f}/s ({draft / full:.2f}x)")
-    table = pd.DataFrame(rows)
-    if RESULTS.is_file():
-        table = pd.concat([pd.read_csv(RESULTS), table], ignore_index=True)
-    table.to_csv(RESULTS, index=False)
+    results.append(rows)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ import torch
 from replicate import data, export, models, photos, predict
 from replicate.config import RunConfig
 
-RESULTS = Path(__file__).with_name("results.csv")
+import results  # benchmarks/results.py, beside this script
+
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -160,9 +161,7 @@ def main() -> None:
     print(shown.to_string(index=False))
     for row in table.dropna(subset=["ops"]).itertuples() if "ops" in table else []:
         print(f"{row.arch} {row.engine}: {row.ops}")
-    old = pd.read_csv(RESULTS) if RESULTS.is_file() else pd.DataFrame()
-    pd.concat([old, table], ignore_index=True).to_csv(RESULTS, index=False)
-    print(f"appended to {RESULTS}")
+    print(f"appended to {results.append(table)}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ are not compared by their padding. Finding near-duplicates takes three steps:
 1. search: pairs where the whole content of one photo is within `THRESHOLD` bits of the whole or
    of a crop of the other (a resized, recompressed or re-saved copy differs by 0-2 bits, a copy
    cropped to 90% or 80% matches a crop of the original). The search is an exact multi-index
-   search (`hamming`), not a comparison of every pair: a million photos take 43 s on 2 cores.
+   search (`hamming`), not a comparison of every pair: a million photos take 42 s on 2 cores.
 2. confirm: a second, independent signal, the correlation of the two photos' matched crops
    aligned at 16 x 16 px in colour, must be at least `SIMILAR` (on the Houses rooms photos copies
-   measure 0.9987 or more, and 1,655 pairs of different photos within 16 bits 0.85 or less;
+   measure 0.9988 or more, and 1,646 pairs of different photos within 16 bits 0.85 or less;
    README, "Auditing the data"). Byte-identical photos need no confirmation.
 3. group: every member of a group is a confirmed near-duplicate of every other member; A~B and
    B~C with A far from C make no group of three.
@@ -47,11 +47,11 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pandas as pd
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import hamming, runtime
+from . import hamming, photos, runtime
 from .errors import ReplicateError
 
 THRESHOLD = 8  # bits of 64; see the module docstring and the README for how it was chosen
@@ -63,11 +63,12 @@ MIN_SIDE, MIN_STD, DARK, BRIGHT, MAX_ASPECT = 100, 6.0, 30.0, 225.0, 3.0
 # its DC term) up to a few px from the content; a camera's grain, even on a white wall, is above
 # 0.5, and at 1.0 or more a recompressed copy's smoothed edges were trimmed where the original's were not.
 FLAT_STD, FLAT_STEP = 0.5, 2.0
+EXTREME = 5  # grey levels from black or white: the usual padding
 RINGING = 8  # px beside a border that JPEG's ringing may have left uneven (one 8 x 8 block)
 MIN_CONTENT = 32  # px: content shorter than this is not hashed (pHash reduces to 32 x 32)
 PADDED = 0.02  # share of the image in trimmed borders from which a photo counts as padded
 ALIGNED_SIDE, SIMILAR = 16, 0.9  # the confirmation: crops compared at 16 x 16, correlation at least 0.9
-DECODE_SIDE = 512  # JPEGs are decoded at a reduced scale no smaller than this (libjpeg draft mode)
+DECODE_CROP = 256  # large JPEGs are decoded at a reduced scale, still 512 px or more (photos.open_photo)
 # Cached fingerprints of another version are computed again: 2 hashes the content inside borders.
 FINGERPRINT_VERSION = 2
 FINGERPRINT_COLUMNS = ["version", "path", "size", "mtime_ns", "sha256", "phash", "width", "height", "box", "mean", "std",
@@ -79,19 +80,20 @@ PAIR_COLUMNS = ["i", "j", "distance", "crop_i", "crop_j"]
 # --- fingerprints --------------------------------------------------------------------------------
 
 def _open(data: bytes, mode: str) -> tuple[Image.Image, tuple[int, int]]:
-    """The photo upright in `mode`, decoded at a reduced scale when it is large, and its full
-    upright (width, height)."""
-    with Image.open(io.BytesIO(data)) as im:
+    """The photo upright in `mode`, decoded as training and serving decode it (`photos.open_photo`,
+    as for a model whose crop is DECODE_CROP), and its full upright (width, height)."""
+    with Image.open(io.BytesIO(data)) as im:  # the header only: the size before a reduced decode
         turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
         full = im.size[::-1] if turned else im.size
-        im.draft(mode, (DECODE_SIDE, DECODE_SIDE))
-        return ImageOps.exif_transpose(im).convert(mode), full
+    return photos.open_photo(io.BytesIO(data), DECODE_CROP).convert(mode), full
 
 
 def _flat_lines(means: np.ndarray, stds: np.ndarray) -> int:
     """How many lines from the start are a border: flat and at the level of the first, then up to
-    RINGING more lines that JPEG's ringing beside the photo left nearly so."""
-    flat = (stds <= FLAT_STD) & (np.abs(means - means[0]) <= FLAT_STEP)
+    RINGING more lines that JPEG's ringing beside the photo left nearly so. White and black lines
+    may ring a little from the start: a border narrower than RINGING is all ringing."""
+    extreme = (means >= 255 - EXTREME) | (means <= EXTREME)
+    flat = ((stds <= FLAT_STD) | (extreme & (stds <= 2 * FLAT_STD))) & (np.abs(means - means[0]) <= FLAT_STEP)
     run = len(flat) if flat.all() else int(np.argmin(flat))
     if run == 0 or run == len(flat):
         return run
@@ -101,21 +103,32 @@ def _flat_lines(means: np.ndarray, stds: np.ndarray) -> int:
 
 def content_box(gray: np.ndarray) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) inside uniform borders: letterbox or pillarbox padding of any flat
-    colour, or a flat frame; all four sides trimmed on their own. A photo flat throughout keeps its
-    whole box (it is then `uniform`, and not hashed).
+    colour, or a flat frame; each side trimmed on its own, again until nothing changes (a photo
+    with its own white bands, pillarboxed in black, has two borders). A photo flat throughout keeps
+    its whole box (it is then `uniform`, and not hashed).
 
     Hand-written because PIL's `getbbox` after a difference with the corner colour needs one
     colour for all sides and trims nothing when JPEG noise touches the padding."""
-    rows_mean, rows_std = gray.mean(axis=1), gray.std(axis=1)
-    top = _flat_lines(rows_mean, rows_std)
-    if top == len(rows_mean):
-        return 0, 0, gray.shape[1], gray.shape[0]
-    bottom = len(rows_mean) - _flat_lines(rows_mean[::-1], rows_std[::-1])
-    inner = gray[top:bottom]
-    cols_mean, cols_std = inner.mean(axis=0), inner.std(axis=0)
-    left = _flat_lines(cols_mean, cols_std)
-    right = len(cols_mean) - _flat_lines(cols_mean[::-1], cols_std[::-1])
-    return left, top, right, bottom
+    left, top, right, bottom = 0, 0, gray.shape[1], gray.shape[0]
+    while True:
+        inner = gray[top:bottom, left:right]
+        # A line's ends are left out of its statistics: the ringing where an outer border met this
+        # one would make a band inside a pillarbox look uneven.
+        ends = RINGING // 2 if min(inner.shape) > 4 * RINGING else 0
+        rows = inner[:, ends:inner.shape[1] - ends]
+        rows_mean, rows_std = rows.mean(axis=1), rows.std(axis=1)
+        cut_top = _flat_lines(rows_mean, rows_std)
+        if cut_top == len(rows_mean):  # flat throughout: nothing inside to keep apart from a border
+            return left, top, right, bottom
+        cut_bottom = _flat_lines(rows_mean[::-1], rows_std[::-1])
+        inner = inner[cut_top:len(rows_mean) - cut_bottom]
+        cols = inner[ends:inner.shape[0] - ends]
+        cols_mean, cols_std = cols.mean(axis=0), cols.std(axis=0)
+        cut_left = _flat_lines(cols_mean, cols_std)
+        cut_right = _flat_lines(cols_mean[::-1], cols_std[::-1])
+        if cut_left + cut_right >= len(cols_mean) or cut_top == cut_bottom == cut_left == cut_right == 0:
+            return left, top, right, bottom
+        left, top, right, bottom = left + cut_left, top + cut_top, right - cut_right, bottom - cut_bottom
 
 
 def _crop(image: Image.Image, box: tuple[int, int, int, int], share: float) -> Image.Image:
@@ -216,7 +229,7 @@ def hash_matrix(phashes: list[str]) -> np.ndarray:
 def near_pairs(hashes: np.ndarray, threshold: int = THRESHOLD) -> pd.DataFrame:
     """Pairs (i < j) where the whole content of one is within `threshold` bits of a crop of the
     other (whole with whole included), with the least distance and the crops it was found at
-    (PAIR_COLUMNS). An exact multi-index search (`hamming.within`): 1,000,000 photos in 43 s on
+    (PAIR_COLUMNS). An exact multi-index search (`hamming.within`): 1,000,000 photos in 42 s on
     2 cores (benchmarks/audit_bench.py); it used to compare every pair of crops.
 
     Only pairs that include a whole content are compared: a copy cropped to 90% matches the

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -59,8 +60,9 @@ def largest_crop(size: int, crop_pct: float) -> int:
     return int(size / crop_pct) + 1
 
 
-def open_photo(path: Path, largest: int | None = None) -> Image.Image:
-    """The photo as RGB, turned upright by its EXIF orientation.
+def open_photo(path: Path | BinaryIO, largest: int | None = None) -> Image.Image:
+    """The photo (a file, or a file object such as bytes in memory) as RGB, turned upright by its
+    EXIF orientation.
 
     `largest`: the model's `largest_crop`; a JPEG whose short side is at least DRAFT_FACTOR x that
     is decoded at a reduced scale that stays at least 2x it (much faster on huge photos; training

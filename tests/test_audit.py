@@ -128,6 +128,17 @@ def test_uniform_borders_are_trimmed_to_the_photo(canvas, colour, frame, where):
     assert audit.fingerprint(photo)["box"] == "0 0 400 266"  # a photo without borders keeps all of itself
 
 
+def test_a_photo_with_its_own_white_bands_pillarboxed_in_black_loses_both_borders():
+    photo = Image.new("RGB", (400, 300), "white")  # a listing photo with white bands above and below
+    photo.paste(synthetic_photo(8, size=(400, 268)), (0, 16))
+    framed = padded(jpeg(photo), (640, 300), "black")
+    box = np.array(audit.fingerprint(framed)["box"].split(), dtype=int)
+    assert np.abs(box - (120, 16, 520, 284)).max() <= 8
+    both = [jpeg(photo), framed]
+    _, pairs = audit.linked(pd.DataFrame(audit.fingerprint_many(both)), both)
+    assert pairs.confirmed.tolist() == [True]  # the framed copy is found as the banded photo's duplicate
+
+
 @requires_houses
 def test_padded_houses_photos_pair_only_with_their_copies():
     """600 real room photos letterboxed white into 416 x 416 squares (38% or more padding); 30 of them
