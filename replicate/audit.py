@@ -12,7 +12,7 @@ are not compared by their padding. Finding near-duplicates takes three steps:
 1. search: pairs where the whole content of one photo is within `THRESHOLD` bits of the whole or
    of a crop of the other (a resized, recompressed or re-saved copy differs by 0-2 bits, a copy
    cropped to 90% or 80% matches a crop of the original). The search is an exact multi-index
-   search (`hamming`), not a comparison of every pair: a million photos take 42 s on 2 cores.
+   search (`hamming`), not a comparison of every pair: a million photos take 37-43 s on 2 cores.
 2. confirm: a second, independent signal, the correlation of the two photos' matched crops
    aligned at 16 x 16 px in colour, must be at least `SIMILAR` (on the Houses rooms photos copies
    measure 0.9988 or more, and 1,646 pairs of different photos within 16 bits 0.85 or less;
@@ -229,8 +229,8 @@ def hash_matrix(phashes: list[str]) -> np.ndarray:
 def near_pairs(hashes: np.ndarray, threshold: int = THRESHOLD) -> pd.DataFrame:
     """Pairs (i < j) where the whole content of one is within `threshold` bits of a crop of the
     other (whole with whole included), with the least distance and the crops it was found at
-    (PAIR_COLUMNS). An exact multi-index search (`hamming.within`): 1,000,000 photos in 42 s on
-    2 cores (benchmarks/audit_bench.py); it used to compare every pair of crops.
+    (PAIR_COLUMNS). An exact multi-index search (`hamming.within`): 1,000,000 photos in 37-43 s
+    on 2 cores (benchmarks/audit_bench.py); it used to compare every pair of crops.
 
     Only pairs that include a whole content are compared: a copy cropped to 90% matches the
     original's 90% crop with its whole, and the pairs of two crops would only give two different
