@@ -231,7 +231,8 @@ def copies_found(task: Path, n: int = 300) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search-only", action="store_true")
-    parser.add_argument("--faiss", action="store_true", help="also time faiss's IndexBinaryMultiHash (pip install faiss-cpu)")
+    parser.add_argument("--faiss", action="store_true",
+                        help="also time faiss's IndexBinaryMultiHash (pip install faiss-cpu)")
     parser.add_argument("--sizes", default="10000,100000,300000,1000000")
     args = parser.parse_args()
     rows = search([int(s) for s in args.sizes.split(",")], args.faiss)

@@ -71,8 +71,8 @@ ALIGNED_SIDE, SIMILAR = 16, 0.9  # the confirmation: crops compared at 16 x 16, 
 DECODE_CROP = 256  # large JPEGs are decoded at a reduced scale, still 512 px or more (photos.open_photo)
 # Cached fingerprints of another version are computed again: 2 hashes the content inside borders.
 FINGERPRINT_VERSION = 2
-FINGERPRINT_COLUMNS = ["version", "path", "size", "mtime_ns", "sha256", "phash", "width", "height", "box", "mean", "std",
-                       "error"]
+FINGERPRINT_COLUMNS = ["version", "path", "size", "mtime_ns", "sha256", "phash", "width", "height", "box", "mean",
+                       "std", "error"]
 FINDING_COLUMNS = ["finding", "group", "n", "files", "splits", "labels", "identical", "distance", "detail"]
 PAIR_COLUMNS = ["i", "j", "distance", "crop_i", "crop_j"]
 
@@ -223,7 +223,8 @@ def _read_cache(cache: Path | None) -> dict[str, dict]:
 
 def hash_matrix(phashes: list[str]) -> np.ndarray:
     """(n, crops) uint64 from the space-separated hex hashes."""
-    return np.array([[int(h, 16) for h in p.split()] for p in phashes], dtype=np.uint64).reshape(len(phashes), len(CROPS))
+    values = [[int(h, 16) for h in p.split()] for p in phashes]
+    return np.array(values, dtype=np.uint64).reshape(len(phashes), len(CROPS))
 
 
 def near_pairs(hashes: np.ndarray, threshold: int = THRESHOLD) -> pd.DataFrame:
@@ -359,8 +360,8 @@ def link_owners(owners: list, photos: list, threshold: int = THRESHOLD) -> dict:
     pairs = pairs[pairs.confirmed.to_numpy(bool)]
     names = sorted(set(owners))
     index = {o: i for i, o in enumerate(names)}
-    edges = coo_matrix((np.ones(len(pairs)), ([index[owners[i]] for i in pairs.i], [index[owners[j]] for j in pairs.j])),
-                       shape=(len(names), len(names)))
+    ends = ([index[owners[i]] for i in pairs.i], [index[owners[j]] for j in pairs.j])
+    edges = coo_matrix((np.ones(len(pairs)), ends), shape=(len(names), len(names)))
     return dict(zip(names, connected_components(edges, directed=False)[1]))
 
 

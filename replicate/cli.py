@@ -163,8 +163,8 @@ def audit(
         typer.echo("\n" + "\n".join(lines))
     removes = int((suggestions.action == "remove").sum())
     typer.echo(f"\nwritten: {written['audit.html']} (open it to decide), {written['audit.csv']}, "
-               f"{written['pairs.csv']}, {written['decisions.csv']}\nsuggested: remove {removes} copies; see them with: replicate clean "
-               f"{task} --decisions {written['decisions.csv']} (then --apply; --undo puts them back)")
+               f"{written['pairs.csv']}, {written['decisions.csv']}\nsuggested: remove {removes} copies; "
+               f"see them with: replicate clean {task} --decisions {written['decisions.csv']} (then --apply; --undo puts them back)")
 
 
 @app.command()

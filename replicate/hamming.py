@@ -11,8 +11,9 @@ Nothing within r bits is missed: the search is exact, not approximate.
 Why written here rather than taken from faiss: faiss's `IndexBinaryMultiHash` is the same
 algorithm, but it keeps a C++ hash map per chunk and a hash set per query: 300,000 photos (their
 whole hashes against all 900,000 crop hashes) took it 26-28 s on 2 cores where this takes 6-7 s
-(`benchmarks/audit_bench.py --faiss`), and a million would take minutes; this takes 37-43 s. Here each chunk's table is a sorted array with direct
-offsets (chunks are at most 22 bits), and one probe pattern is applied to all queries at once.
+(`benchmarks/audit_bench.py --faiss`), and a million would take minutes; this takes 37-43 s.
+Here each chunk's table is a sorted array with direct offsets (chunks are at most 22 bits), and
+one probe pattern is applied to all queries at once.
 """
 from __future__ import annotations
 

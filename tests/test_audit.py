@@ -150,7 +150,8 @@ def test_padded_houses_photos_pair_only_with_their_copies():
     photos = [padded(d, (416, 416), "white") for d in originals]
     origin = list(range(len(names)))
     for k in range(0, 600, 20):
-        photos += [originals[k], padded(originals[k], (720, 300), "black"), padded(originals[k], None, (114, 114, 114), 24)]
+        photos += [originals[k], padded(originals[k], (720, 300), "black"),
+                   padded(originals[k], None, (114, 114, 114), 24)]
         origin += [k, k, k]
     plain = pd.DataFrame(audit.fingerprint_many(originals))
     _, own = audit.linked(plain, originals)
