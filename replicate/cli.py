@@ -164,7 +164,8 @@ def audit(
     removes = int((suggestions.action == "remove").sum())
     typer.echo(f"\nwritten: {written['audit.html']} (open it to decide), {written['audit.csv']}, "
                f"{written['pairs.csv']}, {written['decisions.csv']}\nsuggested: remove {removes} copies; "
-               f"see them with: replicate clean {task} --decisions {written['decisions.csv']} (then --apply; --undo puts them back)")
+               f"see them with: replicate clean {task} --decisions {written['decisions.csv']} "
+               "(then --apply; --undo puts them back)")
 
 
 @app.command()
