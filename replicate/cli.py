@@ -68,6 +68,11 @@ FreezeBn = Annotated[bool, typer.Option(
 AuditOption = Annotated[bool, typer.Option(
     help="First check the split for near-duplicate photos in train and valid and photos under two labels "
          "(cached; recorded in metrics.json). --no-audit skips it.")]
+PositiveOption = Annotated[Optional[str], typer.Option(
+    help="Two-class tasks: the class the search filter looks for (default: yes, else the rarer class on valid).")]
+TargetPrecisionOption = Annotated[float, typer.Option(
+    min=0.01, max=1.0, help="Two-class tasks: the precision on valid the filter's threshold must reach; "
+                             "filter.json and pr_curve.png record it with the recall it keeps, and predict applies it.")]
 OnnxOption = Annotated[bool, typer.Option(
     envvar="REPLICATE_ONNX",
     help="Write model.onnx (what `predict` runs, no pickle) beside export.pkl. --no-onnx (or REPLICATE_ONNX=0) "
@@ -198,6 +203,8 @@ def run(
     audit: AuditOption = True,
     onnx: OnnxOption = True,
     quantize: QuantizeOption = None,
+    positive: PositiveOption = None,
+    target_precision: TargetPrecisionOption = 0.95,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
@@ -209,7 +216,8 @@ def run(
     cfg = RunConfig(task=task, arch=arch, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                     pretrained=pretrained, seed=seed, device=device.value, workers=workers,
                     cache_features=cache_features, freeze_bn=freeze_bn, precision=precision.value, audit=audit,
-                    onnx=onnx, data_dir=data_dir, exports_dir=exports_dir)
+                    onnx=onnx, positive=positive, target_precision=target_precision, data_dir=data_dir,
+                    exports_dir=exports_dir)
     run_dir = train.run(cfg, log=echo)
     if quantize and runtime.is_main_process():
         from . import export
@@ -262,6 +270,8 @@ def compare(
     onnx: OnnxOption = True,
     quantize: QuantizeOption = None,
     force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
+    positive: PositiveOption = None,
+    target_precision: TargetPrecisionOption = 0.95,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
@@ -278,7 +288,8 @@ def compare(
         base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
                          pretrained=pretrained, seed=seed, device=device.value, workers=workers,
                          cache_features=cache_features, freeze_bn=freeze_bn, precision=precision.value,
-                         audit=audit, onnx=onnx, data_dir=data_dir, exports_dir=exports_dir)
+                         audit=audit, onnx=onnx, positive=positive, target_precision=target_precision,
+                         data_dir=data_dir, exports_dir=exports_dir)
         cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
                          [m.strip() for m in modes.split(",") if m.strip()], seeds)
         cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs, log=echo))
@@ -494,17 +505,30 @@ def predict_(
     if table is None:  # another process of `accelerate launch`: the main one writes
         return
     seconds = time.time() - start
+    filters = predicting.search_filters(models)  # two-class runs: has_<attribute> at the run's threshold
+    table = predicting.apply_filters(table, filters)
     _write_table(table, out, format)
     errors = table[table.error != ""]
     echo(f"{len(table)} images, {len(models)} model(s), {engine_used} on {dev}, {seconds:.1f}s "
         f"({len(table) / seconds:.1f} images/s); table: {out}")
     for row in errors.itertuples():
         echo(f"  unreadable: {row.path}: {row.error}")
+    for name, found in filters.items():
+        echo(f"{name}_{found['column']}: p_{found['positive']} >= {found['threshold']:.3f} (valid photos: precision "
+             f"{found['precision']:.1%}, recall {found['recall']:.1%}; target {found['target_precision']:g})")
     if listing_pattern:
-        per_listing = predicting.listings(table, models, listing_pattern, threshold)
+        per_listing = predicting.listings(table, listing_pattern, threshold, filters)
         path = out.with_name(f"{out.stem}_listings{out.suffix}")
         _write_table(per_listing, path, format)
         echo(f"{len(per_listing)} listings; table: {path}")
+        if filters:
+            rules = {name: predicting.listing_rule(found, listing_pattern) for name, found in filters.items()}
+            side = out.with_name(f"{out.stem}_listings_filters.json")
+            side.write_text(json.dumps(rules, indent=2))
+            for name, rule in rules.items():
+                echo(f"{name}_{rule['column']}: a listing has it when any photo passes; on the run's valid listings: "
+                     f"precision {_share(rule['listing_precision'])}, recall {_share(rule['listing_recall'])} "
+                     f"({rule['valid_listings_with']} of {rule['valid_listings']} listings have it); {side}")
 
 
 @app.command("export")
@@ -527,6 +551,10 @@ def export_(
             typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
         if quantize:
             export.quantize_run(run_dir, calibration, log=typer.echo)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _write_table(table: pd.DataFrame, path: Path, format: Format) -> None:

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import models, runtime, train
+from . import models, report, runtime, train
 from .config import RunConfig
 from .errors import ReplicateError
 
@@ -96,6 +96,7 @@ def run_grid(cfgs: list[RunConfig], force: bool = False, log=print, scanned: dic
         if not force and is_finished(cell.cfg):
             cell.status = "reused"
             log(f"reusing finished run {cell.cfg.run_dir}")
+            report.write_filter(cell.cfg.run_dir, cell.cfg.positive, cell.cfg.target_precision)  # this grid's target
             continue
         t0 = time.time()
         try:

@@ -46,6 +46,10 @@ class RunConfig:
     precision: str = "fp32"  # fp32 (the study's) | bf16 | fp16: fastai's mixed precision, CUDA only
     audit: bool = True  # check the split for leaks and conflicting labels first (replicate audit's fast part)
     onnx: bool = True  # write model.onnx (what `predict` runs); False: `replicate export RUN_DIR` writes it later
+    # Two-class tasks only, read when the run's report is written: the class the search filter looks
+    # for (None: `yes`, else the rarer one) and the precision on valid its threshold must reach.
+    positive: str | None = None
+    target_precision: float = 0.95
     data_dir: Path = Path("data")
     exports_dir: Path = Path("exports")
 

@@ -386,9 +386,9 @@ def tag(models: list[Model], files: list[Path], bs: int = 64) -> pd.DataFrame:
     return table
 
 
-def listings(table: pd.DataFrame, models: list[Model], pattern: str, threshold: float = 0.5) -> pd.DataFrame:
-    """Per listing: for each model and class, the highest probability over the listing's photos,
-    and whether any photo shows it above `threshold` ("has a balcony" is a property of the listing)."""
+def listing_ids(paths: pd.Series, pattern: str) -> pd.Series:
+    """The listing id of each path: `pattern`'s first group, searched in the file name (or in the
+    path, if the pattern has a /); None where it does not match."""
     regex = re.compile(pattern)
     if regex.groups < 1:
         raise ReplicateError(f"--listing-pattern {pattern!r} needs a group that captures the listing id, e.g. '^(\\d+)_'")
@@ -398,7 +398,15 @@ def listings(table: pd.DataFrame, models: list[Model], pattern: str, threshold: 
         m = regex.search(p.as_posix() if "/" in pattern else p.name)
         return m[1] if m else None
 
-    ids = table.path.map(listing_id)
+    return paths.map(listing_id)
+
+
+def listings(table: pd.DataFrame, pattern: str, threshold: float = 0.5,
+             filters: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Per listing: for each model and class, the highest probability over the listing's photos,
+    and whether any photo shows it above `threshold` ("has a balcony" is a property of the listing);
+    for each search filter (`search_filters`), whether any photo passes it."""
+    ids = listing_ids(table.path, pattern)
     if ids.isna().all():
         raise ReplicateError(f"--listing-pattern {pattern!r} matched none of the file names")
     probs = table.filter(regex=r"_p_").assign(listing=ids).dropna(subset=["listing"])
@@ -406,7 +414,49 @@ def listings(table: pd.DataFrame, models: list[Model], pattern: str, threshold: 
     out = pd.concat([probs.groupby("listing").size().rename("photos"), best.add_prefix("max_")], axis=1)
     for col in best.columns:
         out[f"has_{col.replace('_p_', '_')}"] = best[col] >= threshold
+    for name, found in (filters or {}).items():
+        column = f"{name}_{found['column']}"
+        out[column] = table[column].groupby(ids).any().reindex(out.index, fill_value=False)
     return out.reset_index()
+
+
+# --- a yes/no task's search filter ------------------------------------------------------------
+
+def search_filters(models: list) -> dict[str, dict]:
+    """{model name: its run's filter.json} for the models of two-class runs whose filter found a
+    threshold (`replicate run` writes it: report.write_filter)."""
+    found = {}
+    for m in models:
+        path = m.path if m.path.is_dir() else m.path.parent
+        if (path / "filter.json").is_file():
+            spec = json.loads((path / "filter.json").read_text())
+            if spec.get("threshold") is not None:
+                found[m.name] = {**spec, "run_dir": str(path)}
+    return found
+
+
+def apply_filters(table: pd.DataFrame, filters: dict[str, dict]) -> pd.DataFrame:
+    """`table` with <model>_has_<attribute> per photo: its p_<positive> at or above the run's threshold."""
+    for name, found in filters.items():
+        table[f"{name}_{found['column']}"] = table[f"{name}_p_{found['positive']}"].fillna(-1.0) >= found["threshold"]
+    return table
+
+
+def listing_rule(found: dict, pattern: str) -> dict:
+    """How the per-listing rule (a listing has the attribute when any of its photos passes the
+    filter) does on the run's own validation photos, grouped into listings by `pattern`."""
+    preds = pd.read_csv(Path(found["run_dir"]) / "valid_predictions.csv")
+    ids = listing_ids(preds.path, pattern)
+    preds = preds.assign(listing=ids).dropna(subset=["listing"])
+    truth = (preds.actual == found["positive"]).groupby(preds.listing).any()
+    shown = (preds[f"p_{found['positive']}"] >= found["threshold"]).groupby(preds.listing).any()
+    hits = int((truth & shown).sum())
+    return {"column": found["column"], "positive": found["positive"], "threshold": found["threshold"],
+            "target_precision": found["target_precision"],
+            "photo_precision": found["precision"], "photo_recall": found["recall"],
+            "valid_listings": int(len(truth)), "valid_listings_with": int(truth.sum()),
+            "listing_precision": hits / max(int(shown.sum()), 1) if shown.any() else None,
+            "listing_recall": hits / int(truth.sum()) if truth.any() else None}
 
 
 def task_dir_of(run_dir: Path) -> Path:

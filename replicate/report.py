@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .config import RunConfig
 from .errors import ReplicateError
 
 
@@ -125,6 +126,82 @@ def plot_top_losses(worst: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+# --- a yes/no task as a search filter ----------------------------------------------------------
+
+TARGET_PRECISION = RunConfig.target_precision  # for run folders from before --target-precision
+
+
+def positive_class(classes: list[str], preds: pd.DataFrame, positive: str | None = None) -> str:
+    """The class a two-class task's filter looks for: `positive` if named, else `yes`, else the
+    rarer class on valid (an attribute is usually the rare side), the first by name on a tie."""
+    if positive:
+        if positive not in classes:
+            raise ReplicateError(f"--positive {positive}: the task's classes are {', '.join(classes)}")
+        return positive
+    if "yes" in classes:
+        return "yes"
+    counts = preds.actual.value_counts().reindex(classes, fill_value=0)
+    return min(sorted(classes), key=lambda c: counts[c])
+
+
+def search_filter(preds: pd.DataFrame, classes: list[str], task: str, positive: str | None = None,
+                  target: float = TARGET_PRECISION) -> dict | None:
+    """For a two-class task (None otherwise): the threshold on p_<positive> that keeps the most
+    recall while precision on valid stays at least `target`, with that precision and recall, the
+    average precision and the whole curve (scikit-learn's precision_recall_curve). The column it
+    makes is has_<task> for yes/no classes, else has_<positive>. `threshold` is None when no
+    threshold reaches `target` on valid."""
+    if len(classes) != 2:
+        return None
+    from sklearn.metrics import average_precision_score, precision_recall_curve  # only for two-class runs
+    positive = positive_class(classes, preds, positive)
+    truth, score = (preds.actual == positive).to_numpy(), preds[f"p_{positive}"].to_numpy()
+    precision, recall, thresholds = precision_recall_curve(truth, score)
+    reach = np.flatnonzero(precision[:-1] >= target)  # the last point (recall 0) has no threshold
+    best = reach[np.lexsort((-thresholds[reach], recall[reach]))[-1]] if len(reach) else None
+    return {"positive": positive, "column": f"has_{task if set(classes) == {'yes', 'no'} else positive}",
+            "target_precision": target, "threshold": None if best is None else float(thresholds[best]),
+            "precision": None if best is None else float(precision[best]),
+            "recall": None if best is None else float(recall[best]),
+            "average_precision": float(average_precision_score(truth, score)),
+            "valid_photos": int(len(truth)), "valid_positives": int(truth.sum()),
+            "curve": {"precision": precision.round(4).tolist(), "recall": recall.round(4).tolist()}}
+
+
+def write_filter(run_dir: Path, positive: str | None = None, target: float | None = None) -> dict | None:
+    """filter.json and pr_curve.png of a two-class run folder, from its valid_predictions.csv;
+    `positive` and `target` default to the run's config.json (--positive, --target-precision)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
+    preds = pd.read_csv(run_dir / "valid_predictions.csv")
+    positive = positive or config.get("positive")
+    target = target or config.get("target_precision") or TARGET_PRECISION
+    found = search_filter(preds, classes, config["task"], positive, target)
+    if found is None:
+        return None
+    (run_dir / "filter.json").write_text(json.dumps(found, indent=2))
+    plot_filter(found, f"{config['task']}: {config['arch']} {'unfrozen' if config['unfreeze'] else 'frozen'}",
+                run_dir / "pr_curve.png")
+    return found
+
+
+def plot_filter(found: dict, title: str, path: Path) -> None:
+    """The precision-recall curve on valid, the target precision and the chosen threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot(found["curve"]["recall"], found["curve"]["precision"], drawstyle="steps-post")
+    ax.axhline(found["target_precision"], color="grey", linestyle=":", label=f"target {found['target_precision']:g}")
+    if found["threshold"] is not None:
+        ax.plot([found["recall"]], [found["precision"]], "o", color="C3",
+                label=f"p >= {found['threshold']:.3f}: precision {found['precision']:.1%}, recall {found['recall']:.1%}")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+           title=f"{title}\n{found['column']} on valid (average precision {found['average_precision']:.3f})")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def render_run(run_dir: Path) -> list[Path]:
     """Write a run folder's plots and top_losses.csv from its files; returns what was written."""
     run_dir = Path(run_dir)
@@ -143,6 +220,8 @@ def render_run(run_dir: Path) -> list[Path]:
     worst = top_losses(preds)
     worst.to_csv(out["tlcsv"], index=False)
     plot_top_losses(worst, out["tl"])
+    if write_filter(run_dir):  # a two-class task: its search filter and precision-recall curve
+        out.update(filter=run_dir / "filter.json", pr=run_dir / "pr_curve.png")
     return list(out.values())
 
 
@@ -201,6 +280,7 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
             "best_epoch": metrics["best_epoch"], "last_acc": metrics["last_valid_accuracy"],
             "images_per_s": metrics["train_images_per_second"], "n_valid": metrics["n_valid"],
             "audit": metrics.get("audit"), "int8": metrics.get("int8"), "run_dir": run_dir,
+            "filter": _read_filter(run_dir),
         })
     return pd.DataFrame(rows)
 
@@ -232,6 +312,7 @@ def summary_table(runs: pd.DataFrame, task: str) -> pd.DataFrame:
             "images_per_s": round(g.images_per_s.mean(), 1),
             **_audit_columns(g.audit.iloc[-1]),
             **_int8_columns(g.int8.tolist()),
+            **_filter_columns(g["filter"].tolist()),
         })
     table = pd.DataFrame(rows)
     if table.empty:
@@ -253,6 +334,27 @@ def _int8_columns(int8: list[dict | None]) -> dict:
         return {"int8_acc": float("nan"), "int8_fp32_acc": float("nan")}
     return {"int8_acc": round(100 * float(np.mean([d["valid_accuracy"] for d in done])), 2),
             "int8_fp32_acc": round(100 * float(np.mean([d["fp32_valid_accuracy"] for d in done])), 2)}
+
+
+def _read_filter(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "filter.json").read_text())
+    except (OSError, ValueError):
+        return None  # not a two-class task, or a run from before search filters
+
+
+def _filter_columns(filters: list[dict | None]) -> dict:
+    """Two-class tasks: the search filter's threshold on valid and the precision and recall it keeps
+    (means over seeds, recall 0 where no threshold reached the target); absent for other tasks."""
+    done = [f for f in filters if isinstance(f, dict)]
+    if not done:
+        return {}
+    reached = [f for f in done if f["threshold"] is not None]
+    mean = lambda key: round(float(np.mean([f[key] for f in reached])), 4) if reached else float("nan")  # noqa: E731
+    return {"filter": done[0]["column"], "target_precision": done[0]["target_precision"],
+            "threshold": mean("threshold"), "filter_precision": mean("precision"),
+            "filter_recall": round(float(np.mean([f["recall"] or 0.0 for f in done])), 4),
+            "average_precision": round(float(np.mean([f["average_precision"] for f in done])), 4)}
 
 
 def _audit_columns(audit: dict | None) -> dict:
@@ -355,7 +457,9 @@ def write_html(table: pd.DataFrame, runs: pd.DataFrame, figures: list[Path], fai
         "leaked_valid: validation photos with a near-duplicate in train (they inflate the accuracy); "
         "conflicts: photos found under two labels (replicate audit TASK shows them; blank: not audited). "
         "int8_acc: validation accuracy of model.int8.onnx, beside int8_fp32_acc, model.onnx's on the same photos "
-        "(--quantize int8; blank: not quantized).</p>",
+        "(--quantize int8; blank: not quantized). Two-class tasks: threshold, the lowest p of the filter's class "
+        "that keeps precision on valid at target_precision, with the filter_precision and filter_recall it "
+        "gives (--target-precision; predict applies it).</p>",
         f"<table><tr>{head}</tr>{body}</table>",
     ]
     if failures:
@@ -367,7 +471,9 @@ def write_html(table: pd.DataFrame, runs: pd.DataFrame, figures: list[Path], fai
         rel = lambda f: html.escape(os.path.relpath(run.run_dir / f, path.parent))  # noqa: E731
         parts.append(f"<h3>{html.escape(run.run_dir.name)}: {100 * run.best_acc:.2f}% at epoch {run.best_epoch}</h3>"
                      f'<img alt="confusion matrix" src="{rel("confusion_matrix.png")}">'
-                     f'<img alt="top losses" class=wide src="{rel("top_losses.png")}">')
+                     + (f'<img alt="precision-recall" src="{rel("pr_curve.png")}">'
+                        if (run.run_dir / "pr_curve.png").is_file() else "")
+                     + f'<img alt="top losses" class=wide src="{rel("top_losses.png")}">')
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}tr.best{background:#ffe9a8;"
              "font-weight:bold}img{max-height:420px;margin:4px;vertical-align:top}img.wide{max-height:520px}"

@@ -285,6 +285,13 @@ def check(cfg: RunConfig) -> torch.device:
     return device
 
 
+def check_positive(cfg: RunConfig, classes: list[str]) -> None:
+    """--positive names one class of a two-class task, before any training."""
+    if cfg.positive and (len(classes) != 2 or cfg.positive not in classes):
+        raise ReplicateError(f"--positive {cfg.positive}: give one of the two classes of a yes/no task; "
+                             f"{cfg.task} has {', '.join(classes)}")
+
+
 def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audited: dict | None = None) -> Path:
     """Train one experiment and write its run folder; returns the folder.
 
@@ -299,6 +306,7 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
     arch = models.get_arch(cfg.arch)
     size = models.input_size(cfg)
     images = images or data.scan_task(cfg.task_dir)
+    check_positive(cfg, images.classes)
     _describe(cfg, arch, size, images, device, log)
     if audited is None and is_main_process():
         audited = audit_counts(cfg, images, log)
