@@ -150,6 +150,7 @@ def preflight(cfgs: list[RunConfig], log=print) -> dict:
     scanned = {}
     for task_dir, cfg in first.items():
         images = data.scan_task(task_dir)
+        train.check_positive(cfg, images.classes)
         scanned[task_dir] = (images, train.audit_counts(cfg, images, log) if runtime.is_main_process() else None)
     return scanned
 

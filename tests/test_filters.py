@@ -108,3 +108,19 @@ def test_positive_must_be_a_class_of_a_two_class_task(balcony, runner, tmp_path)
     result = runner.invoke(app, ["run", "balcony", "--arch", "resnet18", "--positive", "pool", "--no-pretrained",
                                  "--data-dir", str(data_dir), "--exports-dir", str(tmp_path)])
     assert result.exit_code == 2 and result.output.startswith("error: --positive pool")
+
+
+def test_compare_reports_the_filter_and_applies_its_target_to_a_reused_run(balcony, runner):
+    data_dir, run = balcony
+    result = runner.invoke(app, ["compare", "balcony", "--archs", "resnet18", "--modes", "unfrozen", "--epochs", "3",
+                                 "--bs", "4", "--size", "32", "--no-pretrained", "--workers", "0",
+                                 "--target-precision", "0.5", "--data-dir", str(data_dir),
+                                 "--exports-dir", str(run.parent.parent)])
+    assert result.exit_code == 0, result.output
+    assert "reusing finished run" in result.output
+    found = json.loads((run / "filter.json").read_text())
+    assert found["target_precision"] == 0.5 and found["precision"] >= 0.5
+    table = pd.read_csv(run.parent / "compare" / "table.csv")
+    assert table.threshold.iloc[0] == pytest.approx(found["threshold"], abs=1e-4)
+    assert table.filter_recall.iloc[0] == pytest.approx(found["recall"], abs=1e-4)
+    assert "pr_curve.png" in (run.parent / "compare" / "report.html").read_text()
