@@ -139,6 +139,5 @@ def next_batch(x: np.ndarray, labelled: pd.Series, k: int, positive: str | None 
         # kept apart from each other, not from the labelled photos: likely positives look like them
         picks = spread(x, distinct(x, likely, half * CANDIDATES, known), half, None, seed)
     known = np.concatenate([known, np.array(picks, dtype=int)])
-    rest = distinct(x, np.array([r for r in unsure if r not in set(picks)], dtype=int), (k - len(picks)) * CANDIDATES,
-                    known)
+    rest = distinct(x, unsure[~np.isin(unsure, picks)], (k - len(picks)) * CANDIDATES, known)
     return picks + spread(x, rest, k - len(picks), known, seed)
