@@ -522,10 +522,8 @@ def predict_(
         _write_table(per_listing, path, format)
         echo(f"{len(per_listing)} listings; table: {path}")
         if filters:
-            rules = {name: predicting.listing_rule(found, listing_pattern) for name, found in filters.items()}
             side = out.with_name(f"{out.stem}_listings_filters.json")
-            side.write_text(json.dumps(rules, indent=2))
-            for name, rule in rules.items():
+            for name, rule in predicting.write_listing_rules(filters, listing_pattern, side).items():
                 echo(f"{name}_{rule['column']}: a listing has it when any photo passes; on the run's valid listings: "
                      f"precision {_share(rule['listing_precision'])}, recall {_share(rule['listing_recall'])} "
                      f"({rule['valid_listings_with']} of {rule['valid_listings']} listings have it); {side}")

@@ -54,19 +54,20 @@ def pool_features(files: list[Path], cache: Path | None = None, arch: str = ARCH
 def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     import torch
     from . import models
-    cfg = RunConfig(task="label", arch=arch_name)
-    prep = photos.Preprocess(**{k: (tuple(v) if isinstance(v, list) else v)
-                                for k, v in models.preprocess(cfg).items()})
+    prep = photos.Preprocess.from_meta(models.preprocess(RunConfig(task="label", arch=arch_name)))
     arch = models.get_arch(arch_name)
     body = arch.cut(models.Backbone(arch_name)(pretrained=True)).eval()
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
     std = torch.tensor(prep.std).view(1, 3, 1, 1)
-    largest = photos.largest_crop(prep.size, prep.crop_pct)
     out = []
     with torch.no_grad():
         for start in range(0, len(files), bs):
-            batch = [np.asarray(photos.valid_crop(photos.open_photo(f, largest), *prep.geometry))
-                     for f in files[start:start + bs]]
+            batch = []
+            for f in files[start:start + bs]:
+                crops, error = photos.decode(f, [prep.geometry])  # as the ONNX engine decodes for serving
+                if crops is None:
+                    raise ReplicateError(f"{f} cannot be read ({error}): move it out of the pool")
+                batch.append(crops[prep.geometry])
             x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
             out.append(body((x - mean) / std).flatten(1).numpy())
     features = np.concatenate(out)

@@ -29,7 +29,7 @@ import pandas as pd
 from fastprogress.fastprogress import progress_bar
 from PIL import Image
 
-from . import runtime
+from . import report, runtime
 from .errors import ReplicateError
 from .folders import image_files, sha256_file
 from .photos import Preprocess, decode
@@ -427,11 +427,10 @@ def search_filters(models: list) -> dict[str, dict]:
     threshold (`replicate run` writes it: report.write_filter)."""
     found = {}
     for m in models:
-        path = m.path if m.path.is_dir() else m.path.parent
-        if (path / "filter.json").is_file():
-            spec = json.loads((path / "filter.json").read_text())
-            if spec.get("threshold") is not None:
-                found[m.name] = {**spec, "run_dir": str(path)}
+        run_dir = m.path if m.path.is_dir() else m.path.parent
+        spec = report.read_filter(run_dir)
+        if spec and spec["threshold"] is not None:
+            found[m.name] = {**spec, "run_dir": str(run_dir)}
     return found
 
 
@@ -457,6 +456,13 @@ def listing_rule(found: dict, pattern: str) -> dict:
             "valid_listings": int(len(truth)), "valid_listings_with": int(truth.sum()),
             "listing_precision": hits / max(int(shown.sum()), 1) if shown.any() else None,
             "listing_recall": hits / int(truth.sum()) if truth.any() else None}
+
+
+def write_listing_rules(filters: dict[str, dict], pattern: str, path: Path) -> dict[str, dict]:
+    """`listing_rule` of every search filter, written to `path` (JSON); returns them."""
+    rules = {name: listing_rule(found, pattern) for name, found in filters.items()}
+    path.write_text(json.dumps(rules, indent=2))
+    return rules
 
 
 def task_dir_of(run_dir: Path) -> Path:

@@ -280,7 +280,7 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
             "best_epoch": metrics["best_epoch"], "last_acc": metrics["last_valid_accuracy"],
             "images_per_s": metrics["train_images_per_second"], "n_valid": metrics["n_valid"],
             "audit": metrics.get("audit"), "int8": metrics.get("int8"), "run_dir": run_dir,
-            "filter": _read_filter(run_dir),
+            "filter": read_filter(run_dir),
         })
     return pd.DataFrame(rows)
 
@@ -336,7 +336,8 @@ def _int8_columns(int8: list[dict | None]) -> dict:
             "int8_fp32_acc": round(100 * float(np.mean([d["fp32_valid_accuracy"] for d in done])), 2)}
 
 
-def _read_filter(run_dir: Path) -> dict | None:
+def read_filter(run_dir: Path) -> dict | None:
+    """A run folder's filter.json (`write_filter`); None for other tasks and older runs."""
     try:
         return json.loads((run_dir / "filter.json").read_text())
     except (OSError, ValueError):

@@ -9,9 +9,11 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from conftest import make_image
 from replicate import label
+from replicate.errors import ReplicateError
 
 
 def clusters(centres: int, per: int, dims: int = 16, spread: float = 0.8, seed: int = 0) -> np.ndarray:
@@ -62,3 +64,11 @@ def test_pool_features_are_cached_and_a_changed_file_is_computed_again(tmp_path,
     os.utime(files[2], ns=(1, 1))
     again = label.pool_features(files, cache)
     assert computed == [files[2]] and np.allclose(again, first, atol=1e-6)
+
+
+def test_a_photo_that_does_not_decode_is_named(tmp_path):
+    good = make_image(tmp_path / "pool" / "good.jpg", (200, 60, 40))
+    bad = tmp_path / "pool" / "bad.jpg"
+    bad.write_text("not a photo")
+    with pytest.raises(ReplicateError, match="bad.jpg cannot be read"):
+        label.pool_features([good, bad])
