@@ -351,11 +351,12 @@ def linked(frame: pd.DataFrame, sources: list | None = None,
     return groups, pairs.sort_values(["i", "j"]).reset_index(drop=True)
 
 
-def link_owners(owners: list, photos: list, threshold: int = THRESHOLD) -> dict:
+def link_owners(owners: list, photos: list, threshold: int = THRESHOLD, frame: pd.DataFrame | None = None) -> dict:
     """{owner: group}: owners (houses, listings) that share a near-duplicate photo, transitively,
     get the same group; `photos[k]` (bytes or a file) belongs to `owners[k]`. Transitive on
-    purpose: a split that keeps a chain's owners together cannot leak any pair of it."""
-    frame = pd.DataFrame(fingerprint_many(photos))
+    purpose: a split that keeps a chain's owners together cannot leak any pair of it. `frame`: the
+    photos' fingerprints when they are known already (`fingerprints`' cached rows)."""
+    frame = pd.DataFrame(fingerprint_many(photos)) if frame is None else frame.reset_index(drop=True)
     _, pairs = linked(frame, photos, threshold)
     pairs = pairs[pairs.confirmed.to_numpy(bool)]
     names = sorted(set(owners))

@@ -9,6 +9,10 @@ A decisions file has the columns `path,action,new_label` (the review and audit p
 relabel moves a photo to another class folder of the same split; move puts it in the same class
 of the other split (a leaked copy, say); remove moves it to `TASK/_removed/<split>/<class>/`.
 The whole batch is checked before the first file moves, so a bad row changes nothing.
+
+`replicate label` logs its copies from a pool into a task (action `copy`) and the photos it was told
+to leave out (`skip`, nothing done) in the same format, under `TASK/_labelling/`; `undo` takes
+either log.
 """
 from __future__ import annotations
 
@@ -28,9 +32,9 @@ LOG_COLUMNS = ["action", "source", "destination", "new_label", "sha256"]
 
 @dataclass(frozen=True)
 class Move:
-    action: str
+    action: str  # one of ACTIONS but keep, or copy / skip (replicate label's)
     source: Path
-    destination: Path
+    destination: Path | None  # None: skip, nothing moves
     new_label: str = ""
 
 
@@ -99,9 +103,10 @@ def plan(task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
     return moves
 
 
-def apply(task_dir: Path, moves: list[Move]) -> Path:
-    """Move the files, logging each move as it happens; returns the log (TASK/_cleaning/<time>.csv)."""
-    log_dir = task_dir / "_cleaning"
+def apply(task_dir: Path, moves: list[Move], log_dir: Path | None = None) -> Path:
+    """Move (or copy) the files, logging each as it happens; returns the log (`log_dir`/<time>.csv,
+    TASK/_cleaning/ by default)."""
+    log_dir = log_dir or task_dir / "_cleaning"
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}.csv"
     n = 1
@@ -111,35 +116,50 @@ def apply(task_dir: Path, moves: list[Move]) -> Path:
     try:
         for m in moves:
             digest = sha256_file(m.source)
-            m.destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(m.source, m.destination)
-            rows.append([m.action, str(m.source), str(m.destination), m.new_label, digest])
+            if m.destination is not None:
+                m.destination.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copy2 if m.action == "copy" else shutil.move)(m.source, m.destination)
+            rows.append([m.action, str(m.source), "" if m.destination is None else str(m.destination), m.new_label,
+                         digest])
     finally:  # written even when a move fails half-way, so --undo can put back what did move
         pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(log, index=False)
     return log
 
 
 def undo(log: Path) -> int:
-    """Put every file of a cleaning log back where it was; returns how many. Checks all first."""
+    """Put every file of a cleaning log back where it was; returns how many. Checks all first.
+
+    A copy is taken out of the task: deleted when its original is still where it was copied from,
+    byte for byte (nothing is lost), else moved back there."""
     try:
         rows = pd.read_csv(log, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as e:
         raise ReplicateError(f"cannot read cleaning log {log}: {e}") from None
     if list(rows.columns) != LOG_COLUMNS:
         raise ReplicateError(f"{log} is not a cleaning log (columns {', '.join(LOG_COLUMNS)})")
-    problems = []
+    rows = rows[rows.action != "skip"]  # nothing was done to them
+    problems, original = [], {}
     for row in rows.itertuples(index=False):
-        if not Path(row.destination).is_file():
-            problems.append(f"{row.destination} is gone")
-        elif Path(row.source).exists():
-            problems.append(f"{row.source} exists again")
-        elif sha256_file(Path(row.destination)) != row.sha256:
-            problems.append(f"{row.destination} changed since it was moved")
+        source, destination = Path(row.source), Path(row.destination)
+        if not destination.is_file():
+            problems.append(f"{destination} is gone")
+        elif sha256_file(destination) != row.sha256:
+            problems.append(f"{destination} changed since it was {'copied' if row.action == 'copy' else 'moved'}")
+        elif row.action == "copy":
+            original[destination] = source.is_file()
+            if original[destination] and sha256_file(source) != row.sha256:
+                problems.append(f"{source} changed since it was copied: its copy {destination} is its only old version")
+        elif source.exists():
+            problems.append(f"{source} exists again")
     if problems:
         raise ReplicateError(f"nothing was put back; {len(problems)} problem(s): " + "; ".join(problems))
     for row in reversed(list(rows.itertuples(index=False))):
-        Path(row.source).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(row.destination, row.source)
+        source, destination = Path(row.source), Path(row.destination)
+        if original.get(destination):
+            destination.unlink()  # the same bytes are still at the source
+        else:
+            source.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(destination, source)
     log.rename(log.with_name(log.stem + ".undone.csv"))  # a second --undo of the same log is refused
     return len(rows)
 

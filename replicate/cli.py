@@ -440,6 +440,74 @@ def clean(
     typer.echo(f"\nmoved {len(moves)} file(s); log: {log}\nundo with: replicate clean {task} --undo {log}")
 
 
+# What `label` suggests once the labels are in: the head on frozen EfficientNet-Lite0 features, the
+# body's outputs cached (seconds to a minute on a CPU for a few hundred photos).
+_TRAIN_LABELLED = "replicate run {task} --arch tf_efficientnet_lite0 --freeze-bn --cache-features 3"
+
+
+@app.command()
+@user_errors
+def label(
+    task: Annotated[str, typer.Argument(help="The task to label for (its folder under --data-dir is created).")],
+    pool: Annotated[Optional[Path], typer.Option(
+        help="Folder of unlabelled photos, any layout; read, never changed. Remembered for the next rounds.")] = None,
+    classes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated class names (default: the task folder's, else yes,no), e.g. bathroom,bedroom,kitchen.")]
+    = None,
+    positive: Annotated[Optional[str], typer.Option(
+        help="The class a filter looks for: half of each batch is its likeliest photos (default: yes for yes,no).")]
+    = None,
+    like: Annotated[Optional[list[Path]], typer.Option(
+        help="An example photo of what you look for (repeat it): until two classes are labelled, half of the "
+             "batch is the photos nearest to the examples.")] = None,
+    batch: Annotated[Optional[int], typer.Option("-k", "--batch", min=1, help="Photos a round (default 20).")] = None,
+    apply: Annotated[Optional[Path], typer.Option(
+        "--apply", help="decisions.csv from a round's page: copy the labelled photos into TASK/{train,valid}/<class>/ "
+                        "(logged), then write the next round.")] = None,
+    undo: Annotated[Optional[Path], typer.Option(help="A log from TASK/_labelling/: take its copies back out.")] = None,
+    seed: int = 0,
+    data_dir: DataDir = Path("data"),
+    exports_dir: ExportsDir = Path("exports"),
+):
+    """Label a pile of photos for a new task in short rounds: each round trains a head on the labels so
+    far (seconds, on cached EfficientNet-Lite0 features) and opens a page of the photos where a label
+    helps most, the model's guess preselected.
+
+    About a fifth of each class goes to valid (near-duplicates in one split); the page shows the count
+    and the current validation accuracy. Then train the task as any other: replicate run TASK --arch ...
+
+    Example: replicate label fireplace --pool ~/photos/new   (then --apply ~/Downloads/decisions.csv)
+    """
+    from . import label as labelling
+    task_dir, out = data_dir / task, exports_dir / task / "label"
+    if undo is not None:
+        typer.echo(f"took back {cleaning.undo(undo)} photo(s) of {undo}")
+        return
+    session = labelling.open_session(task_dir, out, pool, classes, positive, batch)
+    if apply is not None:
+        moves = labelling.plan_labels(session, task_dir, out, cleaning.read_decisions(apply))
+        log = cleaning.apply(task_dir, moves, task_dir / labelling.LOG_DIR)
+        typer.echo(labelling.describe(moves).to_string(index=False))
+        typer.echo(f"copied {sum(m.destination is not None for m in moves)} photo(s) into {task_dir}; log: {log}\n"
+                   f"undo with: replicate label {task} --undo {log}\n")
+    found = labelling.next_round(session, task_dir, out, like or [], seed, log=echo)
+    if len(found.unreadable):
+        found.unreadable.to_csv(out / "unreadable.csv", index=False)
+        typer.echo(f"warning: {len(found.unreadable)} photo(s) of the pool do not decode and are left out "
+                   f"(listed in {out / 'unreadable.csv'})")
+    counts = ", ".join(f"{c} {n}" for c, n in found.counts.items())
+    accuracy = (f"{found.accuracy:.1%} on {found.validated} valid photo(s)" if found.validated
+                else "not yet (needs two classes in train and a photo in valid)")
+    typer.echo(f"labelled {sum(found.counts.values())} ({counts}); validation accuracy of the current model: "
+               f"{accuracy}; {found.left} of {found.pool} pool photos not labelled yet")
+    if not len(found.batch):
+        typer.echo(f"every photo of the pool is labelled or skipped: {_TRAIN_LABELLED.format(task=task)}")
+        return
+    typer.echo(f"round {found.number}: {len(found.batch)} photos; open {found.page} in a browser, mark them, "
+               f"download the decisions, then: replicate label {task} --apply ~/Downloads/decisions.csv\n"
+               f"when the accuracy is where you want it: {_TRAIN_LABELLED.format(task=task)}")
+
+
 class Engine(str, Enum):
     onnx = "onnx"
     fastai = "fastai"

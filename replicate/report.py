@@ -542,6 +542,21 @@ def write_review(preds: dict[str, pd.DataFrame], classes: list[str], k: int, pat
     return path
 
 
+def write_label_page(batch: pd.DataFrame, session, number: int, counts: dict[str, int], accuracy: str | None,
+                     pool: int, left: int, like: bool, path: Path) -> Path:
+    """A labelling round's page (`replicate label`): the batch's photos, the model's guess preselected
+    when there is one, keys and buttons as on the review page; it downloads `path,action,new_label`
+    (label or skip) for `replicate label TASK --apply`. `session`: the label.Session."""
+    cards = [{"path": row.path, "name": Path(row.path).relative_to(session.pool).as_posix(),
+              "thumbnail": _thumbnail(row.path), "guess": row.guess, "probability": row.probability}
+             for row in batch.itertuples()]
+    page = render_template("label.html", task=session.task, number=number, cards=cards, classes=list(session.classes),
+                           counts=counts, labelled=sum(counts.values()), accuracy=accuracy, pool=pool, left=left,
+                           positive=session.positive, like=like, guessed=bool(len(batch) and batch.guess.iloc[0]))
+    path.write_text(page)
+    return path
+
+
 # --- the audit page -----------------------------------------------------------------------------
 
 def render_template(template: str, **values) -> str:

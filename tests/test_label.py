@@ -1,5 +1,6 @@
-"""The labelling engine (`replicate/label.py`): pool features cached, batches kept apart, a yes/no
-attribute's likeliest photos in every batch. (The `label` command and its page: not built yet.)
+"""`replicate label` and its engine (`replicate/label.py`): pool features cached, batches kept apart,
+a yes/no attribute's likeliest photos in every batch; rounds whose decisions are copied into both
+splits, near-duplicates together, logged and undone. (Its page in Chromium: tests/test_browser.py.)
 
     python -m pytest tests/test_label.py
 """
@@ -7,13 +8,18 @@ from __future__ import annotations
 
 import os
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_image
-from replicate import label
+from conftest import COLORS, make_image, synthetic_photo
+from replicate import clean, label
+from replicate.cli import app
 from replicate.errors import ReplicateError
+from test_cleaning import tree
 
 
 def clusters(centres: int, per: int, dims: int = 16, spread: float = 0.8, seed: int = 0) -> np.ndarray:
@@ -72,3 +78,144 @@ def test_a_photo_that_does_not_decode_is_named(tmp_path):
     bad.write_text("not a photo")
     with pytest.raises(ReplicateError, match="bad.jpg cannot be read"):
         label.pool_features([good, bad])
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+def truth(path: str) -> str:
+    """The class a test pool's photo shows: its name up to the first underscore."""
+    return Path(path).name.split("_")[0]
+
+
+def label_cli(runner, root: Path, task: str, *args):
+    return runner.invoke(app, ["label", task, "--data-dir", str(root / "data"), "--exports-dir", str(root / "exports"),
+                               *args])
+
+
+def decide(paths, path: Path, **actions) -> Path:
+    """A decisions file as the label page writes it: each photo labelled as it truly is, or as `actions` says."""
+    rows = [(p, *actions.get(Path(p).name, ("label", truth(p)))) for p in paths]
+    pd.DataFrame(rows, columns=["path", "action", "new_label"]).to_csv(path, index=False)
+    return path
+
+
+def tinted(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
+    """A photo-like image washed in `colour`: photos of one colour are different photos (over 0.09
+    apart in cosine distance of the features, above label.NEAR) and nearer each other than others."""
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.blend(synthetic_photo(seed, size=(96, 72)), Image.new("RGB", (96, 72), colour), 0.85).save(path)
+    return path
+
+
+@pytest.fixture
+def pool(tmp_path) -> Path:
+    """Unlabelled photos in two sub-folders: 12 red ones (yes_*), 24 blue ones (no_*), and no_twin.jpg
+    in both, the same photo re-encoded at another size."""
+    pool = tmp_path / "pool"
+    for k in range(12):
+        tinted(pool / "a" / f"yes_{k}.jpg", COLORS["red"], seed=k)
+    for k in range(24):
+        tinted(pool / "b" / f"no_{k}.jpg", COLORS["blue"], seed=100 + k)
+    photo = synthetic_photo(7)
+    photo.save(pool / "b" / "no_twin.jpg", quality=95)
+    photo.resize((240, 180)).save(pool / "a" / "no_twin.jpg", quality=80)
+    return pool
+
+
+def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(pool, runner, tmp_path):
+    before = tree(pool)
+    first = label_cli(runner, tmp_path, "flt", "--pool", str(pool), "--batch", "8")
+    assert first.exit_code == 0, first.output
+    assert "round 1: 8 photos" in first.output and "labelled 0 (yes 0, no 0)" in first.output
+    out = tmp_path / "exports" / "flt" / "label"
+    batch = pd.read_csv(out / "round-1.csv", keep_default_na=False)
+    assert len(batch) == 8 and (batch.guess == "").all()  # no guess before any label
+    page = (out / "round-1.html").read_text()
+    assert page.count('class="card"') == 8 and 'data-suggested="' not in page
+    twins = [str(pool / "a" / "no_twin.jpg"), str(pool / "b" / "no_twin.jpg")]
+    # The twins first: on their own the second "no" would go to valid (one of two), with its twin in train.
+    chosen = twins + [p for p in batch.path if p not in twins][:6] + [str(pool / "a" / "yes_0.jpg")]
+    chosen = list(dict.fromkeys(chosen))  # yes_0 may be in the batch already
+    decisions = decide(chosen, tmp_path / "decisions.csv", **{"no_0.jpg": ("skip", "")})
+
+    applied = label_cli(runner, tmp_path, "flt", "--apply", str(decisions))
+    assert applied.exit_code == 0, applied.output
+    task = tmp_path / "data" / "flt"
+    photos = label.task_photos(task).assign(name=lambda t: t.path.map(lambda p: Path(p).name))
+    skipped = int("no_0.jpg" in {Path(p).name for p in chosen})
+    assert len(photos) == len(chosen) - skipped and "no_0.jpg" not in set(photos.name)
+    assert (photos.label == photos.name.map(lambda n: truth(n.split("__")[-1]))).all()
+    twin_splits = photos.set_index("name").loc[["a__no_twin.jpg", "b__no_twin.jpg"], "split"]
+    assert twin_splits.nunique() == 1  # near-duplicates never straddle the split
+    for c in ("yes", "no"):
+        splits = photos[photos.label == c].split
+        assert (splits == "valid").sum() >= 1 and (splits == "train").sum() >= 1
+    assert tree(pool) == before  # the pool is never changed
+    log = next((task / "_labelling").glob("*.csv"))
+    assert set(pd.read_csv(log).action) == ({"copy", "skip"} if skipped else {"copy"})
+
+    assert "round 2: 8 photos" in applied.output and "validation accuracy of the current model: " in applied.output
+    second = pd.read_csv(out / "round-2.csv", keep_default_na=False)
+    assert not set(second.path) & set(chosen)
+    assert (second.guess == second.path.map(truth)).sum() >= 6  # red against blue: the head has it
+    assert 'data-suggested="label" data-suggested-label="' in (out / "round-2.html").read_text()
+
+    copied = tree(task)
+    again = label_cli(runner, tmp_path, "flt", "--apply", str(decisions))
+    assert again.exit_code == 2 and "applied twice" in again.output and tree(task) == copied
+    undone = label_cli(runner, tmp_path, "flt", "--undo", str(log))
+    assert undone.exit_code == 0, undone.output
+    assert label.task_photos(task).empty and tree(pool) == before
+    assert label_cli(runner, tmp_path, "flt").exit_code == 0  # the pool is remembered; back to round 1
+    assert (out / "round-1.csv").is_file() and not label.logs(task)
+
+
+def test_bad_decisions_copy_nothing_and_say_why(pool, runner, tmp_path):
+    assert label_cli(runner, tmp_path, "flt", "--pool", str(pool), "--batch", "4").exit_code == 0
+    outside = make_image(tmp_path / "elsewhere" / "yes_x.jpg", COLORS["red"])
+    decisions = decide([str(pool / "a" / "yes_1.jpg"), str(pool / "b" / "no_1.jpg"), str(outside),
+                        str(pool / "b" / "no_2.jpg")], tmp_path / "decisions.csv",
+                       **{"yes_1.jpg": ("label", "maybe"), "no_2.jpg": ("relabel", "no")})
+    result = label_cli(runner, tmp_path, "flt", "--apply", str(decisions))
+    assert result.exit_code == 2 and "nothing was copied; 3 problem(s)" in result.output
+    assert "unknown class 'maybe'" in result.output and "not a readable photo of the pool" in result.output
+    assert "unknown action 'relabel'" in result.output
+    assert not (tmp_path / "data" / "flt").exists()
+    (tmp_path / "data").mkdir()
+    overlap = label_cli(runner, tmp_path, "flt", "--pool", str(tmp_path / "data"))
+    assert overlap.exit_code == 2 and "overlap" in overlap.output
+
+
+def test_several_classes_start_near_the_examples_and_remember_the_session(runner, tmp_path):
+    pool = tmp_path / "pool"
+    colours = {"red": (200, 50, 40), "green": (60, 180, 60), "blue": (40, 60, 200)}
+    for c, rgb in colours.items():
+        for k in range(10):
+            tinted(pool / f"{c}_{k}.jpg", rgb, seed=len(c) * 100 + k)
+    example = tinted(tmp_path / "example.jpg", colours["green"], seed=999)
+    first = label_cli(runner, tmp_path, "paint", "--pool", str(pool), "--classes", "red,green,blue", "--batch", "6",
+                      "--like", str(example))
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "exports" / "paint" / "label"
+    session = json.loads((out / "session.json").read_text())
+    assert session["classes"] == ["red", "green", "blue"] and session["positive"] is None
+    batch = pd.read_csv(out / "round-1.csv", keep_default_na=False)
+    assert (batch.path.map(truth) == "green").sum() >= 3  # half the batch: the photos nearest the example
+    applied = label_cli(runner, tmp_path, "paint", "--apply", str(decide(batch.path, tmp_path / "d.csv")))
+    assert applied.exit_code == 0, applied.output
+    second = pd.read_csv(out / "round-2.csv", keep_default_na=False)
+    labelled = set(label.task_photos(tmp_path / "data" / "paint").label)
+    assert set(second.guess) <= labelled and len(second) == 6
+
+
+def test_undoing_a_copy_whose_original_is_gone_moves_it_back(tmp_path):
+    source = make_image(tmp_path / "pool" / "a.jpg", COLORS["red"])
+    task = tmp_path / "data" / "t"
+    log = clean.apply(task, [clean.Move("copy", source, task / "train" / "yes" / "a.jpg", "yes"),
+                             clean.Move("skip", make_image(tmp_path / "pool" / "b.jpg"), None)], task / "_labelling")
+    original = source.read_bytes()
+    assert (task / "train" / "yes" / "a.jpg").read_bytes() == original
+    source.unlink()
+    assert clean.undo(log) == 1
+    assert source.read_bytes() == original and not (task / "train" / "yes" / "a.jpg").exists()
