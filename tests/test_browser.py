@@ -7,11 +7,16 @@ under REPLICATE_REQUIRE_BROWSER=1 (CI), where that fails.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import zipfile
 
 import pandas as pd
 import pytest
 
+from conftest import HOUSES_ZIP, requires_houses
+from replicate.data import HOUSE_PHOTO
+from replicate.label import task_photos
 from test_audit import task  # noqa: F401  (a task with a leak, a conflict and a duplicate)
 from test_cleaning import trained, tree  # noqa: F401  (the module's trained-model fixture)
 from replicate.cli import app
@@ -98,3 +103,65 @@ def test_audit_page_preselects_suggestions_and_downloads_decisions_for_clean(tas
     applied = runner.invoke(app, ["clean", "rooms", "--data-dir", str(task), "--decisions", str(decisions), "--apply"])
     assert applied.exit_code == 0, applied.output
     assert (task / "rooms" / "train" / "kitchen" / "leak_b.jpg").is_file()
+
+
+@requires_houses
+def test_a_new_filter_labelled_in_the_page_in_three_rounds_then_trained(runner, browser, tmp_path):
+    """As a new user would: 300 mixed Houses photos (75 houses x 4 rooms) as the pool, "is it a
+    kitchen?", three rounds of 20 labelled in the page (the model's guesses corrected with the keys),
+    then `run` on the task."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    with zipfile.ZipFile(HOUSES_ZIP) as zf:
+        found = [(int(m[1]), name) for name in zf.namelist() if (m := HOUSE_PHOTO.search(name))]
+        for house, name in sorted(found):
+            if house <= 75:
+                (pool / name.rsplit("/", 1)[1]).write_bytes(zf.read(name))
+    assert len(list(pool.iterdir())) == 300
+    where = ["--data-dir", str(tmp_path / "data"), "--exports-dir", str(tmp_path / "exports")]
+    first = runner.invoke(app, ["label", "kitchen", "--pool", str(pool), *where])
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "exports" / "kitchen" / "label"
+    for number in (1, 2, 3):
+        page = browser.new_page(accept_downloads=True)
+        page.goto(f"file://{out / f'round-{number}.html'}")
+        cards = page.locator(".card")
+        assert cards.count() == 20
+        assert page.locator("#labelled").inner_text() == str(20 * (number - 1))
+        accuracy = page.locator("#accuracy").inner_text()
+        assert (re.match(r"\d+\.\d% \(\d+ of \d+ valid photos\)", accuracy) is not None) == (number > 1), accuracy
+        assert page.locator("#count").inner_text() == ("0" if number == 1 else "20")  # guesses preselected
+        corrected = 0
+        for i in range(20):
+            card = cards.nth(i)
+            want = "yes" if "_kitchen" in card.get_attribute("data-path") else "no"
+            if card.locator(".decision").inner_text() == f"label as {want}":
+                continue
+            card.locator("img").click()  # select it, then its key (1 yes, 2 no)
+            page.keyboard.press("1" if want == "yes" else "2")
+            assert card.get_attribute("data-decision") == "label"
+            corrected += 1
+        if number > 1:
+            assert corrected <= 6, corrected  # the model's guesses are mostly right already
+        assert page.locator("#count").inner_text() == "20"
+        with page.expect_download() as download:
+            page.click("#download")
+        decisions = tmp_path / f"decisions-{number}.csv"
+        download.value.save_as(decisions)
+        page.close()
+        rows = pd.read_csv(decisions, keep_default_na=False)
+        assert list(rows.columns) == ["path", "action", "new_label"] and (rows.action == "label").all()
+        assert (rows.new_label == rows.path.map(lambda p: "yes" if "_kitchen" in p else "no")).all()
+        applied = runner.invoke(app, ["label", "kitchen", "--apply", str(decisions), *where])
+        assert applied.exit_code == 0, applied.output
+
+    photos = task_photos(tmp_path / "data" / "kitchen")
+    assert len(photos) == 60 and set(photos.split) == {"train", "valid"} and set(photos.label) == {"yes", "no"}
+    trained = runner.invoke(app, ["run", "kitchen", "--arch", "tf_efficientnet_lite0", "--freeze-bn", "--cache-features",
+                                  "3", "--epochs", "10", "--workers", "0", *where])
+    assert trained.exit_code == 0, trained.output
+    assert re.search(r"best valid accuracy \d+\.\d\d% at epoch", trained.output)
+    run_dir = next((tmp_path / "exports" / "kitchen").glob("tf_efficientnet_lite0-*"))
+    for name in ("config.json", "metrics.json", "history.csv", "export.pkl", "valid_predictions.csv",
+                 "confusion_matrix.png", "top_losses.png", "filter.json", "pr_curve.png"):
+        assert (run_dir / name).is_file(), name
