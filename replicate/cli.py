@@ -465,16 +465,16 @@ def label(
         "--apply", help="decisions.csv from a round's page: copy the labelled photos into TASK/{train,valid}/<class>/ "
                         "(logged), then write the next round.")] = None,
     undo: Annotated[Optional[Path], typer.Option(help="A log from TASK/_labelling/: take its copies back out.")] = None,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Where the spread over the pool starts.")] = 0,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
-    """Label a pile of photos for a new task in short rounds: each round trains a head on the labels so
-    far (seconds, on cached EfficientNet-Lite0 features) and opens a page of the photos where a label
-    helps most, the model's guess preselected.
+    """Label a pile of photos for a new task in short rounds, on cached EfficientNet-Lite0 features.
 
-    About a fifth of each class goes to valid (near-duplicates in one split); the page shows the count
-    and the current validation accuracy. Then train the task as any other: replicate run TASK --arch ...
+    Each round trains a head on the labels so far (seconds) and writes a page of the photos where a label helps most.
+    The model's guess is preselected; the page shows how many are labelled and the current validation accuracy.
+    --apply copies the page's decisions in: about a fifth of each class to valid, near-duplicates in one split.
+    Then train the task as any other: replicate run TASK --arch tf_efficientnet_lite0
 
     Example: replicate label fireplace --pool ~/photos/new   (then --apply ~/Downloads/decisions.csv)
     """

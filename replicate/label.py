@@ -73,6 +73,7 @@ def pool_features(files: list[Path], cache: Path | None = None, arch: str = ARCH
 
 def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     import torch
+    from fastprogress.fastprogress import progress_bar
     from . import models
     prep = photos.Preprocess.from_meta(models.preprocess(RunConfig(task="label", arch=arch_name)))
     arch = models.get_arch(arch_name)
@@ -81,7 +82,7 @@ def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     std = torch.tensor(prep.std).view(1, 3, 1, 1)
     out = []
     with torch.no_grad():
-        for start in range(0, len(files), bs):
+        for start in progress_bar(range(0, len(files), bs), leave=False):  # minutes for a large pool on a CPU
             batch = []
             for f in files[start:start + bs]:
                 crops, error = photos.decode(f, [prep.geometry])  # as the ONNX engine decodes for serving
