@@ -481,7 +481,7 @@ def label(
     from . import label as labelling
     task_dir, out = data_dir / task, exports_dir / task / "label"
     if undo is not None:
-        typer.echo(f"took back {cleaning.undo(undo)} photo(s) of {undo}")
+        typer.echo(f"took back {cleaning.undo(undo)} photo(s) of {undo}; replicate label {task} writes the round again")
         return
     session = labelling.open_session(task_dir, out, pool, classes, positive, batch)
     if apply is not None:
@@ -496,10 +496,9 @@ def label(
         typer.echo(f"warning: {len(found.unreadable)} photo(s) of the pool do not decode and are left out "
                    f"(listed in {out / 'unreadable.csv'})")
     counts = ", ".join(f"{c} {n}" for c, n in found.counts.items())
-    accuracy = (f"{found.accuracy:.1%} on {found.validated} valid photo(s)" if found.validated
-                else "not yet (needs two classes in train and a photo in valid)")
     typer.echo(f"labelled {sum(found.counts.values())} ({counts}); validation accuracy of the current model: "
-               f"{accuracy}; {found.left} of {found.pool} pool photos not labelled yet")
+               f"{labelling.accuracy_text(found.correct, found.validated)}; {found.left} of {found.pool} pool photos "
+               f"not labelled yet")
     if not len(found.batch):
         typer.echo(f"every photo of the pool is labelled or skipped: {_TRAIN_LABELLED.format(task=task)}")
         return

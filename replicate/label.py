@@ -87,7 +87,7 @@ def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
             for f in files[start:start + bs]:
                 crops, error = photos.decode(f, [prep.geometry])  # as the ONNX engine decodes for serving
                 if crops is None:
-                    raise ReplicateError(f"{f} cannot be read ({error}): move it out of the pool")
+                    raise ReplicateError(f"{f} cannot be read ({error}): move it out of {f.parent} or replace it")
                 batch.append(crops[prep.geometry])
             x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
             out.append(body((x - mean) / std).flatten(1).numpy())
@@ -320,9 +320,16 @@ def next_round(session: Session, task_dir: Path, out: Path, like: list[Path] = (
     counts = {c: int((labelled.label == c).sum()) for c in session.classes}
     batch.to_csv(out / f"round-{number}.csv", index=False)
     page = out / f"round-{number}.html"
-    accuracy = f"{correct / validated:.1%} ({correct} of {validated} valid photos)" if validated else None
-    report.write_label_page(batch, session, number, counts, accuracy, n, len(candidates), like_used, page)
+    report.write_label_page(batch, session, number, counts, accuracy_text(correct, validated), n, len(candidates),
+                            like_used, page)
     return Round(number, batch, counts, correct, validated, n, len(candidates), unreadable, page)
+
+
+def accuracy_text(correct: int, validated: int) -> str:
+    """The current head's validation accuracy as the page and the terminal say it."""
+    if not validated:
+        return "not yet (needs two classes in train and a photo in valid)"
+    return f"{correct / validated:.1%} ({correct} of {validated} valid photos)"
 
 
 def _validate(x: np.ndarray, labels: pd.Series, splits: np.ndarray) -> tuple[int, int]:

@@ -542,7 +542,7 @@ def write_review(preds: dict[str, pd.DataFrame], classes: list[str], k: int, pat
     return path
 
 
-def write_label_page(batch: pd.DataFrame, session, number: int, counts: dict[str, int], accuracy: str | None,
+def write_label_page(batch: pd.DataFrame, session, number: int, counts: dict[str, int], accuracy: str,
                      pool: int, left: int, like: bool, path: Path) -> Path:
     """A labelling round's page (`replicate label`): the batch's photos, the model's guess preselected
     when there is one, keys and buttons as on the review page; it downloads `path,action,new_label`

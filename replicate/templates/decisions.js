@@ -1,4 +1,4 @@
-// Marking photos and downloading the decisions, shared by the review and audit pages.
+// Marking photos and downloading the decisions, shared by the review, audit and label pages.
 // Each .card has data-path and buttons with data-action (keep, remove, move, relabel; label, skip)
 // and, for relabel and label, data-label; data-suggested (and data-suggested-label) preselects a
 // decision. The download is path,action,new_label for `replicate clean` (or `replicate label --apply`).
