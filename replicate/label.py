@@ -281,10 +281,6 @@ class Round:
     unreadable: pd.DataFrame
     page: Path
 
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.validated if self.validated else None
-
 
 def next_round(session: Session, task_dir: Path, out: Path, like: list[Path] = (), seed: int = 0, log=None) -> Round:
     """Train the head on the labels so far, pick the next batch, write its page; the Round."""
