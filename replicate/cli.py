@@ -462,7 +462,7 @@ def label(
              "batch is the photos nearest to the examples.")] = None,
     batch: Annotated[Optional[int], typer.Option("-k", "--batch", min=1, help="Photos a round (default 20).")] = None,
     apply: Annotated[Optional[Path], typer.Option(
-        "--apply", help="decisions.csv from a round's page: copy the labelled photos into TASK/{train,valid}/<class>/ "
+        "--apply", help="The decisions a round's page downloads (TASK-round-N.csv): copy the labelled photos into TASK/{train,valid}/<class>/ "
                         "(logged), then write the next round.")] = None,
     undo: Annotated[Optional[Path], typer.Option(help="A log from TASK/_labelling/: take its copies back out.")] = None,
     seed: Annotated[int, typer.Option(help="Where the spread over the pool starts.")] = 0,
@@ -476,7 +476,7 @@ def label(
     --apply copies the page's decisions in: about a fifth of each class to valid, near-duplicates in one split.
     Then train the task as any other: replicate run TASK --arch tf_efficientnet_lite0
 
-    Example: replicate label fireplace --pool ~/photos/new   (then --apply ~/Downloads/decisions.csv)
+    Example: replicate label fireplace --pool ~/photos/new   (then --apply ~/Downloads/fireplace-round-1.csv)
     """
     from . import label as labelling
     task_dir, out = data_dir / task, exports_dir / task / "label"
@@ -503,7 +503,8 @@ def label(
         typer.echo(f"every photo of the pool is labelled or skipped: {_TRAIN_LABELLED.format(task=task)}")
         return
     typer.echo(f"round {found.number}: {len(found.batch)} photos; open {found.page} in a browser, mark them, "
-               f"download the decisions, then: replicate label {task} --apply ~/Downloads/decisions.csv\n"
+               f"download the decisions, then: replicate label {task} --apply "
+               f"~/Downloads/{report.decisions_name(task, found.number)}\n"
                f"when the accuracy is where you want it: {_TRAIN_LABELLED.format(task=task)}")
 
 

@@ -2,7 +2,7 @@
 next batch where a label helps most, labelled in the browser and copied into a task folder.
 
     replicate label fireplace --pool ~/photos/unlabelled           # round 1: a page of 20 photos
-    replicate label fireplace --apply ~/Downloads/decisions.csv    # copy them in; round 2's page
+    replicate label fireplace --apply ~/Downloads/fireplace-round-1.csv   # copy them in; round 2's page
     replicate label fireplace --undo data/fireplace/_labelling/20261201-101500.csv
     python benchmarks/label_sim.py      # the rules below against random order, simulated
 

@@ -542,6 +542,12 @@ def write_review(preds: dict[str, pd.DataFrame], classes: list[str], k: int, pat
     return path
 
 
+def decisions_name(task: str, number: int) -> str:
+    """The name a labelling round's page downloads its decisions as (one per round: a browser would
+    rename a second decisions.csv)."""
+    return f"{task}-round-{number}.csv"
+
+
 def write_label_page(batch: pd.DataFrame, session, number: int, counts: dict[str, int], accuracy: str,
                      pool: int, left: int, like: bool, path: Path) -> Path:
     """A labelling round's page (`replicate label`): the batch's photos, the model's guess preselected
@@ -552,7 +558,8 @@ def write_label_page(batch: pd.DataFrame, session, number: int, counts: dict[str
              for row in batch.itertuples()]
     page = render_template("label.html", task=session.task, number=number, cards=cards, classes=list(session.classes),
                            counts=counts, labelled=sum(counts.values()), accuracy=accuracy, pool=pool, left=left,
-                           positive=session.positive, like=like, guessed=bool(len(batch) and batch.guess.iloc[0]))
+                           positive=session.positive, like=like, guessed=bool(len(batch) and batch.guess.iloc[0]),
+                           download=decisions_name(session.task, number))
     path.write_text(page)
     return path
 

@@ -146,7 +146,8 @@ def test_a_new_filter_labelled_in_the_page_in_three_rounds_then_trained(runner, 
         assert page.locator("#count").inner_text() == "20"
         with page.expect_download() as download:
             page.click("#download")
-        decisions = tmp_path / f"decisions-{number}.csv"
+        assert download.value.suggested_filename == f"kitchen-round-{number}.csv"
+        decisions = tmp_path / download.value.suggested_filename
         download.value.save_as(decisions)
         page.close()
         rows = pd.read_csv(decisions, keep_default_na=False)

@@ -2,8 +2,8 @@
 // Each .card has data-path and buttons with data-action (keep, remove, move, relabel; label, skip)
 // and, for relabel and label, data-label; data-suggested (and data-suggested-label) preselects a
 // decision. The download is path,action,new_label for `replicate clean` (or `replicate label --apply`).
-// Expects CLASSES (the class names, for the number keys), KEY_ACTIONS ({key: action}) and
-// LABEL_ACTION (what the number keys do: relabel or label).
+// Expects CLASSES (the class names, for the number keys), KEY_ACTIONS ({key: action}),
+// LABEL_ACTION (what the number keys do: relabel or label) and DOWNLOAD (the file's name).
 const cards = [...document.querySelectorAll('.card')];
 const decisions = {};
 let current = 0;
@@ -25,7 +25,7 @@ function download() {
   for (const [path, d] of Object.entries(decisions)) rows.push([path, d.action, d.new_label].map(csvField).join(','));
   const a = document.createElement('a');
   a.href = URL.createObjectURL(new Blob([rows.join('\n') + '\n'], {type: 'text/csv'}));
-  a.download = 'decisions.csv';
+  a.download = DOWNLOAD;
   document.body.appendChild(a); a.click(); a.remove();
 }
 function offers(card, action, label) {  // a key only does what the card's buttons offer
