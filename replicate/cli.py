@@ -484,17 +484,18 @@ def label(
         typer.echo(f"took back {cleaning.undo(undo)} photo(s) of {undo}; replicate label {task} writes the round again")
         return
     session = labelling.open_session(task_dir, out, pool, classes, positive, batch)
+    photos = labelling.pool_photos(session, out, log=echo)
+    if len(photos.unreadable):
+        photos.unreadable.to_csv(out / "unreadable.csv", index=False)
+        typer.echo(f"warning: {len(photos.unreadable)} photo(s) of the pool do not decode and are left out "
+                   f"(listed in {out / 'unreadable.csv'})")
     if apply is not None:
-        moves = labelling.plan_labels(session, task_dir, out, cleaning.read_decisions(apply))
+        moves = labelling.plan_labels(session, photos, task_dir, cleaning.read_decisions(apply))
         log = cleaning.apply(task_dir, moves, task_dir / labelling.LOG_DIR)
         typer.echo(labelling.describe(moves).to_string(index=False))
         typer.echo(f"copied {sum(m.destination is not None for m in moves)} photo(s) into {task_dir}; log: {log}\n"
                    f"undo with: replicate label {task} --undo {log}\n")
-    found = labelling.next_round(session, task_dir, out, like or [], seed, log=echo)
-    if len(found.unreadable):
-        found.unreadable.to_csv(out / "unreadable.csv", index=False)
-        typer.echo(f"warning: {len(found.unreadable)} photo(s) of the pool do not decode and are left out "
-                   f"(listed in {out / 'unreadable.csv'})")
+    found = labelling.next_round(session, photos, task_dir, out, like or [], seed, log=echo)
     counts = ", ".join(f"{c} {n}" for c, n in found.counts.items())
     typer.echo(f"labelled {sum(found.counts.values())} ({counts}); validation accuracy of the current model: "
                f"{labelling.accuracy_text(found.correct, found.validated)}; {found.left} of {found.pool} pool photos "

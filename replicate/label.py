@@ -21,7 +21,8 @@ The engine:
 The session (`Session`, `next_round`, `plan_labels`): the pool is never changed. What is labelled
 is what the task folder holds (`data/TASK/{train,valid}/<class>/`, whatever put it there); which
 pool photos were labelled or skipped is read from the logs of `--apply` in `data/TASK/_labelling/`
-(`clean`'s log format: `--undo` takes a log back). `--apply` puts about VALID_PCT of each class in
+(`clean`'s log format: `--undo` takes a log back); a labelled photo copied from the pool is
+represented by its pool photo's features, never computed twice. `--apply` puts about VALID_PCT of each class in
 valid, near-duplicates of the pool (the audit's, transitively) always in one split. The round's
 page, its batch and the caches are in `exports/TASK/label/`.
 """
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from . import audit, photos, report
-from .clean import Move
+from .clean import LOG_COLUMNS, Move
 from .config import RunConfig
 from .errors import ReplicateError
 from .folders import SPLITS, class_dirs, image_files
@@ -56,7 +57,7 @@ LOG_DIR = "_labelling"  # in the task folder: the --apply logs, the record of wh
 def pool_features(files: list[Path], cache: Path | None = None, arch: str = ARCH, bs: int = 64) -> np.ndarray:
     """(n, d) float32: each photo's pooled features from `arch`'s frozen pretrained body (L2-normalised),
     in `files`' order; rows cached in `cache` (.npz) are reused while path, size and mtime match."""
-    keys = [f"{f}|{os.stat(f).st_size}|{os.stat(f).st_mtime_ns}" for f in files]
+    keys = [f"{f}|{st.st_size}|{st.st_mtime_ns}" for f, st in ((f, os.stat(f)) for f in files)]
     known = {}
     if cache is not None and cache.is_file():
         with np.load(cache) as stored:
@@ -144,15 +145,16 @@ def distinct(x: np.ndarray, ranked: np.ndarray, n: int, known: np.ndarray) -> np
 
 
 def next_batch(x: np.ndarray, labelled: pd.Series, k: int, positive: str | None = None, seed: int = 0,
-               candidates: np.ndarray | None = None) -> list[int]:
+               candidates: np.ndarray | None = None, head=None) -> list[int]:
     """The next `k` rows of `x` to label. `labelled`: {row: class} so far. `positive`: a yes/no
     attribute's class, whose likeliest photos fill half the batch. `candidates`: the rows that may
-    be picked (default: every row not labelled)."""
+    be picked (default: every row not labelled). `head`: `fit_head` on `labelled`, if the caller
+    has it already."""
     known = labelled.index.to_numpy(int)
     unlabelled = np.setdiff1d(np.arange(len(x)), known) if candidates is None else np.asarray(candidates, dtype=int)
     if labelled.nunique() < 2:  # farthest-first over the whole pool: a copy is at distance 0 from its photo
         return spread(x, unlabelled, k, known, seed)
-    head = fit_head(x[known], labelled.tolist())
+    head = head or fit_head(x[known], labelled.tolist())
     p = head.predict_proba(x[unlabelled])
     top2 = np.sort(p, axis=1)[:, -2:]
     unsure = unlabelled[np.argsort(top2[:, 1] - top2[:, 0], kind="stable")]  # smallest margin first
@@ -233,20 +235,30 @@ def open_session(task_dir: Path, out: Path, pool: Path | None = None, classes: s
     return session
 
 
-def pool_photos(session: Session, out: Path, log=None) -> tuple[list[Path], pd.DataFrame, pd.DataFrame]:
-    """(the pool's readable photos, their fingerprints (the audit's, cached in `out`), the unreadable
-    files with the reason). The pool is read, never written."""
+@dataclass(frozen=True)
+class Pool:
+    """The pool's readable photos with their fingerprints (the audit's), and the unreadable files."""
+
+    files: list[Path]
+    prints: pd.DataFrame  # one row per file of `files`
+    unreadable: pd.DataFrame  # path, error
+
+
+def pool_photos(session: Session, out: Path, log=None) -> Pool:
+    """The pool's photos, fingerprinted (cached in `out`). The pool is read, never written."""
     files = image_files(Path(session.pool))
     if not files:
         raise ReplicateError(f"no photos (.jpg, .png, ...) in the pool {session.pool}")
     prints = audit.fingerprints(files, cache=out / "fingerprints.csv", log=log)
     readable = (prints.error == "").to_numpy()
-    return ([f for f, ok in zip(files, readable) if ok], prints[readable].reset_index(drop=True),
-            prints.loc[~readable, ["path", "error"]])
+    return Pool([f for f, ok in zip(files, readable) if ok], prints[readable].reset_index(drop=True),
+                prints.loc[~readable, ["path", "error"]])
 
 
 def task_photos(task_dir: Path) -> pd.DataFrame:
-    """The labelled photos: path, split, label of every image in TASK/{train,valid}/<class>/."""
+    """The labelled photos: path (absolute, as --apply logs it), split, label of every image in
+    TASK/{train,valid}/<class>/."""
+    task_dir = task_dir.resolve()
     rows = [(str(f), split, label) for split in SPLITS if (task_dir / split).is_dir()
             for label in sorted(class_dirs(task_dir / split)) for f in image_files(task_dir / split / label)]
     return pd.DataFrame(rows, columns=["path", "split", "label"])
@@ -257,14 +269,12 @@ def logs(task_dir: Path) -> list[Path]:
     return [p for p in sorted((task_dir / LOG_DIR).glob("*.csv")) if not p.name.endswith(".undone.csv")]
 
 
-def done(task_dir: Path) -> dict[str, str]:
-    """{pool photo: the split its copy went to, '' if skipped} from the logs in force."""
-    found = {}
-    for log in logs(task_dir):
-        rows = pd.read_csv(log, dtype=str, keep_default_na=False)
-        for row in rows.itertuples(index=False):
-            found[row.source] = Path(row.destination).parent.parent.name if row.action == "copy" else ""
-    return found
+def applied(task_dir: Path) -> pd.DataFrame:
+    """The rows of the logs in force (clean.LOG_COLUMNS, and `split`: where a copy went, '' for a
+    skip), one per pool photo labelled or skipped."""
+    frames = [pd.read_csv(log, dtype=str, keep_default_na=False) for log in logs(task_dir)]
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LOG_COLUMNS, dtype=str)
+    return rows.assign(split=[Path(d).parent.parent.name if d else "" for d in rows.destination])
 
 
 @dataclass(frozen=True)
@@ -278,47 +288,54 @@ class Round:
     validated: int
     pool: int
     left: int  # pool photos neither labelled nor skipped
-    unreadable: pd.DataFrame
     page: Path
 
 
-def next_round(session: Session, task_dir: Path, out: Path, like: list[Path] = (), seed: int = 0, log=None) -> Round:
-    """Train the head on the labels so far, pick the next batch, write its page; the Round."""
+def next_round(session: Session, pool: Pool, task_dir: Path, out: Path, like: list[Path] = (), seed: int = 0,
+               log=None) -> Round:
+    """Train the head on the labels so far, pick the next batch, write its page; the Round.
+
+    A labelled photo copied from the pool is its pool row (its features are not computed twice);
+    photos put in the task otherwise, and the `like` examples, get rows after the pool's."""
     like = [Path(p) for p in like]
     missing = [str(p) for p in like if not Path(p).is_file()]
     if missing:
         raise ReplicateError(f"--like: no such photo {', '.join(missing)}")
-    files, _, unreadable = pool_photos(session, out, log)
-    labelled = task_photos(task_dir)
-    finished = done(task_dir)
-    n, m = len(files), len(labelled)
+    labelled, copies = task_photos(task_dir), applied(task_dir)
+    row_of = {str(f): i for i, f in enumerate(pool.files)}
+    source_of = dict(zip(copies.destination, copies.source))
+    rows = np.array([row_of.get(source_of.get(p), -1) for p in labelled.path], dtype=int)
+    others = [Path(p) for p, r in zip(labelled.path, rows) if r < 0]
+    n = len(pool.files) + len(others)
+    rows[rows < 0] = np.arange(len(pool.files), n)
     if log:
-        log(f"features of {n} pool photos, {m} labelled ones and {len(like)} examples ({session.arch}, cached)")
-    x = pool_features(files + [Path(p) for p in labelled.path] + like, out / "features.npz", session.arch)
-    candidates = np.array([i for i, f in enumerate(files) if str(f) not in finished], dtype=int)
-    labels = pd.Series(labelled.label.to_numpy(), index=np.arange(n, n + m), dtype=object)
+        log(f"features of {len(pool.files)} pool photos, {len(others)} other labelled ones and {len(like)} "
+            f"examples ({session.arch}, cached)")
+    x = pool_features(pool.files + others + like, out / "features.npz", session.arch)
+    finished = set(copies.source)
+    candidates = np.array([i for i, f in enumerate(pool.files) if str(f) not in finished], dtype=int)
+    labels = pd.Series(labelled.label.to_numpy(), index=rows, dtype=object)
     k = min(session.batch, len(candidates))
-    like_used = bool(like) and labels.nunique() < 2
+    head = fit_head(x[rows], labels.tolist()) if labels.nunique() >= 2 else None
+    like_used = bool(like) and head is None
     if like_used:  # half nearest the examples, half spread over the rest
-        picks = nearest(x, candidates, x[n + m:], (k + 1) // 2, labels.index.to_numpy(int))
+        picks = nearest(x, candidates, x[n:], (k + 1) // 2, rows)
         rest = candidates[~np.isin(candidates, picks)]
-        rows = picks + spread(x, rest, k - len(picks), np.concatenate([labels.index.to_numpy(int), picks]).astype(int),
-                              seed)
+        batch_rows = picks + spread(x, rest, k - len(picks), np.concatenate([rows, picks]).astype(int), seed)
     else:
-        rows = next_batch(x[:n + m], labels, k, session.positive, seed, candidates) if k else []
-    batch = pd.DataFrame({"path": [str(files[r]) for r in rows], "guess": "", "probability": np.nan})
-    if labels.nunique() >= 2 and rows:
-        head = fit_head(x[labels.index], labels.tolist())
-        p = head.predict_proba(x[rows])
+        batch_rows = next_batch(x[:n], labels, k, session.positive, seed, candidates, head) if k else []
+    batch = pd.DataFrame({"path": [str(pool.files[r]) for r in batch_rows], "guess": "", "probability": np.nan})
+    if head is not None and batch_rows:
+        p = head.predict_proba(x[batch_rows])
         batch["guess"], batch["probability"] = head.classes_[p.argmax(axis=1)], p.max(axis=1)
     correct, validated = _validate(x, labels, labelled.split.to_numpy())
     number = len(logs(task_dir)) + 1
     counts = {c: int((labelled.label == c).sum()) for c in session.classes}
     batch.to_csv(out / f"round-{number}.csv", index=False)
     page = out / f"round-{number}.html"
-    report.write_label_page(batch, session, number, counts, accuracy_text(correct, validated), n, len(candidates),
-                            like_used, page)
-    return Round(number, batch, counts, correct, validated, n, len(candidates), unreadable, page)
+    report.write_label_page(batch, session, number, counts, accuracy_text(correct, validated), len(pool.files),
+                            len(candidates), like_used, page)
+    return Round(number, batch, counts, correct, validated, len(pool.files), len(candidates), page)
 
 
 def accuracy_text(correct: int, validated: int) -> str:
@@ -344,14 +361,15 @@ def valid_target(n: int, valid_pct: float) -> int:
     return max(1, round(n * valid_pct)) if n >= 2 else 0
 
 
-def plan_labels(session: Session, task_dir: Path, out: Path, decisions: pd.DataFrame) -> list[Move]:
+def plan_labels(session: Session, pool: Pool, task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
     """The copies (and skips) a label page's decisions ask for; ReplicateError listing every problem
     before anything is copied. Each labelled photo goes to train or valid: valid while its class
     has fewer than `valid_target` there, except that near-duplicates of the pool follow the split
     their group went to first."""
-    files, prints, _ = pool_photos(session, out)
+    files = pool.files
     index = {str(f): i for i, f in enumerate(files)}
-    finished = done(task_dir)
+    copies = applied(task_dir)
+    finished = set(copies.source)
     problems, chosen, seen = [], [], set()
     for line, row in enumerate(decisions.itertuples(index=False), start=2):  # line 1 is the header
         where = f"line {line} ({row.path})"
@@ -372,8 +390,8 @@ def plan_labels(session: Session, task_dir: Path, out: Path, decisions: pd.DataF
             chosen.append((index[source], label if action == "label" else None))
     if problems:
         raise _refused(problems)
-    groups = audit.link_owners(list(range(len(files))), files, frame=prints)
-    placed = {groups[index[s]]: split for s, split in finished.items() if split and s in index}
+    groups = audit.link_owners(list(range(len(files))), files, frame=pool.prints)
+    placed = {groups[index[s]]: split for s, split in zip(copies.source, copies.split) if split and s in index}
     counts = Counter(task_photos(task_dir)[["split", "label"]].itertuples(index=False, name=None))
     moves, names = [], set()
     for row, label in chosen:
@@ -387,7 +405,7 @@ def plan_labels(session: Session, task_dir: Path, out: Path, decisions: pd.DataF
         split = placed[group]
         counts[split, label] += 1
         # The pool's sub-folders become part of the name: photos of two listings may share a name.
-        destination = task_dir / split / label / "__".join(files[row].relative_to(session.pool).parts)
+        destination = task_dir.resolve() / split / label / "__".join(files[row].relative_to(session.pool).parts)
         if destination.exists() or destination in names:
             problems.append(f"{files[row]}: {destination} exists already (name clash)")
         names.add(destination)

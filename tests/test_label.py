@@ -124,7 +124,7 @@ def pool(tmp_path) -> Path:
     return pool
 
 
-def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(pool, runner, tmp_path):
+def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(pool, runner, tmp_path, monkeypatch):
     before = tree(pool)
     first = label_cli(runner, tmp_path, "flt", "--pool", str(pool), "--batch", "8")
     assert first.exit_code == 0, first.output
@@ -140,8 +140,11 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(pool, 
     chosen = list(dict.fromkeys(chosen))  # yes_0 may be in the batch already
     decisions = decide(chosen, tmp_path / "decisions.csv", **{"no_0.jpg": ("skip", "")})
 
+    real, computed = label._embed, []
+    monkeypatch.setattr(label, "_embed", lambda fs, arch, bs: computed.extend(fs) or real(fs, arch, bs))
     applied = label_cli(runner, tmp_path, "flt", "--apply", str(decisions))
     assert applied.exit_code == 0, applied.output
+    assert computed == []  # a labelled copy is its pool photo: its features are not computed again
     task = tmp_path / "data" / "flt"
     photos = label.task_photos(task).assign(name=lambda t: t.path.map(lambda p: Path(p).name))
     skipped = int("no_0.jpg" in {Path(p).name for p in chosen})
