@@ -462,8 +462,8 @@ def label(
              "batch is the photos nearest to the examples.")] = None,
     batch: Annotated[Optional[int], typer.Option("-k", "--batch", min=1, help="Photos a round (default 20).")] = None,
     apply: Annotated[Optional[Path], typer.Option(
-        "--apply", help="The decisions a round's page downloads (TASK-round-N.csv): copy the labelled photos into TASK/{train,valid}/<class>/ "
-                        "(logged), then write the next round.")] = None,
+        "--apply", help="The decisions a round's page downloads (TASK-round-N.csv): copy the labelled photos "
+                        "into TASK/{train,valid}/<class>/ (logged), then write the next round.")] = None,
     undo: Annotated[Optional[Path], typer.Option(help="A log from TASK/_labelling/: take its copies back out.")] = None,
     seed: Annotated[int, typer.Option(help="Where the spread over the pool starts.")] = 0,
     data_dir: DataDir = Path("data"),
