@@ -18,6 +18,7 @@ and precision and recall on the Houses photos as they come and letterboxed.
 Rows are appended to benchmarks/results.csv (bench=audit_search, audit_real, audit_houses); the
 flagged pairs are written to benchmarks/audit_pairs.csv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,19 +37,27 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import HOUSES_ZIP  # noqa: E402
-from replicate import audit, data, runtime  # noqa: E402
 import results  # noqa: E402  (benchmarks/results.py, beside this script)
+from conftest import HOUSES_ZIP  # noqa: E402
+
+from replicate import audit, data, runtime  # noqa: E402
 
 PAIRS = Path(__file__).with_name("audit_pairs.csv")
 
 
 def stamp(row: dict) -> dict:
-    return {**row, "impl": "replicate", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": platform.node(), "processor": platform.processor(), "device": f"cpu ({runtime.cores()} cores)"}
+    return {
+        **row,
+        "impl": "replicate",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": platform.node(),
+        "processor": platform.processor(),
+        "device": f"cpu ({runtime.cores()} cores)",
+    }
 
 
 # --- 1. the index at scale ------------------------------------------------------------------------
+
 
 def synthetic(n: int, planted: int, seed: int = 0) -> tuple[np.ndarray, set]:
     """(n, 3) random fingerprints whose last `planted` rows are near-duplicates of earlier rows."""
@@ -60,7 +69,9 @@ def synthetic(n: int, planted: int, seed: int = 0) -> tuple[np.ndarray, set]:
         b = n - planted + k
         bits = rng.choice(64, int(rng.integers(0, audit.THRESHOLD + 1)), replace=False)
         flip = np.uint64(sum(1 << int(x) for x in bits))
-        if rng.random() < 0.5:  # b is a copy of a, maybe cropped: b's whole matches one of a's crops
+        if (
+            rng.random() < 0.5
+        ):  # b is a copy of a, maybe cropped: b's whole matches one of a's crops
             hashes[b, 0] = hashes[a, int(rng.integers(0, 3))] ^ flip
         else:  # a is the cropped copy: a's whole matches one of b's crops
             hashes[a, 0] = hashes[b, int(rng.integers(0, 3))] ^ flip
@@ -76,10 +87,23 @@ def search(sizes: list[int], with_faiss: bool) -> list[dict]:
         pairs = audit.near_pairs(hashes)
         seconds = time.perf_counter() - start
         found = set(zip(pairs.i.tolist(), pairs.j.tolist()))
-        print(f"search {n:>9,} photos: {seconds:6.1f} s, {len(pairs)} pairs, planted found "
-              f"{len(planted & found)}/{len(planted)}")
-        rows.append(stamp({"bench": "audit_search", "photos": n, "engine": "hamming-mih", "seconds": round(seconds, 2),
-                           "pairs": len(pairs), "planted": len(planted), "planted_found": len(planted & found)}))
+        print(
+            f"search {n:>9,} photos: {seconds:6.1f} s, {len(pairs)} pairs, planted found "
+            f"{len(planted & found)}/{len(planted)}"
+        )
+        rows.append(
+            stamp(
+                {
+                    "bench": "audit_search",
+                    "photos": n,
+                    "engine": "hamming-mih",
+                    "seconds": round(seconds, 2),
+                    "pairs": len(pairs),
+                    "planted": len(planted),
+                    "planted_found": len(planted & found),
+                }
+            )
+        )
         if with_faiss and n <= 300_000:
             rows.append(faiss_search(hashes, planted))
     return rows
@@ -88,8 +112,11 @@ def search(sizes: list[int], with_faiss: bool) -> list[dict]:
 def faiss_search(hashes: np.ndarray, planted: set) -> dict:
     """The same search with faiss's IndexBinaryMultiHash (3 chunks of 21 bits, 2 flips: exact for 8 bits)."""
     import faiss
+
     n = len(hashes)
-    codes = np.zeros((hashes.size, 16), np.uint8)  # 128-bit codes: faiss reads 8 bytes past each chunk
+    codes = np.zeros(
+        (hashes.size, 16), np.uint8
+    )  # 128-bit codes: faiss reads 8 bytes past each chunk
     codes[:, :8] = hashes.reshape(-1).view(np.uint8).reshape(-1, 8)
     start = time.perf_counter()
     index = faiss.IndexBinaryMultiHash(128, 3, 21)
@@ -100,12 +127,23 @@ def faiss_search(hashes: np.ndarray, planted: set) -> dict:
     q = np.repeat(np.arange(n), np.diff(lims).astype(np.int64))
     other = found_ids // 3
     found = {(int(min(a, b)), int(max(a, b))) for a, b in zip(q, other) if a != b}
-    print(f"faiss  {n:>9,} photos: {seconds:6.1f} s, planted found {len(planted & found)}/{len(planted)}")
-    return stamp({"bench": "audit_search", "photos": n, "engine": "faiss-multihash", "seconds": round(seconds, 2),
-                  "planted": len(planted), "planted_found": len(planted & found)})
+    print(
+        f"faiss  {n:>9,} photos: {seconds:6.1f} s, planted found {len(planted & found)}/{len(planted)}"
+    )
+    return stamp(
+        {
+            "bench": "audit_search",
+            "photos": n,
+            "engine": "faiss-multihash",
+            "seconds": round(seconds, 2),
+            "planted": len(planted),
+            "planted_found": len(planted & found),
+        }
+    )
 
 
 # --- 2. real photos -----------------------------------------------------------------------------
+
 
 def plain_split(root: Path, seed: int = 42) -> Path:
     """data/rooms from the Houses zip, houses shuffled into an 80/20 split without linking the
@@ -156,16 +194,36 @@ def real(root: Path) -> list[dict]:
     cold, cold_s = audited(task)
     _, warm_s = audited(task)
     n = len(cold.photos)
-    print(f"audit {n} Houses photos: {cold_s:.1f} s cold ({n / cold_s:.0f} photos/s), {warm_s:.1f} s cached")
-    return [stamp({"bench": "audit_real", "photos": n, "engine": "cold", "seconds": round(cold_s, 2),
-                   "photos_per_s": round(n / cold_s, 1)}),
-            stamp({"bench": "audit_real", "photos": n, "engine": "cached", "seconds": round(warm_s, 2),
-                   "photos_per_s": round(n / warm_s, 1)})]
+    print(
+        f"audit {n} Houses photos: {cold_s:.1f} s cold ({n / cold_s:.0f} photos/s), {warm_s:.1f} s cached"
+    )
+    return [
+        stamp(
+            {
+                "bench": "audit_real",
+                "photos": n,
+                "engine": "cold",
+                "seconds": round(cold_s, 2),
+                "photos_per_s": round(n / cold_s, 1),
+            }
+        ),
+        stamp(
+            {
+                "bench": "audit_real",
+                "photos": n,
+                "engine": "cached",
+                "seconds": round(warm_s, 2),
+                "photos_per_s": round(n / warm_s, 1),
+            }
+        ),
+    ]
 
 
 def flagged(result: audit.Audit) -> pd.DataFrame:
     table = result.pair_table()
-    return table.assign(a=[Path(f).name for f in table.file_a], b=[Path(f).name for f in table.file_b])
+    return table.assign(
+        a=[Path(f).name for f in table.file_a], b=[Path(f).name for f in table.file_b]
+    )
 
 
 def houses(root: Path) -> list[dict]:
@@ -181,13 +239,26 @@ def houses(root: Path) -> list[dict]:
         held = table[table.confirmed]
         wrong = [p for p in zip(held.a, held.b) if frozenset(p) not in truth_held]
         c = result.counts()
-        print(f"{name}: {c['candidate_pairs']} candidate pairs, {c['confirmed_pairs']} confirmed "
-              f"({len(wrong)} not pairs of the unpadded photos); {c['leak_groups']} leaks, "
-              f"{c['conflict_groups']} conflicts, {c['duplicate_groups']} duplicate groups")
+        print(
+            f"{name}: {c['candidate_pairs']} candidate pairs, {c['confirmed_pairs']} confirmed "
+            f"({len(wrong)} not pairs of the unpadded photos); {c['leak_groups']} leaks, "
+            f"{c['conflict_groups']} conflicts, {c['duplicate_groups']} duplicate groups"
+        )
         pairs.append(table.assign(task=name))
-        rows.append(stamp({"bench": "audit_houses", "photos": c["photos"], "engine": name,
-                           "pairs": c["confirmed_pairs"], "candidates": c["candidate_pairs"], "not_real": len(wrong),
-                           "leaks": c["leak_groups"], "conflicts": c["conflict_groups"]}))
+        rows.append(
+            stamp(
+                {
+                    "bench": "audit_houses",
+                    "photos": c["photos"],
+                    "engine": name,
+                    "pairs": c["confirmed_pairs"],
+                    "candidates": c["candidate_pairs"],
+                    "not_real": len(wrong),
+                    "leaks": c["leak_groups"],
+                    "conflicts": c["conflict_groups"],
+                }
+            )
+        )
     pd.concat(pairs).drop(columns=["a", "b"]).to_csv(PAIRS, index=False)
     rows.append(copies_found(task))
     return rows
@@ -201,8 +272,18 @@ def copies_found(task: Path, n: int = 300) -> dict:
     kinds = {
         "q50": lambda im: encoded(im, "JPEG", quality=50),
         "half": lambda im: encoded(im.resize((im.width // 2, im.height // 2)), "JPEG", quality=90),
-        "crop90": lambda im: encoded(im.crop((im.width // 20, im.height // 20, im.width - im.width // 20,
-                                              im.height - im.height // 20)), "JPEG", quality=90),
+        "crop90": lambda im: encoded(
+            im.crop(
+                (
+                    im.width // 20,
+                    im.height // 20,
+                    im.width - im.width // 20,
+                    im.height - im.height // 20,
+                )
+            ),
+            "JPEG",
+            quality=90,
+        ),
         "png": lambda im: encoded(im, "PNG"),
         "letterbox": lambda im: boxed(encoded(im, "PNG"), (416, 416), "white"),
         "pillarbox": lambda im: boxed(encoded(im, "PNG"), (640, im.height), "black"),
@@ -222,17 +303,29 @@ def copies_found(task: Path, n: int = 300) -> dict:
         members = [m for m in range(len(photos)) if kind[m] == name]
         per_kind[name] = sum((origin[m], m) in found for m in members) / len(members)
     wrong = sum(origin[a] != origin[b] for a, b in found)
-    print("copies found with their original: " + ", ".join(f"{k} {v:.1%}" for k, v in per_kind.items())
-          + f"; {wrong} pairs between different originals (the Houses' own duplicates)")
-    return stamp({"bench": "audit_houses", "photos": len(photos), "engine": "made-up copies",
-                  **{f"recall_{k}": round(v, 4) for k, v in per_kind.items()}})
+    print(
+        "copies found with their original: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in per_kind.items())
+        + f"; {wrong} pairs between different originals (the Houses' own duplicates)"
+    )
+    return stamp(
+        {
+            "bench": "audit_houses",
+            "photos": len(photos),
+            "engine": "made-up copies",
+            **{f"recall_{k}": round(v, 4) for k, v in per_kind.items()},
+        }
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search-only", action="store_true")
-    parser.add_argument("--faiss", action="store_true",
-                        help="also time faiss's IndexBinaryMultiHash (pip install faiss-cpu)")
+    parser.add_argument(
+        "--faiss",
+        action="store_true",
+        help="also time faiss's IndexBinaryMultiHash (pip install faiss-cpu)",
+    )
     parser.add_argument("--sizes", default="10000,100000,300000,1000000")
     args = parser.parse_args()
     rows = search([int(s) for s in args.sizes.split(",")], args.faiss)

@@ -4,6 +4,7 @@ loop, SGD 0.001 / 0.9, best-accuracy weights kept). Written for `bench.py` to me
 
     python benchmarks/baseline.py data/rooms --arch resnet18 --size 128 --epochs 2 --unfreeze
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,10 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 def build(arch: str, n_classes: int, unfreeze: bool) -> nn.Module:
     """The tutorial's initialize_model, without pretrained weights (none can be downloaded here)."""
-    model = getattr(models, arch)(weights=None, **({"aux_logits": True, "init_weights": True}
-                                                   if arch == "inception_v3" else {}))
+    model = getattr(models, arch)(
+        weights=None,
+        **({"aux_logits": True, "init_weights": True} if arch == "inception_v3" else {}),
+    )
     if not unfreeze:
         for p in model.parameters():
             p.requires_grad = False
@@ -55,16 +58,34 @@ def main() -> None:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tfms = {
-        "train": transforms.Compose([transforms.RandomResizedCrop(args.size), transforms.RandomHorizontalFlip(),
-                                     transforms.ToTensor(), transforms.Normalize(MEAN, STD)]),
-        "valid": transforms.Compose([transforms.Resize(args.size), transforms.CenterCrop(args.size),
-                                     transforms.ToTensor(), transforms.Normalize(MEAN, STD)]),
+        "train": transforms.Compose(
+            [
+                transforms.RandomResizedCrop(args.size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        ),
+        "valid": transforms.Compose(
+            [
+                transforms.Resize(args.size),
+                transforms.CenterCrop(args.size),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        ),
     }
     sets = {s: datasets.ImageFolder(f"{args.task_dir}/{s}", tfms[s]) for s in ("train", "valid")}
-    loaders = {s: torch.utils.data.DataLoader(sets[s], batch_size=args.bs, shuffle=s == "train",
-                                              num_workers=args.workers) for s in sets}
+    loaders = {
+        s: torch.utils.data.DataLoader(
+            sets[s], batch_size=args.bs, shuffle=s == "train", num_workers=args.workers
+        )
+        for s in sets
+    }
     model = build(args.arch, len(sets["train"].classes), args.unfreeze).to(device)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9
+    )
     criterion = nn.CrossEntropyLoss()
     history, best, best_weights, train_seconds = [], 0.0, None, 0.0
     fit_start = time.perf_counter()
@@ -95,16 +116,28 @@ def main() -> None:
                 history.append(acc)
                 if acc > best:
                     best, best_weights = acc, copy.deepcopy(model.state_dict())
-        print(f"epoch {epoch + 1}: valid accuracy {history[-1]:.4f}, {time.perf_counter() - epoch_start:.1f}s",
-              flush=True)
+        print(
+            f"epoch {epoch + 1}: valid accuracy {history[-1]:.4f}, {time.perf_counter() - epoch_start:.1f}s",
+            flush=True,
+        )
     fit_seconds = time.perf_counter() - fit_start
     model.load_state_dict(best_weights)  # the tutorial returns the best epoch's model
     n_train = len(sets["train"])
-    print(json.dumps({"train_images_per_s": n_train * args.epochs / train_seconds,
-                      "seconds_per_epoch": train_seconds / args.epochs, "fit_seconds": fit_seconds,
-                      "final_acc": history[-1], "best_acc": best,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}))
+    print(
+        json.dumps(
+            {
+                "train_images_per_s": n_train * args.epochs / train_seconds,
+                "seconds_per_epoch": train_seconds / args.epochs,
+                "fit_seconds": fit_seconds,
+                "final_acc": history[-1],
+                "best_acc": best,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
+                if device.type == "cuda"
+                else None,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

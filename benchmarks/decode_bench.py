@@ -8,6 +8,7 @@ and `predict` all do, so they see the same pixels. This measures the decision's 
 core, per photo size and model input size: Houses originals (400 x 266) and synthetic listing-size
 JPEGs (2000 x 1500, 4000 x 3000). Rows are appended to benchmarks/results.csv (bench=decode).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -18,12 +19,11 @@ import time
 import zipfile
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import HOUSES_ZIP, synthetic_photo  # noqa: E402  (the tests' photo-like images)
-from replicate import photos  # noqa: E402
 import results  # noqa: E402  (benchmarks/results.py, beside this script)
+from conftest import HOUSES_ZIP, synthetic_photo  # noqa: E402  (the tests' photo-like images)
 
+from replicate import photos  # noqa: E402
 
 
 def rate(files: list[Path], size: int, largest: int | None, seconds: float = 3.0) -> float:
@@ -54,13 +54,28 @@ def main() -> None:
                 sets[f"{w}x{h}"].append(path)
         for name, files in sets.items():
             for size in (64, 224):
-                full, draft = rate(files, size, None), rate(files, size, photos.largest_crop(size, 1.0))
-                rows.append({"bench": "decode", "impl": "replicate", "photos": name, "size": size,
-                             "engine": "pil-draft", "photos_per_s": round(draft, 1),
-                             "full_decode_photos_per_s": round(full, 1), "speedup_vs_full_decode": round(draft / full, 2),
-                             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                             "machine": platform.node(), "processor": platform.processor()})
-                print(f"{name:>9} at {size:3d} px: full {full:7.1f}/s, draft rule {draft:7.1f}/s ({draft / full:.2f}x)")
+                full, draft = (
+                    rate(files, size, None),
+                    rate(files, size, photos.largest_crop(size, 1.0)),
+                )
+                rows.append(
+                    {
+                        "bench": "decode",
+                        "impl": "replicate",
+                        "photos": name,
+                        "size": size,
+                        "engine": "pil-draft",
+                        "photos_per_s": round(draft, 1),
+                        "full_decode_photos_per_s": round(full, 1),
+                        "speedup_vs_full_decode": round(draft / full, 2),
+                        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                        "machine": platform.node(),
+                        "processor": platform.processor(),
+                    }
+                )
+                print(
+                    f"{name:>9} at {size:3d} px: full {full:7.1f}/s, draft rule {draft:7.1f}/s ({draft / full:.2f}x)"
+                )
     results.append(rows)
 
 

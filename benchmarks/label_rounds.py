@@ -11,6 +11,7 @@ labelled. The features are computed once and carried to the next seed's pool (sa
 A row is appended to benchmarks/results.csv (bench=label_rounds: rare_labels_median and _max,
 `seconds` the median round with --apply, `wall_seconds` the first round, features included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import results  # benchmarks/results.py, beside this script
 
 from replicate import runtime
 from replicate.folders import image_files
-import results  # benchmarks/results.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLICATE = str(Path(sys.executable).with_name("replicate"))
@@ -38,8 +39,21 @@ REPLICATE = str(Path(sys.executable).with_name("replicate"))
 def label(work: Path, *args: str) -> float:
     """Seconds one `replicate label kitchen ...` took (it must succeed)."""
     start = time.perf_counter()
-    subprocess.run([REPLICATE, "label", "kitchen", *args, "--data-dir", str(work / "data"),
-                    "--exports-dir", str(work / "exports")], check=True, capture_output=True, cwd=work)
+    subprocess.run(
+        [
+            REPLICATE,
+            "label",
+            "kitchen",
+            *args,
+            "--data-dir",
+            str(work / "data"),
+            "--exports-dir",
+            str(work / "exports"),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=work,
+    )
     return time.perf_counter() - start
 
 
@@ -66,15 +80,25 @@ def one_seed(rooms: Path, work: Path, seed: int, want: int, features: Path | Non
         truth = np.where(batch.path.str.contains("_kitchen"), "yes", "no")
         guessed = int((batch.guess == truth).sum())
         decisions = work / f"decisions-{number}.csv"
-        pd.DataFrame({"path": batch.path, "action": "label", "new_label": truth}).to_csv(decisions, index=False)
+        pd.DataFrame({"path": batch.path, "action": "label", "new_label": truth}).to_csv(
+            decisions, index=False
+        )
         seconds.append(label(work, "--apply", str(decisions)))
         spent, found = spent + len(batch), found + int((truth == "yes").sum())
-        print(f"seed {seed} round {number}: {(truth == 'yes').sum()} kitchens of {len(batch)}, "
-              f"guesses right {guessed}, {seconds[-1]:.1f} s", flush=True)
+        print(
+            f"seed {seed} round {number}: {(truth == 'yes').sum()} kitchens of {len(batch)}, "
+            f"guesses right {guessed}, {seconds[-1]:.1f} s",
+            flush=True,
+        )
     if features is not None:
         shutil.copy2(out / "features.npz", features)
-    return {"pool": len(others) + len(keep), "labels": spent, "rounds": len(seconds) - 1,
-            "first_round_s": round(seconds[0], 1), "round_s": round(float(np.median(seconds[1:])), 1)}
+    return {
+        "pool": len(others) + len(keep),
+        "labels": spent,
+        "rounds": len(seconds) - 1,
+        "first_round_s": round(seconds[0], 1),
+        "round_s": round(float(np.median(seconds[1:])), 1),
+    }
 
 
 def main() -> None:
@@ -85,16 +109,29 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         features = Path(tmp) / "features.npz"
-        rows = [{"seed": s, **one_seed(args.rooms, Path(tmp) / "work", s, args.want, features)}
-                for s in range(args.seeds)]
+        rows = [
+            {"seed": s, **one_seed(args.rooms, Path(tmp) / "work", s, args.want, features)}
+            for s in range(args.seeds)
+        ]
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
-    results.append([{"bench": "label_rounds", "engine": "replicate label", "photos": int(table["pool"].iloc[0]),
-                     "seeds": args.seeds, "rare_labels_median": float(table.labels.median()),
-                     "rare_labels_max": int(table.labels.max()), "seconds": float(table.round_s.median()),
-                     "wall_seconds": float(table.first_round_s.median()),
-                     "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
-                     "device": f"cpu ({runtime.cores()} cores)"}])
+    results.append(
+        [
+            {
+                "bench": "label_rounds",
+                "engine": "replicate label",
+                "photos": int(table["pool"].iloc[0]),
+                "seeds": args.seeds,
+                "rare_labels_median": float(table.labels.median()),
+                "rare_labels_max": int(table.labels.max()),
+                "seconds": float(table.round_s.median()),
+                "wall_seconds": float(table.first_round_s.median()),
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "machine": platform.node(),
+                "device": f"cpu ({runtime.cores()} cores)",
+            }
+        ]
+    )
 
 
 if __name__ == "__main__":

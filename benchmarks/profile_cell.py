@@ -12,6 +12,7 @@ epoch it splits the wall time into:
 - validation: the whole validation pass;
 - overhead: the rest of the epoch (recorder, history, keeping the best weights).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,13 @@ class PhaseTimer(Callback):
 
     def before_epoch(self):
         self.t_epoch = self._now()
-        self.row = {"epoch": len(self.rows) + 1, "startup": 0.0, "data_wait": 0.0, "compute": 0.0, "batches": 0}
+        self.row = {
+            "epoch": len(self.rows) + 1,
+            "startup": 0.0,
+            "data_wait": 0.0,
+            "compute": 0.0,
+            "batches": 0,
+        }
 
     def before_train(self):
         self.t_mark, self.first = self._now(), True
@@ -117,32 +124,57 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--torch-profile", action="store_true", help="also PyTorch's profiler over 10 steps")
+    parser.add_argument(
+        "--torch-profile", action="store_true", help="also PyTorch's profiler over 10 steps"
+    )
     parser.add_argument("--exports-dir", type=Path, default=Path("/tmp/replicate-profile"))
     args = parser.parse_args()
-    cfg = RunConfig(args.task, args.arch, unfreeze=args.unfreeze, epochs=args.epochs, size=args.size,
-                    pretrained=False, device=args.device, precision=args.precision, workers=args.workers,
-                    audit=False, data_dir=args.data_dir, exports_dir=args.exports_dir)
+    cfg = RunConfig(
+        args.task,
+        args.arch,
+        unfreeze=args.unfreeze,
+        epochs=args.epochs,
+        size=args.size,
+        pretrained=False,
+        device=args.device,
+        precision=args.precision,
+        workers=args.workers,
+        audit=False,
+        data_dir=args.data_dir,
+        exports_dir=args.exports_dir,
+    )
     timer, profile = PhaseTimer(), TorchProfile() if args.torch_profile else None
     fit = models.fit
 
-    def fit_with_timers(learn, cfg, lr):  # train.run has no hook for extra callbacks; a benchmark adds them here
+    def fit_with_timers(
+        learn, cfg, lr
+    ):  # train.run has no hook for extra callbacks; a benchmark adds them here
         extra = [timer] + ([profile] if profile else [])
         with learn.added_cbs(extra):  # removed before the export pickles the learner
             fit(learn, cfg, lr)
 
     models.fit = fit_with_timers
     start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # fastai's progress bars: stdout holds only the summary
+    with contextlib.redirect_stdout(
+        sys.stderr
+    ):  # fastai's progress bars: stdout holds only the summary
         train.run(cfg, log=print)
     wall = time.perf_counter() - start
     table = pd.DataFrame([r for r in timer.rows if r["batches"]]).round(3)  # not get_preds' passes
-    print(f"{args.arch} {'unfrozen' if args.unfreeze else 'frozen'} {args.precision} on {runtime.describe_device(runtime.resolve_device(args.device))}, "
-          f"{args.epochs} epochs, run wall {wall:.1f}s (with start-up, data check and plots)")
+    print(
+        f"{args.arch} {'unfrozen' if args.unfreeze else 'frozen'} {args.precision} on {runtime.describe_device(runtime.resolve_device(args.device))}, "
+        f"{args.epochs} epochs, run wall {wall:.1f}s (with start-up, data check and plots)"
+    )
     print(table.to_string(index=False))
     later = table.iloc[1:] if len(table) > 1 else table  # the first epoch also warms up kernels
-    shares = later[["startup", "data_wait", "compute", "validation", "overhead"]].sum() / later.epoch_s.sum()
-    print("share of epoch time (epochs after the first): " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+    shares = (
+        later[["startup", "data_wait", "compute", "validation", "overhead"]].sum()
+        / later.epoch_s.sum()
+    )
+    print(
+        "share of epoch time (epochs after the first): "
+        + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+    )
     if torch.cuda.is_available():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     if profile and profile.prof is not None:

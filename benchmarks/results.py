@@ -1,4 +1,5 @@
 """benchmarks/results.csv, the one table every benchmark appends its measured rows to."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,6 +8,7 @@ The 61 MB zip in ../shared does not travel to the GPU machine. This imports the 
 temporary folder, then re-encodes every photo with its long side at `--side` px (JPEG quality
 90) into `--out`, which .gitignore keeps out of git and `benchmarks/gpu.sh`'s call carries.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,15 @@ def shrink(src: Path, dst: Path, side: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=HOUSES_ZIP, help="the Houses zip")
-    parser.add_argument("--out", type=Path, default=Path(".gpu/data"), help="data folder to write rooms/ into")
-    parser.add_argument("--side", type=int, default=256, help="long side of the re-encoded photos, px")
-    parser.add_argument("--houses", type=int, default=0, help="keep only this many houses per split share (0: all)")
+    parser.add_argument(
+        "--out", type=Path, default=Path(".gpu/data"), help="data folder to write rooms/ into"
+    )
+    parser.add_argument(
+        "--side", type=int, default=256, help="long side of the re-encoded photos, px"
+    )
+    parser.add_argument(
+        "--houses", type=int, default=0, help="keep only this many houses per split share (0: all)"
+    )
     args = parser.parse_args()
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +58,9 @@ def main() -> None:
             houses = sorted({int(p.name.split("_")[0]) for p in photos})
             valid = {int(p.name.split("_")[0]) for p in photos if p.parts[-3] == "valid"}
             n_valid = max(1, round(args.houses * len(valid) / len(houses)))
-            keep = set(sorted(valid)[:n_valid]) | set(sorted(set(houses) - valid)[:args.houses - n_valid])
+            keep = set(sorted(valid)[:n_valid]) | set(
+                sorted(set(houses) - valid)[: args.houses - n_valid]
+            )
             photos = [p for p in photos if int(p.name.split("_")[0]) in keep]
         target = args.out / "rooms"
         if target.exists():
@@ -59,7 +68,9 @@ def main() -> None:
         for p in photos:
             shrink(p, target / p.relative_to(rooms), args.side)
     size = sum(p.stat().st_size for p in target.rglob("*.jpg"))
-    print(f"{target}: {len(photos)} photos, {size / 1e6:.1f} MB, long side {args.side} px, {time.time() - start:.0f}s")
+    print(
+        f"{target}: {len(photos)} photos, {size / 1e6:.1f} MB, long side {args.side} px, {time.time() - start:.0f}s"
+    )
     print(data.image_counts(target).to_string())
 
 

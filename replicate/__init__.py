@@ -7,4 +7,5 @@ estate images with transfer learning". One module per stage of the data's journe
 `data` (folders -> DataLoaders), `models` (arch name -> Learner), `train` (one
 experiment -> a run folder), `report` (run folder -> plots); `cli` only parses.
 """
+
 __version__ = "0.1.0"

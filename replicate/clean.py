@@ -14,6 +14,7 @@ The whole batch is checked before the first file moves, so a bad row changes not
 to leave out (`skip`, nothing done) in the same format, under `TASK/_labelling/`; `undo` takes
 either log.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .folders import SPLITS, class_dirs, sha256_file
 from .errors import ReplicateError
+from .folders import SPLITS, class_dirs, sha256_file
 
 ACTIONS = ("keep", "relabel", "remove", "move")
 LOG_COLUMNS = ["action", "source", "destination", "new_label", "sha256"]
@@ -46,7 +47,9 @@ def read_decisions(path: Path) -> pd.DataFrame:
         raise ReplicateError(f"cannot read decisions file {path}: {e}") from None
     missing = {"path", "action"} - set(decisions.columns)
     if missing:
-        raise ReplicateError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: expected path,action,new_label")
+        raise ReplicateError(
+            f"{path} lacks the column(s) {', '.join(sorted(missing))}: expected path,action,new_label"
+        )
     if "new_label" not in decisions:
         decisions["new_label"] = ""
     return decisions
@@ -83,7 +86,9 @@ def plan(task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
             continue
         if action == "relabel":
             if new_label not in classes:
-                problems.append(f"{where}: unknown class {new_label!r} (classes: {', '.join(sorted(classes))})")
+                problems.append(
+                    f"{where}: unknown class {new_label!r} (classes: {', '.join(sorted(classes))})"
+                )
                 continue
             if new_label == label:
                 problems.append(f"{where}: already labelled {label!r}")
@@ -97,9 +102,13 @@ def plan(task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
     targets = [m.destination for m in moves]
     for m in moves:
         if m.destination.exists() or targets.count(m.destination) > 1:
-            problems.append(f"{m.source}: {m.destination} exists already or is the target of another row (name clash)")
+            problems.append(
+                f"{m.source}: {m.destination} exists already or is the target of another row (name clash)"
+            )
     if problems:
-        raise ReplicateError(f"nothing was moved; {len(problems)} problem(s): " + "; ".join(problems))
+        raise ReplicateError(
+            f"nothing was moved; {len(problems)} problem(s): " + "; ".join(problems)
+        )
     return moves
 
 
@@ -119,8 +128,15 @@ def apply(task_dir: Path, moves: list[Move], log_dir: Path | None = None) -> Pat
             if m.destination is not None:
                 m.destination.parent.mkdir(parents=True, exist_ok=True)
                 (shutil.copy2 if m.action == "copy" else shutil.move)(m.source, m.destination)
-            rows.append([m.action, str(m.source), "" if m.destination is None else str(m.destination), m.new_label,
-                         digest])
+            rows.append(
+                [
+                    m.action,
+                    str(m.source),
+                    "" if m.destination is None else str(m.destination),
+                    m.new_label,
+                    digest,
+                ]
+            )
     finally:  # written even when a move fails half-way, so --undo can put back what did move
         pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(log, index=False)
     return log
@@ -144,15 +160,21 @@ def undo(log: Path) -> int:
         if not destination.is_file():
             problems.append(f"{destination} is gone")
         elif sha256_file(destination) != row.sha256:
-            problems.append(f"{destination} changed since it was {'copied' if row.action == 'copy' else 'moved'}")
+            problems.append(
+                f"{destination} changed since it was {'copied' if row.action == 'copy' else 'moved'}"
+            )
         elif row.action == "copy":
             original[destination] = source.is_file()
             if original[destination] and sha256_file(source) != row.sha256:
-                problems.append(f"{source} changed since it was copied: its copy {destination} is its only old version")
+                problems.append(
+                    f"{source} changed since it was copied: its copy {destination} is its only old version"
+                )
         elif source.exists():
             problems.append(f"{source} exists again")
     if problems:
-        raise ReplicateError(f"nothing was put back; {len(problems)} problem(s): " + "; ".join(problems))
+        raise ReplicateError(
+            f"nothing was put back; {len(problems)} problem(s): " + "; ".join(problems)
+        )
     for row in reversed(list(rows.itertuples(index=False))):
         source, destination = Path(row.source), Path(row.destination)
         if original.get(destination):
@@ -160,13 +182,23 @@ def undo(log: Path) -> int:
         else:
             source.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(destination, source)
-    log.rename(log.with_name(log.stem + ".undone.csv"))  # a second --undo of the same log is refused
+    log.rename(
+        log.with_name(log.stem + ".undone.csv")
+    )  # a second --undo of the same log is refused
     return len(rows)
 
 
 def describe(moves: list[Move], task_dir: Path) -> pd.DataFrame:
     """The moves as a table of paths relative to the task folder."""
     root = task_dir.resolve()
-    return pd.DataFrame([{"action": m.action, "from": m.source.relative_to(root).as_posix(),
-                          "to": m.destination.relative_to(root).as_posix()} for m in moves],
-                        columns=["action", "from", "to"])
+    return pd.DataFrame(
+        [
+            {
+                "action": m.action,
+                "from": m.source.relative_to(root).as_posix(),
+                "to": m.destination.relative_to(root).as_posix(),
+            }
+            for m in moves
+        ],
+        columns=["action", "from", "to"],
+    )

@@ -1,7 +1,8 @@
 """The `replicate` command line: parses options and calls the stage modules.
 
-    replicate --help
+replicate --help
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,7 @@ import time
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import pandas as pd
 import typer
@@ -30,11 +31,18 @@ from .config import STUDY_ARCHS, RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
 from .folders import task_files  # noqa: E402
 
-app = typer.Typer(help="Train and compare image classifiers for real-estate listing photos "
-                       "(a fastai replication of Råhlén & Sjöqvist 2019).",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Bring public listing-photo data sets into the task folder layout.", no_args_is_help=True)
+app = typer.Typer(
+    help="Train and compare image classifiers for real-estate listing photos "
+    "(a fastai replication of Råhlén & Sjöqvist 2019).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(
+    help="Bring public listing-photo data sets into the task folder layout.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
+
 
 class Recipe(str, Enum):
     paper = "paper"
@@ -54,33 +62,66 @@ class Device(str, Enum):
 
 
 DataDir = Annotated[Path, typer.Option(help="Folder holding one folder per task.")]
-CacheFeatures = Annotated[int, typer.Option(
-    help="Frozen runs (a compare's frozen cells): compute the body's outputs once for this many augmented "
-         "views of each photo and train the new layer on them (much faster; 0: run the body every epoch).")]
-PrecisionOption = Annotated[Precision, typer.Option(
-    help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name).")]
-ExportsDir = Annotated[Path, typer.Option(help="Where run folders are written (exports/TASK/ARCH-MODE/).")]
-FreezeBn = Annotated[bool, typer.Option(
-    help="Frozen runs (a compare's frozen cells): keep the frozen body in eval mode, as at inference: BatchNorm "
-         "uses and keeps its pretrained statistics, dropout is off (a linear probe; fastai's BnFreeze). "
-         "Default: the study's way, the body in train mode, where BatchNorm normalises by batch statistics "
-         "and its running statistics drift.")]
-AuditOption = Annotated[bool, typer.Option(
-    help="First check the split for near-duplicate photos in train and valid and photos under two labels "
-         "(cached; recorded in metrics.json). --no-audit skips it.")]
-PositiveOption = Annotated[Optional[str], typer.Option(
-    help="Two-class tasks: the class the search filter looks for (default: yes, else the rarer class on valid).")]
-TargetPrecisionOption = Annotated[float, typer.Option(
-    min=0.01, max=1.0, help="Two-class tasks: the precision on valid the filter's threshold must reach; "
-                             "filter.json and pr_curve.png record it with the recall it keeps, and predict applies it.")]
-OnnxOption = Annotated[bool, typer.Option(
-    envvar="REPLICATE_ONNX",
-    help="Write model.onnx (what `predict` runs, no pickle) beside export.pkl. --no-onnx (or REPLICATE_ONNX=0) "
-         "saves the export's seconds to minutes per run; `replicate export RUN_DIR` writes it later.")]
+CacheFeatures = Annotated[
+    int,
+    typer.Option(
+        help="Frozen runs (a compare's frozen cells): compute the body's outputs once for this many augmented "
+        "views of each photo and train the new layer on them (much faster; 0: run the body every epoch)."
+    ),
+]
+PrecisionOption = Annotated[
+    Precision,
+    typer.Option(
+        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name)."
+    ),
+]
+ExportsDir = Annotated[
+    Path, typer.Option(help="Where run folders are written (exports/TASK/ARCH-MODE/).")
+]
+FreezeBn = Annotated[
+    bool,
+    typer.Option(
+        help="Frozen runs (a compare's frozen cells): keep the frozen body in eval mode, as at inference: BatchNorm "
+        "uses and keeps its pretrained statistics, dropout is off (a linear probe; fastai's BnFreeze). "
+        "Default: the study's way, the body in train mode, where BatchNorm normalises by batch statistics "
+        "and its running statistics drift."
+    ),
+]
+AuditOption = Annotated[
+    bool,
+    typer.Option(
+        help="First check the split for near-duplicate photos in train and valid and photos under two labels "
+        "(cached; recorded in metrics.json). --no-audit skips it."
+    ),
+]
+PositiveOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Two-class tasks: the class the search filter looks for (default: yes, else the rarer class on valid)."
+    ),
+]
+TargetPrecisionOption = Annotated[
+    float,
+    typer.Option(
+        min=0.01,
+        max=1.0,
+        help="Two-class tasks: the precision on valid the filter's threshold must reach; "
+        "filter.json and pr_curve.png record it with the recall it keeps, and predict applies it.",
+    ),
+]
+OnnxOption = Annotated[
+    bool,
+    typer.Option(
+        envvar="REPLICATE_ONNX",
+        help="Write model.onnx (what `predict` runs, no pickle) beside export.pkl. --no-onnx (or REPLICATE_ONNX=0) "
+        "saves the export's seconds to minutes per run; `replicate export RUN_DIR` writes it later.",
+    ),
+]
 
 
 def user_errors(command):
     """Turn ReplicateError into 'error: ...' on stderr and exit code 2, never a traceback."""
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
@@ -89,19 +130,28 @@ def user_errors(command):
         except ReplicateError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+
     return wrapper
 
 
 @data_app.command("houses")
 @user_errors
 def data_houses(
-    source: Annotated[Optional[str], typer.Option(
-        help="The Houses Dataset archive: a URL, a local zip or its extracted folder. "
-             "Default: download the GitHub archive.")] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="The Houses Dataset archive: a URL, a local zip or its extracted folder. "
+            "Default: download the GitHub archive."
+        ),
+    ] = None,
     data_dir: DataDir = Path("data"),
-    valid_pct: Annotated[float, typer.Option(help="Share of houses in the validation split.")] = 0.2,
+    valid_pct: Annotated[
+        float, typer.Option(help="Share of houses in the validation split.")
+    ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the house split.")] = 42,
-    force: Annotated[bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")
+    ] = False,
 ):
     """Write the rooms and exterior tasks from the Houses Dataset, split 80/20 by house.
 
@@ -110,22 +160,35 @@ def data_houses(
     Example: replicate data houses --source ../shared/datasets/houses-dataset-400.zip
     """
     from . import data
+
     for task, folder in data.import_houses(source, data_dir, valid_pct, seed, force).items():
-        counts = data.image_counts(folder)  # just written from a checked archive: no need to decode again
+        counts = data.image_counts(
+            folder
+        )  # just written from a checked archive: no need to decode again
         typer.echo(f"{task}: {folder}\n{counts.to_string()}\n")
 
 
 @app.command()
 @user_errors
 def prepare(
-    source_dir: Annotated[Path, typer.Argument(help="Your photos, one folder per class: SOURCE_DIR/<class>/*.jpg")],
-    task: Annotated[str, typer.Argument(help="Name of the task folder to create under --data-dir.")],
+    source_dir: Annotated[
+        Path, typer.Argument(help="Your photos, one folder per class: SOURCE_DIR/<class>/*.jpg")
+    ],
+    task: Annotated[
+        str, typer.Argument(help="Name of the task folder to create under --data-dir.")
+    ],
     data_dir: DataDir = Path("data"),
     valid_pct: Annotated[float, typer.Option(help="Share of each class for validation.")] = 0.2,
-    width: Annotated[int, typer.Option(help="Resize every kept image to this width in px (0: keep sizes).")] = 500,
-    min_size: Annotated[int, typer.Option(help="Reject images whose short side is below this (px).")] = 0,
+    width: Annotated[
+        int, typer.Option(help="Resize every kept image to this width in px (0: keep sizes).")
+    ] = 500,
+    min_size: Annotated[
+        int, typer.Option(help="Reject images whose short side is below this (px).")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 42,
-    force: Annotated[bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")
+    ] = False,
 ):
     """Clean your own photos into a task folder, as the study did.
 
@@ -135,7 +198,10 @@ def prepare(
     Example: replicate prepare ~/scraped balcony --min-size 200
     """
     from . import data
-    folder, summary = data.prepare_task(source_dir, task, data_dir, valid_pct, width, min_size, seed, force)
+
+    folder, summary = data.prepare_task(
+        source_dir, task, data_dir, valid_pct, width, min_size, seed, force
+    )
     typer.echo(summary.to_string())
     typer.echo(f"\n{task}: {folder}  (rejected files and reasons: {folder / 'prepare_report.csv'})")
 
@@ -144,9 +210,12 @@ def prepare(
 @user_errors
 def audit(
     task: Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")],
-    threshold: Annotated[int, typer.Option(
-        help="Near-duplicates differ in at most this many of the 64 bits of their perceptual hashes.")]
-    = auditing.THRESHOLD,
+    threshold: Annotated[
+        int,
+        typer.Option(
+            help="Near-duplicates differ in at most this many of the 64 bits of their perceptual hashes."
+        ),
+    ] = auditing.THRESHOLD,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
@@ -158,45 +227,76 @@ def audit(
     """
     auditing.check_threshold(threshold)
     files, classes = task_files(data_dir / task)  # unreadable photos become findings, not errors
-    result = auditing.audit_task(data_dir / task, [f for fs in files.values() for f in fs], threshold)
+    result = auditing.audit_task(
+        data_dir / task, [f for fs in files.values() for f in fs], threshold
+    )
     suggestions = auditing.suggested_decisions(result, data_dir / task)
     text = auditing.summary(result)
-    written = report.write_audit(result, suggestions, classes, data_dir / task, text, exports_dir / task / "audit")
+    written = report.write_audit(
+        result, suggestions, classes, data_dir / task, text, exports_dir / task / "audit"
+    )
     typer.echo(text)
     lines = auditing.top_groups(result, shutil.get_terminal_size((100, 24)).columns)
     if lines:
         typer.echo("\n" + "\n".join(lines))
     removes = int((suggestions.action == "remove").sum())
-    typer.echo(f"\nwritten: {written['audit.html']} (open it to decide), {written['audit.csv']}, "
-               f"{written['pairs.csv']}, {written['decisions.csv']}\nsuggested: remove {removes} copies; "
-               f"see them with: replicate clean {task} --decisions {written['decisions.csv']} "
-               "(then --apply; --undo puts them back)")
+    typer.echo(
+        f"\nwritten: {written['audit.html']} (open it to decide), {written['audit.csv']}, "
+        f"{written['pairs.csv']}, {written['decisions.csv']}\nsuggested: remove {removes} copies; "
+        f"see them with: replicate clean {task} --decisions {written['decisions.csv']} "
+        "(then --apply; --undo puts them back)"
+    )
 
 
 @app.command()
 @user_errors
 def run(
     task: Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")],
-    arch: Annotated[str, typer.Option(
-        help=f"Backbone: one of the study's five ({', '.join(STUDY_ARCHS)}) or any timm model name "
-             f"(convnext_tiny, efficientnet_b0, resnet50.a1_in1k, ...; see `replicate archs`).")],
-    unfreeze: Annotated[bool, typer.Option(
-        help="Finetune every layer (default: feature extraction, only the new classifier trains).")] = False,
-    recipe: Annotated[Recipe, typer.Option(
-        help="paper: the 2019 protocol. fastai: fastai's default head, Adam, one-cycle, aug_transforms.")] = Recipe.paper,
+    arch: Annotated[
+        str,
+        typer.Option(
+            help=f"Backbone: one of the study's five ({', '.join(STUDY_ARCHS)}) or any timm model name "
+            f"(convnext_tiny, efficientnet_b0, resnet50.a1_in1k, ...; see `replicate archs`)."
+        ),
+    ],
+    unfreeze: Annotated[
+        bool,
+        typer.Option(
+            help="Finetune every layer (default: feature extraction, only the new classifier trains)."
+        ),
+    ] = False,
+    recipe: Annotated[
+        Recipe,
+        typer.Option(
+            help="paper: the 2019 protocol. fastai: fastai's default head, Adam, one-cycle, aug_transforms."
+        ),
+    ] = Recipe.paper,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     bs: Annotated[int, typer.Option(min=1, help="Batch size.")] = 32,
-    lr: Annotated[Optional[float], typer.Option(
-        help="Learning rate (default: 0.001 constant for paper; for fastai lr_find's suggestion, "
-             "or 3e-3 from random init).")] = None,
-    size: Annotated[Optional[int], typer.Option(
-        help="Input size in px (default: the arch's own: 224, 299 for inception_v3, a timm model's pretrained size).")]
-    = None,
-    pretrained: Annotated[bool, typer.Option(
-        help="Start from pretrained weights (cached, else downloaded and verified; see `replicate weights`).")] = True,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate (default: 0.001 constant for paper; for fastai lr_find's suggestion, "
+            "or 3e-3 from random init)."
+        ),
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            help="Input size in px (default: the arch's own: 224, 299 for inception_v3, a timm model's pretrained size)."
+        ),
+    ] = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            help="Start from pretrained weights (cached, else downloaded and verified; see `replicate weights`)."
+        ),
+    ] = True,
     seed: int = 42,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPU cores, max 8).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="DataLoader worker processes (default: CPU cores, max 8).")
+    ] = None,
     cache_features: CacheFeatures = 0,
     freeze_bn: FreezeBn = False,
     precision: PrecisionOption = Precision.fp32,
@@ -213,14 +313,34 @@ def run(
     Example: replicate run rooms --arch densenet121 --unfreeze
     """
     from . import train
-    cfg = RunConfig(task=task, arch=arch, unfreeze=unfreeze, recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
-                    pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                    cache_features=cache_features, freeze_bn=freeze_bn, precision=precision.value, audit=audit,
-                    onnx=onnx, positive=positive, target_precision=target_precision, data_dir=data_dir,
-                    exports_dir=exports_dir)
+
+    cfg = RunConfig(
+        task=task,
+        arch=arch,
+        unfreeze=unfreeze,
+        recipe=recipe.value,
+        epochs=epochs,
+        bs=bs,
+        lr=lr,
+        size=size,
+        pretrained=pretrained,
+        seed=seed,
+        device=device.value,
+        workers=workers,
+        cache_features=cache_features,
+        freeze_bn=freeze_bn,
+        precision=precision.value,
+        audit=audit,
+        onnx=onnx,
+        positive=positive,
+        target_precision=target_precision,
+        data_dir=data_dir,
+        exports_dir=exports_dir,
+    )
     run_dir = train.run(cfg, log=echo)
     if quantize and runtime.is_main_process():
         from . import export
+
         export.quantize_run(run_dir, log=echo)
     _summary(run_dir)
 
@@ -238,6 +358,7 @@ def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("expor
     Example: replicate data houses && replicate demo
     """
     from . import train
+
     cfg, why = train.demo_config(data_dir, exports_dir)
     echo(why)
     _summary(train.run(cfg, log=echo))
@@ -246,30 +367,44 @@ def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("expor
 @app.command()
 @user_errors
 def compare(
-    task: Annotated[str, typer.Argument(help="Task folder under --data-dir, or 'all' for every task there.")],
-    archs: Annotated[str, typer.Option(
-        help="Comma-separated backbones: the study's five and/or timm model names.")] = ",".join(STUDY_ARCHS),
-    modes: Annotated[str, typer.Option(help="frozen (feature extraction), unfrozen (finetuning), or both.")]
-    = "frozen,unfrozen",
-    recipe: Annotated[Recipe, typer.Option(help="paper (the 2019 protocol) or fastai (today's defaults).")]
-    = Recipe.paper,
+    task: Annotated[
+        str, typer.Argument(help="Task folder under --data-dir, or 'all' for every task there.")
+    ],
+    archs: Annotated[
+        str,
+        typer.Option(help="Comma-separated backbones: the study's five and/or timm model names."),
+    ] = ",".join(STUDY_ARCHS),
+    modes: Annotated[
+        str, typer.Option(help="frozen (feature extraction), unfrozen (finetuning), or both.")
+    ] = "frozen,unfrozen",
+    recipe: Annotated[
+        Recipe, typer.Option(help="paper (the 2019 protocol) or fastai (today's defaults).")
+    ] = Recipe.paper,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
-    size: Annotated[Optional[int], typer.Option(
-        help="Input size in px (default: each arch's own); raised to an arch's minimum where below it.")] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            help="Input size in px (default: each arch's own); raised to an arch's minimum where below it."
+        ),
+    ] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights.")] = True,
-    seeds: Annotated[int, typer.Option(min=1, help="Repeat each cell with this many seeds (seed, seed+1, ...).")] = 1,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Repeat each cell with this many seeds (seed, seed+1, ...).")
+    ] = 1,
     seed: int = 42,
     bs: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[Optional[float], typer.Option(help="As for `run`.")] = None,
+    lr: Annotated[float | None, typer.Option(help="As for `run`.")] = None,
     device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
     cache_features: CacheFeatures = 0,
     freeze_bn: FreezeBn = False,
     precision: PrecisionOption = Precision.fp32,
     audit: AuditOption = True,
     onnx: OnnxOption = True,
     quantize: QuantizeOption = None,
-    force: Annotated[bool, typer.Option(help="Retrain cells that already have a finished run.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Retrain cells that already have a finished run.")
+    ] = False,
     positive: PositiveOption = None,
     target_precision: TargetPrecisionOption = 0.95,
     data_dir: DataDir = Path("data"),
@@ -283,15 +418,37 @@ def compare(
     Example: replicate compare rooms --no-pretrained --epochs 2 --size 64
     """
     from . import compare as grid
+
     failed = 0
     for name in grid.tasks(data_dir, task):
-        base = RunConfig(task=name, arch="resnet18", recipe=recipe.value, epochs=epochs, bs=bs, lr=lr, size=size,
-                         pretrained=pretrained, seed=seed, device=device.value, workers=workers,
-                         cache_features=cache_features, freeze_bn=freeze_bn, precision=precision.value,
-                         audit=audit, onnx=onnx, positive=positive, target_precision=target_precision,
-                         data_dir=data_dir, exports_dir=exports_dir)
-        cfgs = grid.grid(base, [a.strip() for a in archs.split(",") if a.strip()],
-                         [m.strip() for m in modes.split(",") if m.strip()], seeds)
+        base = RunConfig(
+            task=name,
+            arch="resnet18",
+            recipe=recipe.value,
+            epochs=epochs,
+            bs=bs,
+            lr=lr,
+            size=size,
+            pretrained=pretrained,
+            seed=seed,
+            device=device.value,
+            workers=workers,
+            cache_features=cache_features,
+            freeze_bn=freeze_bn,
+            precision=precision.value,
+            audit=audit,
+            onnx=onnx,
+            positive=positive,
+            target_precision=target_precision,
+            data_dir=data_dir,
+            exports_dir=exports_dir,
+        )
+        cfgs = grid.grid(
+            base,
+            [a.strip() for a in archs.split(",") if a.strip()],
+            [m.strip() for m in modes.split(",") if m.strip()],
+            seeds,
+        )
         cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs, log=echo))
         failed += sum(c.status == "failed" for c in cells)
         if runtime.is_main_process():  # under accelerate launch, one process writes the report
@@ -306,8 +463,12 @@ def compare(
 @app.command("report")
 @user_errors
 def report_(
-    task: Annotated[str, typer.Argument(help="Task name under --exports-dir, 'all', or one run folder.")],
-    recipe: Annotated[Recipe, typer.Option(help="Which recipe's runs the figures show.")] = Recipe.paper,
+    task: Annotated[
+        str, typer.Argument(help="Task name under --exports-dir, 'all', or one run folder.")
+    ],
+    recipe: Annotated[
+        Recipe, typer.Option(help="Which recipe's runs the figures show.")
+    ] = Recipe.paper,
     exports_dir: ExportsDir = Path("exports"),
 ):
     """Rebuild the compare table, figures and report.html from the run folders, without training.
@@ -323,7 +484,11 @@ def report_(
     if task != "all":
         _print_report(exports_dir, task, recipe.value)
         return
-    names = [d.name for d in sorted(exports_dir.iterdir()) if d.is_dir()] if exports_dir.is_dir() else []
+    names = (
+        [d.name for d in sorted(exports_dir.iterdir()) if d.is_dir()]
+        if exports_dir.is_dir()
+        else []
+    )
     with_runs = [n for n in names if not report.load_runs(exports_dir / n).empty]
     if not with_runs:
         raise ReplicateError(f"no finished runs under {exports_dir}")
@@ -333,10 +498,14 @@ def report_(
 
 def _print_report(exports_dir: Path, task: str, recipe: str, cells=None) -> None:
     out, table = report.build_compare_report(exports_dir, task, recipe)
-    typer.echo(f"\n{task}:\n{table.drop(columns=['recipe'] if table.recipe.nunique() == 1 else []).to_string(index=False, na_rep='-')}")
+    typer.echo(
+        f"\n{task}:\n{table.drop(columns=['recipe'] if table.recipe.nunique() == 1 else []).to_string(index=False, na_rep='-')}"
+    )
     if cells:
         counts = {s: sum(c.status == s for c in cells) for s in ("trained", "reused", "failed")}
-        typer.echo(f"cells: {counts['trained']} trained, {counts['reused']} reused, {counts['failed']} failed")
+        typer.echo(
+            f"cells: {counts['trained']} trained, {counts['reused']} reused, {counts['failed']} failed"
+        )
         for c in cells:
             if c.status == "failed":
                 typer.echo(f"  failed: {c.cfg.run_name}: {c.error}")
@@ -361,14 +530,19 @@ RunDir = Annotated[Path, typer.Argument(help="A run folder, e.g. exports/rooms/r
 @user_errors
 def interpret(
     run_dir: RunDir,
-    split: Annotated[Split, typer.Option(help="Which images to score (without augmentation).")] = Split.both,
-    k: Annotated[int, typer.Option("-k", "--top", min=1, help="How many top-loss images to show.")] = 50,
+    split: Annotated[
+        Split, typer.Option(help="Which images to score (without augmentation).")
+    ] = Split.both,
+    k: Annotated[
+        int, typer.Option("-k", "--top", min=1, help="How many top-loss images to show.")
+    ] = 50,
 ):
     """Confusion matrices, most-confused pairs and top losses of a trained model, on valid and train images.
 
     Example: replicate interpret exports/rooms/resnet18-unfrozen --split both -k 50
     """
     from . import predict as predicting
+
     splits = ["valid", "train"] if split == Split.both else [split.value]
     preds = predicting.interpret(run_dir, splits)
     classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
@@ -376,7 +550,9 @@ def interpret(
         written = report.render_interpretation(frame, classes, run_dir, name, k)
         pairs = report.most_confused(frame).head(10)
         acc = (frame.actual == frame.predicted).mean()
-        typer.echo(f"\n{name}: {len(frame)} images, accuracy {acc:.1%}; most confused (actual -> predicted):")
+        typer.echo(
+            f"\n{name}: {len(frame)} images, accuracy {acc:.1%}; most confused (actual -> predicted):"
+        )
         typer.echo(pairs.to_string(index=False) if len(pairs) else "  none")
         typer.echo("written: " + ", ".join(p.name for p in written))
 
@@ -385,7 +561,9 @@ def interpret(
 @user_errors
 def review(
     run_dir: RunDir,
-    k: Annotated[int, typer.Option("-k", "--top", min=1, help="Top-loss images per split on the page.")] = 50,
+    k: Annotated[
+        int, typer.Option("-k", "--top", min=1, help="Top-loss images per split on the page.")
+    ] = 50,
     split: Annotated[Split, typer.Option(help="Which split's images to review.")] = Split.both,
 ):
     """Write review.html: the top-loss images to mark keep / relabel / remove in a browser, no server needed.
@@ -394,6 +572,7 @@ def review(
     Example: replicate review exports/rooms/resnet18-unfrozen
     """
     from . import predict as predicting
+
     splits = ["valid", "train"] if split == Split.both else [split.value]
     files = {s: run_dir / f"predictions_{s}.csv" for s in splits}
     if all(f.is_file() for f in files.values()):
@@ -402,19 +581,25 @@ def review(
         preds = predicting.interpret(run_dir, splits)
     classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
     page = report.write_review(preds, classes, k, run_dir / "review.html")
-    typer.echo(f"open {page} in a browser; then: replicate clean {json.loads((run_dir / 'config.json').read_text())['task']}"
-               f" --decisions ~/Downloads/decisions.csv")
+    typer.echo(
+        f"open {page} in a browser; then: replicate clean {json.loads((run_dir / 'config.json').read_text())['task']}"
+        f" --decisions ~/Downloads/decisions.csv"
+    )
 
 
 @app.command()
 @user_errors
 def clean(
     task: Annotated[str, typer.Argument(help="Task folder under --data-dir.")],
-    decisions: Annotated[Optional[Path], typer.Option(help="CSV with path,action,new_label (from the review page).")]
-    = None,
-    apply: Annotated[bool, typer.Option("--apply", help="Move the files (default: only show what would happen).")]
-    = False,
-    undo: Annotated[Optional[Path], typer.Option(help="A log from TASK/_cleaning/: put its files back.")] = None,
+    decisions: Annotated[
+        Path | None, typer.Option(help="CSV with path,action,new_label (from the review page).")
+    ] = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Move the files (default: only show what would happen).")
+    ] = False,
+    undo: Annotated[
+        Path | None, typer.Option(help="A log from TASK/_cleaning/: put its files back.")
+    ] = None,
     data_dir: DataDir = Path("data"),
 ):
     """Relabel or set aside photos as decided on the review page; every move is logged and can be undone.
@@ -434,10 +619,14 @@ def clean(
     table = cleaning.describe(moves, task_dir)
     typer.echo(table.to_string(index=False) if len(table) else "nothing to move (all keep)")
     if not apply:
-        typer.echo(f"\n{len(moves)} move(s) planned; nothing changed. Add --apply to move the files.")
+        typer.echo(
+            f"\n{len(moves)} move(s) planned; nothing changed. Add --apply to move the files."
+        )
         return
     log = cleaning.apply(task_dir, moves)
-    typer.echo(f"\nmoved {len(moves)} file(s); log: {log}\nundo with: replicate clean {task} --undo {log}")
+    typer.echo(
+        f"\nmoved {len(moves)} file(s); log: {log}\nundo with: replicate clean {task} --undo {log}"
+    )
 
 
 # What `label` suggests once the labels are in: the head on frozen EfficientNet-Lite0 features, the
@@ -448,23 +637,48 @@ _TRAIN_LABELLED = "replicate run {task} --arch tf_efficientnet_lite0 --freeze-bn
 @app.command()
 @user_errors
 def label(
-    task: Annotated[str, typer.Argument(help="The task to label for (its folder under --data-dir is created).")],
-    pool: Annotated[Optional[Path], typer.Option(
-        help="Folder of unlabelled photos, any layout; read, never changed. Remembered for the next rounds.")] = None,
-    classes: Annotated[Optional[str], typer.Option(
-        help="Comma-separated class names (default: the task folder's, else yes,no), e.g. bathroom,bedroom,kitchen.")]
-    = None,
-    positive: Annotated[Optional[str], typer.Option(
-        help="The class a filter looks for: half of each batch is its likeliest photos (default: yes for yes,no).")]
-    = None,
-    like: Annotated[Optional[list[Path]], typer.Option(
-        help="An example photo of what you look for (repeat it): until two classes are labelled, half of the "
-             "batch is the photos nearest to the examples.")] = None,
-    batch: Annotated[Optional[int], typer.Option("-k", "--batch", min=1, help="Photos a round (default 20).")] = None,
-    apply: Annotated[Optional[Path], typer.Option(
-        "--apply", help="The decisions a round's page downloads (TASK-round-N.csv): copy the labelled photos "
-                        "into TASK/{train,valid}/<class>/ (logged), then write the next round.")] = None,
-    undo: Annotated[Optional[Path], typer.Option(help="A log from TASK/_labelling/: take its copies back out.")] = None,
+    task: Annotated[
+        str, typer.Argument(help="The task to label for (its folder under --data-dir is created).")
+    ],
+    pool: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of unlabelled photos, any layout; read, never changed. Remembered for the next rounds."
+        ),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated class names (default: the task folder's, else yes,no), e.g. bathroom,bedroom,kitchen."
+        ),
+    ] = None,
+    positive: Annotated[
+        str | None,
+        typer.Option(
+            help="The class a filter looks for: half of each batch is its likeliest photos (default: yes for yes,no)."
+        ),
+    ] = None,
+    like: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="An example photo of what you look for (repeat it): until two classes are labelled, half of the "
+            "batch is the photos nearest to the examples."
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option("-k", "--batch", min=1, help="Photos a round (default 20).")
+    ] = None,
+    apply: Annotated[
+        Path | None,
+        typer.Option(
+            "--apply",
+            help="The decisions a round's page downloads (TASK-round-N.csv): copy the labelled photos "
+            "into TASK/{train,valid}/<class>/ (logged), then write the next round.",
+        ),
+    ] = None,
+    undo: Annotated[
+        Path | None, typer.Option(help="A log from TASK/_labelling/: take its copies back out.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Where the spread over the pool starts.")] = 0,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
@@ -479,34 +693,47 @@ def label(
     Example: replicate label fireplace --pool ~/photos/new   (then --apply ~/Downloads/fireplace-round-1.csv)
     """
     from . import label as labelling
+
     task_dir, out = data_dir / task, exports_dir / task / "label"
     if undo is not None:
-        typer.echo(f"took back {cleaning.undo(undo)} photo(s) of {undo}; replicate label {task} writes the round again")
+        typer.echo(
+            f"took back {cleaning.undo(undo)} photo(s) of {undo}; replicate label {task} writes the round again"
+        )
         return
     session = labelling.open_session(task_dir, out, pool, classes, positive, batch)
     photos = labelling.pool_photos(session, out, log=echo)
     if len(photos.unreadable):
         photos.unreadable.to_csv(out / "unreadable.csv", index=False)
-        typer.echo(f"warning: {len(photos.unreadable)} photo(s) of the pool do not decode and are left out "
-                   f"(listed in {out / 'unreadable.csv'})")
+        typer.echo(
+            f"warning: {len(photos.unreadable)} photo(s) of the pool do not decode and are left out "
+            f"(listed in {out / 'unreadable.csv'})"
+        )
     if apply is not None:
         moves = labelling.plan_labels(session, photos, task_dir, cleaning.read_decisions(apply))
         log = cleaning.apply(task_dir, moves, task_dir / labelling.LOG_DIR)
         typer.echo(labelling.describe(moves).to_string(index=False))
-        typer.echo(f"copied {sum(m.destination is not None for m in moves)} photo(s) into {task_dir}; log: {log}\n"
-                   f"undo with: replicate label {task} --undo {log}\n")
+        typer.echo(
+            f"copied {sum(m.destination is not None for m in moves)} photo(s) into {task_dir}; log: {log}\n"
+            f"undo with: replicate label {task} --undo {log}\n"
+        )
     found = labelling.next_round(session, photos, task_dir, out, like or [], seed, log=echo)
     counts = ", ".join(f"{c} {n}" for c, n in found.counts.items())
-    typer.echo(f"labelled {sum(found.counts.values())} ({counts}); validation accuracy of the current model: "
-               f"{labelling.accuracy_text(found.correct, found.validated)}; {found.left} of {found.pool} pool photos "
-               f"not labelled yet")
+    typer.echo(
+        f"labelled {sum(found.counts.values())} ({counts}); validation accuracy of the current model: "
+        f"{labelling.accuracy_text(found.correct, found.validated)}; {found.left} of {found.pool} pool photos "
+        f"not labelled yet"
+    )
     if not len(found.batch):
-        typer.echo(f"every photo of the pool is labelled or skipped: {_TRAIN_LABELLED.format(task=task)}")
+        typer.echo(
+            f"every photo of the pool is labelled or skipped: {_TRAIN_LABELLED.format(task=task)}"
+        )
         return
-    typer.echo(f"round {found.number}: {len(found.batch)} photos; open {found.page} in a browser, mark them, "
-               f"download the decisions, then: replicate label {task} --apply "
-               f"~/Downloads/{report.decisions_name(task, found.number)}\n"
-               f"when the accuracy is where you want it: {_TRAIN_LABELLED.format(task=task)}")
+    typer.echo(
+        f"round {found.number}: {len(found.batch)} photos; open {found.page} in a browser, mark them, "
+        f"download the decisions, then: replicate label {task} --apply "
+        f"~/Downloads/{report.decisions_name(task, found.number)}\n"
+        f"when the accuracy is where you want it: {_TRAIN_LABELLED.format(task=task)}"
+    )
 
 
 class Engine(str, Enum):
@@ -518,34 +745,62 @@ class Quantize(str, Enum):
     int8 = "int8"
 
 
-QuantizeOption = Annotated[Optional[Quantize], typer.Option(
-    help="Also write model.int8.onnx (ONNX Runtime static int8, calibrated on the training photos) and record "
-         "its validation accuracy beside fp32's.")]
+QuantizeOption = Annotated[
+    Quantize | None,
+    typer.Option(
+        help="Also write model.int8.onnx (ONNX Runtime static int8, calibrated on the training photos) and record "
+        "its validation accuracy beside fp32's."
+    ),
+]
 
 
 @app.command("predict")
 @user_errors
 def predict_(
-    items: Annotated[list[Path], typer.Argument(
-        help="One or more models (run folders, model.onnx / model.int8.onnx files, or export.pkl files) "
-             "followed by images or folders (searched recursively).")],
+    items: Annotated[
+        list[Path],
+        typer.Argument(
+            help="One or more models (run folders, model.onnx / model.int8.onnx files, or export.pkl files) "
+            "followed by images or folders (searched recursively)."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Where to write the table.")] = Path("tags.csv"),
     format: Annotated[Format, typer.Option(help="csv or json.")] = Format.csv,
-    listing_pattern: Annotated[Optional[str], typer.Option(help=(
-        "Regex whose first group is the listing id, searched in the file name (or the path, if it has a /): "
-        "also writes a per-listing table, e.g. '^(\\d+)_'."))] = None,
-    threshold: Annotated[float, typer.Option(help="Per-listing: a class counts as shown above this probability.")]
-    = 0.5,
+    listing_pattern: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Regex whose first group is the listing id, searched in the file name (or the path, if it has a /): "
+                "also writes a per-listing table, e.g. '^(\\d+)_'."
+            )
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="Per-listing: a class counts as shown above this probability.")
+    ] = 0.5,
     bs: Annotated[int, typer.Option(min=1, help="Batch size.")] = 64,
-    engine: Annotated[Engine, typer.Option(
-        help="onnx: model.onnx with ONNX Runtime (no pickle, no PyTorch). fastai: export.pkl with fastai "
-             "(a pickle: trusted files only).")] = Engine.onnx,
-    workers: Annotated[Optional[int], typer.Option(
-        min=0, help="onnx: threads decoding photos beside the inference (default: one per core, at most 8; "
-                    "0: decode in the main thread).")] = None,
-    device: Annotated[Device, typer.Option(
-        help="auto: CUDA when there is a GPU (ONNX Runtime's CUDA provider if onnxruntime-gpu is installed, "
-             "else PyTorch with export.pkl).")] = Device.auto,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="onnx: model.onnx with ONNX Runtime (no pickle, no PyTorch). fastai: export.pkl with fastai "
+            "(a pickle: trusted files only)."
+        ),
+    ] = Engine.onnx,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="onnx: threads decoding photos beside the inference (default: one per core, at most 8; "
+            "0: decode in the main thread).",
+        ),
+    ] = None,
+    device: Annotated[
+        Device,
+        typer.Option(
+            help="auto: CUDA when there is a GPU (ONNX Runtime's CUDA provider if onnxruntime-gpu is installed, "
+            "else PyTorch with export.pkl)."
+        ),
+    ] = Device.auto,
 ):
     """Tag photos with one or more trained models: one row per image, the columns of every model side by side.
 
@@ -558,6 +813,7 @@ def predict_(
     Example: replicate predict exports/rooms/resnet18-unfrozen exports/exterior/resnet18-unfrozen photos/
     """
     from . import predict as predicting
+
     model_paths, photo_paths = predicting.split_items(items)
     files = predicting.find_images(photo_paths)
     if not files:
@@ -574,17 +830,23 @@ def predict_(
     if table is None:  # another process of `accelerate launch`: the main one writes
         return
     seconds = time.time() - start
-    filters = predicting.search_filters(models)  # two-class runs: has_<attribute> at the run's threshold
+    filters = predicting.search_filters(
+        models
+    )  # two-class runs: has_<attribute> at the run's threshold
     table = predicting.apply_filters(table, filters)
     _write_table(table, out, format)
     errors = table[table.error != ""]
-    echo(f"{len(table)} images, {len(models)} model(s), {engine_used} on {dev}, {seconds:.1f}s "
-        f"({len(table) / seconds:.1f} images/s); table: {out}")
+    echo(
+        f"{len(table)} images, {len(models)} model(s), {engine_used} on {dev}, {seconds:.1f}s "
+        f"({len(table) / seconds:.1f} images/s); table: {out}"
+    )
     for row in errors.itertuples():
         echo(f"  unreadable: {row.path}: {row.error}")
     for name, found in filters.items():
-        echo(f"{name}_{found['column']}: p_{found['positive']} >= {found['threshold']:.3f} (valid photos: precision "
-             f"{found['precision']:.1%}, recall {found['recall']:.1%}; target {found['target_precision']:g})")
+        echo(
+            f"{name}_{found['column']}: p_{found['positive']} >= {found['threshold']:.3f} (valid photos: precision "
+            f"{found['precision']:.1%}, recall {found['recall']:.1%}; target {found['target_precision']:g})"
+        )
     if listing_pattern:
         per_listing = predicting.listings(table, listing_pattern, threshold, filters)
         path = out.with_name(f"{out.stem}_listings{out.suffix}")
@@ -592,10 +854,14 @@ def predict_(
         echo(f"{len(per_listing)} listings; table: {path}")
         if filters:
             side = out.with_name(f"{out.stem}_listings_filters.json")
-            for name, rule in predicting.write_listing_rules(filters, listing_pattern, side).items():
-                echo(f"{name}_{rule['column']}: a listing has it when any photo passes; on the run's valid listings: "
-                     f"precision {_share(rule['listing_precision'])}, recall {_share(rule['listing_recall'])} "
-                     f"({rule['valid_listings_with']} of {rule['valid_listings']} listings have it); {side}")
+            for name, rule in predicting.write_listing_rules(
+                filters, listing_pattern, side
+            ).items():
+                echo(
+                    f"{name}_{rule['column']}: a listing has it when any photo passes; on the run's valid listings: "
+                    f"precision {_share(rule['listing_precision'])}, recall {_share(rule['listing_recall'])} "
+                    f"({rule['valid_listings_with']} of {rule['valid_listings']} listings have it); {side}"
+                )
 
 
 @app.command("export")
@@ -603,7 +869,9 @@ def predict_(
 def export_(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (exports/TASK/ARCH-MODE).")],
     quantize: QuantizeOption = None,
-    calibration: Annotated[int, typer.Option(min=1, help="Training photos to calibrate int8 on.")] = 256,
+    calibration: Annotated[
+        int, typer.Option(min=1, help="Training photos to calibrate int8 on.")
+    ] = 256,
 ):
     """Write model.onnx (the pickle-free model `predict` runs) for run folders made earlier, and with
     --quantize int8 also model.int8.onnx. Runs write model.onnx themselves.
@@ -612,6 +880,7 @@ def export_(
     Example: replicate export exports/rooms/resnet18-unfrozen --quantize int8
     """
     from . import export
+
     for run_dir in run_dirs:
         if not (run_dir / "model.onnx").is_file() or not quantize:
             path = export.export_run(run_dir)
@@ -635,8 +904,10 @@ def _write_table(table: pd.DataFrame, path: Path, format: Format) -> None:
 @app.command()
 @user_errors
 def archs(
-    names: Annotated[Optional[list[str]], typer.Argument(
-        help="Backbones to describe (default: the study's five and today's picks).")] = None,
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Backbones to describe (default: the study's five and today's picks)."),
+    ] = None,
 ):
     """List backbones: input size, parameters and GFLOPs per image (computed from the network), where
     their pretrained weights come from (torchvision, the Hugging Face hub, or a pip package) and
@@ -645,22 +916,35 @@ def archs(
     --arch takes these names or any other timm model name. Example: replicate archs convnext_nano
     """
     from . import models
+
     rows = []
     for name in names or [*models.ARCHS, *models.MODERN, *models.FROM_PIP]:
         d = models.describe(name)
         group = "study (torchvision)" if name in models.ARCHS else "timm"
-        rows.append({"arch": name, "from": group, "input": f"{d['input_px']}px", "params": f"{d['params_M']:.1f}M",
-                     "GFLOPs": f"{d['GFLOPs']:.2f}", "weights from": d["weights_from"],
-                     "weights": d["weights"] or "not here"})
+        rows.append(
+            {
+                "arch": name,
+                "from": group,
+                "input": f"{d['input_px']}px",
+                "params": f"{d['params_M']:.1f}M",
+                "GFLOPs": f"{d['GFLOPs']:.2f}",
+                "weights from": d["weights_from"],
+                "weights": d["weights"] or "not here",
+            }
+        )
     typer.echo(pd.DataFrame(rows).to_string(index=False))
-    typer.echo("\nGFLOPs: one image at the input size, a multiply-add counted as 2. "
-               "Fetch weights ahead of time: replicate weights ARCH...")
+    typer.echo(
+        "\nGFLOPs: one image at the input size, a multiply-add counted as 2. "
+        "Fetch weights ahead of time: replicate weights ARCH..."
+    )
 
 
 @app.command("weights")
 @user_errors
 def weights_(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Backbones (default: the study's five).")] = None,
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Backbones (default: the study's five).")
+    ] = None,
 ):
     """Download and verify pretrained weights into their caches ahead of time (already cached files are verified).
 
@@ -672,10 +956,13 @@ def weights_(
     Example: replicate weights resnet18 densenet121 convnext_tiny
     """
     from . import models, weights
+
     for name in names or list(models.ARCHS):
         arch = models.get_arch(name)
         path = models.fetch_and_verify(arch)
-        typer.echo(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, verified; from {arch.weights.where()})")
+        typer.echo(
+            f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, verified; from {arch.weights.where()})"
+        )
     typer.echo(f"caches: {weights.torch_cache()} and {weights.hub_cache()}")
 
 
@@ -688,9 +975,11 @@ def echo(*args, **kwargs) -> None:
 
 def _summary(run_dir: Path) -> None:
     m = json.loads((run_dir / "metrics.json").read_text())
-    echo(f"\nbest valid accuracy {m['best_valid_accuracy']:.2%} at epoch {m['best_epoch']} "
-               f"(last {m['last_valid_accuracy']:.2%}); {m['train_seconds']:.0f}s, "
-               f"{m['train_images_per_second']:.1f} train images/s\nresults: {run_dir}")
+    echo(
+        f"\nbest valid accuracy {m['best_valid_accuracy']:.2%} at epoch {m['best_epoch']} "
+        f"(last {m['last_valid_accuracy']:.2%}); {m['train_seconds']:.0f}s, "
+        f"{m['train_images_per_second']:.1f} train images/s\nresults: {run_dir}"
+    )
 
 
 def main():

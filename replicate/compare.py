@@ -7,6 +7,7 @@ folder. A cell whose folder holds a finished run with the same configuration is 
 an interrupted compare picks up where it stopped; run folders appear only when complete
 (see `train.run`), so a killed cell is simply trained again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,9 +24,23 @@ from .errors import ReplicateError
 MODES = ("frozen", "unfrozen")
 # What must match for a finished run folder to stand in for a cell. The device, worker count
 # and folders do not change what is computed in a way the study's figures resolve.
-SAME_RESULT_KEYS = ("task", "arch", "unfreeze", "recipe", "epochs", "bs", "lr", "momentum",
-                    "aux_loss_weight", "size", "pretrained", "seed", "cache_features",
-                    "precision", "freeze_bn")
+SAME_RESULT_KEYS = (
+    "task",
+    "arch",
+    "unfreeze",
+    "recipe",
+    "epochs",
+    "bs",
+    "lr",
+    "momentum",
+    "aux_loss_weight",
+    "size",
+    "pretrained",
+    "seed",
+    "cache_features",
+    "precision",
+    "freeze_bn",
+)
 # Keys newer than some run folders: what those runs did.
 ADDED_LATER = {"cache_features": 0, "precision": "fp32", "freeze_bn": False}
 
@@ -54,9 +69,17 @@ def grid(base: RunConfig, archs: list[str], modes: list[str], seeds: int) -> lis
             for seed in range(base.seed, base.seed + seeds):
                 # --cache-features and --freeze-bn apply to the frozen cells only: finetuning changes the body
                 frozen = mode == "frozen"
-                cfgs.append(dataclasses.replace(base, arch=arch, unfreeze=not frozen, size=size, seed=seed,
-                                                cache_features=base.cache_features if frozen else 0,
-                                                freeze_bn=base.freeze_bn and frozen))
+                cfgs.append(
+                    dataclasses.replace(
+                        base,
+                        arch=arch,
+                        unfreeze=not frozen,
+                        size=size,
+                        seed=seed,
+                        cache_features=base.cache_features if frozen else 0,
+                        freeze_bn=base.freeze_bn and frozen,
+                    )
+                )
     return cfgs
 
 
@@ -81,7 +104,9 @@ def is_finished(cfg: RunConfig) -> bool:
     return all(done.get(k, ADDED_LATER.get(k)) == v for k, v in expected.items())
 
 
-def run_grid(cfgs: list[RunConfig], force: bool = False, log=print, scanned: dict | None = None) -> list[Cell]:
+def run_grid(
+    cfgs: list[RunConfig], force: bool = False, log=print, scanned: dict | None = None
+) -> list[Cell]:
     """Run every cell not already finished, one after another; a failing cell does not stop the grid.
 
     `scanned`: {task folder: (TaskImages, audit counts)} from `preflight`, so the images are checked
@@ -90,13 +115,17 @@ def run_grid(cfgs: list[RunConfig], force: bool = False, log=print, scanned: dic
     cells = [Cell(cfg) for cfg in cfgs]
     start, trained_seconds, trained = time.time(), 0.0, 0
     for k, cell in enumerate(cells, 1):
-        todo = sum(1 for c in cells[k - 1:] if force or not is_finished(c.cfg))
+        todo = sum(1 for c in cells[k - 1 :] if force or not is_finished(c.cfg))
         eta = f", about {trained_seconds / trained * todo / 60:.1f} min left" if trained else ""
-        log(f"\n[cell {k}/{len(cells)}] {cell.cfg.run_name}: {time.time() - start:.0f}s elapsed{eta}")
+        log(
+            f"\n[cell {k}/{len(cells)}] {cell.cfg.run_name}: {time.time() - start:.0f}s elapsed{eta}"
+        )
         if not force and is_finished(cell.cfg):
             cell.status = "reused"
             log(f"reusing finished run {cell.cfg.run_dir}")
-            report.write_filter(cell.cfg.run_dir, cell.cfg.positive, cell.cfg.target_precision)  # this grid's target
+            report.write_filter(
+                cell.cfg.run_dir, cell.cfg.positive, cell.cfg.target_precision
+            )  # this grid's target
             continue
         t0 = time.time()
         try:
@@ -111,7 +140,8 @@ def run_grid(cfgs: list[RunConfig], force: bool = False, log=print, scanned: dic
             log(f"cell failed: {cell.error}")
             (cell.cfg.exports_dir / cell.cfg.task).mkdir(parents=True, exist_ok=True)
             (cell.cfg.exports_dir / cell.cfg.task / f".{cell.cfg.run_name}.failed.txt").write_text(
-                traceback.format_exc())
+                traceback.format_exc()
+            )
         cell.seconds = time.time() - t0
         if cell.status == "trained":
             trained_seconds, trained = trained_seconds + cell.seconds, trained + 1
@@ -131,7 +161,11 @@ def tasks(data_dir: Path, task: str) -> list[str]:
     """[task], or every task folder under data_dir for 'all'."""
     if task != "all":
         return [task]
-    found = sorted(d.name for d in data_dir.iterdir() if (d / "train").is_dir()) if data_dir.is_dir() else []
+    found = (
+        sorted(d.name for d in data_dir.iterdir() if (d / "train").is_dir())
+        if data_dir.is_dir()
+        else []
+    )
     if not found:
         raise ReplicateError(f"no task folders (TASK/train, TASK/valid) under {data_dir}")
     return found
@@ -144,6 +178,7 @@ def preflight(cfgs: list[RunConfig], log=print) -> dict:
 
     Returns {task folder: (TaskImages, audit counts or None)} for `run_grid`."""
     from . import data
+
     for cfg in cfgs:
         train.check(cfg)
     first = {cfg.task_dir: cfg for cfg in reversed(cfgs)}  # one cell's config per task
@@ -151,7 +186,10 @@ def preflight(cfgs: list[RunConfig], log=print) -> dict:
     for task_dir, cfg in first.items():
         images = data.scan_task(task_dir)
         train.check_positive(cfg, images.classes)
-        scanned[task_dir] = (images, train.audit_counts(cfg, images, log) if runtime.is_main_process() else None)
+        scanned[task_dir] = (
+            images,
+            train.audit_counts(cfg, images, log) if runtime.is_main_process() else None,
+        )
     return scanned
 
 
@@ -167,6 +205,7 @@ def quantize(cells: list[Cell], log=print) -> None:
     """--quantize int8: write model.int8.onnx for each finished cell that has none yet (a reused cell
     too: its run folder is the input, nothing retrains), recording its accuracy for the report."""
     from . import export
+
     for cell in cells:
         if cell.status != "failed" and not (cell.cfg.run_dir / "model.int8.onnx").is_file():
             log(f"{cell.cfg.run_name}: int8")

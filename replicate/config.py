@@ -4,6 +4,7 @@
 
 It is written as `config.json` into the run folder, so every result says how it was made.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,6 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
 
 # The study's five backbones in its tables' order: the names `models.ARCHS` registers (a test keeps
 # them equal), here so that the command line can name them without loading PyTorch.
@@ -25,7 +25,9 @@ class RunConfig:
     task: str
     arch: str
     unfreeze: bool = False  # False: feature extraction (new layer only); True: finetune everything
-    recipe: str = "paper"  # paper: the 2019 protocol; fastai: today's fastai defaults (see models.py)
+    recipe: str = (
+        "paper"  # paper: the 2019 protocol; fastai: today's fastai defaults (see models.py)
+    )
     epochs: int = 30
     bs: int = 32
     lr: float | None = None  # None: 0.001 for the paper recipe, lr_find's suggestion for fastai
@@ -44,7 +46,9 @@ class RunConfig:
     # fastai's BnFreeze do. False: the study's way, the body in train mode (see models.EvalBody).
     freeze_bn: bool = False
     precision: str = "fp32"  # fp32 (the study's) | bf16 | fp16: fastai's mixed precision, CUDA only
-    audit: bool = True  # check the split for leaks and conflicting labels first (replicate audit's fast part)
+    audit: bool = (
+        True  # check the split for leaks and conflicting labels first (replicate audit's fast part)
+    )
     onnx: bool = True  # write model.onnx (what `predict` runs); False: `replicate export RUN_DIR` writes it later
     # Two-class tasks only, read when the run's report is written: the class the search filter looks
     # for (None: `yes`, else the rarer one) and the precision on valid its threshold must reach.
@@ -86,7 +90,9 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """The config as JSON-ready values (paths as strings)."""
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
+        }
 
 
 def environment() -> dict:

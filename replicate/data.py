@@ -8,6 +8,7 @@ A task is a folder `data/TASK/{train,valid}/<class>/*.jpg`. Two ways in:
 Both build the task in a hidden staging folder and rename it into place when complete,
 so an interrupted import never leaves a half-written task behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,6 +50,7 @@ HOUSE_PHOTO = re.compile(r"(?:^|/)(\d+)_(bathroom|bedroom|kitchen|frontal)\.jpg$
 
 # --- the Houses Dataset ----------------------------------------------------------------------
 
+
 def _houses_photos(source: Path) -> dict[tuple[int, str], bytes | Path]:
     """{(house, room): JPEG bytes or file} from the archive zip or an extracted folder.
 
@@ -56,14 +58,19 @@ def _houses_photos(source: Path) -> dict[tuple[int, str], bytes | Path]:
     from (house, room) alone, so no member name can write outside the destination.
     """
     if source.is_dir():
-        return {(int(m[1]), m[2]): p for p in sorted(source.rglob("*.jpg"))
-                if (m := HOUSE_PHOTO.search(p.as_posix()))}
+        return {
+            (int(m[1]), m[2]): p
+            for p in sorted(source.rglob("*.jpg"))
+            if (m := HOUSE_PHOTO.search(p.as_posix()))
+        }
     try:
         with zipfile.ZipFile(source) as zf:
             members = [(m, i) for i in zf.infolist() if (m := HOUSE_PHOTO.search(i.filename))]
             return {(int(m[1]), m[2]): zf.read(i) for m, i in progress_bar(members, leave=False)}
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-        raise ReplicateError(f"{source} is not a readable zip archive ({e}): download it again") from None
+        raise ReplicateError(
+            f"{source} is not a readable zip archive ({e}): download it again"
+        ) from None
 
 
 def _download(url: str, dest: Path) -> Path:
@@ -71,18 +78,23 @@ def _download(url: str, dest: Path) -> Path:
     if dest.is_file():
         return dest
     from fastdownload import download_url  # fastai's own downloader
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_suffix(".partial")
     try:
         download_url(url, partial)
     except Exception as e:  # network errors come in many types; all mean the same here
         partial.unlink(missing_ok=True)
-        raise ReplicateError(f"could not download {url} ({e}): download it by hand and pass --source FILE") from None
+        raise ReplicateError(
+            f"could not download {url} ({e}): download it by hand and pass --source FILE"
+        ) from None
     partial.rename(dest)
     return dest
 
 
-def split_houses(houses: list[int], valid_pct: float, seed: int, groups: dict[int, int] | None = None) -> set[int]:
+def split_houses(
+    houses: list[int], valid_pct: float, seed: int, groups: dict[int, int] | None = None
+) -> set[int]:
     """The houses of the validation split: a seeded shuffle, so the same seed gives the same split.
 
     `groups` {house: group}: houses of one group (listings that share a photo) go to the same
@@ -104,8 +116,9 @@ def split_houses(houses: list[int], valid_pct: float, seed: int, groups: dict[in
     return valid
 
 
-def import_houses(source: str | None, data_dir: Path, valid_pct: float = 0.2, seed: int = 42,
-                  force: bool = False) -> dict[str, Path]:
+def import_houses(
+    source: str | None, data_dir: Path, valid_pct: float = 0.2, seed: int = 42, force: bool = False
+) -> dict[str, Path]:
     """Write the `rooms` and `exterior` tasks from the Houses Dataset; returns {task: folder}.
 
     Split by house: every photo of a house lands in the same split, so no house leaks
@@ -117,7 +130,9 @@ def import_houses(source: str | None, data_dir: Path, valid_pct: float = 0.2, se
     else:
         path = Path(source)
         if not path.exists():
-            raise ReplicateError(f"--source {source} does not exist: give the Houses zip, its extracted folder or a URL")
+            raise ReplicateError(
+                f"--source {source} does not exist: give the Houses zip, its extracted folder or a URL"
+            )
     photos = _houses_photos(path)
     by_house: dict[int, set[str]] = {}
     for house, room in photos:
@@ -126,7 +141,9 @@ def import_houses(source: str | None, data_dir: Path, valid_pct: float = 0.2, se
     if not complete:
         raise ReplicateError(f"no Houses Dataset photos (<house>_<room>.jpg) found in {source}")
     if len(complete) < len(by_house):
-        warnings.warn(f"skipped {len(by_house) - len(complete)} houses without all four photos")
+        warnings.warn(
+            f"skipped {len(by_house) - len(complete)} houses without all four photos", stacklevel=2
+        )
     # Listings published twice share photos: keep such houses in one split, or validation leaks.
     keys = [(h, room) for h in complete for room in (*ROOMS, "frontal")]
     links = link_owners([h for h, _ in keys], [photos[k] for k in keys])
@@ -138,11 +155,14 @@ def import_houses(source: str | None, data_dir: Path, valid_pct: float = 0.2, se
             name, data = f"{house}_{room}.jpg", photos[house, room]
             if room != "frontal":
                 files["rooms"][f"{split}/{room}/{name}"] = data
-            files["exterior"][f"{split}/{'frontal' if room == 'frontal' else 'indoor'}/{name}"] = data
+            files["exterior"][f"{split}/{'frontal' if room == 'frontal' else 'indoor'}/{name}"] = (
+                data
+            )
     return {task: write_task(data_dir / task, content, force) for task, content in files.items()}
 
 
 # --- writing a task folder safely --------------------------------------------------------------
+
 
 def _digest(data: bytes | Path) -> str:
     return hashlib.sha1(data if isinstance(data, bytes) else data.read_bytes()).hexdigest()
@@ -150,13 +170,20 @@ def _digest(data: bytes | Path) -> str:
 
 def _manifest(task_dir: Path) -> dict[str, str]:
     """{relative path: sha1} of the images in a task's train and valid folders."""
-    return {p.relative_to(task_dir).as_posix(): _digest(p)
-            for split in SPLITS if (task_dir / split).is_dir()
-            for p in image_files(task_dir / split)}
+    return {
+        p.relative_to(task_dir).as_posix(): _digest(p)
+        for split in SPLITS
+        if (task_dir / split).is_dir()
+        for p in image_files(task_dir / split)
+    }
 
 
-def write_task(task_dir: Path, files: dict[str, bytes | Path], force: bool = False,
-               extra: dict[str, str] | None = None) -> Path:
+def write_task(
+    task_dir: Path,
+    files: dict[str, bytes | Path],
+    force: bool = False,
+    extra: dict[str, str] | None = None,
+) -> Path:
     """Write {relative path: bytes or source file} as a task folder; returns the folder.
 
     Identical existing content is left alone. Different existing content is never replaced
@@ -168,8 +195,10 @@ def write_task(task_dir: Path, files: dict[str, bytes | Path], force: bool = Fal
         if _manifest(task_dir) == wanted:
             return task_dir
         if not force:
-            raise ReplicateError(f"{task_dir} already exists with different photos: move it away, "
-                                 f"or pass --force to keep it as {task_dir.name}.bak-<time> and write anew")
+            raise ReplicateError(
+                f"{task_dir} already exists with different photos: move it away, "
+                f"or pass --force to keep it as {task_dir.name}.bak-<time> and write anew"
+            )
     task_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{task_dir.name}.partial-", dir=task_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a task folder should not be
@@ -184,7 +213,9 @@ def write_task(task_dir: Path, files: dict[str, bytes | Path], force: bool = Fal
         for name, text in (extra or {}).items():
             (staging / name).write_text(text)
         if task_dir.exists():
-            task_dir.rename(task_dir.with_name(f"{task_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}"))
+            task_dir.rename(
+                task_dir.with_name(f"{task_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+            )
         staging.rename(task_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -192,6 +223,7 @@ def write_task(task_dir: Path, files: dict[str, bytes | Path], force: bool = Fal
 
 
 # --- the study's cleaning step for a user's own photos -------------------------------------------
+
 
 def _clean_image(path: Path, width: int, min_size: int) -> tuple[Image.Image | None, str]:
     """(resized RGB image, "") or (None, reason it was rejected)."""
@@ -207,8 +239,16 @@ def _clean_image(path: Path, width: int, min_size: int) -> tuple[Image.Image | N
     return im, ""
 
 
-def prepare_task(source_dir: Path, task: str, data_dir: Path, valid_pct: float = 0.2, width: int = 500,
-                 min_size: int = 0, seed: int = 42, force: bool = False) -> tuple[Path, pd.DataFrame]:
+def prepare_task(
+    source_dir: Path,
+    task: str,
+    data_dir: Path,
+    valid_pct: float = 0.2,
+    width: int = 500,
+    min_size: int = 0,
+    seed: int = 42,
+    force: bool = False,
+) -> tuple[Path, pd.DataFrame]:
     """Clean `source_dir/<class>/*` into `data_dir/task/{train,valid}/<class>/`.
 
     Drops files that do not decode and images smaller than `min_size` on their short side,
@@ -220,21 +260,38 @@ def prepare_task(source_dir: Path, task: str, data_dir: Path, valid_pct: float =
         raise ReplicateError(f"{source_dir} is not a folder: expected SOURCE_DIR/<class>/*.jpg")
     classes = sorted(d for d in source_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise ReplicateError(f"{source_dir} has no class folders: expected SOURCE_DIR/<class>/*.jpg")
+        raise ReplicateError(
+            f"{source_dir} has no class folders: expected SOURCE_DIR/<class>/*.jpg"
+        )
     rows, files = [], {}
-    candidates = [(c.name, p) for c in classes for p in sorted(c.rglob("*"))
-                  if p.is_file() and not p.name.startswith(".")]
+    candidates = [
+        (c.name, p)
+        for c in classes
+        for p in sorted(c.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    ]
     kept: dict[str, list[tuple[Path, bytes]]] = {c.name: [] for c in classes}
     for label, path in progress_bar(candidates, leave=False):
         im, reason = _clean_image(path, width, min_size)
         if im is None:
-            rows.append(dict(source=str(path), label=label, status="rejected", reason=reason, split="", file=""))
+            rows.append(
+                dict(
+                    source=str(path),
+                    label=label,
+                    status="rejected",
+                    reason=reason,
+                    split="",
+                    file="",
+                )
+            )
         else:
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=95)
             kept[label].append((path, buf.getvalue()))
     items = [(label, path, jpeg) for label, its in kept.items() for path, jpeg in its]
-    valid = split_photos([label for label, _, _ in items], [jpeg for _, _, jpeg in items], valid_pct, seed)
+    valid = split_photos(
+        [label for label, _, _ in items], [jpeg for _, _, jpeg in items], valid_pct, seed
+    )
     used: dict[str, set[str]] = {label: set() for label in kept}
     for k, (label, path, jpeg) in enumerate(items):
         split, stem, n = "valid" if k in valid else "train", path.stem, 1
@@ -243,14 +300,18 @@ def prepare_task(source_dir: Path, task: str, data_dir: Path, valid_pct: float =
         used[label].add(stem.lower())
         rel = f"{split}/{label}/{stem}.jpg"
         files[rel] = jpeg
-        rows.append(dict(source=str(path), label=label, status="kept", reason="", split=split, file=rel))
+        rows.append(
+            dict(source=str(path), label=label, status="kept", reason="", split=split, file=rel)
+        )
     report = pd.DataFrame(rows, columns=["source", "label", "status", "reason", "split", "file"])
     if not files:
         raise ReplicateError(f"no usable images in {source_dir}: every file was rejected")
     empty = [label for label, items in kept.items() if not items]
     if empty:
         raise ReplicateError(f"no usable images for class(es) {', '.join(empty)} in {source_dir}")
-    task_dir = write_task(data_dir / task, files, force, extra={"prepare_report.csv": report.to_csv(index=False)})
+    task_dir = write_task(
+        data_dir / task, files, force, extra={"prepare_report.csv": report.to_csv(index=False)}
+    )
     return task_dir, summarize(report)
 
 
@@ -277,12 +338,19 @@ def split_photos(labels: list[str], photos: list[bytes], valid_pct: float, seed:
 def summarize(report: pd.DataFrame) -> pd.DataFrame:
     """Per class: kept, rejected, train, valid."""
     counts = lambda col, val: report[report[col] == val].groupby("label").size()  # noqa: E731
-    table = pd.DataFrame({"kept": counts("status", "kept"), "rejected": counts("status", "rejected"),
-                          "train": counts("split", "train"), "valid": counts("split", "valid")})
+    table = pd.DataFrame(
+        {
+            "kept": counts("status", "kept"),
+            "rejected": counts("status", "rejected"),
+            "train": counts("split", "train"),
+            "valid": counts("split", "valid"),
+        }
+    )
     return table.fillna(0).astype(int).rename_axis("class")
 
 
 # --- a task folder -> DataLoaders ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TaskImages:
@@ -296,8 +364,16 @@ class TaskImages:
 
 def image_counts(task_dir: Path) -> pd.DataFrame:
     """Images per class (rows) and split (columns), from the file names alone (no decoding)."""
-    return pd.DataFrame({s: {c: len(image_files(task_dir / s / c)) for c in sorted(class_dirs(task_dir / s))}
-                         for s in SPLITS}).fillna(0).astype(int)
+    return (
+        pd.DataFrame(
+            {
+                s: {c: len(image_files(task_dir / s / c)) for c in sorted(class_dirs(task_dir / s))}
+                for s in SPLITS
+            }
+        )
+        .fillna(0)
+        .astype(int)
+    )
 
 
 def scan_task(task_dir: Path) -> TaskImages:
@@ -309,9 +385,13 @@ def scan_task(task_dir: Path) -> TaskImages:
     files, classes = task_files(task_dir)
     everything = [f for fs in files.values() for f in fs]
     bad = set(verify_images(everything))
-    counts = pd.DataFrame({s: {c: len([f for f in files[s, c] if f not in bad]) for c in classes} for s in SPLITS})
+    counts = pd.DataFrame(
+        {s: {c: len([f for f in files[s, c] if f not in bad]) for c in classes} for s in SPLITS}
+    )
     if (counts == 0).any().any():
-        raise ReplicateError(f"a class of {task_dir} has no readable images left: {counts.to_dict()}")
+        raise ReplicateError(
+            f"a class of {task_dir} has no readable images left: {counts.to_dict()}"
+        )
     return TaskImages([f for f in everything if f not in bad], classes, counts, sorted(bad))
 
 
@@ -381,12 +461,22 @@ def dataloaders(images: TaskImages, cfg, prep: dict, device):
         batch_tfms = [normalize]
     opener = OpenImage(largest_crop(size, prep["crop_pct"]))
     block = DataBlock(
-        blocks=(TransformBlock(type_tfms=opener, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=images.classes)),
+        blocks=(
+            TransformBlock(type_tfms=opener, batch_tfms=IntToFloatTensor),
+            CategoryBlock(vocab=images.classes),
+        ),
         splitter=GrandparentSplitter(train_name="train", valid_name="valid"),
-        get_y=parent_label, item_tfms=item_tfms, batch_tfms=batch_tfms,
+        get_y=parent_label,
+        item_tfms=item_tfms,
+        batch_tfms=batch_tfms,
     )
     n_train = int(images.counts["train"].sum())
     # Keep the last partial batch (the study's DataLoader did) unless it would hold one image:
     # BatchNorm cannot train on a batch of one.
-    return block.dataloaders(images.files, bs=cfg.bs, device=device, num_workers=runtime.workers(cfg.workers),
-                             drop_last=n_train % cfg.bs == 1)
+    return block.dataloaders(
+        images.files,
+        bs=cfg.bs,
+        device=device,
+        num_workers=runtime.workers(cfg.workers),
+        drop_last=n_train % cfg.bs == 1,
+    )

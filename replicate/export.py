@@ -12,6 +12,7 @@ the validation crop, the resampling and the normalisation, so `predict` needs no
 per channel, uint8 activations), calibrated on the run's training photos, and records its
 validation accuracy beside the fp32 model's in metrics.json.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,14 +48,21 @@ def preprocess_of(learn, recorded: dict | None = None) -> photos.Preprocess:
     crop = next((t for t in learn.dls.after_item.fs if isinstance(t, ValidCrop)), None)
     norm = next((t for t in learn.dls.after_batch.fs if isinstance(t, Normalize)), None)
     if crop is None or norm is None:
-        raise ReplicateError("this export has no validation crop or normalisation that replicate knows: "
-                             "retrain it with this version")
+        raise ReplicateError(
+            "this export has no validation crop or normalisation that replicate knows: "
+            "retrain it with this version"
+        )
     names = {v: k for k, v in photos.RESAMPLING.items()}
     mean, std = tuple(norm.mean.flatten().tolist()), tuple(norm.std.flatten().tolist())
     if recorded and np.allclose(recorded["mean"], mean) and np.allclose(recorded["std"], std):
         mean, std = tuple(recorded["mean"]), tuple(recorded["std"])
-    return photos.Preprocess(size=int(crop.size[0]), crop_pct=float(crop.crop_pct),
-                              interpolation=names[crop.resamples[0]], mean=mean, std=std)
+    return photos.Preprocess(
+        size=int(crop.size[0]),
+        crop_pct=float(crop.crop_pct),
+        interpolation=names[crop.resamples[0]],
+        mean=mean,
+        std=std,
+    )
 
 
 def write_onnx(learn, path: Path, config: dict) -> Path:
@@ -69,14 +77,22 @@ def write_onnx(learn, path: Path, config: dict) -> Path:
     # The exporter prints its progress on stdout and warns about things a user cannot act on.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(net, (example,), dynamo=True, opset_version=OPSET, external_data=False,
-                                    input_names=["input"], output_names=["probabilities"],
-                                    dynamic_shapes=({0: batch},))
+        program = torch.onnx.export(
+            net,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=False,
+            input_names=["input"],
+            output_names=["probabilities"],
+            dynamic_shapes=({0: batch},),
+        )
     model_proto = program.model_proto
     meta = prep.to_meta(classes=[str(c) for c in learn.dls.vocab], task=task, arch=arch)
     _set_metadata(model_proto, meta)
     tmp = path.with_name(f".{path.name}.partial")
     import onnx
+
     onnx.save_model(model_proto, tmp)
     tmp.replace(path)
     return path
@@ -96,7 +112,7 @@ def export_run(run_dir: Path) -> Path:
     config = _run_config(run_dir)
     model = predict.load_model(run_dir)  # the checksum of export.pkl is checked here
     if model.warning:
-        warnings.warn(model.warning)
+        warnings.warn(model.warning, stacklevel=2)
     path = write_onnx(model.learn, run_dir / "model.onnx", config)
     record_checksum(run_dir, path)
     return path
@@ -115,11 +131,14 @@ def record_checksum(run_dir: Path, path: Path, extra: dict | None = None) -> Non
 
 def _run_config(run_dir: Path) -> dict:
     if not (run_dir / "config.json").is_file():
-        raise ReplicateError(f"{run_dir} is not a run folder (no config.json): e.g. exports/rooms/resnet18-frozen")
+        raise ReplicateError(
+            f"{run_dir} is not a run folder (no config.json): e.g. exports/rooms/resnet18-frozen"
+        )
     return json.loads((run_dir / "config.json").read_text())
 
 
 # --- int8 --------------------------------------------------------------------------------------
+
 
 class _Calibration:
     """ONNX Runtime's CalibrationDataReader protocol over preprocessed photos, a batch at a time."""
@@ -143,13 +162,17 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
     run_dir = Path(run_dir)
     config = _run_config(run_dir)
     if not (run_dir / "model.onnx").is_file() and (run_dir / "export.pkl").is_file():
-        log(f"{run_dir} has no model.onnx (trained with --no-onnx): writing it from export.pkl first")
+        log(
+            f"{run_dir} has no model.onnx (trained with --no-onnx): writing it from export.pkl first"
+        )
         export_run(run_dir)
     fp32 = predict.load_onnx(run_dir / "model.onnx")
     task_dir = Path(config.get("task_dir") or Path(config["data_dir"]) / config["task"])
     train = _split_files(task_dir, "train")
     if not train:
-        raise ReplicateError(f"no training photos in {task_dir}/train to calibrate the int8 model on")
+        raise ReplicateError(
+            f"no training photos in {task_dir}/train to calibrate the int8 model on"
+        )
     sample = random.Random(0).sample(train, min(n_photos, len(train)))
     start = time.perf_counter()
     batches = [fp32.normalise(chunk) for chunk in _decoded_batches(sample, fp32.prep)]
@@ -160,23 +183,39 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
         # ONNX shape inference and graph clean-up; ONNX Runtime's symbolic shape inference (for
         # transformers) fails on the Concat of fastai's head, and a CNN has no symbolic shapes to infer.
         quant_pre_process(str(run_dir / "model.onnx"), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(Path(tmp) / "int8.onnx"), _Calibration(batches, fp32.input_name),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(prepared),
+            str(Path(tmp) / "int8.onnx"),
+            _Calibration(batches, fp32.input_name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
         import onnx
+
         proto = onnx.load(str(Path(tmp) / "int8.onnx"))
-        _set_metadata(proto, {**fp32.meta, "quantized": "int8 (ONNX Runtime static, QDQ, per-channel)"})
+        _set_metadata(
+            proto, {**fp32.meta, "quantized": "int8 (ONNX Runtime static, QDQ, per-channel)"}
+        )
         onnx.save_model(proto, out)
     seconds = time.perf_counter() - start
     fp32.name = "fp32"
     accuracy = valid_accuracies([fp32, predict.load_onnx(out, name="int8")], task_dir)
-    result = {"calibration_photos": len(sample), "seconds": round(seconds, 1),
-              "fp32_valid_accuracy": accuracy["fp32"], "valid_accuracy": accuracy["int8"],
-              "fp32_mb": round((run_dir / "model.onnx").stat().st_size / 1e6, 1),
-              "mb": round(out.stat().st_size / 1e6, 1)}
+    result = {
+        "calibration_photos": len(sample),
+        "seconds": round(seconds, 1),
+        "fp32_valid_accuracy": accuracy["fp32"],
+        "valid_accuracy": accuracy["int8"],
+        "fp32_mb": round((run_dir / "model.onnx").stat().st_size / 1e6, 1),
+        "mb": round(out.stat().st_size / 1e6, 1),
+    }
     record_checksum(run_dir, out, {"int8": result})
-    log(f"int8: {out} ({result['mb']} MB, fp32 {result['fp32_mb']} MB); valid accuracy "
-        f"{result['valid_accuracy']:.2%} (fp32 {result['fp32_valid_accuracy']:.2%})")
+    log(
+        f"int8: {out} ({result['mb']} MB, fp32 {result['fp32_mb']} MB); valid accuracy "
+        f"{result['valid_accuracy']:.2%} (fp32 {result['fp32_valid_accuracy']:.2%})"
+    )
     return result
 
 
@@ -196,7 +235,7 @@ def _decoded_batches(files: list[Path], prep: photos.Preprocess, bs: int = 32):
     decoded = [photos.decode(f, [prep.geometry]) for f in files]
     arrays = [d[prep.geometry] for d, error in decoded if not error]
     for i in range(0, len(arrays), bs):
-        yield np.stack(arrays[i:i + bs])
+        yield np.stack(arrays[i : i + bs])
 
 
 def valid_accuracies(models: list[predict.OnnxModel], task_dir: Path) -> dict[str, float]:

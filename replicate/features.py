@@ -11,6 +11,7 @@ come from K fixed draws instead of a fresh one per epoch; `config.json` (`cache_
 run folder's name (`-cachedK`) and the report say so. The exported learner is the whole
 network (body + trained head) and predicts from photos like any other export.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,10 +29,14 @@ from .errors import ReplicateError
 def check(cfg: RunConfig) -> None:
     """--cache-features is for frozen runs of the paper recipe; ReplicateError otherwise."""
     if cfg.cache_features < 0:
-        raise ReplicateError(f"--cache-features {cfg.cache_features}: give a number of views (1 or more), or 0 for none")
+        raise ReplicateError(
+            f"--cache-features {cfg.cache_features}: give a number of views (1 or more), or 0 for none"
+        )
     if cfg.cache_features and (cfg.unfreeze or cfg.recipe != "paper"):
-        raise ReplicateError("--cache-features needs a frozen run of the paper recipe: finetuning changes the "
-                             "body every step, and the fastai recipe trains the body's BatchNorm while frozen")
+        raise ReplicateError(
+            "--cache-features needs a frozen run of the paper recipe: finetuning changes the "
+            "body every step, and the fastai recipe trains the body's BatchNorm while frozen"
+        )
 
 
 class CachedViews(torch.utils.data.Dataset):
@@ -45,7 +50,9 @@ class CachedViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         x = self.views[self.view]
-        return (tuple(t[i] for t in x) if isinstance(x, tuple) else x[i]), self.targets[self.view][i]
+        return (tuple(t[i] for t in x) if isinstance(x, tuple) else x[i]), self.targets[self.view][
+            i
+        ]
 
 
 class NextView(Callback):
@@ -88,20 +95,38 @@ def head_learner(learn: Learner, cfg: RunConfig, log) -> Learner:
     head and is exported as usual.
     """
     body, head = learn.model[0], learn.model[1]
-    if hasattr(learn, "channels_last"):  # as fastai's ChannelsLast does when a fit starts; caching is no fit
+    if hasattr(
+        learn, "channels_last"
+    ):  # as fastai's ChannelsLast does when a fit starts; caching is no fit
         learn.model.to(memory_format=torch.channels_last)
-    log(f"caching features: {cfg.cache_features} augmented view(s) of {len(learn.dls.train_ds)} train "
-        f"and 1 of {len(learn.dls.valid_ds)} valid images through the frozen body")
-    train = [body_outputs(body, learn.dls.train, not cfg.freeze_bn, f"view {k + 1}/{cfg.cache_features}")
-             for k in range(cfg.cache_features)]
+    log(
+        f"caching features: {cfg.cache_features} augmented view(s) of {len(learn.dls.train_ds)} train "
+        f"and 1 of {len(learn.dls.valid_ds)} valid images through the frozen body"
+    )
+    train = [
+        body_outputs(body, learn.dls.train, not cfg.freeze_bn, f"view {k + 1}/{cfg.cache_features}")
+        for k in range(cfg.cache_features)
+    ]
     valid = body_outputs(body, learn.dls.valid, False, "valid")
     train_views = CachedViews([x for x, _ in train], [y for _, y in train])
-    dls = DataLoaders(DataLoader(train_views, bs=cfg.bs, shuffle=True, drop_last=learn.dls.train.drop_last),
-                      DataLoader(CachedViews([valid[0]], [valid[1]]), bs=learn.dls.valid.bs),
-                      device=learn.dls.device)
-    aux = models.uses_aux(models.get_arch(cfg.arch), models.input_size(cfg), cfg.recipe, cfg.freeze_bn)
+    dls = DataLoaders(
+        DataLoader(train_views, bs=cfg.bs, shuffle=True, drop_last=learn.dls.train.drop_last),
+        DataLoader(CachedViews([valid[0]], [valid[1]]), bs=learn.dls.valid.bs),
+        device=learn.dls.device,
+    )
+    aux = models.uses_aux(
+        models.get_arch(cfg.arch), models.input_size(cfg), cfg.recipe, cfg.freeze_bn
+    )
     cbs = [NextView(train_views)] + ([models.AuxLossCallback(cfg.aux_loss_weight)] if aux else [])
-    head_learn = Learner(dls, head, loss_func=learn.loss_func, opt_func=learn.opt_func, lr=learn.lr, wd=learn.wd,
-                         metrics=models.epoch_accuracy(), cbs=cbs)
+    head_learn = Learner(
+        dls,
+        head,
+        loss_func=learn.loss_func,
+        opt_func=learn.opt_func,
+        lr=learn.lr,
+        wd=learn.wd,
+        metrics=models.epoch_accuracy(),
+        cbs=cbs,
+    )
     head_learn.recorder.train_metrics = True
     return head_learn

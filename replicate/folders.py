@@ -6,6 +6,7 @@ only read folders (`audit`, `clean`) start in a second.
 A task is `TASK/{train,valid}/<class>/*.jpg`; folders starting with `_` or `.` are not classes
 (`_removed`, `_cleaning`, `_audit` are replicate's own).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,11 @@ def image_files(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        found += [
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        ]
     return found
 
 
@@ -62,8 +66,10 @@ def task_files(task_dir: Path) -> tuple[dict[tuple[str, str], list[Path]], list[
     saying what to fix when it is wrong. The images are not decoded here."""
     task_dir = Path(task_dir)
     if not task_dir.is_dir():
-        raise ReplicateError(f"task folder {task_dir} not found: expected {LAYOUT} under {task_dir.parent} "
-                             f"(run `replicate data houses` or `replicate prepare SOURCE_DIR {task_dir.name}`)")
+        raise ReplicateError(
+            f"task folder {task_dir} not found: expected {LAYOUT} under {task_dir.parent} "
+            f"(run `replicate data houses` or `replicate prepare SOURCE_DIR {task_dir.name}`)"
+        )
     for split in SPLITS:
         if not (task_dir / split).is_dir():
             raise ReplicateError(f"{task_dir / split} is missing: expected {LAYOUT}")
@@ -71,12 +77,16 @@ def task_files(task_dir: Path) -> tuple[dict[tuple[str, str], list[Path]], list[
     if not train and not valid:
         raise ReplicateError(f"{task_dir} has no class folders: expected {LAYOUT}")
     if train != valid:
-        raise ReplicateError(f"train and valid have different classes in {task_dir}: "
-                             f"only in train: {sorted(train - valid) or 'none'}, only in valid: {sorted(valid - train) or 'none'}")
+        raise ReplicateError(
+            f"train and valid have different classes in {task_dir}: "
+            f"only in train: {sorted(train - valid) or 'none'}, only in valid: {sorted(valid - train) or 'none'}"
+        )
     classes = sorted(train)
     files = {(s, c): image_files(task_dir / s / c) for s in SPLITS for c in classes}
     empty = [f"{s}/{c}" for (s, c), fs in files.items() if not fs]
     if empty:
-        raise ReplicateError(f"no images (.jpg, .png, ...) in {task_dir} for: {', '.join(empty)}; "
-                             f"every class needs photos in both train and valid")
+        raise ReplicateError(
+            f"no images (.jpg, .png, ...) in {task_dir} for: {', '.join(empty)}; "
+            f"every class needs photos in both train and valid"
+        )
     return files, classes

@@ -15,6 +15,7 @@ whole hashes against all 900,000 crop hashes) took it 26-28 s on 2 cores where t
 Here each chunk's table is a sorted array with direct offsets (chunks are at most 22 bits), and
 one probe pattern is applied to all queries at once.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -28,7 +29,11 @@ MAX_CHUNK_BITS = 22  # a chunk's table is an offsets array of 2**bits entries: 3
 
 def flips(bits: int, radius: int) -> np.ndarray:
     """Every mask of at most `radius` set bits among `bits`: the probes around a chunk's value."""
-    masks = [0] + [sum(1 << b for b in c) for k in range(1, radius + 1) for c in itertools.combinations(range(bits), k)]
+    masks = [0] + [
+        sum(1 << b for b in c)
+        for k in range(1, radius + 1)
+        for c in itertools.combinations(range(bits), k)
+    ]
     return np.array(masks, dtype=np.uint64)
 
 
@@ -38,21 +43,30 @@ def chunking(n_queries: int, n_hashes: int, radius: int) -> list[tuple[int, int]
     the tables. A few thousand photos get many narrow chunks; a million get three of 21-22 bits."""
     best, best_cost = [], float("inf")
     fewest = -(-64 // MAX_CHUNK_BITS)
-    for m in range(fewest, max(fewest, radius + 1) + 1):  # with radius + 1 chunks, one matches exactly
+    for m in range(
+        fewest, max(fewest, radius + 1) + 1
+    ):  # with radius + 1 chunks, one matches exactly
         edges = np.linspace(0, 64, m + 1).astype(int)
         probes = [sum(comb(int(b), k) for k in range(radius // m + 1)) for b in np.diff(edges)]
-        cost = sum(n_queries * p * (1 + n_hashes / 2.0 ** b) + 2 ** b for p, b in zip(probes, np.diff(edges)))
+        cost = sum(
+            n_queries * p * (1 + n_hashes / 2.0**b) + 2**b for p, b in zip(probes, np.diff(edges))
+        )
         if cost < best_cost:
             best, best_cost = list(zip(edges[:-1].tolist(), np.diff(edges).tolist())), cost
     return best
 
 
-def within(queries: np.ndarray, hashes: np.ndarray, radius: int, threads: int = 1) -> tuple[np.ndarray, ...]:
+def within(
+    queries: np.ndarray, hashes: np.ndarray, radius: int, threads: int = 1
+) -> tuple[np.ndarray, ...]:
     """(query index, hash index, distance) of every pair with at most `radius` differing bits; a
     pair found through several chunks is listed once per chunk (callers reduce them).
 
     queries, hashes: 1-d uint64. `threads`: chunks searched at once (numpy releases the GIL)."""
-    queries, hashes = np.ascontiguousarray(queries, np.uint64), np.ascontiguousarray(hashes, np.uint64)
+    queries, hashes = (
+        np.ascontiguousarray(queries, np.uint64),
+        np.ascontiguousarray(hashes, np.uint64),
+    )
     chunks = chunking(len(queries), len(hashes), radius)
     m = len(chunks)
     work = [(queries, hashes, chunk, radius, radius // m) for chunk in chunks]
@@ -64,7 +78,9 @@ def within(queries: np.ndarray, hashes: np.ndarray, radius: int, threads: int = 
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
 
-def _search_chunk(queries, hashes, chunk: tuple[int, int], radius: int, chunk_radius: int) -> tuple[np.ndarray, ...]:
+def _search_chunk(
+    queries, hashes, chunk: tuple[int, int], radius: int, chunk_radius: int
+) -> tuple[np.ndarray, ...]:
     """`within` through one chunk's table: probe every value within `chunk_radius` bits of each
     query's chunk, for all queries at once, and keep the hashes found within `radius` bits."""
     lo, bits = chunk

@@ -26,6 +26,7 @@ represented by its pool photo's features, never computed twice. `--apply` puts a
 valid, near-duplicates of the pool (the audit's, transitively) always in one split. The round's
 page, its batch and the caches are in `exports/TASK/label/`.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,10 +52,14 @@ NEAR = 0.05
 BATCH = 20  # photos a round: a few minutes in the page
 VALID_PCT = 0.2  # share of each class's labelled photos put in valid
 DEFAULT_CLASSES = ("yes", "no")
-LOG_DIR = "_labelling"  # in the task folder: the --apply logs, the record of which pool photos are done
+LOG_DIR = (
+    "_labelling"  # in the task folder: the --apply logs, the record of which pool photos are done
+)
 
 
-def pool_features(files: list[Path], cache: Path | None = None, arch: str = ARCH, bs: int = 64) -> np.ndarray:
+def pool_features(
+    files: list[Path], cache: Path | None = None, arch: str = ARCH, bs: int = 64
+) -> np.ndarray:
     """(n, d) float32: each photo's pooled features from `arch`'s frozen pretrained body (L2-normalised),
     in `files`' order; rows cached in `cache` (.npz) are reused while path, size and mtime match."""
     keys = [f"{f}|{st.st_size}|{st.st_mtime_ns}" for f, st in ((f, os.stat(f)) for f in files)]
@@ -75,7 +80,9 @@ def pool_features(files: list[Path], cache: Path | None = None, arch: str = ARCH
 def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     import torch
     from fastprogress.fastprogress import progress_bar
+
     from . import models
+
     prep = photos.Preprocess.from_meta(models.preprocess(RunConfig(task="label", arch=arch_name)))
     arch = models.get_arch(arch_name)
     body = arch.cut(models.Backbone(arch_name)(pretrained=True)).eval()
@@ -83,12 +90,18 @@ def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     std = torch.tensor(prep.std).view(1, 3, 1, 1)
     out = []
     with torch.no_grad():
-        for start in progress_bar(range(0, len(files), bs), leave=False):  # minutes for a large pool on a CPU
+        for start in progress_bar(
+            range(0, len(files), bs), leave=False
+        ):  # minutes for a large pool on a CPU
             batch = []
-            for f in files[start:start + bs]:
-                crops, error = photos.decode(f, [prep.geometry])  # as the ONNX engine decodes for serving
+            for f in files[start : start + bs]:
+                crops, error = photos.decode(
+                    f, [prep.geometry]
+                )  # as the ONNX engine decodes for serving
                 if crops is None:
-                    raise ReplicateError(f"{f} cannot be read ({error}): move it out of {f.parent} or replace it")
+                    raise ReplicateError(
+                        f"{f} cannot be read ({error}): move it out of {f.parent} or replace it"
+                    )
                 batch.append(crops[prep.geometry])
             x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
             out.append(body((x - mean) / std).flatten(1).numpy())
@@ -100,13 +113,15 @@ def fit_head(x: np.ndarray, labels: list[str]):
     """scikit-learn's logistic regression on the labelled rows (classes balanced): the head a round
     trains in seconds. ReplicateError when fewer than two classes are labelled yet."""
     from sklearn.linear_model import LogisticRegression
+
     if len(set(labels)) < 2:
         raise ReplicateError("label photos of at least two classes before a head can be trained")
     return LogisticRegression(max_iter=2000, C=10.0, class_weight="balanced").fit(x, labels)
 
 
-def spread(x: np.ndarray, candidates: np.ndarray, k: int, chosen: np.ndarray | None = None,
-           seed: int = 0) -> list[int]:
+def spread(
+    x: np.ndarray, candidates: np.ndarray, k: int, chosen: np.ndarray | None = None, seed: int = 0
+) -> list[int]:
     """`k` of `candidates` (row numbers of `x`) kept apart: farthest-first (k-center greedy) in
     cosine distance, starting from the `chosen` rows, else from a random candidate."""
     candidates = np.asarray(candidates)
@@ -131,7 +146,7 @@ def distinct(x: np.ndarray, ranked: np.ndarray, n: int, known: np.ndarray) -> np
     """The first `n` of `ranked` (row numbers of `x`, best first) that are not copies (within NEAR)
     of a `known` row or of one taken before them: a cluster of copies gives one candidate."""
     anchors = np.empty((len(known) + n, x.shape[1]), x.dtype)
-    anchors[:len(known)] = x[known]
+    anchors[: len(known)] = x[known]
     used, taken = len(known), []
     for row in ranked:
         if used and (1 - anchors[:used] @ x[row]).min() < NEAR:
@@ -144,15 +159,28 @@ def distinct(x: np.ndarray, ranked: np.ndarray, n: int, known: np.ndarray) -> np
     return np.array(taken, dtype=int)
 
 
-def next_batch(x: np.ndarray, labelled: pd.Series, k: int, positive: str | None = None, seed: int = 0,
-               candidates: np.ndarray | None = None, head=None) -> list[int]:
+def next_batch(
+    x: np.ndarray,
+    labelled: pd.Series,
+    k: int,
+    positive: str | None = None,
+    seed: int = 0,
+    candidates: np.ndarray | None = None,
+    head=None,
+) -> list[int]:
     """The next `k` rows of `x` to label. `labelled`: {row: class} so far. `positive`: a yes/no
     attribute's class, whose likeliest photos fill half the batch. `candidates`: the rows that may
     be picked (default: every row not labelled). `head`: `fit_head` on `labelled`, if the caller
     has it already."""
     known = labelled.index.to_numpy(int)
-    unlabelled = np.setdiff1d(np.arange(len(x)), known) if candidates is None else np.asarray(candidates, dtype=int)
-    if labelled.nunique() < 2:  # farthest-first over the whole pool: a copy is at distance 0 from its photo
+    unlabelled = (
+        np.setdiff1d(np.arange(len(x)), known)
+        if candidates is None
+        else np.asarray(candidates, dtype=int)
+    )
+    if (
+        labelled.nunique() < 2
+    ):  # farthest-first over the whole pool: a copy is at distance 0 from its photo
         return spread(x, unlabelled, k, known, seed)
     head = head or fit_head(x[known], labelled.tolist())
     p = head.predict_proba(x[unlabelled])
@@ -169,7 +197,9 @@ def next_batch(x: np.ndarray, labelled: pd.Series, k: int, positive: str | None 
     return picks + spread(x, rest, k - len(picks), known, seed)
 
 
-def nearest(x: np.ndarray, candidates: np.ndarray, examples: np.ndarray, k: int, known: np.ndarray) -> list[int]:
+def nearest(
+    x: np.ndarray, candidates: np.ndarray, examples: np.ndarray, k: int, known: np.ndarray
+) -> list[int]:
     """The `k` `candidates` (rows of `x`) most like any of the `examples` (feature rows), one photo
     per cluster of copies: a first batch for a user who can point at what the filter looks for."""
     score = (x[candidates] @ examples.T).max(axis=1)
@@ -178,6 +208,7 @@ def nearest(x: np.ndarray, candidates: np.ndarray, examples: np.ndarray, k: int,
 
 # --- the session: a pool, a task folder, rounds ---------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Session:
     """What `replicate label TASK` remembers between rounds (exports/TASK/label/session.json)."""
@@ -185,7 +216,9 @@ class Session:
     task: str
     pool: str  # the folder of unlabelled photos, absolute
     classes: tuple[str, ...]
-    positive: str | None  # the class a yes/no filter looks for: half of each batch is its likeliest photos
+    positive: (
+        str | None
+    )  # the class a yes/no filter looks for: half of each batch is its likeliest photos
     batch: int = BATCH
     valid_pct: float = VALID_PCT
     arch: str = ARCH
@@ -195,41 +228,71 @@ def _class_names(text: str) -> tuple[str, ...]:
     names = tuple(c.strip() for c in text.split(",") if c.strip())
     bad = [c for c in names if c.startswith(("_", ".")) or "/" in c or "\\" in c]
     if len(set(names)) != len(names) or len(names) < 2 or bad:
-        raise ReplicateError(f"--classes {text!r}: give two or more different class names, comma-separated, "
-                             f"none starting with _ or . or holding a slash (e.g. yes,no or bathroom,bedroom,kitchen)")
+        raise ReplicateError(
+            f"--classes {text!r}: give two or more different class names, comma-separated, "
+            f"none starting with _ or . or holding a slash (e.g. yes,no or bathroom,bedroom,kitchen)"
+        )
     return names
 
 
-def open_session(task_dir: Path, out: Path, pool: Path | None = None, classes: str | None = None,
-                 positive: str | None = None, batch: int | None = None) -> Session:
+def open_session(
+    task_dir: Path,
+    out: Path,
+    pool: Path | None = None,
+    classes: str | None = None,
+    positive: str | None = None,
+    batch: int | None = None,
+) -> Session:
     """The task's labelling session, started or continued; what is given overrides what is remembered.
     Classes: --classes, else the remembered ones, else the task folder's, else yes/no."""
-    stored = json.loads((out / "session.json").read_text()) if (out / "session.json").is_file() else {}
+    stored = (
+        json.loads((out / "session.json").read_text()) if (out / "session.json").is_file() else {}
+    )
     if pool is None and not stored:
-        raise ReplicateError(f"give --pool DIR, the folder of unlabelled photos, for the first round of {task_dir.name}")
+        raise ReplicateError(
+            f"give --pool DIR, the folder of unlabelled photos, for the first round of {task_dir.name}"
+        )
     pool = Path(pool).expanduser().resolve() if pool is not None else Path(stored["pool"])
     if not pool.is_dir():
-        raise ReplicateError(f"the pool {pool} is not a folder: give --pool DIR, a folder of photos (any layout)")
+        raise ReplicateError(
+            f"the pool {pool} is not a folder: give --pool DIR, a folder of photos (any layout)"
+        )
     task = task_dir.resolve()
     if pool == task or pool in task.parents or task in pool.parents:
-        raise ReplicateError(f"the pool {pool} and the task folder {task} overlap: the labelled copies would "
-                             f"join the pool; keep the unlabelled photos in a folder of their own")
+        raise ReplicateError(
+            f"the pool {pool} and the task folder {task} overlap: the labelled copies would "
+            f"join the pool; keep the unlabelled photos in a folder of their own"
+        )
     existing = set().union(*(class_dirs(task_dir / s) for s in SPLITS if (task_dir / s).is_dir()))
-    names = (_class_names(classes) if classes else tuple(stored.get("classes", ())) or tuple(sorted(existing))
-             or DEFAULT_CLASSES)
+    names = (
+        _class_names(classes)
+        if classes
+        else tuple(stored.get("classes", ())) or tuple(sorted(existing)) or DEFAULT_CLASSES
+    )
     if len(names) < 2:
-        raise ReplicateError(f"{task_dir} has the one class {names[0]}: give --classes with all of them")
+        raise ReplicateError(
+            f"{task_dir} has the one class {names[0]}: give --classes with all of them"
+        )
     if existing - set(names):
-        raise ReplicateError(f"{task_dir} holds the class(es) {', '.join(sorted(existing - set(names)))} that "
-                             f"--classes {','.join(names)} lacks: name every class the task has")
+        raise ReplicateError(
+            f"{task_dir} holds the class(es) {', '.join(sorted(existing - set(names)))} that "
+            f"--classes {','.join(names)} lacks: name every class the task has"
+        )
     if positive is None and tuple(stored.get("classes", ())) == names:
         positive = stored.get("positive")
     elif positive is None and len(names) == 2 and "yes" in names:
         positive = "yes"
     if positive is not None and positive not in names:
         raise ReplicateError(f"--positive {positive} is not one of the classes {', '.join(names)}")
-    session = Session(task_dir.name, str(pool), names, positive, batch or stored.get("batch", BATCH),
-                      stored.get("valid_pct", VALID_PCT), stored.get("arch", ARCH))
+    session = Session(
+        task_dir.name,
+        str(pool),
+        names,
+        positive,
+        batch or stored.get("batch", BATCH),
+        stored.get("valid_pct", VALID_PCT),
+        stored.get("arch", ARCH),
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "session.json").write_text(json.dumps(asdict(session), indent=2) + "\n")
     return session
@@ -251,29 +314,43 @@ def pool_photos(session: Session, out: Path, log=None) -> Pool:
         raise ReplicateError(f"no photos (.jpg, .png, ...) in the pool {session.pool}")
     prints = audit.fingerprints(files, cache=out / "fingerprints.csv", log=log)
     readable = (prints.error == "").to_numpy()
-    return Pool([f for f, ok in zip(files, readable) if ok], prints[readable].reset_index(drop=True),
-                prints.loc[~readable, ["path", "error"]])
+    return Pool(
+        [f for f, ok in zip(files, readable) if ok],
+        prints[readable].reset_index(drop=True),
+        prints.loc[~readable, ["path", "error"]],
+    )
 
 
 def task_photos(task_dir: Path) -> pd.DataFrame:
     """The labelled photos: path (absolute, as --apply logs it), split, label of every image in
     TASK/{train,valid}/<class>/."""
     task_dir = task_dir.resolve()
-    rows = [(str(f), split, label) for split in SPLITS if (task_dir / split).is_dir()
-            for label in sorted(class_dirs(task_dir / split)) for f in image_files(task_dir / split / label)]
+    rows = [
+        (str(f), split, label)
+        for split in SPLITS
+        if (task_dir / split).is_dir()
+        for label in sorted(class_dirs(task_dir / split))
+        for f in image_files(task_dir / split / label)
+    ]
     return pd.DataFrame(rows, columns=["path", "split", "label"])
 
 
 def logs(task_dir: Path) -> list[Path]:
     """The --apply logs in force (not undone), oldest first: one per round applied."""
-    return [p for p in sorted((task_dir / LOG_DIR).glob("*.csv")) if not p.name.endswith(".undone.csv")]
+    return [
+        p for p in sorted((task_dir / LOG_DIR).glob("*.csv")) if not p.name.endswith(".undone.csv")
+    ]
 
 
 def applied(task_dir: Path) -> pd.DataFrame:
     """The rows of the logs in force (clean.LOG_COLUMNS, and `split`: where a copy went, '' for a
     skip), one per pool photo labelled or skipped."""
     frames = [pd.read_csv(log, dtype=str, keep_default_na=False) for log in logs(task_dir)]
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LOG_COLUMNS, dtype=str)
+    rows = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=LOG_COLUMNS, dtype=str)
+    )
     return rows.assign(split=[Path(d).parent.parent.name if d else "" for d in rows.destination])
 
 
@@ -291,8 +368,15 @@ class Round:
     page: Path
 
 
-def next_round(session: Session, pool: Pool, task_dir: Path, out: Path, like: list[Path] = (), seed: int = 0,
-               log=None) -> Round:
+def next_round(
+    session: Session,
+    pool: Pool,
+    task_dir: Path,
+    out: Path,
+    like: list[Path] = (),
+    seed: int = 0,
+    log=None,
+) -> Round:
     """Train the head on the labels so far, pick the next batch, write its page; the Round.
 
     A labelled photo copied from the pool is its pool row (its features are not computed twice);
@@ -309,11 +393,15 @@ def next_round(session: Session, pool: Pool, task_dir: Path, out: Path, like: li
     n = len(pool.files) + len(others)
     rows[rows < 0] = np.arange(len(pool.files), n)
     if log:
-        log(f"features of {len(pool.files)} pool photos, {len(others)} other labelled ones and {len(like)} "
-            f"examples ({session.arch}, cached)")
+        log(
+            f"features of {len(pool.files)} pool photos, {len(others)} other labelled ones and {len(like)} "
+            f"examples ({session.arch}, cached)"
+        )
     x = pool_features(pool.files + others + like, out / "features.npz", session.arch)
     finished = set(copies.source)
-    candidates = np.array([i for i, f in enumerate(pool.files) if str(f) not in finished], dtype=int)
+    candidates = np.array(
+        [i for i, f in enumerate(pool.files) if str(f) not in finished], dtype=int
+    )
     labels = pd.Series(labelled.label.to_numpy(), index=rows, dtype=object)
     k = min(session.batch, len(candidates))
     head = fit_head(x[rows], labels.tolist()) if labels.nunique() >= 2 else None
@@ -321,10 +409,16 @@ def next_round(session: Session, pool: Pool, task_dir: Path, out: Path, like: li
     if like_used:  # half nearest the examples, half spread over the rest
         picks = nearest(x, candidates, x[n:], (k + 1) // 2, rows)
         rest = candidates[~np.isin(candidates, picks)]
-        batch_rows = picks + spread(x, rest, k - len(picks), np.concatenate([rows, picks]).astype(int), seed)
+        batch_rows = picks + spread(
+            x, rest, k - len(picks), np.concatenate([rows, picks]).astype(int), seed
+        )
     else:
-        batch_rows = next_batch(x[:n], labels, k, session.positive, seed, candidates, head) if k else []
-    batch = pd.DataFrame({"path": [str(pool.files[r]) for r in batch_rows], "guess": "", "probability": np.nan})
+        batch_rows = (
+            next_batch(x[:n], labels, k, session.positive, seed, candidates, head) if k else []
+        )
+    batch = pd.DataFrame(
+        {"path": [str(pool.files[r]) for r in batch_rows], "guess": "", "probability": np.nan}
+    )
     if head is not None and batch_rows:
         p = head.predict_proba(x[batch_rows])
         batch["guess"], batch["probability"] = head.classes_[p.argmax(axis=1)], p.max(axis=1)
@@ -333,8 +427,17 @@ def next_round(session: Session, pool: Pool, task_dir: Path, out: Path, like: li
     counts = {c: int((labelled.label == c).sum()) for c in session.classes}
     batch.to_csv(out / f"round-{number}.csv", index=False)
     page = out / f"round-{number}.html"
-    report.write_label_page(batch, session, number, counts, accuracy_text(correct, validated), len(pool.files),
-                            len(candidates), like_used, page)
+    report.write_label_page(
+        batch,
+        session,
+        number,
+        counts,
+        accuracy_text(correct, validated),
+        len(pool.files),
+        len(candidates),
+        like_used,
+        page,
+    )
     return Round(number, batch, counts, correct, validated, len(pool.files), len(candidates), page)
 
 
@@ -361,7 +464,9 @@ def valid_target(n: int, valid_pct: float) -> int:
     return max(1, round(n * valid_pct)) if n >= 2 else 0
 
 
-def plan_labels(session: Session, pool: Pool, task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
+def plan_labels(
+    session: Session, pool: Pool, task_dir: Path, decisions: pd.DataFrame
+) -> list[Move]:
     """The copies (and skips) a label page's decisions ask for; ReplicateError listing every problem
     before anything is copied. Each labelled photo goes to train or valid: valid while its class
     has fewer than `valid_target` there, except that near-duplicates of the pool follow the split
@@ -376,7 +481,9 @@ def plan_labels(session: Session, pool: Pool, task_dir: Path, decisions: pd.Data
         action, label = row.action.strip().lower(), row.new_label.strip()
         source = str(Path(row.path).expanduser().resolve())
         if action not in ("label", "skip"):
-            problems.append(f"{where}: unknown action {row.action!r} (a label page writes label or skip)")
+            problems.append(
+                f"{where}: unknown action {row.action!r} (a label page writes label or skip)"
+            )
         elif source not in index:
             problems.append(f"{where}: not a readable photo of the pool {session.pool}")
         elif source in finished:
@@ -384,14 +491,20 @@ def plan_labels(session: Session, pool: Pool, task_dir: Path, decisions: pd.Data
         elif source in seen:
             problems.append(f"{where}: the same photo appears twice")
         elif action == "label" and label not in session.classes:
-            problems.append(f"{where}: unknown class {label!r} (classes: {', '.join(session.classes)})")
+            problems.append(
+                f"{where}: unknown class {label!r} (classes: {', '.join(session.classes)})"
+            )
         else:
             seen.add(source)
             chosen.append((index[source], label if action == "label" else None))
     if problems:
         raise _refused(problems)
     groups = audit.link_owners(list(range(len(files))), files, frame=pool.prints)
-    placed = {groups[index[s]]: split for s, split in zip(copies.source, copies.split) if split and s in index}
+    placed = {
+        groups[index[s]]: split
+        for s, split in zip(copies.source, copies.split)
+        if split and s in index
+    }
     counts = Counter(task_photos(task_dir)[["split", "label"]].itertuples(index=False, name=None))
     moves, names = [], set()
     for row, label in chosen:
@@ -401,11 +514,20 @@ def plan_labels(session: Session, pool: Pool, task_dir: Path, decisions: pd.Data
         group = groups[row]
         if group not in placed:
             total = counts["train", label] + counts["valid", label] + 1
-            placed[group] = "valid" if counts["valid", label] < valid_target(total, session.valid_pct) else "train"
+            placed[group] = (
+                "valid"
+                if counts["valid", label] < valid_target(total, session.valid_pct)
+                else "train"
+            )
         split = placed[group]
         counts[split, label] += 1
         # The pool's sub-folders become part of the name: photos of two listings may share a name.
-        destination = task_dir.resolve() / split / label / "__".join(files[row].relative_to(session.pool).parts)
+        destination = (
+            task_dir.resolve()
+            / split
+            / label
+            / "__".join(files[row].relative_to(session.pool).parts)
+        )
         if destination.exists() or destination in names:
             problems.append(f"{files[row]}: {destination} exists already (name clash)")
         names.add(destination)
@@ -417,12 +539,21 @@ def plan_labels(session: Session, pool: Pool, task_dir: Path, decisions: pd.Data
 
 def _refused(problems: list[str], shown: int = 5) -> ReplicateError:
     more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
-    return ReplicateError(f"nothing was copied; {len(problems)} problem(s): " + "; ".join(problems[:shown]) + more)
+    return ReplicateError(
+        f"nothing was copied; {len(problems)} problem(s): " + "; ".join(problems[:shown]) + more
+    )
 
 
 def describe(moves: list[Move]) -> pd.DataFrame:
     """Copied photos per split and class, and the skipped ones: the table --apply prints."""
-    rows = [("skipped" if m.destination is None else m.destination.parent.parent.name,
-             m.new_label or "-") for m in moves]
-    table = pd.DataFrame(rows, columns=["split", "class"]).value_counts().rename("photos").reset_index()
+    rows = [
+        (
+            "skipped" if m.destination is None else m.destination.parent.parent.name,
+            m.new_label or "-",
+        )
+        for m in moves
+    ]
+    table = (
+        pd.DataFrame(rows, columns=["split", "class"]).value_counts().rename("photos").reset_index()
+    )
     return table.sort_values(["split", "class"]).reset_index(drop=True)

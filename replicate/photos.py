@@ -12,6 +12,7 @@ photos here, so a model sees the same pixels when it is served as when it was va
 `Preprocess` is the record of the whole photo -> input recipe that model.onnx carries.
 Only PIL and numpy: the ONNX engine imports this without fastai or PyTorch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,12 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 DRAFT_FACTOR = 4  # decode at reduced scale when the short side is at least this many times the crop
 
 
@@ -43,15 +48,27 @@ class Preprocess:
         return self.size, self.crop_pct, self.interpolation
 
     def to_meta(self, **more) -> dict:
-        return {"format": 1, "size": self.size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std),
-                "input": "float32 N x 3 x size x size, RGB, (pixel / 255 - mean) / std",
-                "output": "class probabilities", **more}
+        return {
+            "format": 1,
+            "size": self.size,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input": "float32 N x 3 x size x size, RGB, (pixel / 255 - mean) / std",
+            "output": "class probabilities",
+            **more,
+        }
 
     @classmethod
     def from_meta(cls, meta: dict) -> Preprocess:
-        return cls(int(meta["size"]), float(meta["crop_pct"]), str(meta["interpolation"]),
-                   tuple(meta["mean"]), tuple(meta["std"]))
+        return cls(
+            int(meta["size"]),
+            float(meta["crop_pct"]),
+            str(meta["interpolation"]),
+            tuple(meta["mean"]),
+            tuple(meta["std"]),
+        )
 
 
 def largest_crop(size: int, crop_pct: float) -> int:
@@ -80,9 +97,13 @@ def valid_crop(im: Image.Image, size: int, crop_pct: float, resample: str | int)
     `crop_pct` of the short side's square, resized to `size` with `resample` (a PIL filter or its
     name)."""
     w, h = im.size
-    crop = max(1, int(min(w / size, h / size) * crop_pct * size))  # as fastai-era runs computed it, bit for bit
+    crop = max(
+        1, int(min(w / size, h / size) * crop_pct * size)
+    )  # as fastai-era runs computed it, bit for bit
     left, top = (w - crop) // 2, (h - crop) // 2
-    return im.crop((left, top, left + crop, top + crop)).resize((size, size), RESAMPLING.get(resample, resample))
+    return im.crop((left, top, left + crop, top + crop)).resize(
+        (size, size), RESAMPLING.get(resample, resample)
+    )
 
 
 def decode(path: Path, geometries: list[tuple[int, float, str]]) -> tuple[dict | None, str]:

@@ -12,6 +12,7 @@ user trusts) and runs fastai's own `test_dl` pipeline: the path `interpret` uses
 Both check the file against the SHA-256 recorded in metrics.json when it was written, and turn
 files that do not decode into rows with an error instead of stopping.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ class Model:
 
 # --- the checksum recorded at writing time ------------------------------------------------------
 
+
 def checksum_warning(path: Path) -> str:
     """'' when `path` matches the SHA-256 that metrics.json beside it recorded, else what is wrong."""
     metrics = path.parent / "metrics.json"
@@ -70,6 +72,7 @@ def checksum_warning(path: Path) -> str:
 
 
 # --- the onnx engine ------------------------------------------------------------------------------
+
 
 @dataclass
 class OnnxModel:
@@ -102,9 +105,14 @@ def onnx_path(model: Path) -> Path:
     """The model.onnx of a run folder, or the .onnx file itself."""
     path = model / "model.onnx" if model.is_dir() else model
     if not path.is_file():
-        hint = (f": write it with `replicate export {model}`, or use --engine fastai"
-                if (model / "export.pkl").is_file() else "")
-        raise ReplicateError(f"{model} is neither a run folder with model.onnx nor an .onnx file{hint}")
+        hint = (
+            f": write it with `replicate export {model}`, or use --engine fastai"
+            if (model / "export.pkl").is_file()
+            else ""
+        )
+        raise ReplicateError(
+            f"{model} is neither a run folder with model.onnx nor an .onnx file{hint}"
+        )
     return path
 
 
@@ -115,8 +123,13 @@ def providers(device: str = "cpu", index: int = 0) -> list:
     return ["CPUExecutionProvider"]
 
 
-def load_onnx(model: Path, name: str | None = None, device: str = "cpu", index: int = 0,
-              threads: int | None = None) -> OnnxModel:
+def load_onnx(
+    model: Path,
+    name: str | None = None,
+    device: str = "cpu",
+    index: int = 0,
+    threads: int | None = None,
+) -> OnnxModel:
     """An ONNX Runtime session for a run folder's model.onnx (or an .onnx file), its metadata read
     and its checksum checked. A file that is not a readable ONNX model is a ReplicateError."""
     import onnxruntime as ort
@@ -129,19 +142,28 @@ def load_onnx(model: Path, name: str | None = None, device: str = "cpu", index: 
     try:
         session = ort.InferenceSession(str(path), options, providers=providers(device, index))
     except Exception as e:  # a truncated or corrupt file: onnxruntime's InvalidProtobuf, Fail, ...
-        raise ReplicateError(f"cannot load {path}: not a readable ONNX model "
-                             f"({str(e).splitlines()[0][:200]}): export it again with `replicate export`") from None
+        raise ReplicateError(
+            f"cannot load {path}: not a readable ONNX model "
+            f"({str(e).splitlines()[0][:200]}): export it again with `replicate export`"
+        ) from None
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     try:
         meta = json.loads(raw)
         Preprocess.from_meta(meta), list(meta["classes"])
     except (TypeError, ValueError, KeyError):
-        raise ReplicateError(f"{path} has no replicate metadata (classes, size, crop, normalisation): "
-                             "write it with `replicate export RUN_DIR`") from None
+        raise ReplicateError(
+            f"{path} has no replicate metadata (classes, size, crop, normalisation): "
+            "write it with `replicate export RUN_DIR`"
+        ) from None
     default = meta.get("task") or path.parent.name
     warning = checksum_warning(path)
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        warning = "; ".join(filter(None, [warning, "ONNX Runtime could not start its CUDA provider: running on the CPU"]))
+        warning = "; ".join(
+            filter(
+                None,
+                [warning, "ONNX Runtime could not start its CUDA provider: running on the CPU"],
+            )
+        )
     return OnnxModel(name or default, session, meta, path, warning)
 
 
@@ -166,25 +188,36 @@ def decoded(files: list[Path], geometries: list, workers: int, ahead: int = 128)
             yield pending.popleft().result()
 
 
-def tag_onnx(models: list[OnnxModel], files: list[Path], bs: int = 64, workers: int | None = None,
-             progress: bool = True) -> pd.DataFrame:
+def tag_onnx(
+    models: list[OnnxModel],
+    files: list[Path],
+    bs: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """One row per file: path, error, and per model <name>_predicted, <name>_p_<class>. Each photo
     is decoded once (by `workers` threads; None: one per core) for all the models."""
     workers = runtime.workers(workers)
     geometries = list(dict.fromkeys(m.prep.geometry for m in models))
     errors = [""] * len(files)
-    probs = {m.name: np.full((len(files), len(m.classes)), np.nan, dtype=np.float32) for m in models}
+    probs = {
+        m.name: np.full((len(files), len(m.classes)), np.nan, dtype=np.float32) for m in models
+    }
     pending: list[tuple[int, dict]] = []
 
     def flush():
         if pending:
             rows = [i for i, _ in pending]
             for m in models:
-                probs[m.name][rows] = m.probabilities(np.stack([d[m.prep.geometry] for _, d in pending]))
+                probs[m.name][rows] = m.probabilities(
+                    np.stack([d[m.prep.geometry] for _, d in pending])
+                )
             pending.clear()
 
     photos = decoded(files, geometries, workers, ahead=2 * bs)
-    for i, (arrays, error) in enumerate(progress_bar(photos, total=len(files), leave=False) if progress else photos):
+    for i, (arrays, error) in enumerate(
+        progress_bar(photos, total=len(files), leave=False) if progress else photos
+    ):
         if error:
             errors[i] = error
             continue
@@ -196,14 +229,16 @@ def tag_onnx(models: list[OnnxModel], files: list[Path], bs: int = 64, workers: 
     for m in models:
         p = probs[m.name]
         ok = ~np.isnan(p).any(axis=1)
-        table[f"{m.name}_predicted"] = pd.Series([m.classes[k] for k in p[ok].argmax(axis=1)],
-                                                 index=np.flatnonzero(ok), dtype=object)
+        table[f"{m.name}_predicted"] = pd.Series(
+            [m.classes[k] for k in p[ok].argmax(axis=1)], index=np.flatnonzero(ok), dtype=object
+        )
         for k, c in enumerate(m.classes):
             table[f"{m.name}_p_{c}"] = p[:, k]
     return table
 
 
 # --- the fastai engine ----------------------------------------------------------------------------
+
 
 def export_path(model: Path) -> Path:
     """The export.pkl of a run folder, or the file itself."""
@@ -220,11 +255,15 @@ def load_model(model: Path, device: torch.device | None = None, name: str | None
     path = export_path(Path(model))
     warning = checksum_warning(path)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fastai's pickle warning: the CLI says it in --help instead
+        warnings.simplefilter(
+            "ignore"
+        )  # fastai's pickle warning: the CLI says it in --help instead
         try:
             learn = load_learner(path, cpu=device is None or device.type == "cpu")
         except Exception as e:  # a truncated file, another fastai's pickle, a missing class...
-            raise ReplicateError(f"cannot load {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+            raise ReplicateError(
+                f"cannot load {path}: {type(e).__name__}: {e}".splitlines()[0]
+            ) from None
     if device is not None:
         learn.dls.to(device)
         learn.model.to(device)
@@ -237,11 +276,18 @@ def split_items(items: list[Path]) -> tuple[list[Path], list[Path]]:
     """(models, photos): the leading run folders (with model.onnx or export.pkl) and model files
     (.onnx, .pkl), then the images and folders to tag."""
     n = 0
-    while n < len(items) and (items[n].suffix in (".onnx", ".pkl") or
-                              (items[n].is_dir() and any((items[n] / f).is_file() for f in ("model.onnx", "export.pkl")))):
+    while n < len(items) and (
+        items[n].suffix in (".onnx", ".pkl")
+        or (
+            items[n].is_dir()
+            and any((items[n] / f).is_file() for f in ("model.onnx", "export.pkl"))
+        )
+    ):
         n += 1
     if n == 0 or n == len(items):
-        raise ReplicateError("give one or more models (run folders, model.onnx or export.pkl) and then images or folders")
+        raise ReplicateError(
+            "give one or more models (run folders, model.onnx or export.pkl) and then images or folders"
+        )
     return items[:n], items[n:]
 
 
@@ -254,14 +300,22 @@ def plan(engine: str, device: str, model_paths: list[Path]) -> tuple[str, str, s
         return engine, "cpu", ""
     if engine == "onnx" and "CUDAExecutionProvider" in ort.get_available_providers():
         return "onnx", "cuda", ""
-    if runtime.resolve_device(device).type != "cuda":  # PyTorch decides: no CUDA with --device cuda is its error
+    if (
+        runtime.resolve_device(device).type != "cuda"
+    ):  # PyTorch decides: no CUDA with --device cuda is its error
         return engine, "cpu", ""
     if engine == "onnx":
         if not all(_has_pickle(p) for p in model_paths):
             note = "ONNX Runtime here has no CUDA provider (pip install onnxruntime-gpu): running on the CPU"
             return "onnx", "cpu", note
-        return "fastai", "cuda", ("ONNX Runtime here has no CUDA provider (pip install onnxruntime-gpu): "
-                                  "running export.pkl with PyTorch on the GPU (a pickle: trusted files only)")
+        return (
+            "fastai",
+            "cuda",
+            (
+                "ONNX Runtime here has no CUDA provider (pip install onnxruntime-gpu): "
+                "running export.pkl with PyTorch on the GPU (a pickle: trusted files only)"
+            ),
+        )
     return "fastai", "cuda", ""
 
 
@@ -277,11 +331,14 @@ def load_models(paths: list[Path], engine: str, device: str) -> list:
         models = [load_onnx(p, device=device, index=index) for p in paths]
     else:
         import torch
+
         dev = torch.device("cuda", index) if device == "cuda" else torch.device("cpu")
         models = [load_model(_pickle_of(p), dev) for p in paths]
     tasks = [m.name for m in models]
-    for detail in (lambda p: p.name if p.is_dir() else p.parent.name,  # the run folder
-                   lambda p: p.name if p.is_dir() else f"{p.parent.name}_{p.stem}"):  # and the file
+    for detail in (
+        lambda p: p.name if p.is_dir() else p.parent.name,  # the run folder
+        lambda p: p.name if p.is_dir() else f"{p.parent.name}_{p.stem}",
+    ):  # and the file
         names = [m.name for m in models]
         for m, task, path in zip(models, tasks, paths):
             if names.count(m.name) > 1:
@@ -294,13 +351,16 @@ def _pickle_of(model: Path) -> Path:
     return model.parent / "export.pkl" if model.suffix == ".onnx" else model
 
 
-def tag_any(models: list, files: list[Path], bs: int = 64, workers: int | None = None) -> pd.DataFrame:
+def tag_any(
+    models: list, files: list[Path], bs: int = 64, workers: int | None = None
+) -> pd.DataFrame:
     """`tag_onnx` or `tag` (fastai), by the kind of models; under `accelerate launch` or `torchrun`
     each process tags its share of `files` (accelerate's split_between_processes) and the main
     process returns the whole table, each file once, in order (the others return None)."""
     mine, state = files, None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
+
         state = PartialState()
         with state.split_between_processes(files) as share:
             mine = list(share)
@@ -312,6 +372,7 @@ def tag_any(models: list, files: list[Path], bs: int = 64, workers: int | None =
     if state is None:
         return table
     from accelerate.utils import gather_object
+
     rows = gather_object(table.to_dict("records"))
     if not state.is_main_process:
         return None
@@ -349,7 +410,9 @@ def readable(files: list[Path]) -> tuple[list[Path], dict[Path, str]]:
     return good, bad
 
 
-def score(learn: Learner, files: list[Path], bs: int = 64, with_labels: bool = False) -> pd.DataFrame:
+def score(
+    learn: Learner, files: list[Path], bs: int = 64, with_labels: bool = False
+) -> pd.DataFrame:
     """Probabilities for `files` (validation transforms, batches of `bs`): path, predicted,
     probability, p_<class>...; with labels (taken from the folders, as in training): actual, loss."""
     vocab = list(learn.dls.vocab)
@@ -374,10 +437,14 @@ def score(learn: Learner, files: list[Path], bs: int = 64, with_labels: bool = F
 def tag(models: list[Model], files: list[Path], bs: int = 64) -> pd.DataFrame:
     """The fastai engine: one row per file: path, error, and per model <name>_predicted, <name>_p_<class>."""
     good, bad = readable(files)
-    table = pd.DataFrame({"path": [str(f) for f in files], "error": [bad.get(f, "") for f in files]})
+    table = pd.DataFrame(
+        {"path": [str(f) for f in files], "error": [bad.get(f, "") for f in files]}
+    )
     for model in models:
         if not good:
-            for col in [f"{model.name}_predicted"] + [f"{model.name}_p_{c}" for c in model.learn.dls.vocab]:
+            for col in [f"{model.name}_predicted"] + [
+                f"{model.name}_p_{c}" for c in model.learn.dls.vocab
+            ]:
                 table[col] = np.nan
             continue
         scored = score(model.learn, good, bs).drop(columns="probability")
@@ -391,7 +458,9 @@ def listing_ids(paths: pd.Series, pattern: str) -> pd.Series:
     path, if the pattern has a /); None where it does not match."""
     regex = re.compile(pattern)
     if regex.groups < 1:
-        raise ReplicateError(f"--listing-pattern {pattern!r} needs a group that captures the listing id, e.g. '^(\\d+)_'")
+        raise ReplicateError(
+            f"--listing-pattern {pattern!r} needs a group that captures the listing id, e.g. '^(\\d+)_'"
+        )
 
     def listing_id(path: str) -> str | None:
         p = Path(path)
@@ -401,8 +470,12 @@ def listing_ids(paths: pd.Series, pattern: str) -> pd.Series:
     return paths.map(listing_id)
 
 
-def listings(table: pd.DataFrame, pattern: str, threshold: float = 0.5,
-             filters: dict[str, dict] | None = None) -> pd.DataFrame:
+def listings(
+    table: pd.DataFrame,
+    pattern: str,
+    threshold: float = 0.5,
+    filters: dict[str, dict] | None = None,
+) -> pd.DataFrame:
     """Per listing: for each model and class, the highest probability over the listing's photos,
     and whether any photo shows it above `threshold` ("has a balcony" is a property of the listing);
     for each search filter (`search_filters`), whether any photo passes it."""
@@ -411,7 +484,9 @@ def listings(table: pd.DataFrame, pattern: str, threshold: float = 0.5,
         raise ReplicateError(f"--listing-pattern {pattern!r} matched none of the file names")
     probs = table.filter(regex=r"_p_").assign(listing=ids).dropna(subset=["listing"])
     best = probs.groupby("listing").max()
-    out = pd.concat([probs.groupby("listing").size().rename("photos"), best.add_prefix("max_")], axis=1)
+    out = pd.concat(
+        [probs.groupby("listing").size().rename("photos"), best.add_prefix("max_")], axis=1
+    )
     for col in best.columns:
         out[f"has_{col.replace('_p_', '_')}"] = best[col] >= threshold
     for name, found in (filters or {}).items():
@@ -421,6 +496,7 @@ def listings(table: pd.DataFrame, pattern: str, threshold: float = 0.5,
 
 
 # --- a yes/no task's search filter ------------------------------------------------------------
+
 
 def search_filters(models: list) -> dict[str, dict]:
     """{model name: its run's filter.json} for the models of two-class runs whose filter found a
@@ -437,7 +513,9 @@ def search_filters(models: list) -> dict[str, dict]:
 def apply_filters(table: pd.DataFrame, filters: dict[str, dict]) -> pd.DataFrame:
     """`table` with <model>_has_<attribute> per photo: its p_<positive> at or above the run's threshold."""
     for name, found in filters.items():
-        table[f"{name}_{found['column']}"] = table[f"{name}_p_{found['positive']}"].fillna(-1.0) >= found["threshold"]
+        table[f"{name}_{found['column']}"] = (
+            table[f"{name}_p_{found['positive']}"].fillna(-1.0) >= found["threshold"]
+        )
     return table
 
 
@@ -450,12 +528,18 @@ def listing_rule(found: dict, pattern: str) -> dict:
     truth = (preds.actual == found["positive"]).groupby(preds.listing).any()
     shown = (preds[f"p_{found['positive']}"] >= found["threshold"]).groupby(preds.listing).any()
     hits = int((truth & shown).sum())
-    return {"column": found["column"], "positive": found["positive"], "threshold": found["threshold"],
-            "target_precision": found["target_precision"],
-            "photo_precision": found["precision"], "photo_recall": found["recall"],
-            "valid_listings": int(len(truth)), "valid_listings_with": int(truth.sum()),
-            "listing_precision": hits / max(int(shown.sum()), 1) if shown.any() else None,
-            "listing_recall": hits / int(truth.sum()) if truth.any() else None}
+    return {
+        "column": found["column"],
+        "positive": found["positive"],
+        "threshold": found["threshold"],
+        "target_precision": found["target_precision"],
+        "photo_precision": found["precision"],
+        "photo_recall": found["recall"],
+        "valid_listings": int(len(truth)),
+        "valid_listings_with": int(truth.sum()),
+        "listing_precision": hits / max(int(shown.sum()), 1) if shown.any() else None,
+        "listing_recall": hits / int(truth.sum()) if truth.any() else None,
+    }
 
 
 def write_listing_rules(filters: dict[str, dict], pattern: str, path: Path) -> dict[str, dict]:
@@ -478,19 +562,26 @@ def interpret(run_dir: Path, splits: list[str], bs: int = 64) -> dict[str, pd.Da
     for label cleaning: a wrong label there teaches the model the mistake.
     """
     from . import data
+
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
-        raise ReplicateError(f"{run_dir} is not a run folder (no config.json): e.g. exports/rooms/resnet18-frozen")
+        raise ReplicateError(
+            f"{run_dir} is not a run folder (no config.json): e.g. exports/rooms/resnet18-frozen"
+        )
     model = load_model(run_dir)
     if model.warning:
-        warnings.warn(model.warning)
+        warnings.warn(model.warning, stacklevel=2)
     images = data.scan_task(task_dir_of(run_dir))
     vocab = set(model.learn.dls.vocab)
     if set(images.classes) - vocab:
-        raise ReplicateError(f"the task now has classes the model never saw: {sorted(set(images.classes) - vocab)}")
+        raise ReplicateError(
+            f"the task now has classes the model never saw: {sorted(set(images.classes) - vocab)}"
+        )
     out = {}
     for split in splits:
-        files = [f.resolve() for f in images.files if f.parent.parent.name == split]  # usable from any folder
+        files = [
+            f.resolve() for f in images.files if f.parent.parent.name == split
+        ]  # usable from any folder
         out[split] = score(model.learn, files, bs, with_labels=True)
         out[split].to_csv(run_dir / f"predictions_{split}.csv", index=False)
     return out

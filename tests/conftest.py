@@ -1,7 +1,8 @@
 """Shared fixtures: tiny image folders made in the test, and the real Houses zip when present.
 
-    python -m pytest
+python -m pytest
 """
+
 from __future__ import annotations
 
 import io
@@ -14,14 +15,20 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-HOUSES_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "houses-dataset-400.zip"
+HOUSES_ZIP = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "houses-dataset-400.zip"
+)
 COLORS = {"blue": (40, 60, 200), "red": (200, 50, 40)}
 
 
-def make_image(path: Path, color=(128, 128, 128), size=(48, 40), seed: int = 0, fmt: str = "JPEG") -> Path:
+def make_image(
+    path: Path, color=(128, 128, 128), size=(48, 40), seed: int = 0, fmt: str = "JPEG"
+) -> Path:
     """A small noisy image of one dominant colour, so classes are learnable but not trivial."""
     rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(color) + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype("uint8")
+    pixels = np.clip(np.array(color) + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype(
+        "uint8"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, fmt)
     return path
@@ -47,8 +54,12 @@ def make_houses_zip(path: Path, n_houses: int = 10, extra: dict[str, bytes] | No
                 rng = np.random.default_rng(house * 10 + j)
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
-                zf.writestr(f"Houses-dataset-master/Houses Dataset/{house}_{room}.jpg", buf.getvalue())
-        zf.writestr("Houses-dataset-master/Houses Dataset/HousesInfo.txt", "4 4 4053 85255 869500\n")
+                zf.writestr(
+                    f"Houses-dataset-master/Houses Dataset/{house}_{room}.jpg", buf.getvalue()
+                )
+        zf.writestr(
+            "Houses-dataset-master/Houses Dataset/HousesInfo.txt", "4 4 4053 85255 869500\n"
+        )
         for name, data in (extra or {}).items():
             zf.writestr(name, data)
     return path
@@ -66,6 +77,7 @@ def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
+
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
@@ -99,8 +111,10 @@ def offline(tmp_path, monkeypatch):
     return tmp_path / "torch-home"
 
 
-requires_houses = pytest.mark.skipif(not HOUSES_ZIP.is_file(),
-                                     reason=f"the Houses zip is not at {HOUSES_ZIP} (../shared beside the repo)")
+requires_houses = pytest.mark.skipif(
+    not HOUSES_ZIP.is_file(),
+    reason=f"the Houses zip is not at {HOUSES_ZIP} (../shared beside the repo)",
+)
 
 
 def odd_photos(folder: Path) -> Path:
@@ -113,7 +127,9 @@ def odd_photos(folder: Path) -> Path:
     Image.new("L", (50, 40), 128).save(folder / "gray.png")
     Image.new("CMYK", (50, 40), (0, 50, 100, 0)).save(folder / "cmyk.jpg")
     Image.new("RGBA", (50, 40), (10, 200, 10, 100)).save(folder / "alpha.png")
-    Image.fromarray((np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30)).save(folder / "sixteen.png")
+    Image.fromarray(np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30).save(
+        folder / "sixteen.png"
+    )
     Image.new("RGB", (6000, 4000), (90, 90, 200)).save(folder / "huge.jpg", quality=50)
     return folder
 
@@ -123,10 +139,13 @@ def synthetic_photo(seed: int, size=(320, 240)) -> Image.Image:
     different for every seed (perceptual hashes need structure; noise or a flat colour alone would
     not behave like a photo, and without grain a flat edge would look like padding to the audit)."""
     from PIL import ImageDraw
+
     rng = np.random.default_rng(seed)
     w, h = size
     a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(0.3, 1) + np.linspace(0, 1, h)[:, None, None] * rng.uniform(0, 0.7)
+    ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(0.3, 1) + np.linspace(0, 1, h)[
+        :, None, None
+    ] * rng.uniform(0, 0.7)
     image = Image.fromarray(np.clip(a + (b - a) * ramp, 0, 255).astype("uint8"))
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(4, 9))):
@@ -135,20 +154,44 @@ def synthetic_photo(seed: int, size=(320, 240)) -> Image.Image:
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
     grain = rng.normal(0, 4, (h, w, 3))
-    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype("uint8"))
+    return Image.fromarray(
+        np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype("uint8")
+    )
 
 
 # --- one trained grid, shared -------------------------------------------------------------------
 
 ROOMS = {"bathroom": (30, 90, 200), "bedroom": (200, 60, 40), "kitchen": (60, 180, 60)}
-GRID_ARGS = ["--archs", "resnet18,alexnet", "--epochs", "1", "--size", "32", "--no-pretrained", "--workers", "0"]
+GRID_ARGS = [
+    "--archs",
+    "resnet18,alexnet",
+    "--epochs",
+    "1",
+    "--size",
+    "32",
+    "--no-pretrained",
+    "--workers",
+    "0",
+]
 
 
 def compare_cli(runner, root: Path, *args):
     """`replicate compare rooms` on root/data with the shared grid's arguments, into root/exports."""
     from replicate.cli import app
-    return runner.invoke(app, ["compare", "rooms", *GRID_ARGS, *args, "--data-dir", str(root / "data"),
-                               "--exports-dir", str(root / "exports")])
+
+    return runner.invoke(
+        app,
+        [
+            "compare",
+            "rooms",
+            *GRID_ARGS,
+            *args,
+            "--data-dir",
+            str(root / "data"),
+            "--exports-dir",
+            str(root / "exports"),
+        ],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -180,8 +223,14 @@ def grid_copy(grid, tmp_path) -> Path:
 
 # --- every study arch (and a timm one), trained once ---------------------------------------------
 
-ZOO_SIZES = {"resnet18": 32, "alexnet": 64, "vgg11_bn": 32, "densenet121": 32, "inception_v3": 299,
-             "convnext_atto": 32}  # inception_v3 at 299: big enough for its auxiliary branch
+ZOO_SIZES = {
+    "resnet18": 32,
+    "alexnet": 64,
+    "vgg11_bn": 32,
+    "densenet121": 32,
+    "inception_v3": 299,
+    "convnext_atto": 32,
+}  # inception_v3 at 299: big enough for its auxiliary branch
 ZOO_TIMM = ("efficientnet_b0", "vit_tiny_patch16_224")  # unfrozen only: a BatchNorm CNN and a ViT
 
 
@@ -191,16 +240,37 @@ def zoo(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, str]]:
     each ZOO_SIZES arch frozen and unfrozen (the unfrozen ones with --onnx), and the ZOO_TIMM archs
     unfrozen. {(arch, mode): (run folder, the command's output)}. Read them; never change them."""
     from replicate.cli import app
+
     root = tmp_path_factory.mktemp("zoo")
     make_task(root / "data" / "toy")
     runner, runs = CliRunner(), {}
-    todo = [(a, s, m, m == "unfrozen") for a, s in ZOO_SIZES.items() for m in ("frozen", "unfrozen")]
+    todo = [
+        (a, s, m, m == "unfrozen") for a, s in ZOO_SIZES.items() for m in ("frozen", "unfrozen")
+    ]
     todo += [(a, 32, "unfrozen", False) for a in ZOO_TIMM]
     for arch, size, mode, onnx in todo:
         extra = (["--unfreeze"] if mode == "unfrozen" else []) + (["--onnx"] if onnx else [])
-        result = runner.invoke(app, ["run", "toy", "--arch", arch, "--epochs", "2", "--size", str(size),
-                                     "--no-pretrained", "--workers", "0", "--data-dir", str(root / "data"),
-                                     "--exports-dir", str(root / "exports"), *extra])
+        result = runner.invoke(
+            app,
+            [
+                "run",
+                "toy",
+                "--arch",
+                arch,
+                "--epochs",
+                "2",
+                "--size",
+                str(size),
+                "--no-pretrained",
+                "--workers",
+                "0",
+                "--data-dir",
+                str(root / "data"),
+                "--exports-dir",
+                str(root / "exports"),
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         runs[arch, mode] = (root / "exports" / "toy" / f"{arch}-{mode}", result.output)
     return runs
@@ -211,10 +281,13 @@ def houses(tmp_path_factory) -> Path:
     """The real Houses zip imported once by `replicate data houses` (tasks rooms and exterior);
     returns the data folder. Tests read it (runs and audits write beside it, in ../exports)."""
     from replicate.cli import app
+
     if not HOUSES_ZIP.is_file():
         pytest.skip(f"the Houses zip is not at {HOUSES_ZIP} (../shared beside the repo)")
     data_dir = tmp_path_factory.mktemp("houses") / "data"
-    result = CliRunner().invoke(app, ["data", "houses", "--source", str(HOUSES_ZIP), "--data-dir", str(data_dir)])
+    result = CliRunner().invoke(
+        app, ["data", "houses", "--source", str(HOUSES_ZIP), "--data-dir", str(data_dir)]
+    )
     assert result.exit_code == 0, result.output
     return data_dir
 
@@ -226,8 +299,18 @@ def rooms_run(tmp_path_factory) -> tuple[Path, Path]:
     files to the run folder (interpret, review) but change nothing in it."""
     from replicate import train
     from replicate.config import RunConfig
+
     root = tmp_path_factory.mktemp("rooms-run")
     make_task(root / "data" / "rooms", n_train=4, n_valid=2, classes=ROOMS)
-    cfg = RunConfig("rooms", "resnet18", unfreeze=True, epochs=2, size=32, pretrained=False, workers=0,
-                    data_dir=root / "data", exports_dir=root / "exports")
+    cfg = RunConfig(
+        "rooms",
+        "resnet18",
+        unfreeze=True,
+        epochs=2,
+        size=32,
+        pretrained=False,
+        workers=0,
+        data_dir=root / "data",
+        exports_dir=root / "exports",
+    )
     return root, train.run(cfg, log=lambda *a: None)

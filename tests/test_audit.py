@@ -4,6 +4,7 @@ through `clean` and back.
 
     python -m pytest tests/test_audit.py
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +17,9 @@ import imagehash
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import HOUSES_ZIP, requires_houses, synthetic_photo
 from PIL import Image
 
-from conftest import HOUSES_ZIP, requires_houses, synthetic_photo
 from replicate import audit, data, hamming
 from replicate.cli import app
 
@@ -35,13 +36,20 @@ def made_up_copies(image: Image.Image) -> dict[str, tuple[str, bytes]]:
     crop = image.crop((w // 20, h // 20, w - w // 20, h - h // 20))  # the central 90%
     png = io.BytesIO()
     image.save(png, "PNG")
-    return {"q50": ("jpg", jpeg(image, 50)), "half": ("jpg", jpeg(image.resize((w // 2, h // 2)))),
-            "crop90": ("jpg", jpeg(crop)), "png": ("png", png.getvalue())}
+    return {
+        "q50": ("jpg", jpeg(image, 50)),
+        "half": ("jpg", jpeg(image.resize((w // 2, h // 2)))),
+        "crop90": ("jpg", jpeg(crop)),
+        "png": ("png", png.getvalue()),
+    }
 
 
 def tree(folder) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "_audit" not in p.parts}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "_audit" not in p.parts
+    }
 
 
 @pytest.fixture
@@ -69,13 +77,24 @@ def task(tmp_path):
 
 
 def run_audit(runner, data_dir, *args):
-    result = runner.invoke(app, ["audit", "rooms", "--data-dir", str(data_dir),
-                                 "--exports-dir", str(data_dir.parent / "exports"), *args])
+    result = runner.invoke(
+        app,
+        [
+            "audit",
+            "rooms",
+            "--data-dir",
+            str(data_dir),
+            "--exports-dir",
+            str(data_dir.parent / "exports"),
+            *args,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return result, data_dir.parent / "exports" / "rooms" / "audit"
 
 
 # --- the finder ------------------------------------------------------------------------------------
+
 
 def test_made_up_copies_are_found_and_distinct_photos_are_not(tmp_path):
     photos, owners = [], []
@@ -83,7 +102,7 @@ def test_made_up_copies_are_found_and_distinct_photos_are_not(tmp_path):
         original = synthetic_photo(seed)
         photos.append(jpeg(original))
         owners.append(seed)
-        for name, (_, data_) in made_up_copies(original).items():
+        for _name, (_, data_) in made_up_copies(original).items():
             photos.append(data_)
             owners.append(seed)
     frame = pd.DataFrame(audit.fingerprint_many(photos))
@@ -96,11 +115,14 @@ def test_made_up_copies_are_found_and_distinct_photos_are_not(tmp_path):
 
 
 def test_two_hundred_distinct_photos_give_no_false_pair():
-    frame = pd.DataFrame(audit.fingerprint_many([jpeg(synthetic_photo(1000 + s)) for s in range(200)]))
+    frame = pd.DataFrame(
+        audit.fingerprint_many([jpeg(synthetic_photo(1000 + s)) for s in range(200)])
+    )
     assert audit.near_pairs(audit.hash_matrix(frame.phash.tolist())).empty
 
 
 # --- padded photos, chains, the index -------------------------------------------------------------
+
 
 def padded(data_: bytes, canvas: tuple[int, int], colour, frame: int = 0) -> bytes:
     """The photo fitted into `canvas` and centred on `colour` (letterbox or pillarbox padding), or
@@ -115,28 +137,37 @@ def padded(data_: bytes, canvas: tuple[int, int], colour, frame: int = 0) -> byt
     return jpeg(out, 90)
 
 
-@pytest.mark.parametrize("canvas,colour,frame,where", [
-    ((416, 416), "white", 0, (8, 75, 408, 341)),       # letterbox: a 400x266 photo in a white square
-    ((640, 266), "black", 0, (120, 0, 520, 266)),       # pillarbox, black
-    (None, (114, 114, 114), 20, (20, 20, 420, 286)),   # a flat grey frame on all four sides
-])
+@pytest.mark.parametrize(
+    "canvas,colour,frame,where",
+    [
+        ((416, 416), "white", 0, (8, 75, 408, 341)),  # letterbox: a 400x266 photo in a white square
+        ((640, 266), "black", 0, (120, 0, 520, 266)),  # pillarbox, black
+        (None, (114, 114, 114), 20, (20, 20, 420, 286)),  # a flat grey frame on all four sides
+    ],
+)
 def test_uniform_borders_are_trimmed_to_the_photo(canvas, colour, frame, where):
     photo = jpeg(synthetic_photo(7, size=(400, 266)))
     row = audit.fingerprint(padded(photo, canvas, colour, frame))
     box = np.array(row["box"].split(), dtype=int)
     assert np.abs(box - where).max() <= 8  # JPEG ringing keeps a few px of padding beside the photo
-    assert audit.fingerprint(photo)["box"] == "0 0 400 266"  # a photo without borders keeps all of itself
+    assert (
+        audit.fingerprint(photo)["box"] == "0 0 400 266"
+    )  # a photo without borders keeps all of itself
 
 
 def test_a_photo_with_its_own_white_bands_pillarboxed_in_black_loses_both_borders():
-    photo = Image.new("RGB", (400, 300), "white")  # a listing photo with white bands above and below
+    photo = Image.new(
+        "RGB", (400, 300), "white"
+    )  # a listing photo with white bands above and below
     photo.paste(synthetic_photo(8, size=(400, 268)), (0, 16))
     framed = padded(jpeg(photo), (640, 300), "black")
     box = np.array(audit.fingerprint(framed)["box"].split(), dtype=int)
     assert np.abs(box - (120, 16, 520, 284)).max() <= 8
     both = [jpeg(photo), framed]
     _, pairs = audit.linked(pd.DataFrame(audit.fingerprint_many(both)), both)
-    assert pairs.confirmed.tolist() == [True]  # the framed copy is found as the banded photo's duplicate
+    assert pairs.confirmed.tolist() == [
+        True
+    ]  # the framed copy is found as the banded photo's duplicate
 
 
 @requires_houses
@@ -145,32 +176,59 @@ def test_padded_houses_photos_pair_only_with_their_copies():
     also as the original, pillarboxed in black and in a grey frame. Expected pairs: the copies of one
     photo, and the Houses' own duplicates (the pairs the audit confirms on the unpadded originals)."""
     with zipfile.ZipFile(HOUSES_ZIP) as zf:
-        names = sorted(n for n in zf.namelist() if n.endswith(("_bathroom.jpg", "_bedroom.jpg", "_kitchen.jpg")))[:600]
+        names = sorted(
+            n
+            for n in zf.namelist()
+            if n.endswith(("_bathroom.jpg", "_bedroom.jpg", "_kitchen.jpg"))
+        )[:600]
         originals = [zf.read(n) for n in names]
     photos = [padded(d, (416, 416), "white") for d in originals]
     origin = list(range(len(names)))
     for k in range(0, 600, 20):
-        photos += [originals[k], padded(originals[k], (720, 300), "black"),
-                   padded(originals[k], None, (114, 114, 114), 24)]
+        photos += [
+            originals[k],
+            padded(originals[k], (720, 300), "black"),
+            padded(originals[k], None, (114, 114, 114), 24),
+        ]
         origin += [k, k, k]
     plain = pd.DataFrame(audit.fingerprint_many(originals))
     _, own = audit.linked(plain, originals)
     twins = {frozenset(p) for p in zip(own.i[own.confirmed], own.j[own.confirmed])}
     assert {frozenset(names[i].split("/")[-1] for i in t) for t in twins} >= {
-        frozenset({"199_bathroom.jpg", "214_bathroom.jpg"}), frozenset({"227_bedroom.jpg", "227_kitchen.jpg"})}
+        frozenset({"199_bathroom.jpg", "214_bathroom.jpg"}),
+        frozenset({"227_bedroom.jpg", "227_kitchen.jpg"}),
+    }
 
     frame = pd.DataFrame(audit.fingerprint_many(photos))
     groups, pairs = audit.linked(frame, photos)
-    found = {frozenset((int(i), int(j))) for i, j in zip(pairs.i[pairs.confirmed], pairs.j[pairs.confirmed])}
-    expected = {frozenset((a, b)) for a in range(len(photos)) for b in range(a + 1, len(photos))
-                if origin[a] == origin[b] or frozenset((origin[a], origin[b])) in twins}
+    found = {
+        frozenset((int(i), int(j)))
+        for i, j in zip(pairs.i[pairs.confirmed], pairs.j[pairs.confirmed])
+    }
+    expected = {
+        frozenset((a, b))
+        for a in range(len(photos))
+        for b in range(a + 1, len(photos))
+        if origin[a] == origin[b] or frozenset((origin[a], origin[b])) in twins
+    }
     assert found <= expected  # no pair of different photos
-    assert all(groups[a] == groups[b] for a, b in expected)  # and every copy, twins included, in one group
-    assert len(set(groups)) == len({frozenset({origin[m]}) for m in range(len(photos))}) - len(twins)
+    assert all(
+        groups[a] == groups[b] for a, b in expected
+    )  # and every copy, twins included, in one group
+    assert len(set(groups)) == len({frozenset({origin[m]}) for m in range(len(photos))}) - len(
+        twins
+    )
     # The hazard is in these photos: hashed whole, padding and all, different photos pair up.
-    whole = np.array([int(str(imagehash.phash(Image.open(io.BytesIO(d)).convert("L"))), 16) for d in photos[:600]],
-                     dtype=np.uint64)
-    close = np.argwhere(np.triu(np.bitwise_count(whole[:, None] ^ whole[None, :]) <= audit.THRESHOLD, 1))
+    whole = np.array(
+        [
+            int(str(imagehash.phash(Image.open(io.BytesIO(d)).convert("L"))), 16)
+            for d in photos[:600]
+        ],
+        dtype=np.uint64,
+    )
+    close = np.argwhere(
+        np.triu(np.bitwise_count(whole[:, None] ^ whole[None, :]) <= audit.THRESHOLD, 1)
+    )
     assert any(frozenset(p) not in twins for p in map(tuple, close.tolist()))
 
 
@@ -181,14 +239,20 @@ def test_a_loose_threshold_finds_candidates_the_pixels_reject():
     _, pairs = audit.linked(frame, photos, threshold=24)
     assert len(pairs) > 10  # 24 of 64 bits pairs many different photos
     assert set(zip(pairs.i[pairs.confirmed], pairs.j[pairs.confirmed])) == {(0, 60)}
-    assert pairs.similarity[~pairs.confirmed].max() < audit.SIMILAR <= pairs.similarity[pairs.confirmed].min()
+    assert (
+        pairs.similarity[~pairs.confirmed].max()
+        < audit.SIMILAR
+        <= pairs.similarity[pairs.confirmed].min()
+    )
 
 
 def test_a_thousand_copies_of_a_placeholder_are_one_group_of_pairs_with_the_first():
     placeholder = jpeg(synthetic_photo(900))
     photos = [jpeg(synthetic_photo(901))] + [placeholder] * 1000 + [jpeg(synthetic_photo(902))]
     frame = pd.DataFrame(audit.fingerprint_many(photos[:2] + photos[-1:])).iloc[[0, *[1] * 1000, 2]]
-    frame = frame.reset_index(drop=True)  # one fingerprint per distinct file, as the cache would hold
+    frame = frame.reset_index(
+        drop=True
+    )  # one fingerprint per distinct file, as the cache would hold
     groups, pairs = audit.linked(frame, photos)
     assert (groups[1:1001] == groups[1]).all() and groups[0] != groups[1] != groups[1001]
     assert len(pairs) == 999 and set(pairs.i) == {1} and pairs.confirmed.all()  # not 499,500 pairs
@@ -202,7 +266,9 @@ def test_a_chain_is_not_one_group():
     triangle = pd.DataFrame({"i": [0, 0, 1, 3], "j": [1, 2, 2, 4], "distance": [1, 1, 1, 0]})
     groups = audit.cliques(5, triangle)
     assert len({groups[0], groups[1], groups[2]}) == 1 and groups[3] == groups[4] != groups[0]
-    star = pd.DataFrame({"i": [0, 0, 0, 1], "j": [1, 2, 3, 2], "distance": [3, 1, 2, 0]})  # 3 pairs only with 0
+    star = pd.DataFrame(
+        {"i": [0, 0, 0, 1], "j": [1, 2, 3, 2], "distance": [3, 1, 2, 0]}
+    )  # 3 pairs only with 0
     groups = audit.cliques(4, star)
     assert groups[0] == groups[1] == groups[2] != groups[3]
 
@@ -211,7 +277,9 @@ def test_a_chain_is_not_one_group():
 def test_the_index_finds_exactly_the_pairs_within_the_radius(n, radius):
     rng = np.random.default_rng(n + radius)
     hashes = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
-    for k in range(n // 10):  # planted near-duplicates at every distance up to the radius, and one beyond
+    for k in range(
+        n // 10
+    ):  # planted near-duplicates at every distance up to the radius, and one beyond
         bits = rng.choice(64, int(rng.integers(0, radius + 2)), replace=False)
         hashes[n - 1 - k] = hashes[k] ^ np.uint64(sum(1 << int(b) for b in bits))
     queries = hashes[: n // 2]
@@ -222,7 +290,9 @@ def test_the_index_finds_exactly_the_pairs_within_the_radius(n, radius):
 
 
 def test_pairs_compare_a_whole_photo_with_each_crop_of_the_other():
-    hashes = np.array([[0, 0xFF, 0xFFFF], [0xFFFF0000, 0xFFF000, 0xFFFE], [0xFF00000000, 0, 0]], dtype=np.uint64)
+    hashes = np.array(
+        [[0, 0xFF, 0xFFFF], [0xFFFF0000, 0xFFF000, 0xFFFE], [0xFF00000000, 0, 0]], dtype=np.uint64
+    )
     pairs = audit.near_pairs(hashes, threshold=8)
     # 0's whole is 8 bits from 2's whole and 0 from 2's crops: one pair, at 0 bits. The crops 0xFFFF
     # of 0 and 0xFFFE of 1 are 1 bit apart, but two crops are never compared: 0 and 1 do not pair.
@@ -231,8 +301,12 @@ def test_pairs_compare_a_whole_photo_with_each_crop_of_the_other():
 
 def test_leak_conflict_duplicate_and_quality_findings(task, runner):
     kitchen = task / "rooms" / "train" / "kitchen"
-    Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(kitchen / "tiny_blank.jpg")   # too small and uniform
-    blocks = (np.indices((240, 320)).sum(axis=0) // 16 % 2).astype(np.uint8)[..., None].repeat(3, axis=2)
+    Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(
+        kitchen / "tiny_blank.jpg"
+    )  # too small and uniform
+    blocks = (
+        (np.indices((240, 320)).sum(axis=0) // 16 % 2).astype(np.uint8)[..., None].repeat(3, axis=2)
+    )
     Image.fromarray(5 + 40 * blocks).save(kitchen / "dark.jpg")  # grey levels 5 and 45: mean 25
     Image.fromarray(210 + 45 * blocks).save(kitchen / "bright.jpg")  # 210 and 255: mean 232
     synthetic_photo(9, size=(900, 200)).save(kitchen / "panorama.jpg")
@@ -242,25 +316,35 @@ def test_leak_conflict_duplicate_and_quality_findings(task, runner):
     by = {k: set(g.files) for k, g in findings.groupby("finding")}
     assert by["leak"] == {"train/kitchen/leak_a.jpg;valid/kitchen/leak_b.jpg"}
     assert by["conflict"] == {"train/bathroom/both.jpg;train/kitchen/both.jpg"}
-    assert by["duplicate"] == {"train/bathroom/both.jpg;train/kitchen/both.jpg",
-                               "train/bathroom/twice_a.jpg;train/bathroom/twice_b.jpg"}
+    assert by["duplicate"] == {
+        "train/bathroom/both.jpg;train/kitchen/both.jpg",
+        "train/bathroom/twice_a.jpg;train/bathroom/twice_b.jpg",
+    }
     assert by["too_small"] == by["uniform"] == {"train/kitchen/tiny_blank.jpg"}
     assert by["dark"] == {"train/kitchen/dark.jpg"} and by["bright"] == {"train/kitchen/bright.jpg"}
-    assert by["aspect"] == {"train/kitchen/panorama.jpg"} and by["unreadable"] == {"train/kitchen/text.jpg"}
+    assert by["aspect"] == {"train/kitchen/panorama.jpg"} and by["unreadable"] == {
+        "train/kitchen/text.jpg"
+    }
     conflict = findings[findings.finding == "conflict"].iloc[0]
     assert conflict.identical == "True" and conflict.labels == "bathroom;kitchen"
     assert "leak: 1 groups with copies in train and valid (1 valid photos)" in result.output
     page = (out / "audit.html").read_text()
-    assert page.count('class="card"') == 2 + 2 + 2 + 5  # 3 groups of 2, then 5 quality cards (not unreadable)
+    assert (
+        page.count('class="card"') == 2 + 2 + 2 + 5
+    )  # 3 groups of 2, then 5 quality cards (not unreadable)
     assert "data:image/jpeg;base64," in page and "leak_b.jpg" in page
 
 
-def test_a_second_audit_reads_the_cache_and_only_changed_files_are_fingerprinted(task, runner, monkeypatch):
+def test_a_second_audit_reads_the_cache_and_only_changed_files_are_fingerprinted(
+    task, runner, monkeypatch
+):
     run_audit(runner, task)
     cache = task / "rooms" / "_audit" / "fingerprints.csv"
     assert cache.is_file()
     real, computed = audit.fingerprint_many, []
-    monkeypatch.setattr(audit, "fingerprint_many", lambda sources: computed.extend(sources) or real(sources))
+    monkeypatch.setattr(
+        audit, "fingerprint_many", lambda sources: computed.extend(sources) or real(sources)
+    )
     run_audit(runner, task)
     assert computed == []
     touched = task / "rooms" / "valid" / "kitchen" / "kitchen_0.jpg"
@@ -276,7 +360,9 @@ def test_fingerprints_of_an_older_version_are_computed_again(task, runner, monke
     old = pd.read_csv(cache, keep_default_na=False).assign(version=audit.FINGERPRINT_VERSION - 1)
     old.to_csv(cache, index=False)
     real, computed = audit.fingerprint_many, []
-    monkeypatch.setattr(audit, "fingerprint_many", lambda sources: computed.extend(sources) or real(sources))
+    monkeypatch.setattr(
+        audit, "fingerprint_many", lambda sources: computed.extend(sources) or real(sources)
+    )
     run_audit(runner, task)
     assert len(computed) == len(old)
     assert (pd.read_csv(cache).version == audit.FINGERPRINT_VERSION).all()
@@ -288,14 +374,25 @@ def test_the_terminal_gets_one_line_per_group_within_its_width(task, runner):
         photo = jpeg(synthetic_photo(700 + k))
         for copy in "ab":
             (rooms / f"a_rather_long_listing_photo_name_{k}_{copy}.jpg").write_bytes(photo)
-    result = runner.invoke(app, ["audit", "rooms", "--data-dir", str(task), "--exports-dir", str(task.parent / "x")],
-                           env={"COLUMNS": "72"})
+    result = runner.invoke(
+        app,
+        ["audit", "rooms", "--data-dir", str(task), "--exports-dir", str(task.parent / "x")],
+        env={"COLUMNS": "72"},
+    )
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("  #")]
     assert len(lines) == 10 and all(len(line) <= 72 for line in lines)
     assert lines[0].startswith("  #") and "leak" in lines[0]  # leaks first, then conflicts
-    assert "conflict" in lines[1] and "  ... and 5 more groups (all in audit.html and audit.csv)" in result.output
-    assert len(pd.read_csv(task.parent / "x" / "rooms" / "audit" / "audit.csv").group.dropna().unique()) == 15
+    assert (
+        "conflict" in lines[1]
+        and "  ... and 5 more groups (all in audit.html and audit.csv)" in result.output
+    )
+    assert (
+        len(
+            pd.read_csv(task.parent / "x" / "rooms" / "audit" / "audit.csv").group.dropna().unique()
+        )
+        == 15
+    )
 
 
 def test_suggested_decisions_go_through_clean_and_undo_restores_every_byte(task, runner):
@@ -303,26 +400,59 @@ def test_suggested_decisions_go_through_clean_and_undo_restores_every_byte(task,
     _, out = run_audit(runner, task)
     decisions = pd.read_csv(out / "decisions.csv", keep_default_na=False)
     removed = set(decisions[decisions.action == "remove"].path)
-    assert removed == {str((task / "rooms" / p).resolve()) for p in ("valid/kitchen/leak_b.jpg",
-                                                                      "train/bathroom/twice_b.jpg")}
-    assert set(decisions[decisions.path.str.endswith("both.jpg")].action) == {"keep"}  # a person decides
-    applied = runner.invoke(app, ["clean", "rooms", "--data-dir", str(task), "--decisions",
-                                  str(out / "decisions.csv"), "--apply"])
+    assert removed == {
+        str((task / "rooms" / p).resolve())
+        for p in ("valid/kitchen/leak_b.jpg", "train/bathroom/twice_b.jpg")
+    }
+    assert set(decisions[decisions.path.str.endswith("both.jpg")].action) == {
+        "keep"
+    }  # a person decides
+    applied = runner.invoke(
+        app,
+        [
+            "clean",
+            "rooms",
+            "--data-dir",
+            str(task),
+            "--decisions",
+            str(out / "decisions.csv"),
+            "--apply",
+        ],
+    )
     assert applied.exit_code == 0, applied.output
     again, _ = run_audit(runner, task)
-    assert "leak: 0 groups" in again.output and "duplicate: 1 groups" in again.output  # only the conflict's
+    assert (
+        "leak: 0 groups" in again.output and "duplicate: 1 groups" in again.output
+    )  # only the conflict's
     assert (task / "rooms" / "_removed" / "valid" / "kitchen" / "leak_b.jpg").is_file()
     log = next((task / "rooms" / "_cleaning").glob("*.csv"))
-    assert runner.invoke(app, ["clean", "rooms", "--data-dir", str(task), "--undo", str(log)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["clean", "rooms", "--data-dir", str(task), "--undo", str(log)]
+        ).exit_code
+        == 0
+    )
     after = {k: v for k, v in tree(task / "rooms").items() if not k.startswith("_cleaning/")}
     assert after == before
 
 
 def test_clean_moves_a_leaked_copy_into_the_other_split(task, runner, tmp_path):
     leaked = (task / "rooms" / "valid" / "kitchen" / "leak_b.jpg").resolve()
-    pd.DataFrame({"path": [str(leaked)], "action": ["move"], "new_label": [""]}).to_csv(tmp_path / "d.csv", index=False)
-    result = runner.invoke(app, ["clean", "rooms", "--data-dir", str(task), "--decisions", str(tmp_path / "d.csv"),
-                                 "--apply"])
+    pd.DataFrame({"path": [str(leaked)], "action": ["move"], "new_label": [""]}).to_csv(
+        tmp_path / "d.csv", index=False
+    )
+    result = runner.invoke(
+        app,
+        [
+            "clean",
+            "rooms",
+            "--data-dir",
+            str(task),
+            "--decisions",
+            str(tmp_path / "d.csv"),
+            "--apply",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert not leaked.exists() and (task / "rooms" / "train" / "kitchen" / "leak_b.jpg").is_file()
 
@@ -334,36 +464,83 @@ def test_bad_threshold_is_one_line(task, runner):
 
 # --- every run says whether its validation set was clean ------------------------------------------
 
+
 def test_run_warns_about_a_leak_and_records_the_counts(task, runner):
     exports = task.parent / "exports"
-    args = ["run", "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "32", "--no-pretrained", "--workers", "0",
-            "--data-dir", str(task), "--exports-dir", str(exports)]
+    args = [
+        "run",
+        "rooms",
+        "--arch",
+        "resnet18",
+        "--epochs",
+        "1",
+        "--size",
+        "32",
+        "--no-pretrained",
+        "--workers",
+        "0",
+        "--data-dir",
+        str(task),
+        "--exports-dir",
+        str(exports),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if "see: replicate audit rooms" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: 1 near-duplicate group(s) span train and valid")
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: 1 near-duplicate group(s) span train and valid"
+    )
     assert "1 photo(s) under two labels" in warnings[0]
-    counts = json.loads((exports / "rooms" / "resnet18-frozen" / "metrics.json").read_text())["audit"]
-    assert counts["leak_groups"] == 1 and counts["leaked_valid_photos"] == 1 and counts["conflict_groups"] == 1
+    counts = json.loads((exports / "rooms" / "resnet18-frozen" / "metrics.json").read_text())[
+        "audit"
+    ]
+    assert (
+        counts["leak_groups"] == 1
+        and counts["leaked_valid_photos"] == 1
+        and counts["conflict_groups"] == 1
+    )
     assert runner.invoke(app, ["report", "rooms", "--exports-dir", str(exports)]).exit_code == 0
     table = pd.read_csv(exports / "rooms" / "compare" / "table.csv")
     assert list(table.leaked_valid) == [1] and list(table.conflicts) == [1]
 
     quiet = runner.invoke(app, args + ["--no-audit"])
     assert quiet.exit_code == 0 and "see: replicate audit" not in quiet.output
-    assert json.loads((exports / "rooms" / "resnet18-frozen" / "metrics.json").read_text())["audit"] is None
+    assert (
+        json.loads((exports / "rooms" / "resnet18-frozen" / "metrics.json").read_text())["audit"]
+        is None
+    )
 
 
 def test_a_clean_split_gives_no_warning(tiny_task, runner):
-    result = runner.invoke(app, ["run", "toy", "--arch", "resnet18", "--epochs", "1", "--size", "32", "--no-pretrained",
-                                 "--workers", "0", "--data-dir", str(tiny_task),
-                                 "--exports-dir", str(tiny_task.parent / "exports")])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "toy",
+            "--arch",
+            "resnet18",
+            "--epochs",
+            "1",
+            "--size",
+            "32",
+            "--no-pretrained",
+            "--workers",
+            "0",
+            "--data-dir",
+            str(tiny_task),
+            "--exports-dir",
+            str(tiny_task.parent / "exports"),
+        ],
+    )
     assert result.exit_code == 0 and "see: replicate audit" not in result.output
-    metrics = json.loads((tiny_task.parent / "exports" / "toy" / "resnet18-frozen" / "metrics.json").read_text())
+    metrics = json.loads(
+        (tiny_task.parent / "exports" / "toy" / "resnet18-frozen" / "metrics.json").read_text()
+    )
     assert metrics["audit"]["leak_groups"] == 0 and metrics["audit"]["photos"] == 12
 
 
 # --- splits that cannot leak -----------------------------------------------------------------------
+
 
 def test_houses_sharing_a_photo_land_in_the_same_split(tmp_path):
     src = tmp_path / "houses.zip"
@@ -371,7 +548,11 @@ def test_houses_sharing_a_photo_land_in_the_same_split(tmp_path):
     with zipfile.ZipFile(src, "w") as zf:
         for house in range(1, 21):
             for j, room in enumerate(("bathroom", "bedroom", "kitchen", "frontal")):
-                photo = shared if (house in (3, 17) and room == "kitchen") else jpeg(synthetic_photo(house * 10 + j))
+                photo = (
+                    shared
+                    if (house in (3, 17) and room == "kitchen")
+                    else jpeg(synthetic_photo(house * 10 + j))
+                )
                 zf.writestr(f"Houses Dataset/{house}_{room}.jpg", photo)
     for seed in range(8):  # whatever the shuffle, 3 and 17 stay together
         tasks = data.import_houses(str(src), tmp_path / f"data{seed}", seed=seed)
@@ -382,7 +563,9 @@ def test_houses_sharing_a_photo_land_in_the_same_split(tmp_path):
 
 def test_split_houses_without_links_is_the_plain_shuffle():
     houses = list(range(1, 101))
-    assert data.split_houses(houses, 0.2, 7) == data.split_houses(houses, 0.2, 7, {h: h for h in houses})
+    assert data.split_houses(houses, 0.2, 7) == data.split_houses(
+        houses, 0.2, 7, {h: h for h in houses}
+    )
     linked = data.split_houses(houses, 0.2, 7, {h: (0 if h <= 5 else h) for h in houses})
     assert len(linked) == 20 and (set(range(1, 6)) <= linked or not set(range(1, 6)) & linked)
 
@@ -409,6 +592,8 @@ def test_linking_moves_only_the_linked_houses():
     houses = list(range(1, 201))
     plain = data.split_houses(houses, 0.2, 3)
     inside, outside = sorted(plain)[0], sorted(set(houses) - plain)[0]
-    linked = data.split_houses(houses, 0.2, 3, {h: (0 if h in (inside, outside) else h) for h in houses})
+    linked = data.split_houses(
+        houses, 0.2, 3, {h: (0 if h in (inside, outside) else h) for h in houses}
+    )
     assert {inside, outside} <= linked or not {inside, outside} & linked
     assert len(plain ^ linked) <= 2 + 2  # the pair, and at most what makes room for it

@@ -4,6 +4,7 @@ under REPLICATE_REQUIRE_BROWSER=1 (CI), where that fails.
 
     python -m pytest tests/test_browser.py
 """
+
 from __future__ import annotations
 
 import os
@@ -13,30 +14,41 @@ import zipfile
 
 import pandas as pd
 import pytest
-
 from conftest import HOUSES_ZIP, requires_houses
-from replicate.data import HOUSE_PHOTO
-from replicate.label import task_photos
 from test_audit import task  # noqa: F401  (a task with a leak, a conflict and a duplicate)
 from test_cleaning import trained, tree  # noqa: F401  (the module's trained-model fixture)
+
 from replicate.cli import app
+from replicate.data import HOUSE_PHOTO
+from replicate.label import task_photos
 
 # CI sets REPLICATE_REQUIRE_BROWSER=1 after installing Chromium: there a missing browser fails, never skips.
 REQUIRED = os.environ.get("REPLICATE_REQUIRE_BROWSER") == "1"
 if not REQUIRED:
     pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
 import playwright.sync_api  # noqa: E402  (there, or this module was skipped just above)
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None and not REQUIRED,
-                                reason="no Chromium on this machine (apt-get install chromium)")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None and not REQUIRED,
+    reason="no Chromium on this machine (apt-get install chromium)",
+)
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture
 def browser():
     if CHROMIUM is None:
-        pytest.fail("REPLICATE_REQUIRE_BROWSER=1 but no chromium on PATH (apt-get install chromium)")
+        pytest.fail(
+            "REPLICATE_REQUIRE_BROWSER=1 but no chromium on PATH (apt-get install chromium)"
+        )
     with playwright.sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
@@ -49,7 +61,9 @@ def test_review_page_decisions_download_and_clean_round_trip(trained, runner, br
     shutil.copytree(root / "data" / "rooms", task_dir)
     assert runner.invoke(app, ["review", str(run_dir), "-k", "3"]).exit_code == 0
     # The page names files in the module's data folder; point them at this test's copy.
-    page_html = (run_dir / "review.html").read_text().replace(str(root / "data"), str(tmp_path / "data"))
+    page_html = (
+        (run_dir / "review.html").read_text().replace(str(root / "data"), str(tmp_path / "data"))
+    )
     (tmp_path / "review.html").write_text(page_html)
     before = tree(task_dir)
 
@@ -68,12 +82,27 @@ def test_review_page_decisions_download_and_clean_round_trip(trained, runner, br
     rows = pd.read_csv(decisions, keep_default_na=False)
     assert list(rows.columns) == ["path", "action", "new_label"]
     assert list(rows.action) == ["remove", "keep", "relabel"] and rows.new_label.iloc[2] != ""
-    applied = runner.invoke(app, ["clean", "rooms", "--data-dir", str(tmp_path / "data"),
-                                  "--decisions", str(decisions), "--apply"])
+    applied = runner.invoke(
+        app,
+        [
+            "clean",
+            "rooms",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--decisions",
+            str(decisions),
+            "--apply",
+        ],
+    )
     assert applied.exit_code == 0, applied.output
     assert tree(task_dir) != before
     log = next((task_dir / "_cleaning").glob("*.csv"))
-    assert runner.invoke(app, ["clean", "rooms", "--data-dir", str(tmp_path / "data"), "--undo", str(log)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["clean", "rooms", "--data-dir", str(tmp_path / "data"), "--undo", str(log)]
+        ).exit_code
+        == 0
+    )
     assert {k: v for k, v in tree(task_dir).items() if not k.startswith("_cleaning/")} == before
 
 
@@ -85,12 +114,21 @@ def test_compare_report_shows_the_table_and_every_image(grid, browser):
     assert len(sizes) == 5 + 2 * 4 and all(done and width > 0 for done, width in sizes)
 
 
-def test_audit_page_preselects_suggestions_and_downloads_decisions_for_clean(task, runner, browser, tmp_path):  # noqa: F811
+def test_audit_page_preselects_suggestions_and_downloads_decisions_for_clean(
+    task, runner, browser, tmp_path
+):
     exports = tmp_path / "exports"
-    assert runner.invoke(app, ["audit", "rooms", "--data-dir", str(task), "--exports-dir", str(exports)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["audit", "rooms", "--data-dir", str(task), "--exports-dir", str(exports)]
+        ).exit_code
+        == 0
+    )
     page = browser.new_page(accept_downloads=True)
     page.goto(f"file://{exports / 'rooms' / 'audit' / 'audit.html'}")
-    assert page.locator("#count").inner_text() == "6"  # every card of the 3 groups starts with its suggestion
+    assert (
+        page.locator("#count").inner_text() == "6"
+    )  # every card of the 3 groups starts with its suggestion
     leaked = page.locator('.card[data-path$="valid/kitchen/leak_b.jpg"]')
     assert leaked.get_attribute("data-decision") == "remove"
     leaked.locator("button[data-action=move]").click()  # rather move the copy into train
@@ -99,8 +137,13 @@ def test_audit_page_preselects_suggestions_and_downloads_decisions_for_clean(tas
     decisions = tmp_path / "decisions.csv"
     download.value.save_as(decisions)
     rows = pd.read_csv(decisions, keep_default_na=False).set_index("path")
-    assert rows.loc[str((task / "rooms" / "valid" / "kitchen" / "leak_b.jpg").resolve()), "action"] == "move"
-    applied = runner.invoke(app, ["clean", "rooms", "--data-dir", str(task), "--decisions", str(decisions), "--apply"])
+    assert (
+        rows.loc[str((task / "rooms" / "valid" / "kitchen" / "leak_b.jpg").resolve()), "action"]
+        == "move"
+    )
+    applied = runner.invoke(
+        app, ["clean", "rooms", "--data-dir", str(task), "--decisions", str(decisions), "--apply"]
+    )
     assert applied.exit_code == 0, applied.output
     assert (task / "rooms" / "train" / "kitchen" / "leak_b.jpg").is_file()
 
@@ -129,8 +172,12 @@ def test_a_new_filter_labelled_in_the_page_in_three_rounds_then_trained(runner, 
         assert cards.count() == 20
         assert page.locator("#labelled").inner_text() == str(20 * (number - 1))
         accuracy = page.locator("#accuracy").inner_text()
-        assert (re.match(r"\d+\.\d% \(\d+ of \d+ valid photos\)", accuracy) is not None) == (number > 1), accuracy
-        assert page.locator("#count").inner_text() == ("0" if number == 1 else "20")  # guesses preselected
+        assert (re.match(r"\d+\.\d% \(\d+ of \d+ valid photos\)", accuracy) is not None) == (
+            number > 1
+        ), accuracy
+        assert page.locator("#count").inner_text() == (
+            "0" if number == 1 else "20"
+        )  # guesses preselected
         corrected = 0
         for i in range(20):
             card = cards.nth(i)
@@ -151,18 +198,48 @@ def test_a_new_filter_labelled_in_the_page_in_three_rounds_then_trained(runner, 
         download.value.save_as(decisions)
         page.close()
         rows = pd.read_csv(decisions, keep_default_na=False)
-        assert list(rows.columns) == ["path", "action", "new_label"] and (rows.action == "label").all()
+        assert (
+            list(rows.columns) == ["path", "action", "new_label"] and (rows.action == "label").all()
+        )
         assert (rows.new_label == rows.path.map(lambda p: "yes" if "_kitchen" in p else "no")).all()
         applied = runner.invoke(app, ["label", "kitchen", "--apply", str(decisions), *where])
         assert applied.exit_code == 0, applied.output
 
     photos = task_photos(tmp_path / "data" / "kitchen")
-    assert len(photos) == 60 and set(photos.split) == {"train", "valid"} and set(photos.label) == {"yes", "no"}
-    trained = runner.invoke(app, ["run", "kitchen", "--arch", "tf_efficientnet_lite0", "--freeze-bn", "--cache-features",
-                                  "3", "--epochs", "10", "--workers", "0", *where])
-    assert trained.exit_code == 0, trained.output
-    assert re.search(r"best valid accuracy \d+\.\d\d% at epoch", trained.output)
+    assert (
+        len(photos) == 60
+        and set(photos.split) == {"train", "valid"}
+        and set(photos.label) == {"yes", "no"}
+    )
+    ran = runner.invoke(
+        app,
+        [
+            "run",
+            "kitchen",
+            "--arch",
+            "tf_efficientnet_lite0",
+            "--freeze-bn",
+            "--cache-features",
+            "3",
+            "--epochs",
+            "10",
+            "--workers",
+            "0",
+            *where,
+        ],
+    )
+    assert ran.exit_code == 0, ran.output
+    assert re.search(r"best valid accuracy \d+\.\d\d% at epoch", ran.output)
     run_dir = next((tmp_path / "exports" / "kitchen").glob("tf_efficientnet_lite0-*"))
-    for name in ("config.json", "metrics.json", "history.csv", "export.pkl", "valid_predictions.csv",
-                 "confusion_matrix.png", "top_losses.png", "filter.json", "pr_curve.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "history.csv",
+        "export.pkl",
+        "valid_predictions.csv",
+        "confusion_matrix.png",
+        "top_losses.png",
+        "filter.json",
+        "pr_curve.png",
+    ):
         assert (run_dir / name).is_file(), name

@@ -4,6 +4,7 @@ that grew a class. (`compare --quantize/--force/all` are in test_compare.py.)
 
     python -m pytest tests/test_commands.py
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import ROOMS, make_image, make_task
+
 from replicate import train
 from replicate.cli import app
 from replicate.config import RunConfig
@@ -23,25 +24,65 @@ def test_demo_says_what_it_trains_and_where_the_results_are(tiny_task, runner, m
     """The command's own work (demo_config's choices are tested in test_transfer.py): it says why,
     trains that configuration and prints the summary."""
     exports = tiny_task.parent / "exports"
-    chosen = RunConfig("toy", "resnet18", epochs=1, size=32, pretrained=False, workers=0, data_dir=tiny_task,
-                       exports_dir=exports)
+    chosen = RunConfig(
+        "toy",
+        "resnet18",
+        epochs=1,
+        size=32,
+        pretrained=False,
+        workers=0,
+        data_dir=tiny_task,
+        exports_dir=exports,
+    )
     seen = []
-    monkeypatch.setattr(train, "demo_config", lambda d, e: seen.append((d, e)) or (chosen, "the reason, in one line"))
-    result = runner.invoke(app, ["demo", "--data-dir", str(tiny_task), "--exports-dir", str(exports)])
+    monkeypatch.setattr(
+        train,
+        "demo_config",
+        lambda d, e: seen.append((d, e)) or (chosen, "the reason, in one line"),
+    )
+    result = runner.invoke(
+        app, ["demo", "--data-dir", str(tiny_task), "--exports-dir", str(exports)]
+    )
     assert result.exit_code == 0, result.output
     assert seen == [(tiny_task, exports)]
     assert result.output.startswith("the reason, in one line")
-    assert f"results: {chosen.run_dir}" in result.output and (chosen.run_dir / "metrics.json").is_file()
+    assert (
+        f"results: {chosen.run_dir}" in result.output
+        and (chosen.run_dir / "metrics.json").is_file()
+    )
 
 
 def test_run_quantize_writes_model_onnx_first_and_records_int8(runner, tmp_path):
     make_task(tmp_path / "data" / "rooms", classes=ROOMS)
-    result = runner.invoke(app, ["run", "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "32",
-                                 "--no-pretrained", "--workers", "0", "--no-onnx", "--quantize", "int8",
-                                 "--data-dir", str(tmp_path / "data"), "--exports-dir", str(tmp_path / "exports")])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "rooms",
+            "--arch",
+            "resnet18",
+            "--epochs",
+            "1",
+            "--size",
+            "32",
+            "--no-pretrained",
+            "--workers",
+            "0",
+            "--no-onnx",
+            "--quantize",
+            "int8",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--exports-dir",
+            str(tmp_path / "exports"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "exports" / "rooms" / "resnet18-frozen"
-    assert "has no model.onnx (trained with --no-onnx): writing it from export.pkl first" in result.output
+    assert (
+        "has no model.onnx (trained with --no-onnx): writing it from export.pkl first"
+        in result.output
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"export.pkl", "model.onnx", "model.int8.onnx"} <= set(metrics["checksums"])
     assert metrics["int8"]["fp32_valid_accuracy"] == pytest.approx(metrics["best_valid_accuracy"])
@@ -61,6 +102,7 @@ def test_report_on_a_run_folder_redraws_its_plots(rooms_run, runner, tmp_path):
 
 def test_export_pkl_written_on_the_retry_is_a_complete_run(runner, tmp_path, monkeypatch):
     from fastai.learner import Learner, load_learner
+
     make_task(tmp_path / "data" / "toy")
     real, calls = Learner.export, []
 
@@ -71,9 +113,26 @@ def test_export_pkl_written_on_the_retry_is_a_complete_run(runner, tmp_path, mon
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Learner, "export", fails_once)
-    result = runner.invoke(app, ["run", "toy", "--arch", "resnet18", "--epochs", "1", "--size", "32",
-                                 "--no-pretrained", "--workers", "0", "--data-dir", str(tmp_path / "data"),
-                                 "--exports-dir", str(tmp_path / "exports")])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "toy",
+            "--arch",
+            "resnet18",
+            "--epochs",
+            "1",
+            "--size",
+            "32",
+            "--no-pretrained",
+            "--workers",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--exports-dir",
+            str(tmp_path / "exports"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "exports" / "toy" / "resnet18-frozen"
     assert calls == ["cpu", "cpu"] and "warning" not in result.output
@@ -93,7 +152,9 @@ def listing_photos(tmp_path) -> Path:
     return photos
 
 
-def test_predict_listing_pattern_errors_and_threshold_columns(rooms_run, listing_photos, runner, tmp_path):
+def test_predict_listing_pattern_errors_and_threshold_columns(
+    rooms_run, listing_photos, runner, tmp_path
+):
     run = rooms_run[1]
     args = ["predict", str(run), str(listing_photos), "--out", str(tmp_path / "tags.csv")]
     result = runner.invoke(app, [*args, "--listing-pattern", r"^\d+_"])
@@ -101,11 +162,15 @@ def test_predict_listing_pattern_errors_and_threshold_columns(rooms_run, listing
     result = runner.invoke(app, [*args, "--listing-pattern", r"^house(\d+)"])
     assert result.exit_code == 2 and "matched none of the file names" in result.output
     for threshold in ("0.5", "0.9"):
-        result = runner.invoke(app, [*args, "--listing-pattern", r"^(\d+)_", "--threshold", threshold])
+        result = runner.invoke(
+            app, [*args, "--listing-pattern", r"^(\d+)_", "--threshold", threshold]
+        )
         assert result.exit_code == 0, result.output
         listings = pd.read_csv(tmp_path / "tags_listings.csv").set_index("listing")
         for c in ROOMS:
-            assert (listings[f"has_rooms_{c}"] == (listings[f"max_rooms_p_{c}"] >= float(threshold))).all()
+            assert (
+                listings[f"has_rooms_{c}"] == (listings[f"max_rooms_p_{c}"] >= float(threshold))
+            ).all()
     assert listings.loc[1, "photos"] == 2
 
 
@@ -120,4 +185,6 @@ def test_interpret_refuses_a_task_that_grew_a_class(rooms_run, runner, tmp_path)
         make_image(task / split / "garage" / "g.jpg", (40, 190, 60))
     result = runner.invoke(app, ["interpret", str(run)])
     assert result.exit_code == 2
-    assert result.output.strip() == "error: the task now has classes the model never saw: ['garage']"
+    assert (
+        result.output.strip() == "error: the task now has classes the model never saw: ['garage']"
+    )

@@ -1,7 +1,8 @@
 """Folders in, task folders out: the Houses import, `prepare`, and the checks `run` makes on a task.
 
-    python -m pytest tests/test_data.py
+python -m pytest tests/test_data.py
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -9,9 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import make_houses_zip, make_image
 from PIL import Image
 
-from conftest import make_houses_zip, make_image
 from replicate import data
 from replicate.cli import app
 from replicate.errors import ReplicateError
@@ -22,13 +23,18 @@ def house_ids(folder: Path) -> set[int]:
 
 
 def tree(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_houses_split_by_house_into_both_tasks(tmp_path, runner):
     src = make_houses_zip(tmp_path / "houses.zip", n_houses=10)
-    result = runner.invoke(app, ["data", "houses", "--source", str(src), "--data-dir", str(tmp_path / "data")])
+    result = runner.invoke(
+        app, ["data", "houses", "--source", str(src), "--data-dir", str(tmp_path / "data")]
+    )
     assert result.exit_code == 0, result.output
     rooms, exterior = tmp_path / "data" / "rooms", tmp_path / "data" / "exterior"
     for room in ("bathroom", "bedroom", "kitchen"):
@@ -49,7 +55,9 @@ def test_houses_is_deterministic_and_rerun_changes_nothing(tmp_path):
     before = tree(tmp_path / "a")
     data.import_houses(str(src), tmp_path / "a")
     assert tree(tmp_path / "a") == before
-    assert data.split_houses(list(range(100)), 0.2, 1) != data.split_houses(list(range(100)), 0.2, 2)
+    assert data.split_houses(list(range(100)), 0.2, 1) != data.split_houses(
+        list(range(100)), 0.2, 2
+    )
 
 
 def test_houses_refuses_to_overwrite_different_data_and_force_keeps_a_backup(tmp_path, runner):
@@ -57,9 +65,13 @@ def test_houses_refuses_to_overwrite_different_data_and_force_keeps_a_backup(tmp
     data_dir = tmp_path / "data"
     data.import_houses(str(src), data_dir)
     mine = make_image(data_dir / "rooms" / "train" / "kitchen" / "my_own.jpg")
-    result = runner.invoke(app, ["data", "houses", "--source", str(src), "--data-dir", str(data_dir)])
+    result = runner.invoke(
+        app, ["data", "houses", "--source", str(src), "--data-dir", str(data_dir)]
+    )
     assert result.exit_code == 2 and "already exists" in result.output and mine.is_file()
-    result = runner.invoke(app, ["data", "houses", "--source", str(src), "--data-dir", str(data_dir), "--force"])
+    result = runner.invoke(
+        app, ["data", "houses", "--source", str(src), "--data-dir", str(data_dir), "--force"]
+    )
     assert result.exit_code == 0, result.output
     backups = list(data_dir.glob("rooms.bak-*"))
     assert len(backups) == 1 and (backups[0] / "train" / "kitchen" / "my_own.jpg").is_file()
@@ -68,6 +80,7 @@ def test_houses_refuses_to_overwrite_different_data_and_force_keeps_a_backup(tmp
 
 def test_houses_from_an_extracted_folder(tmp_path):
     import zipfile
+
     src = make_houses_zip(tmp_path / "houses.zip")
     zipfile.ZipFile(src).extractall(tmp_path / "extracted")
     data.import_houses(str(tmp_path / "extracted"), tmp_path / "d1")
@@ -76,18 +89,24 @@ def test_houses_from_an_extracted_folder(tmp_path):
 
 
 def test_houses_member_names_cannot_write_outside_the_destination(tmp_path):
-    src = make_houses_zip(tmp_path / "houses.zip", extra={"../../escape/99_kitchen.txt": b"x", "/etc/evil.jpg": b"x"})
+    src = make_houses_zip(
+        tmp_path / "houses.zip", extra={"../../escape/99_kitchen.txt": b"x", "/etc/evil.jpg": b"x"}
+    )
     data.import_houses(str(src), tmp_path / "inside" / "data")
     assert not (tmp_path / "escape").exists()
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p != src]
     assert all((tmp_path / "inside" / "data") in p.parents for p in written)
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 this is not really a zip", b"<html>404</html>"])
+@pytest.mark.parametrize(
+    "content", [b"", b"PK\x03\x04 this is not really a zip", b"<html>404</html>"]
+)
 def test_a_broken_zip_is_a_clear_error_with_nothing_written(tmp_path, runner, content):
     bad = tmp_path / "broken.zip"
     bad.write_bytes(content)
-    result = runner.invoke(app, ["data", "houses", "--source", str(bad), "--data-dir", str(tmp_path / "data")])
+    result = runner.invoke(
+        app, ["data", "houses", "--source", str(bad), "--data-dir", str(tmp_path / "data")]
+    )
     assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
@@ -95,8 +114,10 @@ def test_a_broken_zip_is_a_clear_error_with_nothing_written(tmp_path, runner, co
 def test_a_corrupt_member_leaves_no_half_written_task(tmp_path):
     src = make_houses_zip(tmp_path / "houses.zip", n_houses=5)
     raw = bytearray(src.read_bytes())
-    at = raw.index(b"JFIF") + 200  # inside the first JPEG's compressed bytes: its CRC no longer matches
-    raw[at:at + 20] = b"\x00" * 20
+    at = (
+        raw.index(b"JFIF") + 200
+    )  # inside the first JPEG's compressed bytes: its CRC no longer matches
+    raw[at : at + 20] = b"\x00" * 20
     src.write_bytes(bytes(raw))
     with pytest.raises(ReplicateError, match="not a readable zip"):
         data.import_houses(str(src), tmp_path / "data")
@@ -105,11 +126,14 @@ def test_a_corrupt_member_leaves_no_half_written_task(tmp_path):
 
 # --- prepare ------------------------------------------------------------------------------------
 
+
 def test_prepare_cleans_resizes_splits_and_never_touches_sources(tmp_path, runner):
     src = tmp_path / "scraped"
     for i in range(10):
         make_image(src / "balcony" / f"b{i}.jpg", (200, 10, 10), size=(640, 480), seed=i)
-        make_image(src / "indoor" / f"i{i}.png", (10, 10, 200), size=(800, 600), seed=50 + i, fmt="PNG")
+        make_image(
+            src / "indoor" / f"i{i}.png", (10, 10, 200), size=(800, 600), seed=50 + i, fmt="PNG"
+        )
     make_image(src / "balcony" / "tiny.jpg", size=(60, 40))
     (src / "balcony" / "notes.jpg").write_text("not an image")
     (src / "indoor" / "empty.jpg").write_bytes(b"")
@@ -117,8 +141,20 @@ def test_prepare_cleans_resizes_splits_and_never_touches_sources(tmp_path, runne
     (src / "indoor" / "truncated.jpg").write_bytes(truncated)
     before = tree(src)
 
-    result = runner.invoke(app, ["prepare", str(src), "balcony", "--data-dir", str(tmp_path / "data"),
-                                 "--width", "320", "--min-size", "100"])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            str(src),
+            "balcony",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--width",
+            "320",
+            "--min-size",
+            "100",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert tree(src) == before
     task = tmp_path / "data" / "balcony"
@@ -128,9 +164,15 @@ def test_prepare_cleans_resizes_splits_and_never_touches_sources(tmp_path, runne
     with Image.open(next((task / "train" / "indoor").glob("*.jpg"))) as im:
         assert im.size == (320, 240) and im.format == "JPEG"
     import pandas as pd
+
     report = pd.read_csv(task / "prepare_report.csv")
     rejected = report[report.status == "rejected"].set_index("source")["reason"]
-    assert set(Path(p).name for p in rejected.index) == {"tiny.jpg", "notes.jpg", "empty.jpg", "truncated.jpg"}
+    assert set(Path(p).name for p in rejected.index) == {
+        "tiny.jpg",
+        "notes.jpg",
+        "empty.jpg",
+        "truncated.jpg",
+    }
     assert rejected[str(src / "balcony" / "tiny.jpg")].startswith("too small")
     assert rejected[str(src / "balcony" / "notes.jpg")].startswith("cannot decode")
     assert re.search(r"balcony\s+10\s+2\s+8\s+2", result.output)  # kept rejected train valid
@@ -147,37 +189,64 @@ def test_prepare_keeps_both_files_when_names_clash(tmp_path):
 
 
 def test_prepare_errors(tmp_path, runner):
-    result = runner.invoke(app, ["prepare", str(tmp_path / "nope"), "t", "--data-dir", str(tmp_path / "data")])
+    result = runner.invoke(
+        app, ["prepare", str(tmp_path / "nope"), "t", "--data-dir", str(tmp_path / "data")]
+    )
     assert result.exit_code == 2 and "is not a folder" in result.output
     (tmp_path / "flat").mkdir()
     make_image(tmp_path / "flat" / "a.jpg")
-    result = runner.invoke(app, ["prepare", str(tmp_path / "flat"), "t", "--data-dir", str(tmp_path / "data")])
+    result = runner.invoke(
+        app, ["prepare", str(tmp_path / "flat"), "t", "--data-dir", str(tmp_path / "data")]
+    )
     assert result.exit_code == 2 and "no class folders" in result.output
     (tmp_path / "src" / "good").mkdir(parents=True)
     make_image(tmp_path / "src" / "good" / "a.jpg")
     (tmp_path / "src" / "bad").mkdir()
     (tmp_path / "src" / "bad" / "a.jpg").write_text("nope")
-    result = runner.invoke(app, ["prepare", str(tmp_path / "src"), "t", "--data-dir", str(tmp_path / "data")])
+    result = runner.invoke(
+        app, ["prepare", str(tmp_path / "src"), "t", "--data-dir", str(tmp_path / "data")]
+    )
     assert result.exit_code == 2 and "bad" in result.output
 
 
 # --- checking a task folder ------------------------------------------------------------------------
 
+
 def test_scan_task_counts_a_good_task(tiny_task):
     images = data.scan_task(tiny_task / "toy")
     assert images.classes == ["blue", "red"]
-    assert images.counts.to_dict() == {"train": {"blue": 4, "red": 4}, "valid": {"blue": 2, "red": 2}}
+    assert images.counts.to_dict() == {
+        "train": {"blue": 4, "red": 4},
+        "valid": {"blue": 2, "red": 2},
+    }
     assert len(images.files) == 12 and images.skipped == []
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda t: t.rename(t.with_name("elsewhere")), "task folder .* not found: expected TASK/train/<class>"),
-    (lambda t: (t / "valid").rename(t / "validation"), r"valid is missing"),
-    (lambda t: [p.unlink() for p in (t / "train" / "red").iterdir()], r"no images .* train/red"),
-    (lambda t: (t / "valid" / "red").rename(t / "valid" / "green"), r"different classes.*\['red'\].*\['green'\]"),
-    (lambda t: [d.rename(t / "train" / f".{d.name}") for d in list((t / "train").iterdir())]
-     + [d.rename(t / "valid" / f".{d.name}") for d in list((t / "valid").iterdir())], "no class folders"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (
+            lambda t: t.rename(t.with_name("elsewhere")),
+            "task folder .* not found: expected TASK/train/<class>",
+        ),
+        (lambda t: (t / "valid").rename(t / "validation"), r"valid is missing"),
+        (
+            lambda t: [p.unlink() for p in (t / "train" / "red").iterdir()],
+            r"no images .* train/red",
+        ),
+        (
+            lambda t: (t / "valid" / "red").rename(t / "valid" / "green"),
+            r"different classes.*\['red'\].*\['green'\]",
+        ),
+        (
+            lambda t: (
+                [d.rename(t / "train" / f".{d.name}") for d in list((t / "train").iterdir())]
+                + [d.rename(t / "valid" / f".{d.name}") for d in list((t / "valid").iterdir())]
+            ),
+            "no class folders",
+        ),
+    ],
+)
 def test_scan_task_says_what_is_wrong(tiny_task, breakage, message):
     breakage(tiny_task / "toy")
     with pytest.raises(ReplicateError, match=message):
@@ -188,7 +257,11 @@ def test_unreadable_images_are_set_aside_up_front(tiny_task):
     bad = tiny_task / "toy" / "train" / "red" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     images = data.scan_task(tiny_task / "toy")
-    assert images.skipped == [bad] and bad not in images.files and images.counts.loc["red", "train"] == 4
+    assert (
+        images.skipped == [bad]
+        and bad not in images.files
+        and images.counts.loc["red", "train"] == 4
+    )
 
 
 @pytest.fixture
@@ -197,6 +270,7 @@ def http_server(tmp_path):
     import functools
     import http.server
     import threading
+
     root = tmp_path / "www"
     root.mkdir()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
@@ -218,13 +292,22 @@ def test_houses_downloads_the_archive_once_and_imports_it(tmp_path, http_server)
 
 def test_a_failed_download_is_one_clear_error_with_nothing_left(tmp_path, runner, http_server):
     root, url = http_server
-    result = runner.invoke(app, ["data", "houses", "--source", f"{url}/missing.zip", "--data-dir", str(tmp_path / "d")])
-    assert result.exit_code == 2 and "could not download" in result.output and "--source FILE" in result.output
-    assert not list((tmp_path / "d").rglob("*.zip")) and not list((tmp_path / "d").rglob("*.partial"))
+    result = runner.invoke(
+        app, ["data", "houses", "--source", f"{url}/missing.zip", "--data-dir", str(tmp_path / "d")]
+    )
+    assert (
+        result.exit_code == 2
+        and "could not download" in result.output
+        and "--source FILE" in result.output
+    )
+    assert not list((tmp_path / "d").rglob("*.zip")) and not list(
+        (tmp_path / "d").rglob("*.partial")
+    )
 
 
 def test_all_tasks_are_the_folders_with_a_train_split(tiny_task):
     from replicate.compare import tasks
+
     (tiny_task / "notes").mkdir()
     make_image(tiny_task / "other" / "train" / "a" / "x.jpg")
     assert tasks(tiny_task, "all") == ["other", "toy"]
@@ -234,5 +317,7 @@ def test_all_tasks_are_the_folders_with_a_train_split(tiny_task):
 def test_image_extensions_are_fastais():
     """folders lists images without importing fastai; it must take the same files fastai would."""
     from fastai.data.transforms import image_extensions
+
     from replicate.folders import IMAGE_EXTENSIONS
+
     assert IMAGE_EXTENSIONS == set(image_extensions)

@@ -4,6 +4,7 @@ per listing.
 
     python -m pytest tests/test_filters.py
 """
+
 from __future__ import annotations
 
 import json
@@ -11,20 +12,27 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import COLORS, make_image
 from typer.testing import CliRunner
 
-from conftest import COLORS, make_image
 from replicate import report
 from replicate.cli import app
 from replicate.errors import ReplicateError
 
 
-def predictions(yes: list[float], no: list[float], positive: str = "yes", other: str = "no") -> pd.DataFrame:
+def predictions(
+    yes: list[float], no: list[float], positive: str = "yes", other: str = "no"
+) -> pd.DataFrame:
     """valid_predictions.csv's columns for photos of `positive` scoring `yes` and of `other` scoring `no`."""
     score = np.array(yes + no)
-    return pd.DataFrame({"path": [f"{k}.jpg" for k in range(len(score))],
-                         "actual": [positive] * len(yes) + [other] * len(no),
-                         f"p_{positive}": score, f"p_{other}": 1 - score})
+    return pd.DataFrame(
+        {
+            "path": [f"{k}.jpg" for k in range(len(score))],
+            "actual": [positive] * len(yes) + [other] * len(no),
+            f"p_{positive}": score,
+            f"p_{other}": 1 - score,
+        }
+    )
 
 
 def test_the_threshold_keeps_the_most_recall_at_the_target_precision():
@@ -33,18 +41,31 @@ def test_the_threshold_keeps_the_most_recall_at_the_target_precision():
     found = report.search_filter(preds, ["no", "yes"], "balcony", target=0.75)
     # precision >= 0.75 at p >= .9 (1 of 1, recall .25) and at p >= .7 (3 of 4, recall .75): the second
     assert (found["threshold"], found["precision"], found["recall"]) == (0.7, 0.75, 0.75)
-    assert found["column"] == "has_balcony" and found["positive"] == "yes" and found["valid_positives"] == 4
+    assert (
+        found["column"] == "has_balcony"
+        and found["positive"] == "yes"
+        and found["valid_positives"] == 4
+    )
     strict = report.search_filter(preds, ["no", "yes"], "balcony", target=0.8)
     assert (strict["threshold"], strict["precision"], strict["recall"]) == (0.9, 1.0, 0.25)
-    never = report.search_filter(predictions([0.5, 0.4], [0.9, 0.1]), ["no", "yes"], "balcony", target=0.9)
-    assert never["threshold"] is None and never["recall"] is None  # the top photo is a "no": 0.9 is out of reach
-    assert report.search_filter(preds.assign(actual="x"), ["x", "y", "z"], "rooms") is None  # not two classes
+    never = report.search_filter(
+        predictions([0.5, 0.4], [0.9, 0.1]), ["no", "yes"], "balcony", target=0.9
+    )
+    assert (
+        never["threshold"] is None and never["recall"] is None
+    )  # the top photo is a "no": 0.9 is out of reach
+    assert (
+        report.search_filter(preds.assign(actual="x"), ["x", "y", "z"], "rooms") is None
+    )  # not two classes
 
 
 def test_the_filters_class_is_named_yes_or_the_rarer_one():
     preds = predictions([0.9], [0.2, 0.1], positive="frontal", other="indoor")
     assert report.search_filter(preds, ["frontal", "indoor"], "exterior")["column"] == "has_frontal"
-    assert report.search_filter(preds, ["frontal", "indoor"], "exterior", positive="indoor")["column"] == "has_indoor"
+    assert (
+        report.search_filter(preds, ["frontal", "indoor"], "exterior", positive="indoor")["column"]
+        == "has_indoor"
+    )
     with pytest.raises(ReplicateError, match="--positive pool"):
         report.search_filter(preds, ["frontal", "indoor"], "exterior", positive="pool")
 
@@ -59,12 +80,40 @@ def balcony(tmp_path_factory):
         for listing in listings:
             for k in range(2):
                 seed += 1
-                label = "yes" if (listing % 3 == 0 and k == 0) else "no"  # a third of listings show one
-                make_image(root / "data" / "balcony" / split / label / f"{listing}_{k}.jpg",
-                           COLORS["red" if label == "yes" else "blue"], seed=seed)
-    result = CliRunner().invoke(app, ["run", "balcony", "--arch", "resnet18", "--unfreeze", "--epochs", "3", "--bs", "4", "--size", "32",
-                                      "--no-pretrained", "--workers", "0", "--target-precision", "0.6", "--onnx",
-                                      "--data-dir", str(root / "data"), "--exports-dir", str(root / "exports")])
+                label = (
+                    "yes" if (listing % 3 == 0 and k == 0) else "no"
+                )  # a third of listings show one
+                make_image(
+                    root / "data" / "balcony" / split / label / f"{listing}_{k}.jpg",
+                    COLORS["red" if label == "yes" else "blue"],
+                    seed=seed,
+                )
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "balcony",
+            "--arch",
+            "resnet18",
+            "--unfreeze",
+            "--epochs",
+            "3",
+            "--bs",
+            "4",
+            "--size",
+            "32",
+            "--no-pretrained",
+            "--workers",
+            "0",
+            "--target-precision",
+            "0.6",
+            "--onnx",
+            "--data-dir",
+            str(root / "data"),
+            "--exports-dir",
+            str(root / "exports"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root / "data", root / "exports" / "balcony" / "resnet18-unfrozen"
 
@@ -73,7 +122,9 @@ def test_a_yes_no_run_records_its_filter_and_curve(balcony):
     _, run = balcony
     found = json.loads((run / "filter.json").read_text())
     preds = pd.read_csv(run / "valid_predictions.csv")
-    assert found == report.search_filter(preds, ["no", "yes"], "balcony", target=0.6)  # rebuilt from the folder
+    assert found == report.search_filter(
+        preds, ["no", "yes"], "balcony", target=0.6
+    )  # rebuilt from the folder
     assert found["column"] == "has_balcony" and found["target_precision"] == 0.6
     assert (run / "pr_curve.png").stat().st_size > 5000
     assert json.loads((run / "config.json").read_text())["target_precision"] == 0.6
@@ -84,13 +135,27 @@ def test_predict_applies_the_threshold_per_photo_and_per_listing(balcony, runner
     found = json.loads((run / "filter.json").read_text())
     assert found["threshold"] is not None  # red against blue: 3 short epochs reach precision 0.6
     out = tmp_path / "tags.csv"
-    result = runner.invoke(app, ["predict", str(run), str(data_dir / "balcony" / "valid"), "--out", str(out),
-                                 "--listing-pattern", r"^(\d+)_"])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(run),
+            str(data_dir / "balcony" / "valid"),
+            "--out",
+            str(out),
+            "--listing-pattern",
+            r"^(\d+)_",
+        ],
+    )
     assert result.exit_code == 0, result.output
     tags = pd.read_csv(out)
     assert (tags.balcony_has_balcony == (tags.balcony_p_yes >= found["threshold"])).all()
     per_listing = pd.read_csv(tmp_path / "tags_listings.csv", dtype={"listing": str})
-    any_photo = tags.assign(listing=tags.path.str.extract(r"/(\d+)_\d\.jpg$")[0]).groupby("listing").balcony_has_balcony.any()
+    any_photo = (
+        tags.assign(listing=tags.path.str.extract(r"/(\d+)_\d\.jpg$")[0])
+        .groupby("listing")
+        .balcony_has_balcony.any()
+    )
     assert per_listing.set_index("listing").balcony_has_balcony.to_dict() == any_photo.to_dict()
     rule = json.loads((tmp_path / "tags_listings_filters.json").read_text())["balcony"]
     preds = pd.read_csv(run / "valid_predictions.csv")
@@ -105,17 +170,53 @@ def test_predict_applies_the_threshold_per_photo_and_per_listing(balcony, runner
 
 def test_positive_must_be_a_class_of_a_two_class_task(balcony, runner, tmp_path):
     data_dir, _ = balcony
-    result = runner.invoke(app, ["run", "balcony", "--arch", "resnet18", "--positive", "pool", "--no-pretrained",
-                                 "--data-dir", str(data_dir), "--exports-dir", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "balcony",
+            "--arch",
+            "resnet18",
+            "--positive",
+            "pool",
+            "--no-pretrained",
+            "--data-dir",
+            str(data_dir),
+            "--exports-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 2 and result.output.startswith("error: --positive pool")
 
 
 def test_compare_reports_the_filter_and_applies_its_target_to_a_reused_run(balcony, runner):
     data_dir, run = balcony
-    result = runner.invoke(app, ["compare", "balcony", "--archs", "resnet18", "--modes", "unfrozen", "--epochs", "3",
-                                 "--bs", "4", "--size", "32", "--no-pretrained", "--workers", "0",
-                                 "--target-precision", "0.5", "--data-dir", str(data_dir),
-                                 "--exports-dir", str(run.parent.parent)])
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            "balcony",
+            "--archs",
+            "resnet18",
+            "--modes",
+            "unfrozen",
+            "--epochs",
+            "3",
+            "--bs",
+            "4",
+            "--size",
+            "32",
+            "--no-pretrained",
+            "--workers",
+            "0",
+            "--target-precision",
+            "0.5",
+            "--data-dir",
+            str(data_dir),
+            "--exports-dir",
+            str(run.parent.parent),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "reusing finished run" in result.output
     found = json.loads((run / "filter.json").read_text())

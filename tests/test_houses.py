@@ -3,16 +3,17 @@
 
     python -m pytest tests/test_houses.py
 """
+
 from __future__ import annotations
 
 import json
 
 import pandas as pd
-
-from replicate import audit, data
 from test_audit import run_audit
 from test_data import house_ids
 from test_train import run_cli
+
+from replicate import audit, data
 
 
 def test_real_houses_zip_gives_535_photos_per_room_split_80_20(houses):
@@ -31,10 +32,16 @@ def test_real_houses_audit_finds_the_known_groups_and_a_fresh_import_does_not_le
     findings = pd.read_csv(out / "audit.csv", keep_default_na=False)
     groups = [set(f.split(";")) for f in findings.files]
     names = lambda g: {p.split("/")[-1] for p in g}  # noqa: E731
-    for pair in ({"199_bathroom.jpg", "214_bathroom.jpg"}, {"9_bedroom.jpg", "21_bedroom.jpg"},
-                 {"259_bathroom.jpg", "296_bathroom.jpg"}, {"227_bedroom.jpg", "227_kitchen.jpg"}):
+    for pair in (
+        {"199_bathroom.jpg", "214_bathroom.jpg"},
+        {"9_bedroom.jpg", "21_bedroom.jpg"},
+        {"259_bathroom.jpg", "296_bathroom.jpg"},
+        {"227_bedroom.jpg", "227_kitchen.jpg"},
+    ):
         assert any(names(g) == pair for g in groups), pair
-    conflicts = {frozenset(names(f.split(";"))) for f in findings[findings.finding == "conflict"].files}
+    conflicts = {
+        frozenset(names(f.split(";"))) for f in findings[findings.finding == "conflict"].files
+    }
     assert {next(iter(c)).split("_")[0] for c in conflicts} == {"227", "343", "466", "354", "12"}
     assert all(len({n.split("_")[0] for n in c}) == 1 for c in conflicts)  # each within one house
     assert (findings.finding == "leak").sum() == 0  # the import kept linked houses together
@@ -49,8 +56,9 @@ def test_real_houses_audit_finds_the_known_groups_and_a_fresh_import_does_not_le
 def test_houses_end_to_end(houses, runner):
     """The real listing photos, as `replicate data houses` imported them: one short unfrozen run of the
     study's smallest backbone."""
-    result, exports = run_cli(runner, houses, "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "64",
-                              "--unfreeze")
+    result, exports = run_cli(
+        runner, houses, "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "64", "--unfreeze"
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((exports / "rooms" / "resnet18-unfrozen" / "metrics.json").read_text())
     assert metrics["n_train"] == 1284 and metrics["n_valid"] == 321

