@@ -23,6 +23,8 @@ demo: install
 
 test: install
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check replicate tests benchmarks
+	$(BIN)/ruff format --check replicate tests benchmarks
 	$(BIN)/python -m pytest
 
 clean:
