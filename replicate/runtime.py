@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,3 +91,39 @@ def alone():
             del os.environ["WORLD_SIZE"]
         else:
             os.environ["WORLD_SIZE"] = world
+
+
+def on_terminal() -> bool:
+    """True when stdout is a terminal: progress bars animate only there."""
+    return sys.stdout.isatty()
+
+
+def progress(items: Iterable, total: int | None = None, what: str = "", log=print) -> Iterator:
+    """`items`, with progress shown: fastprogress's bar on a terminal; written to a file or a pipe, a
+    plain line at the start, at each tenth of the work and at the end, so a log holds no carriage
+    returns and no bar frames.
+
+    Written here rather than left to fastprogress: its console bar decides whether to print with
+    `getattr(stdout, 'isatty', False)` (the method, always true) and writes a carriage return when it
+    is created, so its frames fill a log."""
+    total = len(items) if total is None and hasattr(items, "__len__") else total
+    if on_terminal():
+        from fastprogress.fastprogress import progress_bar
+
+        bar = progress_bar(items, total=total, leave=False)
+        bar.comment = what
+        yield from bar
+        return
+    yield from _plain_progress(items, total, what or "working", log)
+
+
+def _plain_progress(items: Iterable, total: int | None, what: str, log) -> Iterator:
+    start, done, shown = time.perf_counter(), 0, 0
+    log(f"{what}: {total if total is not None else 'an unknown number of'} items")
+    for item in items:
+        yield item
+        done += 1
+        if total and done < total and done * 10 // total > shown:
+            shown = done * 10 // total
+            log(f"{what}: {done}/{total} ({done / total:.0%}), {time.perf_counter() - start:.0f}s")
+    log(f"{what}: done, {done} items in {time.perf_counter() - start:.1f}s")
