@@ -159,9 +159,9 @@ def data_houses(
 
     Example: replicate data houses --source ../shared/datasets/houses-dataset-400.zip
     """
-    from . import data
+    from . import data, sources
 
-    for task, folder in data.import_houses(source, data_dir, valid_pct, seed, force).items():
+    for task, folder in sources.import_houses(source, data_dir, valid_pct, seed, force).items():
         counts = data.image_counts(
             folder
         )  # just written from a checked archive: no need to decode again
@@ -197,9 +197,9 @@ def prepare(
 
     Example: replicate prepare ~/scraped balcony --min-size 200
     """
-    from . import data
+    from . import sources
 
-    folder, summary = data.prepare_task(
+    folder, summary = sources.prepare_task(
         source_dir, task, data_dir, valid_pct, width, min_size, seed, force
     )
     typer.echo(summary.to_string())

@@ -10,7 +10,7 @@ import json
 
 import pandas as pd
 from test_audit import run_audit
-from test_data import house_ids
+from test_sources import house_ids
 from test_train import run_cli
 
 from replicate import audit, data
