@@ -955,7 +955,7 @@ def weights_(
 
     Example: replicate weights resnet18 densenet121 convnext_tiny
     """
-    from . import models, weights
+    from . import downloads, models
 
     for name in names or list(models.ARCHS):
         arch = models.get_arch(name)
@@ -963,7 +963,7 @@ def weights_(
         typer.echo(
             f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, verified; from {arch.weights.where()})"
         )
-    typer.echo(f"caches: {weights.torch_cache()} and {weights.hub_cache()}")
+    typer.echo(f"caches: {downloads.torch_cache()} and {downloads.hub_cache()}")
 
 
 def echo(*args, **kwargs) -> None:

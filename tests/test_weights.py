@@ -26,7 +26,7 @@ import torch
 import torchvision.models as tvm
 from fastai.learner import load_learner
 
-from replicate import models, weights
+from replicate import downloads, models, weights
 from replicate.cli import app
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -222,6 +222,7 @@ def test_weights_command_fills_and_verifies_the_cache(fresh, server, monkeypatch
     assert first.exit_code == 0, first.output
     cached = fresh / "torch-home" / "hub" / "checkpoints" / name
     assert cached.read_bytes() == data and "verified" in first.output
+    assert "\r" not in first.output  # not a terminal: no progress bar frames in the output
     cached.write_bytes(data[:-10] + b"0123456789")  # the cached copy goes bad
     second = runner.invoke(app, ["weights", "resnet18"])
     assert "corrupt" in one_error(second) and len(server.requests) == 1
@@ -275,8 +276,10 @@ def test_timm_weights_download_from_the_hub_then_train_offline(
     repo, data, state = timm_file()
     serve_hub(server, repo, data)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("TQDM_POSITION", "-1")  # the hub would draw its bar anywhere; we must not
     fetched = runner.invoke(app, ["weights", TIMM])
     assert fetched.exit_code == 0, fetched.output
+    assert "\r" not in fetched.output  # not a terminal: the hub's bar is not drawn
     snapshot = (
         fresh / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
     )
@@ -326,7 +329,7 @@ def test_a_hub_download_that_does_not_match_its_hash_is_not_kept(
     assert not [
         p for p in (fresh / "hf-home").rglob("*") if p.is_file() and p.name == "model.safetensors"
     ]
-    assert weights.hub_cache() == fresh / "hf-home" / "hub"
+    assert downloads.hub_cache() == fresh / "hf-home" / "hub"
 
 
 def test_a_dead_hub_is_one_line_exit_2(fresh, monkeypatch, tiny_task, runner):
