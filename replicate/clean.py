@@ -55,50 +55,97 @@ def read_decisions(path: Path) -> pd.DataFrame:
     return decisions
 
 
+class RowProblem(Exception):
+    """Why a decisions row is refused, raised by a caller's rule in `check_decisions`."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A row of a decisions file, read: `action` in lower case, `source` resolved."""
+
+    where: str  # "line N (path)": how its problems begin
+    action: str
+    new_label: str
+    source: Path
+
+
+def check_decisions(
+    decisions: pd.DataFrame, actions: tuple[str, ...], hint: str, place, decide
+) -> tuple[list, list[str]]:
+    """(what `decide` made of each row that passed, None left out; every problem, "line N (path):
+    why"). Each row in turn: its action one of `actions` (else refused, with `hint`);
+    `place(source)` says where the photo is, or raises RowProblem; a photo named twice is refused,
+    then one that is not a file; `decide(row, place's answer)` makes it a move, or raises.
+
+    Shared by `plan` (a task's decisions) and `label.plan_labels` (a label page's): every row is
+    checked, so one error can list all that is wrong before anything moves."""
+    made, problems, seen = [], [], set()
+    for line, row in enumerate(decisions.itertuples(index=False), start=2):  # line 1 is the header
+        source = Path(row.path).expanduser().resolve()
+        read = Decision(
+            f"line {line} ({row.path})", row.action.strip().lower(), row.new_label.strip(), source
+        )
+        try:
+            if read.action not in actions:
+                raise RowProblem(f"unknown action {row.action!r} ({hint})")
+            placed = place(source)
+            if source in seen:
+                raise RowProblem("the same photo appears twice")
+            seen.add(source)
+            if not source.is_file():
+                raise RowProblem("no such file (moved or cleaned already?)")
+            result = decide(read, placed)
+        except RowProblem as e:
+            problems.append(f"{read.where}: {e}")
+            continue
+        if result is not None:
+            made.append(result)
+    return made, problems
+
+
+def refusal(problems: list[str], undone: str, shown: int | None = None) -> ReplicateError:
+    """One error for all the `problems` (the first `shown` of them, then how many more): nothing
+    was `undone` ("moved", "copied")."""
+    more = f"; and {len(problems) - shown} more" if shown and len(problems) > shown else ""
+    return ReplicateError(
+        f"nothing was {undone}; {len(problems)} problem(s): " + "; ".join(problems[:shown]) + more
+    )
+
+
 def plan(task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
     """The moves the decisions ask for; ReplicateError listing every problem, before anything moves."""
     task_dir = task_dir.resolve()
     classes = class_dirs(task_dir / "train") if (task_dir / "train").is_dir() else set()
-    problems, moves, seen = [], [], set()
-    for i, row in enumerate(decisions.itertuples(index=False), start=2):  # line 1 is the header
-        where = f"line {i} ({row.path})"
-        action, new_label = row.action.strip().lower(), row.new_label.strip()
-        source = Path(row.path).expanduser().resolve()
-        if action not in ACTIONS:
-            problems.append(f"{where}: unknown action {row.action!r} (use {', '.join(ACTIONS)})")
-            continue
+
+    def place(source: Path) -> tuple[str, str, str]:
         try:
             split, label, name = source.relative_to(task_dir).parts
         except ValueError:
-            problems.append(f"{where}: not a photo in {task_dir}/{{train,valid}}/<class>/")
-            continue
+            raise RowProblem(f"not a photo in {task_dir}/{{train,valid}}/<class>/") from None
         if split not in SPLITS:
-            problems.append(f"{where}: not in the train or valid split of {task_dir}")
-            continue
-        if source in seen:
-            problems.append(f"{where}: the same photo appears twice")
-            continue
-        seen.add(source)
-        if not source.is_file():
-            problems.append(f"{where}: no such file (moved or cleaned already?)")
-            continue
-        if action == "keep":
-            continue
-        if action == "relabel":
-            if new_label not in classes:
-                problems.append(
-                    f"{where}: unknown class {new_label!r} (classes: {', '.join(sorted(classes))})"
+            raise RowProblem(f"not in the train or valid split of {task_dir}")
+        return split, label, name
+
+    def decide(row: Decision, placed: tuple[str, str, str]) -> Move | None:
+        split, label, name = placed
+        if row.action == "keep":
+            return None
+        if row.action == "relabel":
+            if row.new_label not in classes:
+                raise RowProblem(
+                    f"unknown class {row.new_label!r} (classes: {', '.join(sorted(classes))})"
                 )
-                continue
-            if new_label == label:
-                problems.append(f"{where}: already labelled {label!r}")
-                continue
-            destination = task_dir / split / new_label / name
-        elif action == "move":
+            if row.new_label == label:
+                raise RowProblem(f"already labelled {label!r}")
+            destination = task_dir / split / row.new_label / name
+        elif row.action == "move":
             destination = task_dir / ("valid" if split == "train" else "train") / label / name
         else:
             destination = task_dir / "_removed" / split / label / name
-        moves.append(Move(action, source, destination, new_label))
+        return Move(row.action, row.source, destination, row.new_label)
+
+    hint = f"use {', '.join(ACTIONS)}"
+    moves, problems = check_decisions(decisions, ACTIONS, hint, place, decide)
     targets = [m.destination for m in moves]
     for m in moves:
         if m.destination.exists() or targets.count(m.destination) > 1:
@@ -106,9 +153,7 @@ def plan(task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
                 f"{m.source}: {m.destination} exists already or is the target of another row (name clash)"
             )
     if problems:
-        raise ReplicateError(
-            f"nothing was moved; {len(problems)} problem(s): " + "; ".join(problems)
-        )
+        raise refusal(problems, "moved")
     return moves
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from . import audit, photos, report
-from .clean import LOG_COLUMNS, Move
+from .clean import LOG_COLUMNS, Decision, Move, RowProblem, check_decisions, refusal
 from .config import RunConfig
 from .errors import ReplicateError
 from .folders import SPLITS, class_dirs, image_files
@@ -474,31 +474,7 @@ def plan_labels(
     files = pool.files
     index = {str(f): i for i, f in enumerate(files)}
     copies = applied(task_dir)
-    finished = set(copies.source)
-    problems, chosen, seen = [], [], set()
-    for line, row in enumerate(decisions.itertuples(index=False), start=2):  # line 1 is the header
-        where = f"line {line} ({row.path})"
-        action, label = row.action.strip().lower(), row.new_label.strip()
-        source = str(Path(row.path).expanduser().resolve())
-        if action not in ("label", "skip"):
-            problems.append(
-                f"{where}: unknown action {row.action!r} (a label page writes label or skip)"
-            )
-        elif source not in index:
-            problems.append(f"{where}: not a readable photo of the pool {session.pool}")
-        elif source in finished:
-            problems.append(f"{where}: labelled or skipped already (decisions applied twice?)")
-        elif source in seen:
-            problems.append(f"{where}: the same photo appears twice")
-        elif action == "label" and label not in session.classes:
-            problems.append(
-                f"{where}: unknown class {label!r} (classes: {', '.join(session.classes)})"
-            )
-        else:
-            seen.add(source)
-            chosen.append((index[source], label if action == "label" else None))
-    if problems:
-        raise _refused(problems)
+    chosen = _chosen(session, index, set(copies.source), decisions)
     groups = audit.link_owners(list(range(len(files))), files, frame=pool.prints)
     placed = {
         groups[index[s]]: split
@@ -506,7 +482,7 @@ def plan_labels(
         if split and s in index
     }
     counts = Counter(task_photos(task_dir)[["split", "label"]].itertuples(index=False, name=None))
-    moves, names = [], set()
+    moves, names, problems = [], set(), []
     for row, label in chosen:
         if label is None:
             moves.append(Move("skip", files[row], None))
@@ -533,15 +509,38 @@ def plan_labels(
         names.add(destination)
         moves.append(Move("copy", files[row], destination, label))
     if problems:
-        raise _refused(problems)
+        raise refusal(problems, "copied", shown=5)
     return moves
 
 
-def _refused(problems: list[str], shown: int = 5) -> ReplicateError:
-    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
-    return ReplicateError(
-        f"nothing was copied; {len(problems)} problem(s): " + "; ".join(problems[:shown]) + more
-    )
+def _chosen(
+    session: Session, index: dict[str, int], finished: set[str], decisions: pd.DataFrame
+) -> list[tuple[int, str | None]]:
+    """(pool row, class; None for a skip) per row of a label page's decisions; ReplicateError
+    listing every row that is not a pool photo (`index`: {path: row}) yet to label (`finished`
+    holds those labelled or skipped already) with a known action and class."""
+
+    def place(source: Path) -> int:
+        if str(source) not in index:
+            raise RowProblem(f"not a readable photo of the pool {session.pool}")
+        if str(source) in finished:
+            raise RowProblem("labelled or skipped already (decisions applied twice?)")
+        return index[str(source)]
+
+    def decide(row: Decision, placed: int) -> tuple[int, str | None]:
+        if row.action == "skip":
+            return placed, None
+        if row.new_label not in session.classes:
+            raise RowProblem(
+                f"unknown class {row.new_label!r} (classes: {', '.join(session.classes)})"
+            )
+        return placed, row.new_label
+
+    hint = "a label page writes label or skip"
+    chosen, problems = check_decisions(decisions, ("label", "skip"), hint, place, decide)
+    if problems:
+        raise refusal(problems, "copied", shown=5)
+    return chosen
 
 
 def describe(moves: list[Move]) -> pd.DataFrame:
