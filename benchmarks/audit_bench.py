@@ -5,7 +5,7 @@ and precision and recall on the Houses photos as they come and letterboxed.
     .venv/bin/python benchmarks/audit_bench.py --search-only   # the index alone, up to 1,000,000
     .venv/bin/python benchmarks/audit_bench.py --faiss         # also faiss's IndexBinaryMultiHash
 
-1. search: `audit.near_pairs` over n synthetic fingerprints (3 crop hashes each, uniform random
+1. search: `duplicates.near_pairs` over n synthetic fingerprints (3 crop hashes each, uniform random
    bits) with 1,000 planted near-duplicates: a photo whose whole hash is another's whole or crop
    hash with 0-8 bits flipped. Every planted pair must be found.
 2. real: the whole audit (fingerprints on all cores, search, confirmation, groups) of the Houses
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import results  # noqa: E402  (benchmarks/results.py, beside this script)
 from conftest import HOUSES_ZIP  # noqa: E402
 
-from replicate import audit, data, runtime  # noqa: E402
+from replicate import audit, data, duplicates, fingerprints, runtime  # noqa: E402
 
 PAIRS = Path(__file__).with_name("audit_pairs.csv")
 
@@ -84,7 +84,7 @@ def search(sizes: list[int], with_faiss: bool) -> list[dict]:
     for n in sizes:
         hashes, planted = synthetic(n, 1000)
         start = time.perf_counter()
-        pairs = audit.near_pairs(hashes)
+        pairs = duplicates.near_pairs(hashes, audit.THRESHOLD)
         seconds = time.perf_counter() - start
         found = set(zip(pairs.i.tolist(), pairs.j.tolist()))
         print(
@@ -294,8 +294,8 @@ def copies_found(task: Path, n: int = 300) -> dict:
             photos.append(make(Image.open(io.BytesIO(blob)).convert("RGB")))
             origin.append(k)
             kind.append(name)
-    frame = pd.DataFrame(audit.fingerprint_many(photos))
-    _, pairs = audit.linked(frame, photos)
+    frame = pd.DataFrame(fingerprints.fingerprint_many(photos))
+    _, pairs = duplicates.linked(frame, audit.THRESHOLD, photos)
     held = pairs[pairs.confirmed]
     found = {(int(a), int(b)) for a, b in zip(held.i, held.j)}
     per_kind = {}

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import audit, photos, report
+from . import audit, fingerprints, photos, report
 from .clean import LOG_COLUMNS, Decision, Move, RowProblem, check_decisions, refusal
 from .config import RunConfig
 from .errors import ReplicateError
@@ -312,7 +312,7 @@ def pool_photos(session: Session, out: Path, log=None) -> Pool:
     files = image_files(Path(session.pool))
     if not files:
         raise ReplicateError(f"no photos (.jpg, .png, ...) in the pool {session.pool}")
-    prints = audit.fingerprints(files, cache=out / "fingerprints.csv", log=log)
+    prints = fingerprints.fingerprints(files, cache=out / "fingerprints.csv", log=log)
     readable = (prints.error == "").to_numpy()
     return Pool(
         [f for f, ok in zip(files, readable) if ok],

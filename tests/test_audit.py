@@ -20,7 +20,7 @@ import pytest
 from conftest import HOUSES_ZIP, requires_houses, synthetic_photo
 from PIL import Image
 
-from replicate import audit, data, hamming
+from replicate import audit, data, duplicates, fingerprints, hamming, sources
 from replicate.cli import app
 
 
@@ -105,8 +105,8 @@ def test_made_up_copies_are_found_and_distinct_photos_are_not(tmp_path):
         for _name, (_, data_) in made_up_copies(original).items():
             photos.append(data_)
             owners.append(seed)
-    frame = pd.DataFrame(audit.fingerprint_many(photos))
-    groups, pairs = audit.linked(frame, photos)
+    frame = pd.DataFrame(fingerprints.fingerprint_many(photos))
+    groups, pairs = duplicates.linked(frame, audit.THRESHOLD, photos)
     # each original and its four copies form one group, and nothing else joins it
     assert len(set(groups)) == 20
     for seed in range(20):
@@ -116,9 +116,11 @@ def test_made_up_copies_are_found_and_distinct_photos_are_not(tmp_path):
 
 def test_two_hundred_distinct_photos_give_no_false_pair():
     frame = pd.DataFrame(
-        audit.fingerprint_many([jpeg(synthetic_photo(1000 + s)) for s in range(200)])
+        fingerprints.fingerprint_many([jpeg(synthetic_photo(1000 + s)) for s in range(200)])
     )
-    assert audit.near_pairs(audit.hash_matrix(frame.phash.tolist())).empty
+    assert duplicates.near_pairs(
+        duplicates.hash_matrix(frame.phash.tolist()), audit.THRESHOLD
+    ).empty
 
 
 # --- padded photos, chains, the index -------------------------------------------------------------
@@ -147,11 +149,11 @@ def padded(data_: bytes, canvas: tuple[int, int], colour, frame: int = 0) -> byt
 )
 def test_uniform_borders_are_trimmed_to_the_photo(canvas, colour, frame, where):
     photo = jpeg(synthetic_photo(7, size=(400, 266)))
-    row = audit.fingerprint(padded(photo, canvas, colour, frame))
+    row = fingerprints.fingerprint(padded(photo, canvas, colour, frame))
     box = np.array(row["box"].split(), dtype=int)
     assert np.abs(box - where).max() <= 8  # JPEG ringing keeps a few px of padding beside the photo
     assert (
-        audit.fingerprint(photo)["box"] == "0 0 400 266"
+        fingerprints.fingerprint(photo)["box"] == "0 0 400 266"
     )  # a photo without borders keeps all of itself
 
 
@@ -161,10 +163,12 @@ def test_a_photo_with_its_own_white_bands_pillarboxed_in_black_loses_both_border
     )  # a listing photo with white bands above and below
     photo.paste(synthetic_photo(8, size=(400, 268)), (0, 16))
     framed = padded(jpeg(photo), (640, 300), "black")
-    box = np.array(audit.fingerprint(framed)["box"].split(), dtype=int)
+    box = np.array(fingerprints.fingerprint(framed)["box"].split(), dtype=int)
     assert np.abs(box - (120, 16, 520, 284)).max() <= 8
     both = [jpeg(photo), framed]
-    _, pairs = audit.linked(pd.DataFrame(audit.fingerprint_many(both)), both)
+    _, pairs = duplicates.linked(
+        pd.DataFrame(fingerprints.fingerprint_many(both)), audit.THRESHOLD, both
+    )
     assert pairs.confirmed.tolist() == [
         True
     ]  # the framed copy is found as the banded photo's duplicate
@@ -191,16 +195,16 @@ def test_padded_houses_photos_pair_only_with_their_copies():
             padded(originals[k], None, (114, 114, 114), 24),
         ]
         origin += [k, k, k]
-    plain = pd.DataFrame(audit.fingerprint_many(originals))
-    _, own = audit.linked(plain, originals)
+    plain = pd.DataFrame(fingerprints.fingerprint_many(originals))
+    _, own = duplicates.linked(plain, audit.THRESHOLD, originals)
     twins = {frozenset(p) for p in zip(own.i[own.confirmed], own.j[own.confirmed])}
     assert {frozenset(names[i].split("/")[-1] for i in t) for t in twins} >= {
         frozenset({"199_bathroom.jpg", "214_bathroom.jpg"}),
         frozenset({"227_bedroom.jpg", "227_kitchen.jpg"}),
     }
 
-    frame = pd.DataFrame(audit.fingerprint_many(photos))
-    groups, pairs = audit.linked(frame, photos)
+    frame = pd.DataFrame(fingerprints.fingerprint_many(photos))
+    groups, pairs = duplicates.linked(frame, audit.THRESHOLD, photos)
     found = {
         frozenset((int(i), int(j)))
         for i, j in zip(pairs.i[pairs.confirmed], pairs.j[pairs.confirmed])
@@ -235,13 +239,13 @@ def test_padded_houses_photos_pair_only_with_their_copies():
 def test_a_loose_threshold_finds_candidates_the_pixels_reject():
     photos = [jpeg(synthetic_photo(500 + s)) for s in range(60)]
     photos.append(jpeg(synthetic_photo(500), 40))  # one real copy
-    frame = pd.DataFrame(audit.fingerprint_many(photos))
-    _, pairs = audit.linked(frame, photos, threshold=24)
+    frame = pd.DataFrame(fingerprints.fingerprint_many(photos))
+    _, pairs = duplicates.linked(frame, 24, photos)
     assert len(pairs) > 10  # 24 of 64 bits pairs many different photos
     assert set(zip(pairs.i[pairs.confirmed], pairs.j[pairs.confirmed])) == {(0, 60)}
     assert (
         pairs.similarity[~pairs.confirmed].max()
-        < audit.SIMILAR
+        < duplicates.SIMILAR
         <= pairs.similarity[pairs.confirmed].min()
     )
 
@@ -249,27 +253,29 @@ def test_a_loose_threshold_finds_candidates_the_pixels_reject():
 def test_a_thousand_copies_of_a_placeholder_are_one_group_of_pairs_with_the_first():
     placeholder = jpeg(synthetic_photo(900))
     photos = [jpeg(synthetic_photo(901))] + [placeholder] * 1000 + [jpeg(synthetic_photo(902))]
-    frame = pd.DataFrame(audit.fingerprint_many(photos[:2] + photos[-1:])).iloc[[0, *[1] * 1000, 2]]
+    frame = pd.DataFrame(fingerprints.fingerprint_many(photos[:2] + photos[-1:])).iloc[
+        [0, *[1] * 1000, 2]
+    ]
     frame = frame.reset_index(
         drop=True
     )  # one fingerprint per distinct file, as the cache would hold
-    groups, pairs = audit.linked(frame, photos)
+    groups, pairs = duplicates.linked(frame, audit.THRESHOLD, photos)
     assert (groups[1:1001] == groups[1]).all() and groups[0] != groups[1] != groups[1001]
     assert len(pairs) == 999 and set(pairs.i) == {1} and pairs.confirmed.all()  # not 499,500 pairs
 
 
 def test_a_chain_is_not_one_group():
     chain = pd.DataFrame({"i": [0, 1], "j": [1, 2], "distance": [2, 6]})  # A~B, B~C, A far from C
-    groups = audit.cliques(4, chain)
+    groups = duplicates.cliques(4, chain)
     assert groups[0] == groups[1] != groups[2]  # B joins its closer partner A; C is left alone
     assert groups[3] not in groups[:3]
     triangle = pd.DataFrame({"i": [0, 0, 1, 3], "j": [1, 2, 2, 4], "distance": [1, 1, 1, 0]})
-    groups = audit.cliques(5, triangle)
+    groups = duplicates.cliques(5, triangle)
     assert len({groups[0], groups[1], groups[2]}) == 1 and groups[3] == groups[4] != groups[0]
     star = pd.DataFrame(
         {"i": [0, 0, 0, 1], "j": [1, 2, 3, 2], "distance": [3, 1, 2, 0]}
     )  # 3 pairs only with 0
-    groups = audit.cliques(4, star)
+    groups = duplicates.cliques(4, star)
     assert groups[0] == groups[1] == groups[2] != groups[3]
 
 
@@ -293,7 +299,7 @@ def test_pairs_compare_a_whole_photo_with_each_crop_of_the_other():
     hashes = np.array(
         [[0, 0xFF, 0xFFFF], [0xFFFF0000, 0xFFF000, 0xFFFE], [0xFF00000000, 0, 0]], dtype=np.uint64
     )
-    pairs = audit.near_pairs(hashes, threshold=8)
+    pairs = duplicates.near_pairs(hashes, threshold=8)
     # 0's whole is 8 bits from 2's whole and 0 from 2's crops: one pair, at 0 bits. The crops 0xFFFF
     # of 0 and 0xFFFE of 1 are 1 bit apart, but two crops are never compared: 0 and 1 do not pair.
     assert pairs[["i", "j", "distance", "crop_i", "crop_j"]].values.tolist() == [[0, 2, 0, 0, 1]]
@@ -341,9 +347,9 @@ def test_a_second_audit_reads_the_cache_and_only_changed_files_are_fingerprinted
     run_audit(runner, task)
     cache = task / "rooms" / "_audit" / "fingerprints.csv"
     assert cache.is_file()
-    real, computed = audit.fingerprint_many, []
+    real, computed = fingerprints.fingerprint_many, []
     monkeypatch.setattr(
-        audit, "fingerprint_many", lambda sources: computed.extend(sources) or real(sources)
+        fingerprints, "fingerprint_many", lambda sources: computed.extend(sources) or real(sources)
     )
     run_audit(runner, task)
     assert computed == []
@@ -357,15 +363,17 @@ def test_a_second_audit_reads_the_cache_and_only_changed_files_are_fingerprinted
 def test_fingerprints_of_an_older_version_are_computed_again(task, runner, monkeypatch):
     run_audit(runner, task)
     cache = task / "rooms" / "_audit" / "fingerprints.csv"
-    old = pd.read_csv(cache, keep_default_na=False).assign(version=audit.FINGERPRINT_VERSION - 1)
+    old = pd.read_csv(cache, keep_default_na=False).assign(
+        version=fingerprints.FINGERPRINT_VERSION - 1
+    )
     old.to_csv(cache, index=False)
-    real, computed = audit.fingerprint_many, []
+    real, computed = fingerprints.fingerprint_many, []
     monkeypatch.setattr(
-        audit, "fingerprint_many", lambda sources: computed.extend(sources) or real(sources)
+        fingerprints, "fingerprint_many", lambda sources: computed.extend(sources) or real(sources)
     )
     run_audit(runner, task)
     assert len(computed) == len(old)
-    assert (pd.read_csv(cache).version == audit.FINGERPRINT_VERSION).all()
+    assert (pd.read_csv(cache).version == fingerprints.FINGERPRINT_VERSION).all()
 
 
 def test_the_terminal_gets_one_line_per_group_within_its_width(task, runner):
@@ -555,7 +563,7 @@ def test_houses_sharing_a_photo_land_in_the_same_split(tmp_path):
                 )
                 zf.writestr(f"Houses Dataset/{house}_{room}.jpg", photo)
     for seed in range(8):  # whatever the shuffle, 3 and 17 stay together
-        tasks = data.import_houses(str(src), tmp_path / f"data{seed}", seed=seed)
+        tasks = sources.import_houses(str(src), tmp_path / f"data{seed}", seed=seed)
         splits = {p.name.split("_")[0]: p.parts[-3] for p in tasks["rooms"].rglob("*_kitchen.jpg")}
         assert splits["3"] == splits["17"]
         assert sum(s == "valid" for s in splits.values()) == 4  # 20 houses x 0.2
@@ -563,10 +571,10 @@ def test_houses_sharing_a_photo_land_in_the_same_split(tmp_path):
 
 def test_split_houses_without_links_is_the_plain_shuffle():
     houses = list(range(1, 101))
-    assert data.split_houses(houses, 0.2, 7) == data.split_houses(
+    assert sources.split_houses(houses, 0.2, 7) == sources.split_houses(
         houses, 0.2, 7, {h: h for h in houses}
     )
-    linked = data.split_houses(houses, 0.2, 7, {h: (0 if h <= 5 else h) for h in houses})
+    linked = sources.split_houses(houses, 0.2, 7, {h: (0 if h <= 5 else h) for h in houses})
     assert len(linked) == 20 and (set(range(1, 6)) <= linked or not set(range(1, 6)) & linked)
 
 
@@ -581,7 +589,7 @@ def test_prepare_keeps_near_duplicates_in_one_split(tmp_path):
     copy.resize((200, 150)).save(src / "balcony" / "dup_b.png")
     copy.save(src / "indoor" / "dup_c.jpg")  # and under the other label
     for seed in range(6):
-        folder, _ = data.prepare_task(src, f"t{seed}", tmp_path / "data", seed=seed)
+        folder, _ = sources.prepare_task(src, f"t{seed}", tmp_path / "data", seed=seed)
         sides = {p.parts[-3] for p in folder.rglob("dup_*.jpg")}
         assert len(sides) == 1 and len(list(folder.rglob("dup_*.jpg"))) == 3
         counts = data.image_counts(folder)
@@ -590,9 +598,9 @@ def test_prepare_keeps_near_duplicates_in_one_split(tmp_path):
 
 def test_linking_moves_only_the_linked_houses():
     houses = list(range(1, 201))
-    plain = data.split_houses(houses, 0.2, 3)
+    plain = sources.split_houses(houses, 0.2, 3)
     inside, outside = sorted(plain)[0], sorted(set(houses) - plain)[0]
-    linked = data.split_houses(
+    linked = sources.split_houses(
         houses, 0.2, 3, {h: (0 if h in (inside, outside) else h) for h in houses}
     )
     assert {inside, outside} <= linked or not {inside, outside} & linked
