@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import results  # benchmarks/results.py, beside this script
 
-from replicate import data, label, runtime
+from replicate import active, data, runtime
 
 BATCH = 10
 
@@ -43,7 +43,7 @@ def rare(x: np.ndarray, classes: np.ndarray, seed: int, strategy: str, want: int
         if strategy == "random":
             batch = order[len(labelled) : len(labelled) + BATCH]
         else:
-            batch = label.next_batch(x[pool], labelled, BATCH, positive="yes", seed=seed)
+            batch = active.next_batch(x[pool], labelled, BATCH, positive="yes", seed=seed)
         labelled = pd.concat([labelled, pd.Series(truth[batch], index=batch)])
     return len(labelled)
 
@@ -60,10 +60,10 @@ def curve(
         if strategy == "random":
             batch = order[len(labelled) : len(labelled) + BATCH]
         else:
-            batch = label.next_batch(x[train], labelled, BATCH, seed=seed)
+            batch = active.next_batch(x[train], labelled, BATCH, seed=seed)
         labelled = pd.concat([labelled, pd.Series(classes[train][batch], index=batch)])
         if labelled.nunique() > 1:
-            head = label.fit_head(x[train][labelled.index.to_numpy(int)], labelled.tolist())
+            head = active.fit_head(x[train][labelled.index.to_numpy(int)], labelled.tolist())
             points.append((len(labelled), float((head.predict(x[valid]) == classes[valid]).mean())))
     return points
 
@@ -79,7 +79,7 @@ def main() -> None:
     task = args.data_dir / "rooms"
     images = data.scan_task(task)
     files = sorted(images.files)
-    x = label.pool_features(files, cache=task / "_label" / f"{label.ARCH}.npz")
+    x = active.pool_features(files, cache=task / "_label" / f"{active.ARCH}.npz")
     classes = np.array([f.parent.name for f in files])
     valid = np.array([f.parent.parent.name == "valid" for f in files])
 
@@ -91,7 +91,7 @@ def main() -> None:
             f"rare kitchens (5%), labels until 30 found, {strategy}: {spent[strategy]} "
             f"(median {np.median(spent[strategy]):.0f})"
         )
-    all_head = label.fit_head(x[~valid], classes[~valid].tolist())
+    all_head = active.fit_head(x[~valid], classes[~valid].tolist())
     ceiling = float((all_head.predict(x[valid]) == classes[valid]).mean())
     curves = {
         s: [curve(x, classes, valid, seed, s, args.budget) for seed in range(args.seeds)]

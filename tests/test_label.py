@@ -1,4 +1,4 @@
-"""`replicate label` and its engine (`replicate/label.py`): pool features cached, batches kept apart,
+"""`replicate label` and its engine (`replicate/active.py`): pool features cached, batches kept apart,
 a yes/no attribute's likeliest photos in every batch; rounds whose decisions are copied into both
 splits, near-duplicates together, logged and undone. (Its page in Chromium: tests/test_browser.py.)
 
@@ -18,7 +18,7 @@ import pytest
 from conftest import COLORS, make_image, synthetic_photo
 from test_cleaning import tree
 
-from replicate import clean, label
+from replicate import active, clean, label
 from replicate.cli import app
 from replicate.errors import ReplicateError
 
@@ -27,7 +27,7 @@ def clusters(
     centres: int, per: int, dims: int = 16, spread: float = 0.8, seed: int = 0
 ) -> np.ndarray:
     """`centres` x `per` unit vectors around random centres (rows grouped by centre): different
-    photos of one kind, more than label.NEAR apart in cosine distance, as on real photos."""
+    photos of one kind, more than active.NEAR apart in cosine distance, as on real photos."""
     rng = np.random.default_rng(seed)
     middle = rng.normal(size=(centres, dims))
     x = np.repeat(middle, per, axis=0) + spread * rng.normal(size=(centres * per, dims))
@@ -36,16 +36,16 @@ def clusters(
 
 def test_a_spread_takes_one_photo_of_each_cluster_first():
     x = clusters(5, 20)
-    picks = label.spread(x, np.arange(len(x)), 5)
+    picks = active.spread(x, np.arange(len(x)), 5)
     assert sorted(p // 20 for p in picks) == [0, 1, 2, 3, 4]
     # from photos already labelled: the clusters they are in come last
-    more = label.spread(x, np.arange(20, 100), 3, chosen=np.arange(0, 20))
+    more = active.spread(x, np.arange(20, 100), 3, chosen=np.arange(0, 20))
     assert len({p // 20 for p in more}) == 3 and all(p >= 20 for p in more)
 
 
 def test_before_any_label_the_first_batch_is_a_spread():
     x = clusters(4, 25)
-    batch = label.next_batch(x, pd.Series(dtype=object), 4)
+    batch = active.next_batch(x, pd.Series(dtype=object), 4)
     assert sorted(p // 25 for p in batch) == [0, 1, 2, 3]
 
 
@@ -56,7 +56,7 @@ def test_half_the_batch_is_the_likeliest_positives_and_copies_do_not_fill_it():
     truth = np.where(np.arange(len(x)) < 30, "yes", "no")
     labelled_rows = np.concatenate([[0, 1], rng.choice(np.arange(30, 150), 10, replace=False)])
     labelled = pd.Series(truth[labelled_rows], index=labelled_rows)
-    batch = label.next_batch(x, labelled, 10, positive="yes")
+    batch = active.next_batch(x, labelled, 10, positive="yes")
     assert len(batch) == 10 and not set(batch) & set(labelled_rows)
     assert sum(truth[b] == "yes" for b in batch) >= 5  # the likeliest half finds the attribute
     assert sum(150 <= b < 180 for b in batch) <= 1  # one copy of the duplicated photo at most
@@ -68,15 +68,15 @@ def test_pool_features_are_cached_and_a_changed_file_is_computed_again(tmp_path,
         for k in range(5)
     ]
     cache = tmp_path / "features.npz"
-    first = label.pool_features(files, cache)
+    first = active.pool_features(files, cache)
     assert first.shape[0] == 5 and np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-5)
-    real, computed = label._embed, []
+    real, computed = active._embed, []
     monkeypatch.setattr(
-        label, "_embed", lambda fs, arch, bs: computed.extend(fs) or real(fs, arch, bs)
+        active, "_embed", lambda fs, arch, bs: computed.extend(fs) or real(fs, arch, bs)
     )
-    assert np.array_equal(label.pool_features(files, cache), first) and computed == []
+    assert np.array_equal(active.pool_features(files, cache), first) and computed == []
     os.utime(files[2], ns=(1, 1))
-    again = label.pool_features(files, cache)
+    again = active.pool_features(files, cache)
     assert computed == [files[2]] and np.allclose(again, first, atol=1e-6)
 
 
@@ -85,7 +85,7 @@ def test_a_photo_that_does_not_decode_is_named(tmp_path):
     bad = tmp_path / "pool" / "bad.jpg"
     bad.write_text("not a photo")
     with pytest.raises(ReplicateError, match="bad.jpg cannot be read"):
-        label.pool_features([good, bad])
+        active.pool_features([good, bad])
 
 
 # --- the command ------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def decide(paths, path: Path, **actions) -> Path:
 
 def tinted(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
     """A photo-like image washed in `colour`: photos of one colour are different photos (over 0.09
-    apart in cosine distance of the features, above label.NEAR) and nearer each other than others."""
+    apart in cosine distance of the features, above active.NEAR) and nearer each other than others."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,9 +163,9 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(
     chosen = list(dict.fromkeys(chosen))  # yes_0 may be in the batch already
     decisions = decide(chosen, tmp_path / "decisions.csv", **{"no_0.jpg": ("skip", "")})
 
-    real, computed = label._embed, []
+    real, computed = active._embed, []
     monkeypatch.setattr(
-        label, "_embed", lambda fs, arch, bs: computed.extend(fs) or real(fs, arch, bs)
+        active, "_embed", lambda fs, arch, bs: computed.extend(fs) or real(fs, arch, bs)
     )
     applied = label_cli(runner, tmp_path, "flt", "--apply", str(decisions))
     assert applied.exit_code == 0, applied.output
