@@ -30,7 +30,7 @@ import pandas as pd
 import results  # benchmarks/results.py, beside this script
 import torch
 
-from replicate import data, export, models, photos, predict
+from replicate import archs, data, export, fastai_engine, models, onnx_engine, photos
 from replicate.config import RunConfig
 
 
@@ -58,14 +58,14 @@ def build_run(arch: str, size: int, data_dir: Path, out: Path) -> Path:
     )
     images = data.scan_task(cfg.task_dir)
     learn = models.create_learner(
-        data.dataloaders(images, cfg, models.preprocess(cfg), torch.device("cpu")), cfg
+        data.dataloaders(images, cfg, archs.resolve(cfg).preprocess, torch.device("cpu")), cfg
     )
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True)
     config = {
         **cfg.to_dict(),
         "task_dir": str(cfg.task_dir.resolve()),
-        "preprocess": models.preprocess(cfg),
+        "preprocess": archs.resolve(cfg).preprocess,
     }
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "metrics.json").write_text("{}")
@@ -79,21 +79,21 @@ def build_run(arch: str, size: int, data_dir: Path, out: Path) -> Path:
 def photos_per_second(engine: str, run_dir: Path, files: list[Path], workers: int | None) -> float:
     """Photos tagged per second by `engine`, as `replicate predict` does it (after loading the model)."""
     if engine == "fastai":
-        model = predict.load_model(run_dir)
+        model = fastai_engine.load_model(run_dir)
         start = time.perf_counter()
-        predict.tag([model], files)
+        fastai_engine.tag([model], files)
     else:
-        model = predict.load_onnx(
+        model = onnx_engine.load_onnx(
             run_dir / ("model.onnx" if engine == "onnx-fp32" else "model.int8.onnx")
         )
         start = time.perf_counter()
-        predict.tag_onnx([model], files, workers=workers, progress=False)
+        onnx_engine.tag_onnx([model], files, workers=workers, progress=False)
     return len(files) / (time.perf_counter() - start)
 
 
 def inference_only(run_dir: Path, name: str, batches: list) -> float:
     """Photos/s of ONNX Runtime alone on already decoded batches: the runtime's share of the job."""
-    model = predict.load_onnx(run_dir / name)
+    model = onnx_engine.load_onnx(run_dir / name)
     model.probabilities(batches[0][:8])
     start = time.perf_counter()
     for batch in batches:
@@ -109,7 +109,7 @@ def op_profile(run_dir: Path, name: str, batch, top: int = 6) -> str:
     options.enable_profiling = True
     options.profile_file_prefix = str(run_dir / f"profile-{name}")
     session = ort.InferenceSession(str(run_dir / name), options, providers=["CPUExecutionProvider"])
-    model = predict.load_onnx(run_dir / name)
+    model = onnx_engine.load_onnx(run_dir / name)
     for _ in range(2):
         session.run(None, {session.get_inputs()[0].name: model.normalise(batch)})
     events = json.loads(Path(session.end_profiling()).read_text())
@@ -159,15 +159,14 @@ def main() -> None:
         for arch in args.archs.split(","):
             run_dir = build_run(arch, args.size, args.data_dir, Path(tmp))
             gflops = (
-                models.describe(arch)["GFLOPs"]
-                * (args.size / models.get_arch(arch).input_size) ** 2
+                models.describe(arch)["GFLOPs"] * (args.size / archs.get_arch(arch).input_size) ** 2
             )
             limit = limit_gflops / gflops
             speeds = {
                 e: photos_per_second(e, run_dir, files, args.workers)
                 for e in ("fastai", "onnx-fp32", "onnx-int8")
             }
-            geometry = predict.load_onnx(run_dir / "model.onnx").prep.geometry
+            geometry = onnx_engine.load_onnx(run_dir / "model.onnx").prep.geometry
             start = time.perf_counter()
             pixels = [photos.decode(f, [geometry])[0][geometry] for f in files]
             decode_rate = len(files) / (time.perf_counter() - start)  # one thread

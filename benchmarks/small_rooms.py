@@ -22,7 +22,10 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from replicate import data  # noqa: E402
+from replicate import (
+    folders,
+    sources,
+)
 
 HOUSES_ZIP = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "houses-dataset-400.zip"
 
@@ -52,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        rooms = data.import_houses(str(args.source), Path(tmp))["rooms"]
+        rooms = sources.import_houses(str(args.source), Path(tmp))["rooms"]
         photos = sorted(rooms.rglob("*.jpg"))
         if args.houses:
             houses = sorted({int(p.name.split("_")[0]) for p in photos})
@@ -71,7 +74,7 @@ def main() -> None:
     print(
         f"{target}: {len(photos)} photos, {size / 1e6:.1f} MB, long side {args.side} px, {time.time() - start:.0f}s"
     )
-    print(data.image_counts(target).to_string())
+    print(folders.image_counts(target).to_string())
 
 
 if __name__ == "__main__":

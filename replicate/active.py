@@ -56,11 +56,11 @@ def pool_features(
 def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     import torch
 
-    from . import models
+    from . import archs, models
 
-    prep = photos.Preprocess.from_meta(models.preprocess(RunConfig(task="label", arch=arch_name)))
-    arch = models.get_arch(arch_name)
-    body = arch.cut(models.Backbone(arch_name)(pretrained=True)).eval()
+    r = archs.resolve(RunConfig(task="label", arch=arch_name))
+    prep = r.preprocess
+    body = r.arch.cut(models.Backbone(arch_name, weights=r.loadable)(pretrained=True)).eval()
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
     std = torch.tensor(prep.std).view(1, 3, 1, 1)
     out = []

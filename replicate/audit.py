@@ -22,6 +22,7 @@ so auditing again costs a second.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,10 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import duplicates, fingerprints
+from . import duplicates, fingerprints, pages
 from .errors import ReplicateError
 from .fingerprints import CROPS, MIN_STD
+from .folders import task_files
 
 THRESHOLD = 8  # bits of 64; see the module docstring and the README for how it was chosen
 # Quality limits: short side in px, grey-level mean (0-255), long/short side; MIN_STD (nearly
@@ -91,7 +93,7 @@ class Audit:
     threshold: int
 
     def counts(self) -> dict:
-        """The numbers a run records in metrics.json and a report shows."""
+        """The numbers a run records in its metrics and a report shows."""
         f = self.findings
         leaks = f[f.finding == "leak"]
         leaked_valid = sum(s.split(";").count("valid") for s in leaks.splits)
@@ -359,3 +361,28 @@ def check_threshold(threshold: int) -> None:
         raise ReplicateError(
             f"--threshold {threshold}: give a number of differing bits from 0 to 32 (default {THRESHOLD})"
         )
+
+
+def run(task_dir: Path, threshold: int, out: Path, log=print) -> dict[str, Path]:
+    """`replicate audit`: audit a task folder (changing nothing), write its findings, pairs,
+    suggested decisions and page into `out` (pages.write_audit), and say what was found."""
+    check_threshold(threshold)
+    files, classes = task_files(task_dir)  # unreadable photos become findings, not errors
+    result = audit_task(task_dir, [f for fs in files.values() for f in fs], threshold)
+    suggestions = suggested_decisions(result, task_dir)
+    text = summary(result)
+    written = pages.write_audit(result, suggestions, classes, task_dir, text, out)
+    log(text)
+    lines = top_groups(result, shutil.get_terminal_size((100, 24)).columns)
+    if lines:
+        log("\n" + "\n".join(lines))
+    removes = int((suggestions.action == "remove").sum())
+    log(
+        f"\nwritten: {written['audit.html']} (open it to decide), {written['audit.csv']}, "
+        f"{written['pairs.csv']}, {written['decisions.csv']}"
+    )
+    log(
+        f"suggested: remove {removes} copies; see them with: replicate clean {task_dir.name} "
+        f"--decisions {written['decisions.csv']} (then --apply; --undo puts them back)"
+    )
+    return written

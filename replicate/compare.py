@@ -11,13 +11,12 @@ an interrupted compare picks up where it stopped; run folders appear only when c
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import models, report, runtime, train
+from . import archs, filters, plots, report, runs, runtime, train
 from .config import RunConfig
 from .errors import ReplicateError
 
@@ -55,15 +54,15 @@ class Cell:
     seconds: float = 0.0
 
 
-def grid(base: RunConfig, archs: list[str], modes: list[str], seeds: int) -> list[RunConfig]:
+def grid(base: RunConfig, names: list[str], modes: list[str], seeds: int) -> list[RunConfig]:
     """The configurations of a grid; a size below an arch's minimum is raised to it (each cell's log
-    line and config.json show the size used)."""
+    line and config show the size used)."""
     for m in modes:
         if m not in MODES:
             raise ReplicateError(f"unknown mode {m!r}: use frozen, unfrozen or both")
     cfgs = []
-    for arch in archs:
-        spec = models.get_arch(arch)
+    for arch in names:
+        spec = archs.get_arch(arch)
         size = max(base.size, spec.min_size) if base.size else None
         for mode in modes:
             for seed in range(base.seed, base.seed + seeds):
@@ -84,20 +83,19 @@ def grid(base: RunConfig, archs: list[str], modes: list[str], seeds: int) -> lis
 
 
 def _expected(cfg: RunConfig) -> dict:
-    """The config.json values a finished run of `cfg` would hold, for the keys that matter."""
-    values = {**cfg.to_dict(), "size": models.input_size(cfg)}
+    """The config values a finished run of `cfg` would hold, for the keys that matter."""
+    values = {**cfg.to_dict(), "size": archs.resolve(cfg, fetch=False).size}
     if cfg.lr is None and cfg.recipe == "paper":
         values["lr"] = 1e-3
     return {k: values[k] for k in SAME_RESULT_KEYS}
 
 
 def is_finished(cfg: RunConfig) -> bool:
-    """A complete run folder (metrics.json is written last) made with the same configuration."""
-    try:
-        done = json.loads((cfg.run_dir / "config.json").read_text())
-        (cfg.run_dir / "metrics.json").stat()
-    except (OSError, ValueError):
+    """A complete run folder (runs.finished: its metrics are written last) made with the same configuration."""
+    run = runs.finished(cfg.run_dir)
+    if run is None:
         return False
+    done = run.config
     expected = _expected(cfg)
     if cfg.lr is None and cfg.recipe == "fastai":
         expected["lr"] = done.get("lr")  # chosen by lr_find: any value it chose stands
@@ -123,9 +121,10 @@ def run_grid(
         if not force and is_finished(cell.cfg):
             cell.status = "reused"
             log(f"reusing finished run {cell.cfg.run_dir}")
-            report.write_filter(
-                cell.cfg.run_dir, cell.cfg.positive, cell.cfg.target_precision
-            )  # this grid's target
+            # The filter at this grid's --positive and --target-precision.
+            plots.render_filter(
+                runs.Run(cell.cfg.run_dir), cell.cfg.positive, cell.cfg.target_precision
+            )
             continue
         t0 = time.time()
         try:
@@ -146,15 +145,6 @@ def run_grid(
         if cell.status == "trained":
             trained_seconds, trained = trained_seconds + cell.seconds, trained + 1
     return cells
-
-
-def failures_file(exports_dir: Path, task: str, recipe: str) -> Path:
-    """Where a compare records its failed cells, for `report` to show."""
-    return exports_dir / task / report_dirname(recipe) / "failures.json"
-
-
-def report_dirname(recipe: str) -> str:
-    return "compare" if recipe == "paper" else f"compare-{recipe}"
 
 
 def tasks(data_dir: Path, task: str) -> list[str]:
@@ -185,7 +175,7 @@ def preflight(cfgs: list[RunConfig], log=print) -> dict:
     scanned = {}
     for task_dir, cfg in first.items():
         images = data.scan_task(task_dir)
-        train.check_positive(cfg, images.classes)
+        filters.check_positive(cfg.positive, images.classes, cfg.task)
         scanned[task_dir] = (
             images,
             train.audit_counts(cfg, images, log) if runtime.is_main_process() else None,
@@ -193,20 +183,49 @@ def preflight(cfgs: list[RunConfig], log=print) -> dict:
     return scanned
 
 
-def record_failures(cells: list[Cell], path: Path) -> list[dict]:
-    """Write the failed cells (name and error) to `path` for the report; returns them."""
-    failures = [{"cell": c.cfg.run_name, "error": c.error} for c in cells if c.status == "failed"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(failures, indent=2))
-    return failures
-
-
-def quantize(cells: list[Cell], log=print) -> None:
+def quantize_cells(cells: list[Cell], log=print) -> None:
     """--quantize int8: write model.int8.onnx for each finished cell that has none yet (a reused cell
     too: its run folder is the input, nothing retrains), recording its accuracy for the report."""
     from . import export
 
     for cell in cells:
-        if cell.status != "failed" and not (cell.cfg.run_dir / "model.int8.onnx").is_file():
+        if cell.status != "failed" and not runs.Run(cell.cfg.run_dir).int8.is_file():
             log(f"{cell.cfg.run_name}: int8")
             export.quantize_run(cell.cfg.run_dir, log=log)
+
+
+def run(
+    base: RunConfig,
+    names: list[str],
+    modes: list[str],
+    seeds: int,
+    *,
+    force: bool = False,
+    quantize: bool = False,
+    log=print,
+) -> int:
+    """`replicate compare`: for the base config's task (or every task, for 'all'), train the grid's
+    unfinished cells (`force`: all of them), then on the main process write model.int8.onnx
+    (`quantize`), record the failed cells and rebuild the report. Returns the number that failed."""
+    failed = 0
+    for task in tasks(base.data_dir, base.task):
+        cfgs = grid(dataclasses.replace(base, task=task), names, modes, seeds)
+        scanned = preflight(cfgs, log=log)
+        runs.sweep(base.exports_dir / task, log)
+        cells = run_grid(cfgs, force, log=log, scanned=scanned)
+        failed += sum(c.status == "failed" for c in cells)
+        if not runtime.is_main_process():  # under accelerate launch, one process writes the report
+            continue
+        if quantize:
+            quantize_cells(cells, log=log)
+        errors = [{"cell": c.cfg.run_name, "error": c.error} for c in cells if c.status == "failed"]
+        report.record_failures(base.exports_dir, task, base.recipe, errors)
+        report.rebuild(base.exports_dir, task, base.recipe, log)
+        counts = {s: sum(c.status == s for c in cells) for s in ("trained", "reused", "failed")}
+        log(
+            f"cells: {counts['trained']} trained, {counts['reused']} reused, {counts['failed']} failed"
+        )
+        for c in cells:
+            if c.status == "failed":
+                log(f"  failed: {c.cfg.run_name}: {c.error}")
+    return failed

@@ -2,7 +2,7 @@
 
     python -c "from replicate.config import RunConfig; print(RunConfig('rooms', 'resnet18'))"
 
-It is written as `config.json` into the run folder, so every result says how it was made.
+The run folder records it (runs.Run.config), so every result says how it was made.
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ from pathlib import Path
 # The study's five backbones in its tables' order: the names `models.ARCHS` registers (a test keeps
 # them equal), here so that the command line can name them without loading PyTorch.
 STUDY_ARCHS = ("resnet18", "alexnet", "vgg11_bn", "densenet121", "inception_v3")
+
+
+def mode_name(unfreeze: bool) -> str:
+    """'unfrozen' (finetuning) or 'frozen' (feature extraction), as in run folder names."""
+    return "unfrozen" if unfreeze else "frozen"
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,7 @@ class RunConfig:
 
     @property
     def mode(self) -> str:
-        """'unfrozen' (finetuning) or 'frozen' (feature extraction), as in run folder names."""
-        return "unfrozen" if self.unfreeze else "frozen"
+        return mode_name(self.unfreeze)
 
     @property
     def task_dir(self) -> Path:

@@ -25,8 +25,8 @@ from PIL import Image
 
 from . import photos, runtime
 from .errors import ReplicateError
-from .folders import SPLITS, class_dirs, image_files, task_files
-from .photos import RESAMPLING, largest_crop, valid_crop
+from .folders import SPLITS, task_files
+from .photos import RESAMPLING, Preprocess, largest_crop, valid_crop
 
 
 @dataclass(frozen=True)
@@ -37,20 +37,6 @@ class TaskImages:
     classes: list[str]
     counts: pd.DataFrame  # rows: classes; columns: train, valid
     skipped: list[Path]  # files that failed to decode
-
-
-def image_counts(task_dir: Path) -> pd.DataFrame:
-    """Images per class (rows) and split (columns), from the file names alone (no decoding)."""
-    return (
-        pd.DataFrame(
-            {
-                s: {c: len(image_files(task_dir / s / c)) for c in sorted(class_dirs(task_dir / s))}
-                for s in SPLITS
-            }
-        )
-        .fillna(0)
-        .astype(int)
-    )
 
 
 def scan_task(task_dir: Path) -> TaskImages:
@@ -120,23 +106,23 @@ class ValidCrop(Resize):
         return valid_crop(x, self.size[0], self.crop_pct, self.resamples[0])
 
 
-def dataloaders(images: TaskImages, cfg, prep: dict, device):
-    """fastai DataLoaders for `cfg.recipe`, preprocessed as `prep` says (`models.preprocess`:
+def dataloaders(images: TaskImages, cfg, prep: Preprocess, device):
+    """fastai DataLoaders for `cfg.recipe`, preprocessed as `prep` says (`archs.resolve`:
     input size, validation crop, resampling and normalisation of the arch's pretrained weights).
 
     paper: the study's random resized crop + horizontal flip. fastai: a milder crop
     (min_scale 0.35) and fastai's `aug_transforms` (flip, rotation, zoom, warp, lighting) on batches.
     """
-    size, resamples = prep["size"], (RESAMPLING[prep["interpolation"]], Image.Resampling.NEAREST)
-    valid = ValidCrop(size, crop_pct=prep["crop_pct"], resamples=resamples)
-    normalize = Normalize.from_stats(prep["mean"], prep["std"])
+    size, resamples = prep.size, (RESAMPLING[prep.interpolation], Image.Resampling.NEAREST)
+    valid = ValidCrop(size, crop_pct=prep.crop_pct, resamples=resamples)
+    normalize = Normalize.from_stats(list(prep.mean), list(prep.std))
     if cfg.recipe == "fastai":
         item_tfms = [TrainCrop(size, min_scale=0.35, resamples=resamples), valid]
         batch_tfms = [*aug_transforms(), normalize]
     else:
         item_tfms = [TrainCrop(size, resamples=resamples), valid, FlipItem(0.5)]
         batch_tfms = [normalize]
-    opener = OpenImage(largest_crop(size, prep["crop_pct"]))
+    opener = OpenImage(largest_crop(size, prep.crop_pct))
     block = DataBlock(
         blocks=(
             TransformBlock(type_tfms=opener, batch_tfms=IntToFloatTensor),

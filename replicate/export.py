@@ -10,7 +10,7 @@ the validation crop, the resampling and the normalisation, so `predict` needs no
 
 `quantize_run` writes `model.int8.onnx` with ONNX Runtime's static quantization (QDQ, int8 weights
 per channel, uint8 activations), calibrated on the run's training photos, and records its
-validation accuracy beside the fp32 model's in metrics.json.
+validation accuracy beside the fp32 model's in the run's metrics.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import photos, predict
+from . import fastai_engine, onnx_engine, photos, runs
 from .data import ValidCrop
 from .errors import ReplicateError
-from .folders import sha256_file, task_files
+from .folders import task_files
 
 OPSET = 18  # the torch.export-based exporter's lowest; onnxruntime >= 1.14 runs it
 CALIBRATION_PHOTOS = 256  # training photos that set the int8 activation ranges
@@ -41,8 +41,8 @@ CALIBRATION_PHOTOS = 256  # training photos that set the int8 activation ranges
 
 def preprocess_of(learn, recorded: dict | None = None) -> photos.Preprocess:
     """How the learner turns a photo into input, read from its own validation transforms (the truth
-    of what fastai does, also for exports made before config.json recorded it). The normalisation is
-    taken from config.json's "preprocess" where it is recorded: the learner keeps it in float32."""
+    of what fastai does, also for exports made before the run config recorded it). The normalisation
+    is taken from the config's "preprocess" where it is recorded: the learner keeps it in float32."""
     from fastai.data.transforms import Normalize
 
     crop = next((t for t in learn.dls.after_item.fs if isinstance(t, ValidCrop)), None)
@@ -67,7 +67,7 @@ def preprocess_of(learn, recorded: dict | None = None) -> photos.Preprocess:
 
 def write_onnx(learn, path: Path, config: dict) -> Path:
     """`learn`'s network + softmax as ONNX at `path` (a batch of any size), with the metadata that
-    makes the file enough to tag photos; `config`: the run's config.json. Returns `path`."""
+    makes the file enough to tag photos; `config`: the run's config (runs.Run.config). Returns `path`."""
     prep = preprocess_of(learn, config.get("preprocess"))
     task, arch = config["task"], config["arch"]
     model = getattr(learn.model, "module", learn.model)  # unwrap DDP
@@ -101,40 +101,31 @@ def write_onnx(learn, path: Path, config: dict) -> Path:
 def _set_metadata(model_proto, meta: dict) -> None:
     del model_proto.metadata_props[:]
     entry = model_proto.metadata_props.add()
-    entry.key, entry.value = predict.META_KEY, json.dumps(meta)
+    entry.key, entry.value = onnx_engine.META_KEY, json.dumps(meta)
     model_proto.producer_name = "replicate"
 
 
 def export_run(run_dir: Path) -> Path:
     """Write RUN_DIR/model.onnx from its export.pkl (a pickle: only for run folders you made or
-    trust) and record its checksum in metrics.json. Returns the model's path."""
-    run_dir = Path(run_dir)
-    config = _run_config(run_dir)
-    model = predict.load_model(run_dir)  # the checksum of export.pkl is checked here
+    trust) and record its checksum in the run's metrics. Returns the model's path."""
+    run = runs.open_run(run_dir)
+    model = fastai_engine.load_model(run.path)  # the checksum of export.pkl is checked here
     if model.warning:
         warnings.warn(model.warning, stacklevel=2)
-    path = write_onnx(model.learn, run_dir / "model.onnx", config)
-    record_checksum(run_dir, path)
+    path = write_onnx(model.learn, run.onnx, run.config)
+    run.record_checksum(path)
     return path
 
 
-def record_checksum(run_dir: Path, path: Path, extra: dict | None = None) -> None:
-    """metrics.json's "checksums" (file name -> SHA-256), which `predict` checks before loading."""
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        return
-    metrics = json.loads(metrics_path.read_text())
-    metrics.setdefault("checksums", {})[path.name] = sha256_file(path)
-    metrics.update(extra or {})
-    metrics_path.write_text(json.dumps(metrics, indent=2))
-
-
-def _run_config(run_dir: Path) -> dict:
-    if not (run_dir / "config.json").is_file():
-        raise ReplicateError(
-            f"{run_dir} is not a run folder (no config.json): e.g. exports/rooms/resnet18-frozen"
-        )
-    return json.loads((run_dir / "config.json").read_text())
+def export_runs(run_dirs: list[Path], quantize: bool, calibration: int, log=print) -> None:
+    """`replicate export`: model.onnx for each run folder that lacks one (or all, without
+    --quantize), then with `quantize` model.int8.onnx too."""
+    for run_dir in run_dirs:
+        if not runs.open_run(run_dir).onnx.is_file() or not quantize:
+            path = export_run(run_dir)
+            log(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+        if quantize:
+            quantize_run(run_dir, calibration, log=log)
 
 
 # --- int8 --------------------------------------------------------------------------------------
@@ -155,19 +146,18 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
     """Write RUN_DIR/model.int8.onnx from model.onnx, calibrated on up to `n_photos` of the run's
     training photos (seeded sample), and measure both models on the validation photos.
 
-    Returns (and records in metrics.json as "int8") the accuracies, the sizes and the seconds."""
+    Returns (and records in the run's metrics as "int8") the accuracies, the sizes and the seconds."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    run_dir = Path(run_dir)
-    config = _run_config(run_dir)
-    if not (run_dir / "model.onnx").is_file() and (run_dir / "export.pkl").is_file():
+    run = runs.open_run(run_dir)
+    if not run.onnx.is_file() and run.pickle.is_file():
         log(
-            f"{run_dir} has no model.onnx (trained with --no-onnx): writing it from export.pkl first"
+            f"{run.path} has no model.onnx (trained with --no-onnx): writing it from export.pkl first"
         )
-        export_run(run_dir)
-    fp32 = predict.load_onnx(run_dir / "model.onnx")
-    task_dir = Path(config.get("task_dir") or Path(config["data_dir"]) / config["task"])
+        export_run(run.path)
+    fp32 = onnx_engine.load_onnx(run.onnx)
+    task_dir = run.task_dir
     train = _split_files(task_dir, "train")
     if not train:
         raise ReplicateError(
@@ -176,13 +166,13 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
     sample = random.Random(0).sample(train, min(n_photos, len(train)))
     start = time.perf_counter()
     batches = [fp32.normalise(chunk) for chunk in _decoded_batches(sample, fp32.prep)]
-    out = run_dir / "model.int8.onnx"
+    out = run.int8
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_logging():
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "prepared.onnx"
         # ONNX shape inference and graph clean-up; ONNX Runtime's symbolic shape inference (for
         # transformers) fails on the Concat of fastai's head, and a CNN has no symbolic shapes to infer.
-        quant_pre_process(str(run_dir / "model.onnx"), str(prepared), skip_symbolic_shape=True)
+        quant_pre_process(str(run.onnx), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(Path(tmp) / "int8.onnx"),
@@ -202,16 +192,16 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
         onnx.save_model(proto, out)
     seconds = time.perf_counter() - start
     fp32.name = "fp32"
-    accuracy = valid_accuracies([fp32, predict.load_onnx(out, name="int8")], task_dir)
+    accuracy = valid_accuracies([fp32, onnx_engine.load_onnx(out, name="int8")], task_dir)
     result = {
         "calibration_photos": len(sample),
         "seconds": round(seconds, 1),
         "fp32_valid_accuracy": accuracy["fp32"],
         "valid_accuracy": accuracy["int8"],
-        "fp32_mb": round((run_dir / "model.onnx").stat().st_size / 1e6, 1),
+        "fp32_mb": round(run.onnx.stat().st_size / 1e6, 1),
         "mb": round(out.stat().st_size / 1e6, 1),
     }
-    record_checksum(run_dir, out, {"int8": result})
+    run.record_checksum(out, {"int8": result})
     log(
         f"int8: {out} ({result['mb']} MB, fp32 {result['fp32_mb']} MB); valid accuracy "
         f"{result['valid_accuracy']:.2%} (fp32 {result['fp32_valid_accuracy']:.2%})"
@@ -238,10 +228,10 @@ def _decoded_batches(files: list[Path], prep: photos.Preprocess, bs: int = 32):
         yield np.stack(arrays[i : i + bs])
 
 
-def valid_accuracies(models: list[predict.OnnxModel], task_dir: Path) -> dict[str, float]:
+def valid_accuracies(models: list[onnx_engine.OnnxModel], task_dir: Path) -> dict[str, float]:
     """{model name: accuracy} on the task's validation photos (labels: their class folders), each
     photo decoded once for all the models."""
-    table = predict.tag_onnx(models, _split_files(task_dir, "valid"), progress=False)
+    table = onnx_engine.tag_onnx(models, _split_files(task_dir, "valid"), progress=False)
     ok = table.error == ""
     labels = table.path[ok].map(lambda p: Path(p).parent.name)
     return {m.name: float((table[f"{m.name}_predicted"][ok] == labels).mean()) for m in models}

@@ -7,7 +7,7 @@ photo through it in every epoch, which is nearly all of the run's time. Here the
 times over the training set (K augmented views: random crop and flip, as an uncached epoch
 draws them) and once over the validation set; the new layer then trains for all epochs on
 those tensors, epoch e on view e mod K. What changes against an uncached run: the augmentations
-come from K fixed draws instead of a fresh one per epoch; `config.json` (`cache_features`), the
+come from K fixed draws instead of a fresh one per epoch; the run's config (`cache_features`), the
 run folder's name (`-cachedK`) and the report say so. The exported learner is the whole
 network (body + trained head) and predicts from photos like any other export.
 """
@@ -19,9 +19,8 @@ from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
-from fastprogress.fastprogress import progress_bar
 
-from . import models
+from . import models, runtime
 from .config import RunConfig
 from .errors import ReplicateError
 
@@ -76,10 +75,8 @@ def body_outputs(body: torch.nn.Module, dl, train: bool, what: str) -> tuple:
     """
     body.train(train)
     outputs, targets = [], []
-    bar = progress_bar(dl, leave=False)
-    bar.comment = what
     with torch.no_grad():
-        for xb, yb in bar:
+        for xb, yb in runtime.progress(dl, len(dl), what):
             out = body(xb)
             parts = tuple(out) if isinstance(out, tuple) else (out,)
             outputs.append([p.as_subclass(torch.Tensor).float().cpu() for p in parts])
@@ -88,11 +85,11 @@ def body_outputs(body: torch.nn.Module, dl, train: bool, what: str) -> tuple:
     return (tuple(columns) if len(columns) > 1 else columns[0]), torch.cat(targets)
 
 
-def head_learner(learn: Learner, cfg: RunConfig, log) -> Learner:
+def head_learner(learn: Learner, cfg: RunConfig, aux: bool, log) -> Learner:
     """A Learner that trains `learn`'s head (the same module) on cached body outputs.
 
     Its optimizer, loss and metrics are `learn`'s; after fitting it, `learn` holds the trained
-    head and is exported as usual.
+    head and is exported as usual. `aux`: Inception v3's auxiliary classifier trains too.
     """
     body, head = learn.model[0], learn.model[1]
     if hasattr(
@@ -114,9 +111,6 @@ def head_learner(learn: Learner, cfg: RunConfig, log) -> Learner:
         DataLoader(CachedViews([valid[0]], [valid[1]]), bs=learn.dls.valid.bs),
         device=learn.dls.device,
     )
-    aux = models.uses_aux(
-        models.get_arch(cfg.arch), models.input_size(cfg), cfg.recipe, cfg.freeze_bn
-    )
     cbs = [NextView(train_views)] + ([models.AuxLossCallback(cfg.aux_loss_weight)] if aux else [])
     head_learn = Learner(
         dls,
@@ -129,4 +123,4 @@ def head_learner(learn: Learner, cfg: RunConfig, log) -> Learner:
         cbs=cbs,
     )
     head_learn.recorder.train_metrics = True
-    return head_learn
+    return models.plain_log(head_learn)

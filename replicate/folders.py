@@ -14,6 +14,8 @@ import mimetypes
 import os
 from pathlib import Path
 
+import pandas as pd
+
 from .errors import ReplicateError
 
 SPLITS = ("train", "valid")
@@ -90,3 +92,17 @@ def task_files(task_dir: Path) -> tuple[dict[tuple[str, str], list[Path]], list[
             f"every class needs photos in both train and valid"
         )
     return files, classes
+
+
+def image_counts(task_dir: Path) -> pd.DataFrame:
+    """Images per class (rows) and split (columns), from the file names alone (no decoding)."""
+    return (
+        pd.DataFrame(
+            {
+                s: {c: len(image_files(task_dir / s / c)) for c in sorted(class_dirs(task_dir / s))}
+                for s in SPLITS
+            }
+        )
+        .fillna(0)
+        .astype(int)
+    )

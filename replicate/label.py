@@ -18,25 +18,22 @@ page, its batch and the caches are in `exports/TASK/label/`.
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import audit, fingerprints, report
+from . import clean as cleaning
+from . import fingerprints, pages
 from .active import ARCH, fit_head, nearest, next_batch, pool_features, spread
-from .clean import LOG_COLUMNS, Decision, Move, RowProblem, check_decisions, refusal
 from .errors import ReplicateError
 from .folders import SPLITS, class_dirs, image_files
+from .label_copies import LOG_DIR, applied, describe, logs, plan_labels, task_photos
 
 BATCH = 20  # photos a round: a few minutes in the page
 VALID_PCT = 0.2  # share of each class's labelled photos put in valid
 DEFAULT_CLASSES = ("yes", "no")
-LOG_DIR = (
-    "_labelling"  # in the task folder: the --apply logs, the record of which pool photos are done
-)
 
 
 @dataclass(frozen=True)
@@ -151,39 +148,6 @@ def pool_photos(session: Session, out: Path, log=None) -> Pool:
     )
 
 
-def task_photos(task_dir: Path) -> pd.DataFrame:
-    """The labelled photos: path (absolute, as --apply logs it), split, label of every image in
-    TASK/{train,valid}/<class>/."""
-    task_dir = task_dir.resolve()
-    rows = [
-        (str(f), split, label)
-        for split in SPLITS
-        if (task_dir / split).is_dir()
-        for label in sorted(class_dirs(task_dir / split))
-        for f in image_files(task_dir / split / label)
-    ]
-    return pd.DataFrame(rows, columns=["path", "split", "label"])
-
-
-def logs(task_dir: Path) -> list[Path]:
-    """The --apply logs in force (not undone), oldest first: one per round applied."""
-    return [
-        p for p in sorted((task_dir / LOG_DIR).glob("*.csv")) if not p.name.endswith(".undone.csv")
-    ]
-
-
-def applied(task_dir: Path) -> pd.DataFrame:
-    """The rows of the logs in force (clean.LOG_COLUMNS, and `split`: where a copy went, '' for a
-    skip), one per pool photo labelled or skipped."""
-    frames = [pd.read_csv(log, dtype=str, keep_default_na=False) for log in logs(task_dir)]
-    rows = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=LOG_COLUMNS, dtype=str)
-    )
-    return rows.assign(split=[Path(d).parent.parent.name if d else "" for d in rows.destination])
-
-
 @dataclass(frozen=True)
 class Round:
     """A round's batch and where the labelling stands."""
@@ -257,18 +221,9 @@ def next_round(
     counts = {c: int((labelled.label == c).sum()) for c in session.classes}
     batch.to_csv(out / f"round-{number}.csv", index=False)
     page = out / f"round-{number}.html"
-    report.write_label_page(
-        batch,
-        session,
-        number,
-        counts,
-        accuracy_text(correct, validated),
-        len(pool.files),
-        len(candidates),
-        like_used,
-        page,
-    )
-    return Round(number, batch, counts, correct, validated, len(pool.files), len(candidates), page)
+    found = Round(number, batch, counts, correct, validated, len(pool.files), len(candidates), page)
+    pages.write_label_page(found, session, accuracy_text(correct, validated), like_used)
+    return found
 
 
 def accuracy_text(correct: int, validated: int) -> str:
@@ -288,101 +243,81 @@ def _validate(x: np.ndarray, labels: pd.Series, splits: np.ndarray) -> tuple[int
     return int((predicted == valid.to_numpy()).sum()), len(valid)
 
 
-def valid_target(n: int, valid_pct: float) -> int:
-    """How many of a class's `n` labelled photos belong in valid: about `valid_pct`, at least one
-    from two on (so `run` finds every class in both splits)."""
-    return max(1, round(n * valid_pct)) if n >= 2 else 0
+# What `label` suggests once the labels are in: the head on frozen EfficientNet-Lite0 features, the
+# body's outputs cached (seconds to a minute on a CPU for a few hundred photos).
+TRAIN_LABELLED = "replicate run {task} --arch tf_efficientnet_lite0 --freeze-bn --cache-features 3"
 
 
-def plan_labels(
-    session: Session, pool: Pool, task_dir: Path, decisions: pd.DataFrame
-) -> list[Move]:
-    """The copies (and skips) a label page's decisions ask for; ReplicateError listing every problem
-    before anything is copied. Each labelled photo goes to train or valid: valid while its class
-    has fewer than `valid_target` there, except that near-duplicates of the pool follow the split
-    their group went to first."""
-    files = pool.files
-    index = {str(f): i for i, f in enumerate(files)}
-    copies = applied(task_dir)
-    chosen = _chosen(session, index, set(copies.source), decisions)
-    groups = audit.link_owners(list(range(len(files))), files, frame=pool.prints)
-    placed = {
-        groups[index[s]]: split
-        for s, split in zip(copies.source, copies.split)
-        if split and s in index
-    }
-    counts = Counter(task_photos(task_dir)[["split", "label"]].itertuples(index=False, name=None))
-    moves, names, problems = [], set(), []
-    for row, label in chosen:
-        if label is None:
-            moves.append(Move("skip", files[row], None))
-            continue
-        group = groups[row]
-        if group not in placed:
-            total = counts["train", label] + counts["valid", label] + 1
-            placed[group] = (
-                "valid"
-                if counts["valid", label] < valid_target(total, session.valid_pct)
-                else "train"
-            )
-        split = placed[group]
-        counts[split, label] += 1
-        # The pool's sub-folders become part of the name: photos of two listings may share a name.
-        destination = (
-            task_dir.resolve()
-            / split
-            / label
-            / "__".join(files[row].relative_to(session.pool).parts)
-        )
-        if destination.exists() or destination in names:
-            problems.append(f"{files[row]}: {destination} exists already (name clash)")
-        names.add(destination)
-        moves.append(Move("copy", files[row], destination, label))
-    if problems:
-        raise refusal(problems, "copied", shown=5)
-    return moves
+@dataclass(frozen=True)
+class Request:
+    """What a `replicate label` names: the task, and for its session the pool, the classes, the
+    positive class, the batch size, example photos (--like) and the spread's seed."""
+
+    task: str
+    pool: Path | None = None
+    classes: str | None = None
+    positive: str | None = None
+    batch: int | None = None
+    like: list[Path] = field(default_factory=list)
+    seed: int = 0
 
 
-def _chosen(
-    session: Session, index: dict[str, int], finished: set[str], decisions: pd.DataFrame
-) -> list[tuple[int, str | None]]:
-    """(pool row, class; None for a skip) per row of a label page's decisions; ReplicateError
-    listing every row that is not a pool photo (`index`: {path: row}) yet to label (`finished`
-    holds those labelled or skipped already) with a known action and class."""
-
-    def place(source: Path) -> int:
-        if str(source) not in index:
-            raise RowProblem(f"not a readable photo of the pool {session.pool}")
-        if str(source) in finished:
-            raise RowProblem("labelled or skipped already (decisions applied twice?)")
-        return index[str(source)]
-
-    def decide(row: Decision, placed: int) -> tuple[int, str | None]:
-        if row.action == "skip":
-            return placed, None
-        if row.new_label not in session.classes:
-            raise RowProblem(
-                f"unknown class {row.new_label!r} (classes: {', '.join(session.classes)})"
-            )
-        return placed, row.new_label
-
-    hint = "a label page writes label or skip"
-    chosen, problems = check_decisions(decisions, ("label", "skip"), hint, place, decide)
-    if problems:
-        raise refusal(problems, "copied", shown=5)
-    return chosen
-
-
-def describe(moves: list[Move]) -> pd.DataFrame:
-    """Copied photos per split and class, and the skipped ones: the table --apply prints."""
-    rows = [
-        (
-            "skipped" if m.destination is None else m.destination.parent.parent.name,
-            m.new_label or "-",
-        )
-        for m in moves
-    ]
-    table = (
-        pd.DataFrame(rows, columns=["split", "class"]).value_counts().rename("photos").reset_index()
+def run(
+    request: Request,
+    data_dir: Path,
+    exports_dir: Path,
+    *,
+    apply: Path | None = None,
+    undo: Path | None = None,
+    log=print,
+) -> Round | None:
+    """`replicate label`: take a log's copies back (`undo`), or copy a round's decisions in
+    (`apply`) and write the next round's page; returns the round (None after an undo)."""
+    task, task_dir, out = (
+        request.task,
+        data_dir / request.task,
+        exports_dir / request.task / "label",
     )
-    return table.sort_values(["split", "class"]).reset_index(drop=True)
+    if undo is not None:
+        took = cleaning.undo(undo)
+        log(f"took back {took} photo(s) of {undo}; replicate label {task} writes the round again")
+        return None
+    session = open_session(
+        task_dir, out, request.pool, request.classes, request.positive, request.batch
+    )
+    photos = pool_photos(session, out, log=log)
+    if len(photos.unreadable):
+        photos.unreadable.to_csv(out / "unreadable.csv", index=False)
+        log(
+            f"warning: {len(photos.unreadable)} photo(s) of the pool do not decode and are left out "
+            f"(listed in {out / 'unreadable.csv'})"
+        )
+    if apply is not None:
+        moves = plan_labels(session, photos, task_dir, cleaning.read_decisions(apply))
+        written = cleaning.apply(task_dir, moves, task_dir / LOG_DIR)
+        log(describe(moves).to_string(index=False))
+        copied = sum(m.destination is not None for m in moves)
+        log(f"copied {copied} photo(s) into {task_dir}; log: {written}")
+        log(f"undo with: replicate label {task} --undo {written}\n")
+    found = next_round(session, photos, task_dir, out, request.like, request.seed, log=log)
+    _say_round(found, task, log)
+    return found
+
+
+def _say_round(found: Round, task: str, log) -> None:
+    counts = ", ".join(f"{c} {n}" for c, n in found.counts.items())
+    log(
+        f"labelled {sum(found.counts.values())} ({counts}); validation accuracy of the current "
+        f"model: {accuracy_text(found.correct, found.validated)}; {found.left} of {found.pool} "
+        "pool photos not labelled yet"
+    )
+    train = TRAIN_LABELLED.format(task=task)
+    if not len(found.batch):
+        log(f"every photo of the pool is labelled or skipped: {train}")
+        return
+    log(
+        f"round {found.number}: {len(found.batch)} photos; open {found.page} in a browser, mark "
+        f"them, download the decisions, then: replicate label {task} --apply "
+        f"~/Downloads/{pages.decisions_name(task, found.number)}"
+    )
+    log(f"when the accuracy is where you want it: {train}")

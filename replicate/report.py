@@ -1,314 +1,29 @@
-"""Run folder -> plots and tables, without retraining.
+"""Run folders -> the compare report: the study's tables and figures, rebuilt from the run folders
+alone (never by retraining), so a report can be made again at any time.
 
-    python -m replicate.report exports/rooms/resnet18-unfrozen
+    python -m replicate.report exports rooms      # exports/rooms/compare/: table, figures, page
 
-Everything here reads only what a run folder holds (history.csv, valid_predictions.csv,
-metrics.json), so plots can be rebuilt at any time, e.g. after copying exports off a GPU box.
+`build_compare_report` writes exports/TASK/compare/ (compare-RECIPE/ for another recipe):
+table.csv and table.md (one row per cell: means over seeds, 95% CI, the study's numbers beside),
+the loss and accuracy curves per mode, the accuracy-vs-time figure, and report.html
+(pages.write_compare).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-import os
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from .config import RunConfig
+from . import filters, pages, plots
 from .errors import ReplicateError
+from .runs import Run, compare_dir, finished_runs, is_run
 
-
-def _pyplot():
-    """matplotlib's pyplot, drawing to files only (no display on a GPU box over ssh). Imported on
-    first use: the commands that draw nothing (audit, clean) should not pay for it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-TOP_LOSSES = 16
-
-
-def plot_history(history: pd.DataFrame, what: str, title: str, path: Path) -> None:
-    """Train vs valid `what` ('loss' or 'accuracy') per epoch, as the study's figures."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for split in ("train", "valid"):
-        ax.plot(history["epoch"], history[f"{split}_{what}"], marker="o", label=split)
-    ax.set(xlabel="epoch", ylabel=what, title=title)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion(preds: pd.DataFrame, classes: list[str], title: str, path: Path) -> None:
-    """Confusion matrix (actual rows, predicted columns): counts, and shares of each actual class.
-
-    Drawn from saved predictions rather than fastai's ClassificationInterpretation, which needs
-    the learner and its data loaded again.
-    """
-    plt = _pyplot()
-    counts = pd.crosstab(
-        pd.Categorical(preds["actual"], classes),
-        pd.Categorical(preds["predicted"], classes),
-        dropna=False,
-    )
-    share = counts.div(counts.sum(axis=1).clip(lower=1), axis=0)
-    size = 1.5 + 0.9 * len(classes)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size + 0.6))
-    for ax, values, fmt, name in (
-        (axes[0], counts.values, "{:.0f}", "counts"),
-        (axes[1], share.values, "{:.0%}", "share of actual class"),
-    ):
-        ax.imshow(share.values, cmap="Blues", vmin=0, vmax=1)
-        for i in range(len(classes)):
-            for j in range(len(classes)):
-                ax.text(
-                    j,
-                    i,
-                    fmt.format(values[i, j]),
-                    ha="center",
-                    va="center",
-                    color="white" if share.values[i, j] > 0.5 else "black",
-                )
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set(xlabel="predicted", ylabel="actual", title=name)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def most_confused(preds: pd.DataFrame) -> pd.DataFrame:
-    """(actual, predicted, count) of the wrong predictions, most frequent first, like fastai's
-    `most_confused` but from saved predictions."""
-    wrong = preds[preds["actual"] != preds["predicted"]]
-    return (
-        wrong.groupby(["actual", "predicted"])
-        .size()
-        .rename("count")
-        .reset_index()
-        .sort_values("count", ascending=False, kind="stable")
-        .reset_index(drop=True)
-    )
-
-
-def render_interpretation(
-    preds: pd.DataFrame, classes: list[str], run_dir: Path, split: str, k: int
-) -> list[Path]:
-    """interpret_<split>_{confusion.png,most_confused.csv,top_losses.png,top_losses.csv} in the run folder."""
-    out = [
-        run_dir / f"interpret_{split}_{name}"
-        for name in ("confusion.png", "most_confused.csv", "top_losses.png", "top_losses.csv")
-    ]
-    acc = (preds["actual"] == preds["predicted"]).mean()
-    plot_confusion(
-        preds,
-        classes,
-        f"{run_dir.name}, {split} split (no augmentation): accuracy {acc:.1%}",
-        out[0],
-    )
-    most_confused(preds).to_csv(out[1], index=False)
-    worst = top_losses(preds, k)
-    plot_top_losses(worst, out[2])
-    worst.to_csv(out[3], index=False)
-    return out
-
-
-def top_losses(preds: pd.DataFrame, k: int = TOP_LOSSES) -> pd.DataFrame:
-    """The `k` validation images with the largest loss: path, actual, predicted, probability, loss."""
-    return preds.nlargest(k, "loss")[["path", "actual", "predicted", "probability", "loss"]]
-
-
-def plot_top_losses(worst: pd.DataFrame, path: Path) -> None:
-    """A grid of the worst images titled actual/predicted/probability/loss, like fastai's plot_top_losses."""
-    plt = _pyplot()
-    cols = 4
-    rows = max(1, -(-len(worst) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row in zip(axes.flat, worst.itertuples()):
-        try:
-            with Image.open(row.path) as im:
-                im.thumbnail((256, 256))
-                ax.imshow(im.convert("RGB"))
-        except OSError:  # moved or deleted since training: still show the numbers
-            ax.text(0.5, 0.5, "image missing", ha="center", transform=ax.transAxes)
-        ax.set_title(
-            f"{row.actual} -> {row.predicted}\np={row.probability:.2f} loss={row.loss:.2f}",
-            fontsize=9,
-        )
-    fig.suptitle("actual -> predicted / probability / loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-# --- a yes/no task as a search filter ----------------------------------------------------------
-
-TARGET_PRECISION = RunConfig.target_precision  # for run folders from before --target-precision
-
-
-def positive_class(classes: list[str], preds: pd.DataFrame, positive: str | None = None) -> str:
-    """The class a two-class task's filter looks for: `positive` if named, else `yes`, else the
-    rarer class on valid (an attribute is usually the rare side), the first by name on a tie."""
-    if positive:
-        if positive not in classes:
-            raise ReplicateError(
-                f"--positive {positive}: the task's classes are {', '.join(classes)}"
-            )
-        return positive
-    if "yes" in classes:
-        return "yes"
-    counts = preds.actual.value_counts().reindex(classes, fill_value=0)
-    return min(sorted(classes), key=lambda c: counts[c])
-
-
-def search_filter(
-    preds: pd.DataFrame,
-    classes: list[str],
-    task: str,
-    positive: str | None = None,
-    target: float = TARGET_PRECISION,
-) -> dict | None:
-    """For a two-class task (None otherwise): the threshold on p_<positive> that keeps the most
-    recall while precision on valid stays at least `target`, with that precision and recall, the
-    average precision and the whole curve (scikit-learn's precision_recall_curve). The column it
-    makes is has_<task> for yes/no classes, else has_<positive>. `threshold` is None when no
-    threshold reaches `target` on valid."""
-    if len(classes) != 2:
-        return None
-    from sklearn.metrics import (  # only for two-class runs
-        average_precision_score,
-        precision_recall_curve,
-    )
-
-    positive = positive_class(classes, preds, positive)
-    truth, score = (preds.actual == positive).to_numpy(), preds[f"p_{positive}"].to_numpy()
-    precision, recall, thresholds = precision_recall_curve(truth, score)
-    reach = np.flatnonzero(precision[:-1] >= target)  # the last point (recall 0) has no threshold
-    best = reach[np.lexsort((-thresholds[reach], recall[reach]))[-1]] if len(reach) else None
-    return {
-        "positive": positive,
-        "column": f"has_{task if set(classes) == {'yes', 'no'} else positive}",
-        "target_precision": target,
-        "threshold": None if best is None else float(thresholds[best]),
-        "precision": None if best is None else float(precision[best]),
-        "recall": None if best is None else float(recall[best]),
-        "average_precision": float(average_precision_score(truth, score)),
-        "valid_photos": int(len(truth)),
-        "valid_positives": int(truth.sum()),
-        "curve": {"precision": precision.round(4).tolist(), "recall": recall.round(4).tolist()},
-    }
-
-
-def write_filter(
-    run_dir: Path, positive: str | None = None, target: float | None = None
-) -> dict | None:
-    """filter.json and pr_curve.png of a two-class run folder, from its valid_predictions.csv;
-    `positive` and `target` default to the run's config.json (--positive, --target-precision)."""
-    config = json.loads((run_dir / "config.json").read_text())
-    classes = json.loads((run_dir / "metrics.json").read_text())["classes"]
-    preds = pd.read_csv(run_dir / "valid_predictions.csv")
-    positive = positive or config.get("positive")
-    target = target or config.get("target_precision") or TARGET_PRECISION
-    found = search_filter(preds, classes, config["task"], positive, target)
-    if found is None:
-        return None
-    (run_dir / "filter.json").write_text(json.dumps(found, indent=2))
-    plot_filter(
-        found,
-        f"{config['task']}: {config['arch']} {'unfrozen' if config['unfreeze'] else 'frozen'}",
-        run_dir / "pr_curve.png",
-    )
-    return found
-
-
-def plot_filter(found: dict, title: str, path: Path) -> None:
-    """The precision-recall curve on valid, the target precision and the chosen threshold."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.plot(found["curve"]["recall"], found["curve"]["precision"], drawstyle="steps-post")
-    ax.axhline(
-        found["target_precision"],
-        color="grey",
-        linestyle=":",
-        label=f"target {found['target_precision']:g}",
-    )
-    if found["threshold"] is not None:
-        ax.plot(
-            [found["recall"]],
-            [found["precision"]],
-            "o",
-            color="C3",
-            label=f"p >= {found['threshold']:.3f}: precision {found['precision']:.1%}, recall {found['recall']:.1%}",
-        )
-    ax.set(
-        xlabel="recall",
-        ylabel="precision",
-        xlim=(0, 1.02),
-        ylim=(0, 1.02),
-        title=f"{title}\n{found['column']} on valid (average precision {found['average_precision']:.3f})",
-    )
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def render_run(run_dir: Path) -> list[Path]:
-    """Write a run folder's plots and top_losses.csv from its files; returns what was written."""
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    history = pd.read_csv(run_dir / "history.csv")
-    preds = pd.read_csv(run_dir / "valid_predictions.csv")
-    name = f"{config['task']}: {config['arch']} {'unfrozen' if config['unfreeze'] else 'frozen'}"
-    out = {
-        k: run_dir / f
-        for k, f in [
-            ("loss", "loss.png"),
-            ("accuracy", "accuracy.png"),
-            ("cm", "confusion_matrix.png"),
-            ("tl", "top_losses.png"),
-            ("tlcsv", "top_losses.csv"),
-        ]
-    }
-    plot_history(history, "loss", f"{name}: loss", out["loss"])
-    plot_history(history, "accuracy", f"{name}: accuracy", out["accuracy"])
-    acc = (preds["actual"] == preds["predicted"]).mean()
-    plot_confusion(
-        preds, metrics["classes"], f"{name}\nvalid accuracy {acc:.1%} (best epoch)", out["cm"]
-    )
-    worst = top_losses(preds)
-    worst.to_csv(out["tlcsv"], index=False)
-    plot_top_losses(worst, out["tl"])
-    if write_filter(run_dir):  # a two-class task: its search filter and precision-recall curve
-        out.update(filter=run_dir / "filter.json", pr=run_dir / "pr_curve.png")
-    return list(out.values())
-
-
-if __name__ == "__main__":
-    for p in render_run(Path(sys.argv[1])):
-        print(p)
-
-
-# --- comparing runs: the study's tables and figures ----------------------------------------------
+FAILURES = "failures.json"  # a compare's failed cells, in its report folder
 
 
 def _arch_order(arch: str) -> int:
@@ -318,7 +33,7 @@ def _arch_order(arch: str) -> int:
     return study.index(arch) if arch in study else len(study)
 
 
-@lru_cache(maxsize=1)
+@cache
 def _study_archs() -> list[str]:
     return list(dict.fromkeys(paper_results().arch))
 
@@ -340,18 +55,14 @@ def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def load_runs(task_exports: Path) -> pd.DataFrame:
-    """One row per finished run folder under exports/TASK (config.json + metrics.json)."""
+    """One row per finished run folder under exports/TASK."""
     rows = []
-    for run_dir in sorted(Path(task_exports).iterdir()) if Path(task_exports).is_dir() else []:
-        try:
-            config = json.loads((run_dir / "config.json").read_text())
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        except (OSError, ValueError):
-            continue  # not a run folder (compare/, a failed or unfinished run)
+    for run in finished_runs(task_exports):
+        config, metrics = run.config, run.metrics
         rows.append(
             {
                 "arch": config["arch"],
-                "mode": "unfrozen" if config["unfreeze"] else "frozen",
+                "mode": run.mode,
                 "recipe": config.get("recipe", "paper"),
                 "cache_features": config.get("cache_features", 0),
                 "freeze_bn": config.get("freeze_bn", False),
@@ -369,8 +80,8 @@ def load_runs(task_exports: Path) -> pd.DataFrame:
                 "n_valid": metrics["n_valid"],
                 "audit": metrics.get("audit"),
                 "int8": metrics.get("int8"),
-                "run_dir": run_dir,
-                "filter": read_filter(run_dir),
+                "run_dir": run.path,
+                "filter": filters.read(run.path),
             }
         )
     return pd.DataFrame(rows)
@@ -445,14 +156,6 @@ def _int8_columns(int8: list[dict | None]) -> dict:
     }
 
 
-def read_filter(run_dir: Path) -> dict | None:
-    """A run folder's filter.json (`write_filter`); None for other tasks and older runs."""
-    try:
-        return json.loads((run_dir / "filter.json").read_text())
-    except (OSError, ValueError):
-        return None  # not a two-class task, or a run from before search filters
-
-
 def _filter_columns(filters: list[dict | None]) -> dict:
     """Two-class tasks: the search filter's threshold on valid and the precision and recall it keeps
     (means over seeds, recall 0 where no threshold reached the target); absent for other tasks."""
@@ -494,7 +197,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def plot_curves(runs: pd.DataFrame, what: str, title: str, path: Path) -> None:
     """The study's figure: one subplot per backbone, train vs valid `what` per epoch, shared axes."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     archs = sorted(
         set(runs.arch), key=lambda a: (_arch_order(a), a)
     )  # timm names: alphabetical, after the five
@@ -507,7 +210,7 @@ def plot_curves(runs: pd.DataFrame, what: str, title: str, path: Path) -> None:
         ax.axis("off")
     for ax, arch in zip(axes.flat, archs):
         run = runs[runs.arch == arch].sort_values("seed").iloc[0]
-        history = pd.read_csv(run.run_dir / "history.csv")
+        history = Run(run.run_dir).history()
         for split in ("train", "valid"):
             ax.plot(history.epoch, history[f"{split}_{what}"], marker=".", label=split)
         ax.set_title(arch)
@@ -527,7 +230,7 @@ def plot_curves(runs: pd.DataFrame, what: str, title: str, path: Path) -> None:
 
 def plot_tradeoff(table: pd.DataFrame, task: str, path: Path) -> None:
     """Max valid accuracy against training time for every cell, labelled; the study's cells in grey."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = {"frozen": "o", "unfrozen": "s"}
     for row in table.itertuples():
@@ -569,82 +272,6 @@ def plot_tradeoff(table: pd.DataFrame, task: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _embed(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
-
-def write_html(
-    table: pd.DataFrame, runs: pd.DataFrame, figures: list[Path], failures: list[dict], path: Path
-) -> None:
-    """One page that opens from disk: the table (best cell highlighted, the study's numbers beside
-    ours), the figures embedded, and each cell's confusion matrix and top losses from its run folder."""
-    best = table.sort_values(["max_valid_acc", "train_s"], ascending=[False, True]).index[0]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = "".join(
-        f"<tr{' class=best' if i == best else ''}>"
-        + "".join(f"<td>{'' if pd.isna(v) else html.escape(str(v))}</td>" for v in row)
-        + "</tr>"
-        for i, row in zip(table.index, table.itertuples(index=False))
-    )
-    b = table.loc[best]
-    parts = [
-        f"<h1>{html.escape(path.parent.parent.name)}: backbones compared</h1>",
-        f"<p class=lead>Best cell: <b>{b['arch']} {b['mode']}</b> ({b['recipe']} recipe"
-        f"{f', features cached for {b.cache_features} views' if b.cache_features else ''}"
-        f"{', body in eval mode' if b.freeze_bn else ''}), max valid accuracy "
-        f"{b.max_valid_acc}% (95% CI {b.ci95_low}-{b.ci95_high}%), {b.train_s}s of training. "
-        f"Cells whose intervals overlap are not clearly different on this validation set.</p>",
-        "<p>max_valid_acc is the best epoch's validation accuracy, as the study reports it (it flatters, "
-        "being chosen on the same images); last_acc is the final epoch's. paper_* are the study's "
-        "figures (Tesla K80, 30 epochs, its own data); diff_acc = ours - the study's. cache_features K: "
-        "a frozen run that computed the body's outputs once for K augmented views (--cache-features). "
-        "freeze_bn: a frozen run whose body ran in eval mode, BatchNorm on its pretrained statistics "
-        "(--freeze-bn; False: the study's train mode). "
-        "leaked_valid: validation photos with a near-duplicate in train (they inflate the accuracy); "
-        "conflicts: photos found under two labels (replicate audit TASK shows them; blank: not audited). "
-        "int8_acc: validation accuracy of model.int8.onnx, beside int8_fp32_acc, model.onnx's on the same photos "
-        "(--quantize int8; blank: not quantized). Two-class tasks: threshold, the lowest p of the filter's class "
-        "that keeps precision on valid at target_precision, with the filter_precision and filter_recall it "
-        "gives (--target-precision; predict applies it).</p>",
-        f"<table><tr>{head}</tr>{body}</table>",
-    ]
-    if failures:
-        parts.append(
-            "<h2>Failed cells</h2><ul>"
-            + "".join(
-                f"<li><b>{html.escape(f['cell'])}</b>: {html.escape(f['error'])}</li>"
-                for f in failures
-            )
-            + "</ul>"
-        )
-    parts.append(
-        "<h2>Figures</h2>" + "".join(f'<img alt="{p.stem}" src="{_embed(p)}">' for p in figures)
-    )
-    parts.append("<h2>Cells</h2>")
-    for run in runs.sort_values(["recipe", "mode", "arch", "seed"]).itertuples():
-        rel = lambda f: html.escape(os.path.relpath(run.run_dir / f, path.parent))  # noqa: E731, B023
-        parts.append(
-            f"<h3>{html.escape(run.run_dir.name)}: {100 * run.best_acc:.2f}% at epoch {run.best_epoch}</h3>"
-            f'<img alt="confusion matrix" src="{rel("confusion_matrix.png")}">'
-            + (
-                f'<img alt="precision-recall" src="{rel("pr_curve.png")}">'
-                if (run.run_dir / "pr_curve.png").is_file()
-                else ""
-            )
-            + f'<img alt="top losses" class=wide src="{rel("top_losses.png")}">'
-        )
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}tr.best{background:#ffe9a8;"
-        "font-weight:bold}img{max-height:420px;margin:4px;vertical-align:top}img.wide{max-height:520px}"
-        ".lead{font-size:1.15em}"
-    )
-    path.write_text(
-        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(path.parent.parent.name)}"
-        f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
-    )
-
-
 def build_compare_report(
     exports_dir: Path, task: str, recipe: str = "paper"
 ) -> tuple[Path, pd.DataFrame]:
@@ -660,7 +287,7 @@ def build_compare_report(
             f"no finished {recipe} runs under {task_exports}: "
             f"run `replicate compare {task}` or `replicate run {task} --arch ...` first"
         )
-    out = task_exports / ("compare" if recipe == "paper" else f"compare-{recipe}")
+    out = compare_dir(exports_dir, task, recipe)
     out.mkdir(parents=True, exist_ok=True)
     table = summary_table(runs, task)
     table.to_csv(out / "table.csv", index=False)
@@ -671,205 +298,59 @@ def build_compare_report(
         for what in ("loss", "accuracy"):
             if (own["mode"] == mode).any():
                 figures.append(out / f"{what}_{mode}.png")
-                plot_curves(
-                    own[own["mode"] == mode],
-                    what,
-                    f"{task}: {what}, {mode} ({recipe} recipe)",
-                    figures[-1],
-                )
+                title = f"{task}: {what}, {mode} ({recipe} recipe)"
+                plot_curves(own[own["mode"] == mode], what, title, figures[-1])
     figures.append(out / "tradeoff.png")
     plot_tradeoff(table, task, figures[-1])
-    failures_path = out / "failures.json"
-    failures = json.loads(failures_path.read_text()) if failures_path.is_file() else []
-    failures = [
-        f for f in failures if f["cell"] not in {p.name for p in runs.run_dir}
-    ]  # since trained
-    write_html(table, runs, figures, failures, out / "report.html")
+    failures = json.loads((out / FAILURES).read_text()) if (out / FAILURES).is_file() else []
+    trained_since = {p.name for p in runs.run_dir}
+    failures = [f for f in failures if f["cell"] not in trained_since]
+    pages.write_compare(table, runs, figures, failures, out / "report.html")
     return out, table
 
 
-# --- the label-cleaning review page -------------------------------------------------------------
-
-
-def _thumbnail(path: str, size: int = 224) -> str:
-    """The image as an embedded JPEG data URI, so the page needs no files beside it."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=80)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    except OSError:
-        return ""
-
-
-def write_review(preds: dict[str, pd.DataFrame], classes: list[str], k: int, path: Path) -> Path:
-    """A page of the `k` highest-loss images per split, largest first, to mark keep / relabel / remove;
-    it downloads the decisions as `path,action,new_label` for `replicate clean`."""
-    worst = pd.concat([top_losses(p, k).assign(split=s) for s, p in preds.items()]).sort_values(
-        "loss", ascending=False
-    )
-    cards = [
-        {
-            "path": row.path,
-            "name": Path(row.path).name,
-            "thumbnail": _thumbnail(row.path),
-            "actual": row.actual,
-            "predicted": row.predicted,
-            "probability": row.probability,
-            "loss": row.loss,
-            "split": row.split,
-        }
-        for row in worst.itertuples()
-    ]
-    page = render_template("review.html", name=path.parent.name, cards=cards, classes=classes)
-    path.write_text(page)
-    return path
-
-
-def decisions_name(task: str, number: int) -> str:
-    """The name a labelling round's page downloads its decisions as (one per round: a browser would
-    rename a second decisions.csv)."""
-    return f"{task}-round-{number}.csv"
-
-
-def write_label_page(
-    batch: pd.DataFrame,
-    session,
-    number: int,
-    counts: dict[str, int],
-    accuracy: str,
-    pool: int,
-    left: int,
-    like: bool,
-    path: Path,
-) -> Path:
-    """A labelling round's page (`replicate label`): the batch's photos, the model's guess preselected
-    when there is one, keys and buttons as on the review page; it downloads `path,action,new_label`
-    (label or skip) for `replicate label TASK --apply`. `session`: the label.Session."""
-    cards = [
-        {
-            "path": row.path,
-            "name": Path(row.path).relative_to(session.pool).as_posix(),
-            "thumbnail": _thumbnail(row.path),
-            "guess": row.guess,
-            "probability": row.probability,
-        }
-        for row in batch.itertuples()
-    ]
-    page = render_template(
-        "label.html",
-        task=session.task,
-        number=number,
-        cards=cards,
-        classes=list(session.classes),
-        counts=counts,
-        labelled=sum(counts.values()),
-        accuracy=accuracy,
-        pool=pool,
-        left=left,
-        positive=session.positive,
-        like=like,
-        guessed=bool(len(batch) and batch.guess.iloc[0]),
-        download=decisions_name(session.task, number),
-    )
-    path.write_text(page)
-    return path
-
-
-# --- the audit page -----------------------------------------------------------------------------
-
-
-def render_template(template: str, **values) -> str:
-    """A page from replicate/templates/ (Jinja2, autoescaped)."""
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("replicate", "templates"),
-        autoescape=jinja2.select_autoescape(["html"]),
-    )
-    return env.get_template(template).render(**values)
-
-
-def write_audit(
-    result, suggestions: pd.DataFrame, classes: list[str], task_dir: Path, summary: str, out: Path
-) -> dict[str, Path]:
-    """An audit's outputs in `out` (exports/TASK/audit/): audit.csv (the findings), pairs.csv (every
-    candidate pair, confirmed or not), decisions.csv (the suggested decisions, for `replicate clean`)
-    and audit.html (to look and decide). {name: path}."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = {
-        name: out / name for name in ("audit.csv", "pairs.csv", "decisions.csv", "audit.html")
-    }
-    result.findings.to_csv(written["audit.csv"], index=False)
-    result.pair_table().to_csv(written["pairs.csv"], index=False)
-    suggestions.to_csv(written["decisions.csv"], index=False)
-    write_audit_page(result, suggestions, classes, task_dir, summary, written["audit.html"])
-    return written
-
-
-def write_audit_page(
-    result, suggestions: pd.DataFrame, classes: list[str], task_dir: Path, summary: str, path: Path
-) -> Path:
-    """audit.html: each near-duplicate group side by side (then the quality findings), thumbnails
-    embedded, the suggested decision preselected; it downloads decisions.csv for `replicate clean`."""
-    action = dict(zip(suggestions.path, suggestions.action))
-    photos = result.photos.set_index("rel")
-
-    def card(rel: str) -> dict:
-        p = photos.loc[rel]
-        full = str((task_dir / rel).resolve())
-        return {
-            "path": full,
-            "rel": rel,
-            "label": p.label,
-            "split": p.split,
-            "other_split": "valid" if p.split == "train" else "train",
-            "action": action.get(full, "keep"),
-            "thumbnail": _thumbnail(p.path),
-        }
-
-    groups = []
-    findings = result.findings
-    near = findings[findings.group != ""]
-    for number, g in near.groupby("group", sort=True):
-        first = g.iloc[0]
-        files = first.files.split(";")
-        same = (
-            "byte-identical"
-            if first.identical
-            else "the same picture, encoded differently"
-            if first.distance == 0
-            else f"near-identical (up to {first.distance} bits apart)"
-        )
-        groups.append(
-            {
-                "flags": list(g.finding),
-                "title": f"group {number}: {len(files)} copies, {same}",
-                "cards": [card(rel) for rel in files],
-            }
-        )
-    for f in findings[findings.group == ""].itertuples():
-        if f.finding != "unreadable":
-            groups.append(
-                {
-                    "flags": ["quality"],
-                    "title": f"{f.finding}: {f.detail}",
-                    "cards": [card(f.files)],
-                }
-            )
-    keys = "relabel: " + ", ".join(f"{i} {c}" for i, c in enumerate(classes, 1))
+def record_failures(exports_dir: Path, task: str, recipe: str, failures: list[dict]) -> Path:
+    """Write a compare's failed cells ({cell, error}) for the report to show; returns the file."""
+    path = compare_dir(exports_dir, task, recipe) / FAILURES
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        render_template(
-            "audit.html",
-            task=task_dir.name,
-            summary=summary,
-            threshold=result.threshold,
-            groups=groups,
-            classes=classes,
-            relabel_keys=keys,
-        )
-    )
+    path.write_text(json.dumps(failures, indent=2))
     return path
+
+
+def tasks_with_runs(exports_dir: Path) -> list[str]:
+    """The task folders under `exports_dir` holding a finished run; a ReplicateError if none does."""
+    names = (
+        sorted(d.name for d in Path(exports_dir).iterdir() if d.is_dir())
+        if Path(exports_dir).is_dir()
+        else []
+    )
+    found = [n for n in names if finished_runs(Path(exports_dir) / n)]
+    if not found:
+        raise ReplicateError(f"no finished runs under {exports_dir}")
+    return found
+
+
+def rebuild(
+    exports_dir: Path, task: str, recipe: str = "paper", log=print
+) -> tuple[Path, pd.DataFrame]:
+    """`build_compare_report`, and its table and page said in the log; returns (folder, table)."""
+    out, table = build_compare_report(exports_dir, task, recipe)
+    shown = table.drop(columns=["recipe"] if table.recipe.nunique() == 1 else [])
+    log(f"\n{task}:\n{shown.to_string(index=False, na_rep='-')}")
+    log(f"report: {out / 'report.html'}")
+    return out, table
+
+
+def command(task: str, recipe: str, exports_dir: Path, log=print) -> None:
+    """`replicate report`: a run folder's plots redrawn, or a task's compare report rebuilt (every
+    task's for 'all')."""
+    if is_run(Path(task)):
+        for path in plots.render_run(Path(task)):
+            log(path)
+        return
+    for name in tasks_with_runs(exports_dir) if task == "all" else [task]:
+        rebuild(exports_dir, name, recipe, log)
+
+
+if __name__ == "__main__":
+    print(rebuild(Path(sys.argv[1]), sys.argv[2])[0])

@@ -31,7 +31,7 @@ from PIL import Image
 from . import photos, runtime
 from .audit import link_owners
 from .errors import ReplicateError
-from .folders import SPLITS, image_files
+from .folders import SPLITS, image_counts, image_files
 
 HOUSES_URL = "https://github.com/emanhamed/Houses-dataset/archive/refs/heads/master.zip"
 ROOMS = ("bathroom", "bedroom", "kitchen")
@@ -341,3 +341,24 @@ def summarize(report: pd.DataFrame) -> pd.DataFrame:
         }
     )
     return table.fillna(0).astype(int).rename_axis("class")
+
+
+def houses(
+    source: str | None, data_dir: Path, valid_pct: float, seed: int, force: bool, log=print
+) -> dict[str, Path]:
+    """`replicate data houses`: import the Houses Dataset (`import_houses`) and say what each task
+    folder holds; returns {task: folder}."""
+    written = import_houses(source, data_dir, valid_pct, seed, force)
+    for task, folder in written.items():
+        counts = image_counts(folder)  # just written from a checked archive: no need to decode
+        log(f"{task}: {folder}\n{counts.to_string()}\n")
+    return written
+
+
+def prepare(source_dir: Path, task: str, data_dir: Path, log=print, **options) -> Path:
+    """`replicate prepare`: `prepare_task` with `options` (valid_pct, width, min_size, seed, force),
+    its per-class table said; returns the task folder."""
+    folder, table = prepare_task(source_dir, task, data_dir, **options)
+    log(table.to_string())
+    log(f"\n{task}: {folder}  (rejected files and reasons: {folder / 'prepare_report.csv'})")
+    return folder

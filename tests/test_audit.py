@@ -20,7 +20,7 @@ import pytest
 from conftest import HOUSES_ZIP, requires_houses, synthetic_photo
 from PIL import Image
 
-from replicate import audit, data, duplicates, fingerprints, hamming, sources
+from replicate import audit, duplicates, fingerprints, folders, hamming, sources
 from replicate.cli import app
 
 
@@ -592,7 +592,7 @@ def test_prepare_keeps_near_duplicates_in_one_split(tmp_path):
         folder, _ = sources.prepare_task(src, f"t{seed}", tmp_path / "data", seed=seed)
         sides = {p.parts[-3] for p in folder.rglob("dup_*.jpg")}
         assert len(sides) == 1 and len(list(folder.rglob("dup_*.jpg"))) == 3
-        counts = data.image_counts(folder)
+        counts = folders.image_counts(folder)
         assert counts["valid"].sum() >= 3 and counts.loc["balcony"].sum() == 12
 
 

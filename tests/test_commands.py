@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import ROOMS, make_image, make_task
 
-from replicate import train
+from replicate import demo
 from replicate.cli import app
 from replicate.config import RunConfig
 
@@ -36,7 +36,7 @@ def test_demo_says_what_it_trains_and_where_the_results_are(tiny_task, runner, m
     )
     seen = []
     monkeypatch.setattr(
-        train,
+        demo,
         "demo_config",
         lambda d, e: seen.append((d, e)) or (chosen, "the reason, in one line"),
     )

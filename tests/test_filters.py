@@ -15,7 +15,7 @@ import pytest
 from conftest import COLORS, make_image
 from typer.testing import CliRunner
 
-from replicate import report
+from replicate import filters
 from replicate.cli import app
 from replicate.errors import ReplicateError
 
@@ -38,7 +38,7 @@ def predictions(
 def test_the_threshold_keeps_the_most_recall_at_the_target_precision():
     # By score: Y .9, N .85, Y .8, Y .7, N .6, Y .4, N .3, N .2, N .1, N .05
     preds = predictions([0.9, 0.8, 0.7, 0.4], [0.85, 0.6, 0.3, 0.2, 0.1, 0.05])
-    found = report.search_filter(preds, ["no", "yes"], "balcony", target=0.75)
+    found = filters.search_filter(preds, ["no", "yes"], "balcony", target=0.75)
     # precision >= 0.75 at p >= .9 (1 of 1, recall .25) and at p >= .7 (3 of 4, recall .75): the second
     assert (found["threshold"], found["precision"], found["recall"]) == (0.7, 0.75, 0.75)
     assert (
@@ -46,28 +46,30 @@ def test_the_threshold_keeps_the_most_recall_at_the_target_precision():
         and found["positive"] == "yes"
         and found["valid_positives"] == 4
     )
-    strict = report.search_filter(preds, ["no", "yes"], "balcony", target=0.8)
+    strict = filters.search_filter(preds, ["no", "yes"], "balcony", target=0.8)
     assert (strict["threshold"], strict["precision"], strict["recall"]) == (0.9, 1.0, 0.25)
-    never = report.search_filter(
+    never = filters.search_filter(
         predictions([0.5, 0.4], [0.9, 0.1]), ["no", "yes"], "balcony", target=0.9
     )
     assert (
         never["threshold"] is None and never["recall"] is None
     )  # the top photo is a "no": 0.9 is out of reach
     assert (
-        report.search_filter(preds.assign(actual="x"), ["x", "y", "z"], "rooms") is None
+        filters.search_filter(preds.assign(actual="x"), ["x", "y", "z"], "rooms") is None
     )  # not two classes
 
 
 def test_the_filters_class_is_named_yes_or_the_rarer_one():
     preds = predictions([0.9], [0.2, 0.1], positive="frontal", other="indoor")
-    assert report.search_filter(preds, ["frontal", "indoor"], "exterior")["column"] == "has_frontal"
     assert (
-        report.search_filter(preds, ["frontal", "indoor"], "exterior", positive="indoor")["column"]
+        filters.search_filter(preds, ["frontal", "indoor"], "exterior")["column"] == "has_frontal"
+    )
+    assert (
+        filters.search_filter(preds, ["frontal", "indoor"], "exterior", positive="indoor")["column"]
         == "has_indoor"
     )
     with pytest.raises(ReplicateError, match="--positive pool"):
-        report.search_filter(preds, ["frontal", "indoor"], "exterior", positive="pool")
+        filters.search_filter(preds, ["frontal", "indoor"], "exterior", positive="pool")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def test_a_yes_no_run_records_its_filter_and_curve(balcony):
     _, run = balcony
     found = json.loads((run / "filter.json").read_text())
     preds = pd.read_csv(run / "valid_predictions.csv")
-    assert found == report.search_filter(
+    assert found == filters.search_filter(
         preds, ["no", "yes"], "balcony", target=0.6
     )  # rebuilt from the folder
     assert found["column"] == "has_balcony" and found["target_precision"] == 0.6

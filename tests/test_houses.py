@@ -13,7 +13,7 @@ from test_audit import run_audit
 from test_sources import house_ids
 from test_train import run_cli
 
-from replicate import audit, data
+from replicate import audit, data, folders
 
 
 def test_real_houses_zip_gives_535_photos_per_room_split_80_20(houses):
@@ -48,7 +48,7 @@ def test_real_houses_audit_finds_the_known_groups_and_a_fresh_import_does_not_le
     ext = audit.audit_task(data_dir / "exterior", data.scan_task(data_dir / "exterior").files)
     assert ext.counts()["leak_groups"] == 0
     for task in ("rooms", "exterior"):
-        counts = data.image_counts(data_dir / task)
+        counts = folders.image_counts(data_dir / task)
         share = counts["valid"] / counts.sum(axis=1)
         assert share.between(0.18, 0.22).all(), counts
 

@@ -54,8 +54,8 @@ def test_the_onnx_engine_and_the_report_load_no_pytorch():
 
 def test_the_report_orders_the_study_archs_as_the_registry_does():
     """report reads the study's order from paper_results.csv (it may not import models): the same order."""
-    from replicate import models, report
+    from replicate import archs, report
 
-    study = list(models.ARCHS)
+    study = list(archs.ARCHS)
     assert len(study) == 5 and sorted(reversed(study), key=report._arch_order) == study
     assert report._arch_order("convnext_tiny") == 5

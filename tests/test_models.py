@@ -23,7 +23,7 @@ from fastai.vision.core import PILImage
 from fastai.vision.learner import TimmBody
 from torch import nn
 
-from replicate import data, models, weights
+from replicate import archs, data, downloads, models, weights
 from replicate.cli import app
 from replicate.config import STUDY_ARCHS, RunConfig
 from replicate.errors import ReplicateError
@@ -33,7 +33,7 @@ SIZES = {"resnet18": 32, "alexnet": 64, "vgg11_bn": 32, "densenet121": 32, "ince
 # timm, one small model per family: a CNN with BatchNorm, a ConvNeXt (LayerNorm), a ViT (LayerNorm,
 # position embeddings resampled to the input size).
 TIMM = {"efficientnet_b0": 32, "convnext_atto": 32, "vit_tiny_patch16_224": 32}
-ALL = [*models.ARCHS, *TIMM]
+ALL = [*archs.ARCHS, *TIMM]
 SIZES.update(TIMM)
 
 
@@ -50,9 +50,9 @@ def learner(tiny_task, arch: str, unfreeze: bool, **kw):
         **kw,
     )
     dls = data.dataloaders(
-        data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu")
+        data.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
-    return models.create_learner(dls, cfg)
+    return models.create_learner(dls, cfg, archs.resolve(cfg))
 
 
 def one_step(learn) -> set[str]:
@@ -63,9 +63,9 @@ def one_step(learn) -> set[str]:
 
 
 def test_registry_holds_the_five_study_backbones():
-    assert list(models.ARCHS) == ["resnet18", "alexnet", "vgg11_bn", "densenet121", "inception_v3"]
+    assert list(archs.ARCHS) == ["resnet18", "alexnet", "vgg11_bn", "densenet121", "inception_v3"]
     assert (
-        tuple(models.ARCHS) == STUDY_ARCHS
+        tuple(archs.ARCHS) == STUDY_ARCHS
     )  # the names the command line shows without loading PyTorch
 
 
@@ -105,7 +105,7 @@ def test_unfrozen_trains_every_parameter(tiny_task, arch):
     every = {n for n, _ in learn.model.named_parameters()}
     in_optimizer = {id(p) for group in learn.opt.param_lists for p in group}
     assert seen.names == every and all(id(p) in in_optimizer for p in learn.model.parameters())
-    if arch in models.ARCHS:
+    if arch in archs.ARCHS:
         assert changed == every
     else:
         # A fresh ConvNeXt scales each block by 1e-6 (layer scale), so some norm weights' updates
@@ -116,7 +116,7 @@ def test_unfrozen_trains_every_parameter(tiny_task, arch):
 @pytest.mark.parametrize("arch", ALL)
 def test_body_is_the_whole_pretrained_network_minus_its_last_linear(arch):
     """Same forward as the network whose last Linear is the new one (timm: its `get_classifier()`)."""
-    spec = models.get_arch(arch)
+    spec = archs.get_arch(arch)
     reference = models.Backbone(arch, size=SIZES[arch])(pretrained=False).eval()
     last = {
         "resnet18": "fc",
@@ -156,13 +156,15 @@ def test_timm_input_comes_from_the_pretrained_config(tiny_task):
 
     for name in ("vit_small_patch16_224.augreg_in21k_ft_in1k", "resnet10t", "convnext_tiny"):
         expected = resolve_model_data_config(timm.create_model(name, pretrained=False))
-        spec = models.get_arch(name)
+        spec = archs.get_arch(name)
         assert (
             spec.input_size == expected["input_size"][-1] and spec.crop_pct == expected["crop_pct"]
         )
         assert spec.mean == tuple(expected["mean"]) and spec.std == tuple(expected["std"])
         assert spec.interpolation == expected["interpolation"]
-    assert models.preprocess(RunConfig("toy", "resnet10t"))["size"] == 176  # timm's own, not 224
+    assert (
+        archs.resolve(RunConfig("toy", "resnet10t"), fetch=False).size == 176
+    )  # timm's own, not 224
     learn = learner(tiny_task, "vit_tiny_patch16_224", unfreeze=False)
     norm = next(t for t in learn.dls.after_batch.fs if isinstance(t, Normalize))
     assert norm.mean.flatten().tolist() == [0.5, 0.5, 0.5]  # this ViT's statistics, not ImageNet's
@@ -215,15 +217,15 @@ def test_inception_adds_the_auxiliary_loss(tiny_task):
 
 
 def test_inception_below_299px_trains_without_the_auxiliary_branch(tiny_task):
-    assert models.uses_aux(models.get_arch("inception_v3"), 299)
-    assert not models.uses_aux(models.get_arch("inception_v3"), 160)
+    assert archs.uses_aux(archs.get_arch("inception_v3"), 299)
+    assert not archs.uses_aux(archs.get_arch("inception_v3"), 160)
     cfg = RunConfig(
         "toy", "inception_v3", size=160, pretrained=False, bs=8, workers=0, data_dir=tiny_task
     )
     dls = data.dataloaders(
-        data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu")
+        data.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
-    small = models.create_learner(dls, cfg)
+    small = models.create_learner(dls, cfg, archs.resolve(cfg))
     assert small.model[0].AuxLogits is None and small.model[1].aux_fc is None
     assert not any(isinstance(cb, models.AuxLossCallback) for cb in small.cbs)
     with small.no_bar(), small.no_logging():
@@ -232,23 +234,23 @@ def test_inception_below_299px_trains_without_the_auxiliary_branch(tiny_task):
 
 def test_size_below_the_minimum_and_unknown_arch_are_user_errors():
     with pytest.raises(ReplicateError, match="at least 63"):
-        models.input_size(RunConfig("t", "alexnet", size=32))
+        archs.resolve(RunConfig("t", "alexnet", size=32), fetch=False)
     with pytest.raises(
         ReplicateError, match="unknown arch 'resnet19': not one of the study's five"
     ) as err:
-        models.get_arch("resnet19")
+        archs.get_arch("resnet19")
     assert "did you mean resnet18" in str(err.value)
     with pytest.raises(ReplicateError, match="did you mean convnext_tiny"):
-        models.get_arch("convnext_tni")
+        archs.get_arch("convnext_tni")
     with pytest.raises(
         ReplicateError, match="no weights tagged 'nope' for resnet50 .*resnet50.a1_in1k"
     ):
-        models.get_arch("resnet50.nope")
+        archs.get_arch("resnet50.nope")
 
 
 def test_any_timm_name_is_an_arch_and_the_study_names_stay_torchvision():
-    assert models.get_arch("resnet18").source == "torchvision"
-    tagged = models.get_arch("resnet50.a1_in1k")
+    assert archs.get_arch("resnet18").source == "torchvision"
+    tagged = archs.get_arch("resnet50.a1_in1k")
     assert tagged.source == "timm" and tagged.weights == weights.HubFile("timm/resnet50.a1_in1k")
     assert tagged.n_features == 2048
 
@@ -264,21 +266,21 @@ def test_archs_are_described_from_the_network(runner):
     assert vit["input_px"] == 224 and vit["params_M"] == pytest.approx(22.05, abs=0.01)
     result = runner.invoke(app, ["archs"])
     assert result.exit_code == 0
-    for name in (*models.ARCHS, *models.MODERN):
+    for name in (*archs.ARCHS, *archs.MODERN):
         assert name in result.output
 
 
 def test_missing_weights_offline_name_the_file_and_the_cache(offline):
     with pytest.raises(ReplicateError) as err:
-        models.ensure_weights(models.get_arch("densenet121"))
+        archs.ensure_weights(archs.get_arch("densenet121"))
     message = str(err.value)
     assert "densenet121-a639ec97.pth" in message and str(offline / "hub" / "checkpoints") in message
     assert "--no-pretrained" in message and "\n" not in message
 
 
 def test_cached_weights_are_loaded_without_network(offline):
-    arch = models.get_arch("resnet18")
-    path, _ = weights.torchvision_source(arch.weights.url)
+    arch = archs.get_arch("resnet18")
+    path, _ = downloads.torchvision_source(arch.weights.url)
     path.parent.mkdir(parents=True)
     torch.manual_seed(1)
     torch.save(models.Backbone("resnet18")(pretrained=False).state_dict(), path)
@@ -326,9 +328,9 @@ def test_fastai_recipe_from_random_init_trains_every_layer_in_one_cycle(tiny_tas
         data_dir=tiny_task,
     )
     dls = data.dataloaders(
-        data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu")
+        data.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
-    learn = models.create_learner(dls, cfg)
+    learn = models.create_learner(dls, cfg, archs.resolve(cfg))
     lr = models.learning_rate(learn, cfg)
     assert lr == models.FROM_SCRATCH_LR
     first_epoch = {}

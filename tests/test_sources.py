@@ -210,7 +210,7 @@ def test_prepare_errors(tmp_path, runner):
     result = runner.invoke(
         app, ["prepare", str(tmp_path / "nope"), "t", "--data-dir", str(tmp_path / "data")]
     )
-    assert result.exit_code == 2 and "is not a folder" in result.output
+    assert result.exit_code == 2 and "does not exist" in result.output
     (tmp_path / "flat").mkdir()
     make_image(tmp_path / "flat" / "a.jpg")
     result = runner.invoke(

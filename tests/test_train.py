@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from replicate import data, report, train
+from replicate import data, plots, train
 from replicate.cli import app
 
 
@@ -40,14 +40,14 @@ def test_report_rebuilds_the_plots_from_the_folder_alone(tiny_task, runner):
         runner, tiny_task, "toy", "--arch", "resnet18", "--epochs", "1", "--size", "32"
     )
     run_dir = exports / "toy" / "resnet18-frozen"
-    plots = [
+    figures = [
         run_dir / p for p in ("loss.png", "accuracy.png", "confusion_matrix.png", "top_losses.png")
     ]
-    for p in plots:
+    for p in figures:
         p.unlink()
     (run_dir / "export.pkl").unlink()  # no learner needed
-    written = report.render_run(run_dir)
-    assert all(p in written and p.is_file() for p in plots)
+    written = plots.render_run(run_dir)
+    assert all(p in written and p.is_file() for p in figures)
     worst = pd.read_csv(run_dir / "top_losses.csv")
     assert list(worst.columns) == ["path", "actual", "predicted", "probability", "loss"]
     assert worst.loss.is_monotonic_decreasing and len(worst) == 4
@@ -57,7 +57,7 @@ def test_a_failed_run_leaves_no_folder_that_looks_finished(tiny_task, runner, mo
     def broken(run_dir):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report, "render_run", broken)
+    monkeypatch.setattr(plots, "render_run", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         train.run(
             train.RunConfig(

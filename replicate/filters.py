@@ -1,0 +1,206 @@
+"""A two-class task as a search filter: which class it looks for, the threshold that keeps the
+target precision on valid, `filter.json`, applying filters to a tag table, and the listing rule.
+
+    python -m replicate.filters exports/kitchen/tf_efficientnet_lite0-frozen   # its filter
+
+`replicate run` and `compare` write a two-class run's filter (`write`, and the precision-recall
+curve beside it: plots.render_filter); `predict` reads it for each model (`of_models`), adds
+<model>_has_<attribute> per photo (`apply`), and per listing (`listings`) a listing has the
+attribute when any of its photos passes (`listing_rule` measures that rule on the run's valid
+photos).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import RunConfig
+from .errors import ReplicateError
+from .runs import Run, run_of
+
+FILTER = "filter.json"  # in a two-class run folder
+TARGET_PRECISION = RunConfig.target_precision  # for run folders from before --target-precision
+
+
+def check_positive(positive: str | None, classes: list[str], task: str) -> None:
+    """--positive names one class of a two-class task, before any training."""
+    if positive and (len(classes) != 2 or positive not in classes):
+        raise ReplicateError(
+            f"--positive {positive}: give one of the two classes of a yes/no task; "
+            f"{task} has {', '.join(classes)}"
+        )
+
+
+def positive_class(classes: list[str], preds: pd.DataFrame, positive: str | None = None) -> str:
+    """The class a two-class task's filter looks for: `positive` if named, else `yes`, else the
+    rarer class on valid (an attribute is usually the rare side), the first by name on a tie."""
+    if positive:
+        if positive not in classes:
+            raise ReplicateError(
+                f"--positive {positive}: the task's classes are {', '.join(classes)}"
+            )
+        return positive
+    if "yes" in classes:
+        return "yes"
+    counts = preds.actual.value_counts().reindex(classes, fill_value=0)
+    return min(sorted(classes), key=lambda c: counts[c])
+
+
+def search_filter(
+    preds: pd.DataFrame,
+    classes: list[str],
+    task: str,
+    positive: str | None = None,
+    target: float = TARGET_PRECISION,
+) -> dict | None:
+    """For a two-class task (None otherwise): the threshold on p_<positive> that keeps the most
+    recall while precision on valid stays at least `target`, with that precision and recall, the
+    average precision and the whole curve (scikit-learn's precision_recall_curve). The column it
+    makes is has_<task> for yes/no classes, else has_<positive>. `threshold` is None when no
+    threshold reaches `target` on valid."""
+    if len(classes) != 2:
+        return None
+    from sklearn.metrics import (  # only for two-class runs
+        average_precision_score,
+        precision_recall_curve,
+    )
+
+    positive = positive_class(classes, preds, positive)
+    truth, score = (preds.actual == positive).to_numpy(), preds[f"p_{positive}"].to_numpy()
+    precision, recall, thresholds = precision_recall_curve(truth, score)
+    reach = np.flatnonzero(precision[:-1] >= target)  # the last point (recall 0) has no threshold
+    best = reach[np.lexsort((-thresholds[reach], recall[reach]))[-1]] if len(reach) else None
+    return {
+        "positive": positive,
+        "column": f"has_{task if set(classes) == {'yes', 'no'} else positive}",
+        "target_precision": target,
+        "threshold": None if best is None else float(thresholds[best]),
+        "precision": None if best is None else float(precision[best]),
+        "recall": None if best is None else float(recall[best]),
+        "average_precision": float(average_precision_score(truth, score)),
+        "valid_photos": int(len(truth)),
+        "valid_positives": int(truth.sum()),
+        "curve": {"precision": precision.round(4).tolist(), "recall": recall.round(4).tolist()},
+    }
+
+
+def write(run: Run, positive: str | None = None, target: float | None = None) -> dict | None:
+    """filter.json of a two-class run folder, from its valid predictions (None for other tasks);
+    `positive` and `target` default to the run's config (--positive, --target-precision)."""
+    positive = positive or run.config.get("positive")
+    target = target or run.config.get("target_precision") or TARGET_PRECISION
+    found = search_filter(run.valid_predictions(), run.classes, run.task, positive, target)
+    if found is not None:
+        (run.path / FILTER).write_text(json.dumps(found, indent=2))
+    return found
+
+
+def read(run_dir: Path) -> dict | None:
+    """A run folder's filter.json (`write`); None for other tasks and older runs."""
+    try:
+        return json.loads((Path(run_dir) / FILTER).read_text())
+    except (OSError, ValueError):
+        return None  # not a two-class task, or a run from before search filters
+
+
+def listing_ids(paths: pd.Series, pattern: str) -> pd.Series:
+    """The listing id of each path: `pattern`'s first group, searched in the file name (or in the
+    path, if the pattern has a /); None where it does not match."""
+    regex = re.compile(pattern)
+    if regex.groups < 1:
+        raise ReplicateError(
+            f"--listing-pattern {pattern!r} needs a group that captures the listing id, e.g. '^(\\d+)_'"
+        )
+
+    def listing_id(path: str) -> str | None:
+        p = Path(path)
+        m = regex.search(p.as_posix() if "/" in pattern else p.name)
+        return m[1] if m else None
+
+    return paths.map(listing_id)
+
+
+def listings(
+    table: pd.DataFrame,
+    pattern: str,
+    threshold: float = 0.5,
+    filters: dict[str, dict] | None = None,
+) -> pd.DataFrame:
+    """Per listing: for each model and class, the highest probability over the listing's photos,
+    and whether any photo shows it above `threshold` ("has a balcony" is a property of the listing);
+    for each search filter (`of_models`), whether any photo passes it."""
+    ids = listing_ids(table.path, pattern)
+    if ids.isna().all():
+        raise ReplicateError(f"--listing-pattern {pattern!r} matched none of the file names")
+    probs = table.filter(regex=r"_p_").assign(listing=ids).dropna(subset=["listing"])
+    best = probs.groupby("listing").max()
+    out = pd.concat(
+        [probs.groupby("listing").size().rename("photos"), best.add_prefix("max_")], axis=1
+    )
+    for col in best.columns:
+        out[f"has_{col.replace('_p_', '_')}"] = best[col] >= threshold
+    for name, found in (filters or {}).items():
+        column = f"{name}_{found['column']}"
+        out[column] = table[column].groupby(ids).any().reindex(out.index, fill_value=False)
+    return out.reset_index()
+
+
+def of_models(models: list) -> dict[str, dict]:
+    """{model name: its run's filter.json} for the models (each with a `name` and the `path` it was
+    loaded from) of two-class runs whose filter found a threshold."""
+    found = {}
+    for m in models:
+        run_dir = run_of(m.path).path
+        spec = read(run_dir)
+        if spec and spec["threshold"] is not None:
+            found[m.name] = {**spec, "run_dir": str(run_dir)}
+    return found
+
+
+def apply(table: pd.DataFrame, filters: dict[str, dict]) -> pd.DataFrame:
+    """`table` with <model>_has_<attribute> per photo: its p_<positive> at or above the run's threshold."""
+    for name, found in filters.items():
+        table[f"{name}_{found['column']}"] = (
+            table[f"{name}_p_{found['positive']}"].fillna(-1.0) >= found["threshold"]
+        )
+    return table
+
+
+def listing_rule(found: dict, pattern: str) -> dict:
+    """How the per-listing rule (a listing has the attribute when any of its photos passes the
+    filter) does on the run's own validation photos, grouped into listings by `pattern`."""
+    preds = Run(Path(found["run_dir"])).valid_predictions()
+    ids = listing_ids(preds.path, pattern)
+    preds = preds.assign(listing=ids).dropna(subset=["listing"])
+    truth = (preds.actual == found["positive"]).groupby(preds.listing).any()
+    shown = (preds[f"p_{found['positive']}"] >= found["threshold"]).groupby(preds.listing).any()
+    hits = int((truth & shown).sum())
+    return {
+        "column": found["column"],
+        "positive": found["positive"],
+        "threshold": found["threshold"],
+        "target_precision": found["target_precision"],
+        "photo_precision": found["precision"],
+        "photo_recall": found["recall"],
+        "valid_listings": int(len(truth)),
+        "valid_listings_with": int(truth.sum()),
+        "listing_precision": hits / max(int(shown.sum()), 1) if shown.any() else None,
+        "listing_recall": hits / int(truth.sum()) if truth.any() else None,
+    }
+
+
+def write_listing_rules(filters: dict[str, dict], pattern: str, path: Path) -> dict[str, dict]:
+    """`listing_rule` of every search filter, written to `path` (JSON); returns them."""
+    rules = {name: listing_rule(found, pattern) for name, found in filters.items()}
+    path.write_text(json.dumps(rules, indent=2))
+    return rules
+
+
+if __name__ == "__main__":
+    print(json.dumps({k: v for k, v in (read(Path(sys.argv[1])) or {}).items() if k != "curve"}))

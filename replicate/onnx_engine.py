@@ -1,0 +1,188 @@
+"""The ONNX engine: a run's model.onnx -> class probabilities, with ONNX Runtime and no PyTorch.
+
+    python -c "from replicate import onnx_engine; m = onnx_engine.load_onnx('exports/rooms/resnet18-unfrozen'); print(m.classes)"
+
+No pickle is loaded, so it is safe for files from elsewhere, and it needs neither fastai nor
+PyTorch. Each photo is decoded by `photos.decode` (the decoding training used: EXIF orientation,
+draft-mode rule and validation crop, as each model's metadata records them), by parallel worker
+threads, once for all the models; inference runs in batches. A model file is checked against the
+SHA-256 its run folder recorded when it was written (runs.checksum_warning), and files that do not
+decode become rows with an error instead of stopping.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import runs, runtime
+from .errors import ReplicateError
+from .photos import Preprocess, decode
+
+META_KEY = "replicate"  # model.onnx's metadata entry: JSON written by export.write_onnx
+
+
+@dataclass
+class OnnxModel:
+    """A model.onnx in an ONNX Runtime session, with what its metadata says."""
+
+    name: str
+    session: object  # onnxruntime.InferenceSession
+    meta: dict
+    path: Path
+    warning: str = ""
+    prep: Preprocess = field(init=False)
+
+    def __post_init__(self):
+        self.prep = Preprocess.from_meta(self.meta)
+        self.classes = list(self.meta["classes"])
+        self.input_name = self.session.get_inputs()[0].name
+        self._mean = np.array(self.prep.mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255
+        self._scale = 1 / (np.array(self.prep.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255)
+
+    def normalise(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 N x H x W x 3 -> the model's float32 N x 3 x H x W input."""
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32)
+        return np.ascontiguousarray((x - self._mean) * self._scale)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: self.normalise(batch)})[0]
+
+
+def onnx_path(model: Path) -> Path:
+    """The model.onnx of a run folder, or the .onnx file itself."""
+    path = model / runs.ONNX if model.is_dir() else model
+    if not path.is_file():
+        hint = (
+            f": write it with `replicate export {model}`, or use --engine fastai"
+            if (model / runs.PICKLE).is_file()
+            else ""
+        )
+        raise ReplicateError(
+            f"{model} is neither a run folder with model.onnx nor an .onnx file{hint}"
+        )
+    return path
+
+
+def providers(device: str = "cpu", index: int = 0) -> list:
+    """ONNX Runtime execution providers for `device`: CUDA's where installed (onnxruntime-gpu)."""
+    if device == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load_onnx(
+    model: Path,
+    name: str | None = None,
+    device: str = "cpu",
+    index: int = 0,
+) -> OnnxModel:
+    """An ONNX Runtime session for a run folder's model.onnx (or an .onnx file), its metadata read
+    and its checksum checked. A file that is not a readable ONNX model is a ReplicateError."""
+    import onnxruntime as ort
+
+    path = onnx_path(Path(model))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the CLI says what matters in one line
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers(device, index))
+    except Exception as e:  # a truncated or corrupt file: onnxruntime's InvalidProtobuf, Fail, ...
+        raise ReplicateError(
+            f"cannot load {path}: not a readable ONNX model "
+            f"({str(e).splitlines()[0][:200]}): export it again with `replicate export`"
+        ) from None
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    try:
+        meta = json.loads(raw)
+        Preprocess.from_meta(meta), list(meta["classes"])
+    except (TypeError, ValueError, KeyError):
+        raise ReplicateError(
+            f"{path} has no replicate metadata (classes, size, crop, normalisation): "
+            "write it with `replicate export RUN_DIR`"
+        ) from None
+    default = meta.get("task") or path.parent.name
+    warning = runs.checksum_warning(path)
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        warning = "; ".join(
+            filter(
+                None,
+                [warning, "ONNX Runtime could not start its CUDA provider: running on the CPU"],
+            )
+        )
+    return OnnxModel(name or default, session, meta, path, warning)
+
+
+def decoded(files: list[Path], geometries: list, workers: int, ahead: int = 128):
+    """`decode` of each file, in order, by `workers` threads (0: in this thread), at most `ahead`
+    photos ahead of the consumer so memory stays bounded however many files there are.
+
+    Threads, not processes: Pillow releases the GIL while it decodes and resizes, so threads decode
+    in parallel with each other and with ONNX Runtime, without a process start-up or copying
+    pixels between processes. On the 2-core machine here a pool of 2 processes halved the photos/s
+    (they fight ONNX Runtime's threads for the cores), while threads kept the inference rate."""
+    if workers <= 0:
+        yield from (decode(f, geometries) for f in files)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for f in files:
+            pending.append(pool.submit(decode, f, geometries))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def tag_onnx(
+    models: list[OnnxModel],
+    files: list[Path],
+    bs: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row per file: path, error, and per model <name>_predicted, <name>_p_<class>. Each photo
+    is decoded once (by `workers` threads; None: one per core) for all the models."""
+    workers = runtime.workers(workers)
+    geometries = list(dict.fromkeys(m.prep.geometry for m in models))
+    errors = [""] * len(files)
+    probs = {
+        m.name: np.full((len(files), len(m.classes)), np.nan, dtype=np.float32) for m in models
+    }
+    pending: list[tuple[int, dict]] = []
+
+    def flush():
+        if pending:
+            rows = [i for i, _ in pending]
+            for m in models:
+                probs[m.name][rows] = m.probabilities(
+                    np.stack([d[m.prep.geometry] for _, d in pending])
+                )
+            pending.clear()
+
+    photos = decoded(files, geometries, workers, ahead=2 * bs)
+    for i, (arrays, error) in enumerate(
+        runtime.progress(photos, len(files), "tagging") if progress else photos
+    ):
+        if error:
+            errors[i] = error
+            continue
+        pending.append((i, arrays))
+        if len(pending) == bs:
+            flush()
+    flush()
+    table = pd.DataFrame({"path": [str(f) for f in files], "error": errors})
+    for m in models:
+        p = probs[m.name]
+        ok = ~np.isnan(p).any(axis=1)
+        table[f"{m.name}_predicted"] = pd.Series(
+            [m.classes[k] for k in p[ok].argmax(axis=1)], index=np.flatnonzero(ok), dtype=object
+        )
+        for k, c in enumerate(m.classes):
+            table[f"{m.name}_p_{c}"] = p[:, k]
+    return table
