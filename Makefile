@@ -11,9 +11,12 @@ HOUSES_SOURCE ?= $(if $(wildcard $(HOUSES_ZIP)),$(HOUSES_ZIP),https://github.com
 
 install: $(VENV)/.installed
 
+# pip --quiet: its per-package lines (and one "Successfully installed" line thousands of characters
+# long) would fill `make demo > demo.log`; errors and warnings still show.
 $(VENV)/.installed: pyproject.toml
+	@echo "installing replicate into $(VENV) (the first time: PyTorch and its CUDA libraries, a few GB, minutes)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --progress-bar off -e '.[dev,lite]'
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,lite]'
 	$(BIN)/replicate --help > /dev/null
 	touch $@
 
