@@ -209,13 +209,21 @@ def _no_log(*args, **kwargs) -> None:
 
 
 class EpochLines(Callback):
-    """One line per epoch, `epoch 3/30: train_loss 0.412 valid_loss 0.388 valid_accuracy 0.902
-    (12s)`, for a log that is not a terminal (see `plain_log`); the main process only."""
+    """One line per epoch of a fit, `epoch 3/30: train_loss 0.412 ... valid_accuracy 0.902 (00:12)`,
+    for a log that is not a terminal (see `plain_log`); the main process only. (Not for the epoch
+    `get_preds` runs to predict: no fit is running then.)"""
 
     order = 60  # after the Recorder (50) has the epoch's values
+    fitting = False
+
+    def before_fit(self):
+        self.fitting = True
+
+    def after_fit(self):
+        self.fitting = False
 
     def after_epoch(self):
-        if not runtime.is_main_process():
+        if not self.fitting or not runtime.is_main_process():
             return
         names = self.recorder.metric_names[1:-1]  # without 'epoch' and 'time'
         values = " ".join(_value(n, v) for n, v in zip(names, self.recorder.log[1:-1]))

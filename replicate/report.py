@@ -333,11 +333,13 @@ def tasks_with_runs(exports_dir: Path) -> list[str]:
 def rebuild(
     exports_dir: Path, task: str, recipe: str = "paper", log=print
 ) -> tuple[Path, pd.DataFrame]:
-    """`build_compare_report`, and its table and page said in the log; returns (folder, table)."""
+    """`build_compare_report`, and its table (the columns the page shows first) and where the rest
+    is said in the log; returns (folder, table)."""
     out, table = build_compare_report(exports_dir, task, recipe)
-    shown = table.drop(columns=["recipe"] if table.recipe.nunique() == 1 else [])
+    first = [c for c in pages.FIRST_COLUMNS if c in table.columns]  # the page's first columns
+    shown = table[first].drop(columns=["recipe"] if table.recipe.nunique() == 1 else [])
     log(f"\n{task}:\n{shown.to_string(index=False, na_rep='-')}")
-    log(f"report: {out / 'report.html'}")
+    log(f"every column: {out / 'table.csv'}; report: {out / 'report.html'}")
     return out, table
 
 

@@ -114,6 +114,21 @@ def test_compare_report_shows_the_table_and_every_image(grid, browser):
     assert len(sizes) == 5 + 2 * 4 and all(done and width > 0 for done, width in sizes)
 
 
+def test_compare_table_fits_1400_px_with_the_other_columns_behind_a_toggle(grid, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"file://{grid[0] / 'exports' / 'rooms' / 'compare' / 'report.html'}")
+    shown = lambda: page.locator("table th:visible").all_inner_texts()  # noqa: E731
+    first = shown()
+    assert first[:2] == ["arch", "mode"] and "max_valid_acc" in first and "paper_acc" in first
+    assert "images_per_s" not in first and "acc_std" not in first
+    assert page.eval_on_selector("table", "t => t.getBoundingClientRect().right") <= 1400
+    page.click("#toggle")
+    every = shown()
+    assert set(first) < set(every) and {"images_per_s", "acc_std", "leaked_valid"} <= set(every)
+    page.click("#toggle")
+    assert shown() == first
+
+
 def test_audit_page_preselects_suggestions_and_downloads_decisions_for_clean(
     task, runner, browser, tmp_path
 ):
