@@ -67,7 +67,7 @@ def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     with torch.no_grad():
         # minutes for a large pool on a CPU: a bar on a terminal, a few lines in a log
         for start in runtime.progress(
-            range(0, len(files), bs), what=f"features of {len(files)} photos, batches of {bs}"
+            range(0, len(files), bs), what=f"features of {len(files)} photos", unit="batches"
         ):
             batch = []
             for f in files[start : start + bs]:

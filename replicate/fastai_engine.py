@@ -72,7 +72,7 @@ def readable(files: list[Path]) -> tuple[list[Path], dict[Path, str]]:
     """(files that decode, {file: error} for those that don't), checked before batching so one
     bad file cannot stop a batch."""
     good, bad = [], {}
-    for f in runtime.progress(files, what="checking photos"):
+    for f in runtime.progress(files, what="checking photos", unit="photos"):
         try:
             with Image.open(f) as im:
                 im.draft(im.mode, (64, 64))  # JPEG: decode at reduced scale, still reads every byte

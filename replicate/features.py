@@ -76,7 +76,7 @@ def body_outputs(body: torch.nn.Module, dl, train: bool, what: str) -> tuple:
     body.train(train)
     outputs, targets = [], []
     with torch.no_grad():
-        for xb, yb in runtime.progress(dl, len(dl), what):
+        for xb, yb in runtime.progress(dl, len(dl), what, unit="batches"):
             out = body(xb)
             parts = tuple(out) if isinstance(out, tuple) else (out,)
             outputs.append([p.as_subclass(torch.Tensor).float().cpu() for p in parts])

@@ -209,21 +209,23 @@ def _no_log(*args, **kwargs) -> None:
 
 
 class EpochLines(Callback):
-    """One line per epoch of a fit, `epoch 3/30: train_loss 0.412 ... valid_accuracy 0.902 (00:12)`,
-    for a log that is not a terminal (see `plain_log`); the main process only. (Not for the epoch
-    `get_preds` runs to predict: no fit is running then.)"""
+    """One line per epoch of training, `epoch 3/30: train_loss 0.412 ... valid_accuracy 0.902
+    (00:12)`, for a log that is not a terminal (see `plain_log`); the main process only. Not for
+    the epoch `get_preds` wraps its predictions in (fastai sends it before_fit, before_epoch and
+    after_epoch too): only an epoch that trained is said, and none while fastai's `no_logging`
+    silences the learner (lr_find's trial epochs)."""
 
     order = 60  # after the Recorder (50) has the epoch's values
-    fitting = False
+    trained = False
 
-    def before_fit(self):
-        self.fitting = True
+    def before_epoch(self):
+        self.trained = False
 
-    def after_fit(self):
-        self.fitting = False
+    def before_train(self):
+        self.trained = True
 
     def after_epoch(self):
-        if not self.fitting or not runtime.is_main_process():
+        if not self.trained or self.learn.logger is not _no_log or not runtime.is_main_process():
             return
         names = self.recorder.metric_names[1:-1]  # without 'epoch' and 'time'
         values = " ".join(_value(n, v) for n, v in zip(names, self.recorder.log[1:-1]))

@@ -167,7 +167,7 @@ def tag_onnx(
 
     photos = decoded(files, geometries, workers, ahead=2 * bs)
     for i, (arrays, error) in enumerate(
-        runtime.progress(photos, len(files), "tagging") if progress else photos
+        runtime.progress(photos, len(files), "tagging", unit="photos") if progress else photos
     ):
         if error:
             errors[i] = error

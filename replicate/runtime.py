@@ -98,7 +98,9 @@ def on_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def progress(items: Iterable, total: int | None = None, what: str = "", log=print) -> Iterator:
+def progress(
+    items: Iterable, total: int | None = None, what: str = "", unit: str = "items", log=print
+) -> Iterator:
     """`items`, with progress shown: fastprogress's bar on a terminal; written to a file or a pipe, a
     plain line at the start, at each tenth of the work and at the end, so a log holds no carriage
     returns and no bar frames.
@@ -114,16 +116,16 @@ def progress(items: Iterable, total: int | None = None, what: str = "", log=prin
         bar.comment = what
         yield from bar
         return
-    yield from _plain_progress(items, total, what or "working", log)
+    yield from _plain_progress(items, total, what or "working", unit, log)
 
 
-def _plain_progress(items: Iterable, total: int | None, what: str, log) -> Iterator:
+def _plain_progress(items: Iterable, total: int | None, what: str, unit: str, log) -> Iterator:
     start, done, shown = time.perf_counter(), 0, 0
-    log(f"{what}: {total if total is not None else 'an unknown number of'} items")
+    log(f"{what}: {total if total is not None else 'an unknown number of'} {unit}")
     for item in items:
         yield item
         done += 1
         if total and done < total and done * 10 // total > shown:
             shown = done * 10 // total
             log(f"{what}: {done}/{total} ({done / total:.0%}), {time.perf_counter() - start:.0f}s")
-    log(f"{what}: done, {done} items in {time.perf_counter() - start:.1f}s")
+    log(f"{what}: done, {done} {unit} in {time.perf_counter() - start:.1f}s")

@@ -58,7 +58,7 @@ def _houses_photos(source: Path) -> dict[tuple[int, str], bytes | Path]:
             members = [(m, i) for i in zf.infolist() if (m := HOUSE_PHOTO.search(i.filename))]
             return {
                 (int(m[1]), m[2]): zf.read(i)
-                for m, i in runtime.progress(members, what=f"reading {source.name}")
+                for m, i in runtime.progress(members, what=f"reading {source.name}", unit="photos")
             }
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise ReplicateError(
@@ -265,7 +265,7 @@ def prepare_task(
         if p.is_file() and not p.name.startswith(".")
     ]
     kept: dict[str, list[tuple[Path, bytes]]] = {c.name: [] for c in classes}
-    for label, path in runtime.progress(candidates, what=f"cleaning {source_dir}"):
+    for label, path in runtime.progress(candidates, what=f"cleaning {source_dir}", unit="photos"):
         im, reason = _clean_image(path, width, min_size)
         if im is None:
             rows.append(

@@ -135,8 +135,8 @@ def test_a_log_gets_a_few_plain_progress_lines_and_no_bar_frames(tmp_path, runne
     assert result.exit_code == 0, result.output
     assert "\r" not in result.output
     lines = [line for line in result.output.splitlines() if line.startswith("reading houses.zip")]
-    assert lines[0] == "reading houses.zip: 40 items" and lines[-1].startswith(
-        "reading houses.zip: done, 40 items in "
+    assert lines[0] == "reading houses.zip: 40 photos" and lines[-1].startswith(
+        "reading houses.zip: done, 40 photos in "
     )
     assert len(lines) <= 11
 

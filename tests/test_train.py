@@ -152,3 +152,20 @@ def test_run_on_cuda(tiny_task, runner):
     )
     assert result.exit_code == 0, result.output
     assert "device: cuda" in result.output
+
+
+def test_a_log_gets_one_plain_line_per_epoch_and_no_bar_frames(tiny_task, runner):
+    """Not on a terminal (CliRunner, like a file or a pipe): no progress bar, one line per epoch
+    that trained (none for the predictions fastai makes afterwards), cached features included."""
+    for extra, epochs in (([], 3), (["--cache-features", "2"], 2)):
+        result, _ = run_cli(
+            runner, tiny_task, "toy", "--arch", "resnet18", "--epochs", str(epochs), "--size", "32",
+            *extra,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "\r" not in result.output and "█" not in result.output
+        lines = [line for line in result.output.splitlines() if line.startswith("epoch ")]
+        assert [line.split(":")[0] for line in lines] == [
+            f"epoch {e}/{epochs}" for e in range(1, epochs + 1)
+        ]
+        assert all("valid_accuracy" in line for line in lines)
