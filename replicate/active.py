@@ -153,9 +153,8 @@ def next_batch(
         if candidates is None
         else np.asarray(candidates, dtype=int)
     )
-    if (
-        labelled.nunique() < 2
-    ):  # farthest-first over the whole pool: a copy is at distance 0 from its photo
+    # farthest-first over the whole pool: a copy is at distance 0 from its photo
+    if labelled.nunique() < 2:
         return spread(x, unlabelled, k, known, seed)
     head = head or fit_head(x[known], labelled.tolist())
     p = head.predict_proba(x[unlabelled])

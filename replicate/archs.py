@@ -104,17 +104,15 @@ class Arch:
     min_size: int  # smallest square input the network accepts
     n_features: int  # inputs of the replaced last Linear
     cut: Callable[[nn.Module], nn.Module]  # the network without its last Linear (paper recipe)
-    fastai_cut: Callable[[nn.Module], nn.Module] | None = (
-        None  # the conv body fastai's head goes on; None
-    )
-    #   for timm models, whose body fastai's own timm support builds (fastai recipe)
+    # The conv body fastai's head goes on (fastai recipe); None for timm models, whose body
+    # fastai's own timm support builds.
+    fastai_cut: Callable[[nn.Module], nn.Module] | None = None
     constructor: Callable[..., nn.Module] | None = None  # torchvision only
     aux_features: int | None = None  # Inception v3: inputs of the auxiliary classifier's Linear
     aux_min_size: int | None = None  # ... which needs at least this input size
     fixed_input_size: bool = False  # timm ViTs: position embeddings are built for one input size
-    crop_pct: float = (
-        1.0  # validation: centre crop of this share of the short side, resized to the input
-    )
+    # validation: centre crop of this share of the short side, resized to the input
+    crop_pct: float = 1.0
     interpolation: str = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -299,9 +297,8 @@ def timm_kwargs(arch: Arch, size: int, weights_file: Path | None) -> dict:
     the network; None: random init), and for ViTs the input size their position embeddings are
     resampled to."""
     kwargs = {}
-    if (
-        weights_file is not None
-    ):  # resolved first: the user's error (missing, corrupt) before timm's
+    # resolved first: the user's error (missing, corrupt) before timm's
+    if weights_file is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
     if arch.fixed_input_size and size != arch.input_size:
         kwargs["img_size"] = size

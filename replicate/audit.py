@@ -86,9 +86,8 @@ class Audit:
 
     photos: pd.DataFrame
     findings: pd.DataFrame
-    pairs: (
-        pd.DataFrame
-    )  # every candidate pair the search found, with its similarity and whether it held
+    # every candidate pair the search found, with its similarity and whether it held
+    pairs: pd.DataFrame
     seconds: float
     threshold: int
 
@@ -300,9 +299,8 @@ def suggested_decisions(result: Audit, task_dir: Path) -> pd.DataFrame:
     for g, members in groups.groupby("group"):
         if len(members) < 2:
             continue
-        members = members.sort_values(
-            ["split", "rel"]
-        )  # "train" sorts before "valid": a training copy is kept
+        # "train" sorts before "valid": a training copy is kept
+        members = members.sort_values(["split", "rel"])
         for k, row in enumerate(members.itertuples()):
             if g in conflicted:
                 action, why = "keep", "label conflict: choose the right label (relabel) or remove"

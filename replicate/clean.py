@@ -227,9 +227,8 @@ def undo(log: Path) -> int:
         else:
             source.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(destination, source)
-    log.rename(
-        log.with_name(log.stem + ".undone.csv")
-    )  # a second --undo of the same log is refused
+    # a second --undo of the same log is refused
+    log.rename(log.with_name(log.stem + ".undone.csv"))
     return len(rows)
 
 

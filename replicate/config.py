@@ -30,9 +30,8 @@ class RunConfig:
     task: str
     arch: str
     unfreeze: bool = False  # False: feature extraction (new layer only); True: finetune everything
-    recipe: str = (
-        "paper"  # paper: the 2019 protocol; fastai: today's fastai defaults (see models.py)
-    )
+    # paper: the 2019 protocol; fastai: today's fastai defaults (see models.py)
+    recipe: str = "paper"
     epochs: int = 30
     bs: int = 32
     lr: float | None = None  # None: 0.001 for the paper recipe, lr_find's suggestion for fastai
@@ -51,9 +50,8 @@ class RunConfig:
     # fastai's BnFreeze do. False: the study's way, the body in train mode (see models.EvalBody).
     freeze_bn: bool = False
     precision: str = "fp32"  # fp32 (the study's) | bf16 | fp16: fastai's mixed precision, CUDA only
-    audit: bool = (
-        True  # check the split for leaks and conflicting labels first (replicate audit's fast part)
-    )
+    # check the split for leaks and conflicting labels first (replicate audit's fast part)
+    audit: bool = True
     onnx: bool = True  # write model.onnx (what `predict` runs); False: `replicate export RUN_DIR` writes it later
     # Two-class tasks only, read when the run's report is written: the class the search filter looks
     # for (None: `yes`, else the rarer one) and the precision on valid its threshold must reach.

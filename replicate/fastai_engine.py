@@ -52,9 +52,8 @@ def load_model(model: Path, device: torch.device | None = None) -> Model:
     path = export_path(Path(model))
     warning = runs.checksum_warning(path)
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # fastai's pickle warning: the CLI says it in --help instead
+        # fastai's pickle warning: the CLI says it in --help instead
+        warnings.simplefilter("ignore")
         try:
             learn = load_learner(path, cpu=device is None or device.type == "cpu")
         except Exception as e:  # a truncated file, another fastai's pickle, a missing class...

@@ -92,9 +92,8 @@ def head_learner(learn: Learner, cfg: RunConfig, aux: bool, log) -> Learner:
     head and is exported as usual. `aux`: Inception v3's auxiliary classifier trains too.
     """
     body, head = learn.model[0], learn.model[1]
-    if hasattr(
-        learn, "channels_last"
-    ):  # as fastai's ChannelsLast does when a fit starts; caching is no fit
+    # as fastai's ChannelsLast does when a fit starts; caching is no fit
+    if hasattr(learn, "channels_last"):
         learn.model.to(memory_format=torch.channels_last)
     log(
         f"caching features: {cfg.cache_features} augmented view(s) of {len(learn.dls.train_ds)} train "

@@ -31,9 +31,8 @@ from . import photos, runtime
 
 # Centre crops of the content hashed per photo; pairs compare the first with each.
 CROPS = (1.0, 0.9, 0.8)
-MIN_STD = (
-    6.0  # grey-level std (0-255) below which a photo is nearly uniform: its hash means nothing
-)
+# grey-level std (0-255) below which a photo is nearly uniform: its hash means nothing
+MIN_STD = 6.0
 # A border line (row or column) of padding: grey-level std at most FLAT_STD, its mean within FLAT_STEP
 # of the outermost line's. Padding stays exactly flat through JPEG (a block of one colour keeps only
 # its DC term) up to a few px from the content; a camera's grain, even on a white wall, is above
@@ -216,9 +215,8 @@ def fingerprints(files: list[Path], cache: Path | None = None, log=None) -> pd.D
         for f, st in stats.items()
     ]
     frame = pd.DataFrame(rows, columns=FINGERPRINT_COLUMNS)
-    if cache is not None and (
-        todo or len(cached) != len(frame)
-    ):  # new files, or moved/removed ones to forget
+    # new files, or moved/removed ones to forget
+    if cache is not None and (todo or len(cached) != len(frame)):
         cache.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(cache, index=False)
     if log:

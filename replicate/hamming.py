@@ -43,9 +43,8 @@ def chunking(n_queries: int, n_hashes: int, radius: int) -> list[tuple[int, int]
     the tables. A few thousand photos get many narrow chunks; a million get three of 21-22 bits."""
     best, best_cost = [], float("inf")
     fewest = -(-64 // MAX_CHUNK_BITS)
-    for m in range(
-        fewest, max(fewest, radius + 1) + 1
-    ):  # with radius + 1 chunks, one matches exactly
+    # with radius + 1 chunks, one matches exactly
+    for m in range(fewest, max(fewest, radius + 1) + 1):
         edges = np.linspace(0, 64, m + 1).astype(int)
         probes = [sum(comb(int(b), k) for k in range(radius // m + 1)) for b in np.diff(edges)]
         cost = sum(

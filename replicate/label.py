@@ -43,9 +43,8 @@ class Session:
     task: str
     pool: str  # the folder of unlabelled photos, absolute
     classes: tuple[str, ...]
-    positive: (
-        str | None
-    )  # the class a yes/no filter looks for: half of each batch is its likeliest photos
+    # the class a yes/no filter looks for: half of each batch is its likeliest photos
+    positive: str | None
     batch: int = BATCH
     valid_pct: float = VALID_PCT
     arch: str = ARCH

@@ -34,9 +34,8 @@ def task_photos(task_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "split", "label"])
 
 
-LOG_DIR = (
-    "_labelling"  # in the task folder: the --apply logs, the record of which pool photos are done
-)
+# in the task folder: the --apply logs, the record of which pool photos are done
+LOG_DIR = "_labelling"
 
 
 def logs(task_dir: Path) -> list[Path]:

@@ -47,9 +47,8 @@ class MainAuxHead(nn.Module):
         self.aux_fc = nn.Linear(n_aux_features, n_out) if n_aux_features else None
 
     def forward(self, x):
-        if isinstance(
-            x, tuple
-        ):  # torchvision's InceptionOutputs(logits, aux_logits), train mode only
+        # torchvision's InceptionOutputs(logits, aux_logits), train mode only
+        if isinstance(x, tuple):
             return self.fc(x[0]), self.aux_fc(x[1])
         return self.fc(x)
 

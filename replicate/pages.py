@@ -2,7 +2,7 @@
 the compare report, the review page, a labelling round's page and the audit page. Each opens
 from disk, its pictures embedded (or, for the compare report, beside it in the run folders).
 
-    python -c "from replicate import pages; print(pages.render_template('compare.html', task='t', best=None, columns=[], rows=[], failures=[], figures=[], cells=[]))"
+    replicate report rooms        # exports/rooms/compare/report.html, through write_compare
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ FIRST_COLUMNS = (
 
 
 def embed(path: Path) -> str:
+    """A PNG file as a data URI, so the page carries it."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 

@@ -97,9 +97,8 @@ def valid_crop(im: Image.Image, size: int, crop_pct: float, resample: str | int)
     `crop_pct` of the short side's square, resized to `size` with `resample` (a PIL filter or its
     name)."""
     w, h = im.size
-    crop = max(
-        1, int(min(w / size, h / size) * crop_pct * size)
-    )  # as fastai-era runs computed it, bit for bit
+    # as fastai-era runs computed it, bit for bit
+    crop = max(1, int(min(w / size, h / size) * crop_pct * size))
     left, top = (w - crop) // 2, (h - crop) // 2
     return im.crop((left, top, left + crop, top + crop)).resize(
         (size, size), RESAMPLING.get(resample, resample)

@@ -198,9 +198,8 @@ def to_markdown(table: pd.DataFrame) -> str:
 def plot_curves(runs: pd.DataFrame, what: str, title: str, path: Path) -> None:
     """The study's figure: one subplot per backbone, train vs valid `what` per epoch, shared axes."""
     plt = plots.pyplot()
-    archs = sorted(
-        set(runs.arch), key=lambda a: (_arch_order(a), a)
-    )  # timm names: alphabetical, after the five
+    # timm names: alphabetical, after the five
+    archs = sorted(set(runs.arch), key=lambda a: (_arch_order(a), a))
     cols = min(3, len(archs))
     rows = -(-len(archs) // cols)
     fig, axes = plt.subplots(

@@ -194,7 +194,7 @@ def test_prepare_cleans_resizes_splits_and_never_touches_sources(tmp_path, runne
     assert rejected[str(src / "balcony" / "notes.jpg")].startswith("cannot decode")
     assert re.search(r"balcony\s+10\s+2\s+8\s+2", result.output)  # kept rejected train valid
     assert re.search(r"indoor\s+10\s+2\s+8\s+2", result.output)
-    assert "\r" not in result.output and f"cleaning {src}: done, 24 items" in result.output
+    assert "\r" not in result.output and f"cleaning {src}: done, 24 photos" in result.output
 
 
 def test_prepare_keeps_both_files_when_names_clash(tmp_path):
