@@ -222,7 +222,7 @@ def data_houses(
 
     rooms: bathroom/bedroom/kitchen; exterior: frontal/indoor (Ahmed & Moustafa 2016; please cite).
 
-    Example: replicate data houses --source ../shared/datasets/houses-dataset-400.zip
+    Example: replicate data houses --source ~/Houses-dataset-master.zip
     """
     from . import sources
 
@@ -397,7 +397,7 @@ def interpret(
     """Confusion matrices, most-confused pairs and top losses of a trained model, on valid and
     train images.
 
-    Example: replicate interpret exports/rooms/resnet18-unfrozen --split both -k 50
+    Example: replicate interpret exports/rooms/resnet18-unfrozen -k 50
     """
     from . import fastai_engine
 
@@ -519,8 +519,9 @@ def label(
     class to valid, near-duplicates in one split. Then train the task as any other: replicate run
     TASK --arch tf_efficientnet_lite0
 
-    Example: replicate label fireplace --pool ~/photos/new (then --apply
-    ~/Downloads/fireplace-round-1.csv)
+    Example: replicate label fireplace --pool ~/photos/new
+
+    Then: replicate label fireplace --apply ~/Downloads/fireplace-round-1.csv
     """
     from . import label as labelling
 
@@ -584,8 +585,7 @@ def predict_(
     processes and the main process writes the one table. A checksum recorded when a model was
     written is checked, with a warning if it changed.
 
-    Example: replicate predict exports/rooms/resnet18-unfrozen exports/exterior/resnet18-unfrozen
-    photos/
+    Example: replicate predict exports/rooms/resnet18-unfrozen photos/
     """
     from . import predict
 

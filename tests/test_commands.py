@@ -188,3 +188,26 @@ def test_interpret_refuses_a_task_that_grew_a_class(rooms_run, runner, tmp_path)
     assert (
         result.output.strip() == "error: the task now has classes the model never saw: ['garage']"
     )
+
+
+COMMANDS = [["data", "houses"], *[[c] for c in ("prepare", "audit", "run", "demo", "compare")]]
+COMMANDS += [[c] for c in ("report", "interpret", "review", "clean", "label", "predict", "export")]
+COMMANDS += [["archs"], ["weights"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_reads_as_whole_paragraphs_at_80_columns(runner, command):
+    """Each paragraph of a command's description is wrapped once, to the width: no line but a
+    paragraph's last ends short (a docstring's own line breaks kept and wrapped again read
+    "... so it is / safe for models"), no line is wider than 80, and the example is one line."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    lines = [line.rstrip() for line in result.output.splitlines()]  # rich pads lines with spaces
+    assert max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    description = text.split("\nArguments:")[0].split("\nOptions:")[0]
+    for paragraph in description.split("\n\n")[1:]:  # after the usage line
+        body = paragraph.splitlines()
+        assert all(len(line) >= 60 for line in body[:-1]), paragraph
+    examples = [line for line in lines if line.strip().startswith("Example:")]
+    assert len(examples) == 1 and len(examples[0]) <= 80
