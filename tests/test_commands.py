@@ -211,3 +211,22 @@ def test_help_reads_as_whole_paragraphs_at_80_columns(runner, command):
         assert all(len(line) >= 60 for line in body[:-1]), paragraph
     examples = [line for line in lines if line.strip().startswith("Example:")]
     assert len(examples) == 1 and len(examples[0]) <= 80
+
+
+def test_a_usage_error_is_one_error_line_and_exit_2(tmp_path):
+    """The console script (cli.main), not CliRunner: click's usage errors (a path that must exist,
+    a missing argument, an unknown command) read as a ReplicateError does."""
+    import subprocess
+    import sys
+
+    for args, says in (
+        (["review", str(tmp_path / "nope")], "does not exist"),
+        (["run"], "Missing argument"),
+        (["nosuch"], "No such command"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "replicate", *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
