@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import fastai_engine, onnx_engine, photos, runs
+from . import archs, fastai_engine, models, onnx_engine, photos, runs
 from .data import ValidCrop
 from .errors import ReplicateError
 from .folders import task_files
@@ -65,14 +66,46 @@ def preprocess_of(learn, recorded: dict | None = None) -> photos.Preprocess:
     )
 
 
+class _WithFeatures(nn.Module):
+    """The network + softmax, also returning the body's output: what `predict` runs once for all
+    the heads that share this body (runs.HEAD beside it holds this run's head alone)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.body, self.head = model[0], model[1]
+
+    def forward(self, x):
+        features = self.body(x)
+        return torch.softmax(self.head(features), dim=1), features
+
+
 def write_onnx(learn, path: Path, config: dict) -> Path:
     """`learn`'s network + softmax as ONNX at `path` (a batch of any size), with the metadata that
-    makes the file enough to tag photos; `config`: the run's config (runs.Run.config). Returns `path`."""
+    makes the file enough to tag photos; `config`: the run's config (runs.Run.config). A run whose
+    body is shared (config "body", models.body_record) also gets a second output, "features" (the
+    body's), and its head alone as runs.HEAD beside it. Returns `path`."""
     prep = preprocess_of(learn, config.get("preprocess"))
-    task, arch = config["task"], config["arch"]
-    model = getattr(learn.model, "module", learn.model)  # unwrap DDP
-    net = nn.Sequential(copy.deepcopy(model).float().cpu(), nn.Softmax(dim=1)).eval()
-    example = torch.randn(2, 3, prep.size, prep.size)
+    model = copy.deepcopy(getattr(learn.model, "module", learn.model)).float().cpu()  # unwrap DDP
+    body = config.get("body")
+    net = _WithFeatures(model) if body else nn.Sequential(model, nn.Softmax(dim=1))
+    outputs = ["probabilities", "features"] if body else ["probabilities"]
+    model_proto = _export(net.eval(), torch.randn(2, 3, prep.size, prep.size), "input", outputs)
+    meta = prep.to_meta(classes=[str(c) for c in learn.dls.vocab], task=config["task"])
+    meta.update(arch=config["arch"], **({"body": body["key"]} if body else {}))
+    _set_metadata(model_proto, meta)
+    _save(model_proto, path)
+    if body:
+        with torch.no_grad():
+            features = net.body.eval()(torch.randn(2, 3, prep.size, prep.size))
+        head = nn.Sequential(net.head, nn.Softmax(dim=1)).eval()
+        head_proto = _export(head, torch.randn_like(features), "features", ["probabilities"])
+        _set_metadata(head_proto, {**meta, "input": "float32 N x features: the body's output"})
+        _save(head_proto, path.with_name(runs.HEAD))
+    return path
+
+
+def _export(net: nn.Module, example: torch.Tensor, input_name: str, outputs: list[str]):
+    """`net` as an ONNX ModelProto, its first dimension (the batch) free."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter prints its progress on stdout and warns about things a user cannot act on.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -83,19 +116,20 @@ def write_onnx(learn, path: Path, config: dict) -> Path:
             dynamo=True,
             opset_version=OPSET,
             external_data=False,
-            input_names=["input"],
-            output_names=["probabilities"],
+            input_names=[input_name],
+            output_names=outputs,
             dynamic_shapes=({0: batch},),
         )
-    model_proto = program.model_proto
-    meta = prep.to_meta(classes=[str(c) for c in learn.dls.vocab], task=task, arch=arch)
-    _set_metadata(model_proto, meta)
-    tmp = path.with_name(f".{path.name}.partial")
+    return program.model_proto
+
+
+def _save(model_proto, path: Path) -> None:
+    """Written beside and renamed, so a reader never sees half a file."""
     import onnx
 
+    tmp = path.with_name(f".{path.name}.partial")
     onnx.save_model(model_proto, tmp)
     tmp.replace(path)
-    return path
 
 
 def _set_metadata(model_proto, meta: dict) -> None:
@@ -112,9 +146,24 @@ def export_run(run_dir: Path) -> Path:
     model = fastai_engine.load_model(run.path)  # the checksum of export.pkl is checked here
     if model.warning:
         warnings.warn(model.warning, stacklevel=2)
+    if "body" not in run.config:  # a run folder from before bodies were recorded
+        run.write_config({**run.config, "body": _body_of(run.config)})
     path = write_onnx(model.learn, run.onnx, run.config)
     run.record_checksum(path)
+    if run.head.is_file():
+        run.record_checksum(run.head)
     return path
+
+
+def _body_of(config: dict) -> dict | None:
+    """models.body_record for a run's recorded config (its weights resolved again, as it trained)."""
+    from .config import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"data_dir", "exports_dir"}
+    cfg = RunConfig(**{k: v for k, v in config.items() if k in fields})
+    if not (cfg.freeze_bn and not cfg.unfreeze and cfg.pretrained):
+        return None  # a body that trained, or random weights: nothing to resolve
+    return models.body_record(cfg, archs.resolve(cfg))
 
 
 def export_runs(run_dirs: list[Path], quantize: bool, calibration: int, log=print) -> None:
@@ -187,7 +236,11 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
 
         proto = onnx.load(str(Path(tmp) / "int8.onnx"))
         _set_metadata(
-            proto, {**fp32.meta, "quantized": "int8 (ONNX Runtime static, QDQ, per-channel)"}
+            proto,
+            {  # its body is quantized with this run's calibration: shared with no other run
+                **{k: v for k, v in fp32.meta.items() if k != "body"},
+                "quantized": "int8 (ONNX Runtime static, QDQ, per-channel)",
+            },
         )
         onnx.save_model(proto, out)
     seconds = time.perf_counter() - start

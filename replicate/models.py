@@ -11,6 +11,8 @@ The `fastai` recipe (`--recipe fastai`): fastai's default head on the conv body,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +32,7 @@ from fastai.vision.learner import default_split, model_meta, vision_learner
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import archs, runtime
+from . import archs, runtime, weights
 from .archs import Resolved
 from .config import RunConfig
 from .errors import ReplicateError
@@ -164,6 +166,25 @@ def epoch_accuracy() -> AccumMetric:
     processes (9 valid images on 2 processes: 10 counted); gathered predictions are unpadded.
     """
     return AccumMetric(accuracy, flatten=False)
+
+
+def body_record(cfg: RunConfig, r: Resolved) -> dict | None:
+    """What a run's body is, when training left it the pretrained network exactly (a frozen paper
+    run with --freeze-bn: BatchNorm in eval mode, so not one tensor moved): the arch, the SHA-256
+    of the weights file loaded, the preprocessing, and `key`, equal for two runs exactly when
+    their bodies are the same tensors fed the same input, so `predict` runs such a body once for
+    all their heads. None for a body that trained (finetuning, the study's train-mode BatchNorm,
+    the fastai recipe) or started from random weights: it is the run's own."""
+    if cfg.unfreeze or not cfg.freeze_bn or cfg.recipe != "paper" or r.loadable is None:
+        return None
+    record = {
+        "arch": r.arch.name,
+        "weights_sha256": weights.sha256_now(r.loadable),
+        "preprocess": r.record(),
+        "frozen_eval": True,
+    }
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return {**record, "key": key}
 
 
 def create_learner(dls, cfg: RunConfig, r: Resolved) -> Learner:

@@ -37,6 +37,9 @@ class OnnxModel:
     meta: dict
     path: Path
     warning: str = ""
+    # Its head alone (runs.HEAD) where its body is the pretrained network untouched; the models
+    # with the same `body` key run one body pass for all their heads (`tag_onnx`).
+    head: object | None = None
     prep: Preprocess = field(init=False)
 
     def __post_init__(self):
@@ -51,8 +54,24 @@ class OnnxModel:
         x = batch.transpose(0, 3, 1, 2).astype(np.float32)
         return np.ascontiguousarray((x - self._mean) * self._scale)
 
+    @property
+    def body(self) -> str | None:
+        """The key of its body (models.body_record) when another model can share it, else None."""
+        return self.meta.get("body") if self.head is not None else None
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: self.normalise(batch)})[0]
+        return self.session.run(["probabilities"], {self.input_name: self.normalise(batch)})[0]
+
+    def with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, the body's output) of a batch: one body pass for every head on it."""
+        probs, features = self.session.run(
+            ["probabilities", "features"], {self.input_name: self.normalise(batch)}
+        )
+        return probs, features
+
+    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Its head alone on the body's output (`with_features` of a model sharing its body)."""
+        return self.head.run(None, {"features": features})[0]
 
 
 def onnx_path(model: Path) -> Path:
@@ -85,18 +104,8 @@ def load_onnx(
 ) -> OnnxModel:
     """An ONNX Runtime session for a run folder's model.onnx (or an .onnx file), its metadata read
     and its checksum checked. A file that is not a readable ONNX model is a ReplicateError."""
-    import onnxruntime as ort
-
     path = onnx_path(Path(model))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: the CLI says what matters in one line
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers(device, index))
-    except Exception as e:  # a truncated or corrupt file: onnxruntime's InvalidProtobuf, Fail, ...
-        raise ReplicateError(
-            f"cannot load {path}: not a readable ONNX model "
-            f"({str(e).splitlines()[0][:200]}): export it again with `replicate export`"
-        ) from None
+    session = _session(path, device, index)
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     try:
         meta = json.loads(raw)
@@ -107,15 +116,41 @@ def load_onnx(
             "write it with `replicate export RUN_DIR`"
         ) from None
     default = meta.get("task") or path.parent.name
-    warning = runs.checksum_warning(path)
+    warnings = [runs.checksum_warning(path)]
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        warning = "; ".join(
-            filter(
-                None,
-                [warning, "ONNX Runtime could not start its CUDA provider: running on the CPU"],
-            )
-        )
-    return OnnxModel(name or default, session, meta, path, warning)
+        warnings.append("ONNX Runtime could not start its CUDA provider: running on the CPU")
+    head = None
+    if meta.get("body") and (path.parent / runs.HEAD).is_file():  # else: tagged alone, as before
+        head = _session(path.parent / runs.HEAD, device, index)
+        warnings.append(runs.checksum_warning(path.parent / runs.HEAD))
+    warning = "; ".join(w for w in warnings if w)
+    return OnnxModel(name or default, session, meta, path, warning, head)
+
+
+def _session(path: Path, device: str, index: int):
+    """An ONNX Runtime session for `path`; a file that is not a readable ONNX model is a
+    ReplicateError."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the CLI says what matters in one line
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers(device, index))
+    except Exception as e:  # a truncated or corrupt file: onnxruntime's InvalidProtobuf, Fail, ...
+        raise ReplicateError(
+            f"cannot load {path}: not a readable ONNX model "
+            f"({str(e).splitlines()[0][:200]}): export it again with `replicate export`"
+        ) from None
+
+
+def sharing(models: list[OnnxModel]) -> list[list[OnnxModel]]:
+    """The models in groups that share one body pass: the same body key and input geometry (the
+    same tensors fed the same pixels); every other model alone. In the order given."""
+    groups: dict = {}
+    for i, m in enumerate(models):
+        key = (m.body, m.prep) if m.body else i
+        groups.setdefault(key, []).append(m)
+    return list(groups.values())
 
 
 def decoded(files: list[Path], geometries: list, workers: int, ahead: int = 128):
@@ -147,7 +182,8 @@ def tag_onnx(
     progress: bool = True,
 ) -> pd.DataFrame:
     """One row per file: path, error, and per model <name>_predicted, <name>_p_<class>. Each photo
-    is decoded once (by `workers` threads; None: one per core) for all the models."""
+    is decoded once (by `workers` threads; None: one per core) for all the models, and models that
+    share a body (`sharing`) run it once: the first runs whole, the others' heads on its output."""
     workers = runtime.workers(workers)
     geometries = list(dict.fromkeys(m.prep.geometry for m in models))
     errors = [""] * len(files)
@@ -159,10 +195,15 @@ def tag_onnx(
     def flush():
         if pending:
             rows = [i for i, _ in pending]
-            for m in models:
-                probs[m.name][rows] = m.probabilities(
-                    np.stack([d[m.prep.geometry] for _, d in pending])
-                )
+            for group in sharing(models):
+                first = group[0]
+                batch = np.stack([d[first.prep.geometry] for _, d in pending])
+                if len(group) == 1:
+                    probs[first.name][rows] = first.probabilities(batch)
+                    continue
+                probs[first.name][rows], features = first.with_features(batch)
+                for m in group[1:]:
+                    probs[m.name][rows] = m.head_probabilities(features)
             pending.clear()
 
     photos = decoded(files, geometries, workers, ahead=2 * bs)

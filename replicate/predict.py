@@ -60,9 +60,11 @@ def run(job: Job, log=print, warn=print) -> pd.DataFrame | None:
     found = filters.of_models(models)  # two-class runs: has_<attribute> at the run's threshold
     table = filters.apply(table, found)
     write_table(table, job.out, job.format)
+    bodies = len(onnx_engine.sharing(models)) if engine_used == "onnx" else len(models)
+    shared = f" on {bodies} body pass(es)" if bodies < len(models) else ""
     log(
-        f"{len(table)} images, {len(models)} model(s), {engine_used} on {device}, {seconds:.1f}s "
-        f"({len(table) / seconds:.1f} images/s); table: {job.out}"
+        f"{len(table)} images, {len(models)} model(s){shared}, {engine_used} on {device}, "
+        f"{seconds:.1f}s ({len(table) / seconds:.1f} images/s); table: {job.out}"
     )
     for row in table[table.error != ""].itertuples():
         log(f"  unreadable: {row.path}: {row.error}")

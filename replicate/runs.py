@@ -5,7 +5,8 @@ its mode and task folder, and where its task's compare report goes. Every other 
 
 A run folder (`exports/TASK/RUN_NAME/`) holds `config.json` (how it was made), `history.csv` (one
 row per epoch), `metrics.json` (the results, written last: a folder with it is finished),
-`valid_predictions.csv`, the models (`model.onnx`, `model.int8.onnx`, `export.pkl`) and plots.
+`valid_predictions.csv`, the models (`model.onnx`, `model.int8.onnx`, `export.pkl`, and `head.onnx`
+for a run whose body is the pretrained network untouched) and plots.
 
 It is written under a hidden staging name (`.RUN_NAME.partial-XXXX`) and renamed into place when
 complete, so a crash never leaves a folder that looks finished. The process writing a staging
@@ -35,6 +36,7 @@ from .folders import sha256_file
 CONFIG, METRICS, HISTORY = "config.json", "metrics.json", "history.csv"
 VALID_PREDICTIONS = "valid_predictions.csv"
 ONNX, INT8, PICKLE = "model.onnx", "model.int8.onnx", "export.pkl"
+HEAD = "head.onnx"  # the head alone, on the body's features: runs whose body is shared
 MODEL_FILES = (ONNX, PICKLE)  # a folder with either is a model `predict` can run
 PARTIAL = ".partial-"  # in a staging folder's name
 LOCK = ".writing"  # the file in a staging folder that its writer holds locked
@@ -95,6 +97,10 @@ class Run:
     @property
     def int8(self) -> Path:
         return self.path / INT8
+
+    @property
+    def head(self) -> Path:
+        return self.path / HEAD
 
     @property
     def pickle(self) -> Path:

@@ -245,7 +245,8 @@ def _write_results(learn, images: data.TaskImages, run: Run, extra: dict, log=pr
     error = _export_pickle(learn, run, log)
     if error:
         metrics["export_pkl_error"] = error
-    metrics["checksums"] = {p.name: sha256_file(p) for p in (run.onnx, run.pickle) if p.is_file()}
+    models_written = (run.onnx, run.head, run.pickle)
+    metrics["checksums"] = {p.name: sha256_file(p) for p in models_written if p.is_file()}
     run.write_metrics(metrics)
     plots.render_run(run.path)
 
@@ -345,6 +346,9 @@ def _config_record(cfg: RunConfig, r: Resolved, lr: float, device) -> dict:
         # file), package (package, version, file, sha256); None: random init.
         "weights": r.arch.weights.record(r.weights) if r.weights else None,
         "preprocess": r.record(),
+        # The body's identity when it is the pretrained network untouched (models.body_record):
+        # runs with the same key share one body pass in `predict`.
+        "body": models.body_record(cfg, r),
         "environment": environment(),
     }
 

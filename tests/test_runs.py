@@ -61,7 +61,7 @@ def test_a_run_killed_mid_training_leaves_nothing_once_run_again(tmp_path):
     """SIGKILL during training, then the same `replicate run`: exit 0, no .partial- folder left."""
     make_task(tmp_path / "data" / "toy")
     args = [sys.executable, "-m", "replicate", "run", "toy", "--arch", "resnet18"]
-    args += ["--no-pretrained", "--epochs", "12", "--size", "32", "--workers", "0"]
+    args += ["--no-pretrained", "--epochs", "8", "--size", "32", "--workers", "0"]
     args += ["--data-dir", str(tmp_path / "data"), "--exports-dir", str(tmp_path / "exports")]
     task_exports = tmp_path / "exports" / "toy"
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
