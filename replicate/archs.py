@@ -270,14 +270,18 @@ def ensure_weights(arch: Arch) -> Path:
     """The weights file of `arch` (cached, shipped by its package, or downloaded and verified), ready
     to load (a package's file mapped onto the network, every shape checked); ReplicateError saying
     why and what to do when it can't be had."""
+    return _weights(arch)[0]
+
+
+def _weights(arch: Arch) -> tuple[Path, Path]:
+    """(the file as fetched, the file to load) of `arch`'s pretrained weights."""
     if arch.weights is None:
         raise ReplicateError(
             f"timm has no pretrained weights for {arch.name}: pass --no-pretrained"
         )
     path = arch.weights.fetch(arch.name)
-    # Once per process: a file of another network fails here, before any photo is read.
-    arch.weights.loadable(arch.name)
-    return path
+    # A file of another network fails here, before any photo is read.
+    return path, arch.weights.loadable(arch.name)
 
 
 def fetch_and_verify(arch: Arch) -> Path:
@@ -344,8 +348,7 @@ def resolve(cfg: RunConfig, fetch: bool = True) -> Resolved:
     _check_freeze_bn(cfg)
     prep = Preprocess(size, arch.crop_pct, arch.interpolation, arch.mean, arch.std)
     aux = uses_aux(arch, size, cfg.recipe, cfg.freeze_bn)
-    fetched = ensure_weights(arch) if cfg.pretrained and fetch else None
-    loadable = arch.weights.loadable(arch.name) if fetched else None
+    fetched, loadable = _weights(arch) if cfg.pretrained and fetch else (None, None)
     return Resolved(arch, size, prep, aux, fetched, loadable)
 
 

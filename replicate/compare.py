@@ -103,13 +103,14 @@ def is_finished(cfg: RunConfig) -> bool:
 
 
 def run_grid(
-    cfgs: list[RunConfig], force: bool = False, log=print, scanned: dict | None = None
+    cfgs: list[RunConfig], force: bool = False, log=print, scanned: tuple | None = None
 ) -> list[Cell]:
     """Run every cell not already finished, one after another; a failing cell does not stop the grid.
 
-    `scanned`: {task folder: (TaskImages, audit counts)} from `preflight`, so the images are checked
-    and audited once, not per cell."""
-    scanned = scanned or {}
+    `scanned`: what `preflight` found ({task folder: (TaskImages, audit counts)}, {cell config:
+    train.check's answer}), so the images are checked and audited once and each cell is not
+    resolved again."""
+    tasks_seen, checked = scanned or ({}, {})
     cells = [Cell(cfg) for cfg in cfgs]
     start, trained_seconds, trained = time.time(), 0.0, 0
     for k, cell in enumerate(cells, 1):
@@ -128,8 +129,8 @@ def run_grid(
             continue
         t0 = time.time()
         try:
-            images, audited = scanned.get(cell.cfg.task_dir, (None, None))
-            train.run(cell.cfg, log=log, images=images, audited=audited)
+            images, audited = tasks_seen.get(cell.cfg.task_dir, (None, None))
+            train.run(cell.cfg, log, images, audited, checked.get(cell.cfg))
             cell.status = "trained"
         except KeyboardInterrupt:
             raise
@@ -161,16 +162,16 @@ def tasks(data_dir: Path, task: str) -> list[str]:
     return found
 
 
-def preflight(cfgs: list[RunConfig], log=print) -> dict:
+def preflight(cfgs: list[RunConfig], log=print) -> tuple[dict, dict]:
     """Fail before the first cell on what would fail every cell: options, device, weights, the task
     folders (`train.check` for each cell, then the images once per task), and audit each task once
     (one warning line per task, not per cell).
 
-    Returns {task folder: (TaskImages, audit counts or None)} for `run_grid`."""
+    Returns ({task folder: (TaskImages, audit counts or None)}, {cell config: train.check's
+    answer}) for `run_grid`."""
     from . import data
 
-    for cfg in cfgs:
-        train.check(cfg)
+    checked = {cfg: train.check(cfg) for cfg in cfgs}
     first = {cfg.task_dir: cfg for cfg in reversed(cfgs)}  # one cell's config per task
     scanned = {}
     for task_dir, cfg in first.items():
@@ -180,7 +181,7 @@ def preflight(cfgs: list[RunConfig], log=print) -> dict:
             images,
             train.audit_counts(cfg, images, log) if runtime.is_main_process() else None,
         )
-    return scanned
+    return scanned, checked
 
 
 def quantize_cells(cells: list[Cell], log=print) -> None:

@@ -149,9 +149,7 @@ def export_run(run_dir: Path) -> Path:
     if "body" not in run.config:  # a run folder from before bodies were recorded
         run.write_config({**run.config, "body": _body_of(run.config)})
     path = write_onnx(model.learn, run.onnx, run.config)
-    run.record_checksum(path)
-    if run.head.is_file():
-        run.record_checksum(run.head)
+    run.record_checksums([path, run.head])
     return path
 
 
@@ -254,7 +252,7 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
         "fp32_mb": round(run.onnx.stat().st_size / 1e6, 1),
         "mb": round(out.stat().st_size / 1e6, 1),
     }
-    run.record_checksum(out, {"int8": result})
+    run.record_checksums([out], {"int8": result})
     log(
         f"int8: {out} ({result['mb']} MB, fp32 {result['fp32_mb']} MB); valid accuracy "
         f"{result['valid_accuracy']:.2%} (fp32 {result['fp32_valid_accuracy']:.2%})"

@@ -90,12 +90,16 @@ def search_filter(
     }
 
 
-def write(run: Run, positive: str | None = None, target: float | None = None) -> dict | None:
-    """filter.json of a two-class run folder, from its valid predictions (None for other tasks);
-    `positive` and `target` default to the run's config (--positive, --target-precision)."""
+def write(
+    run: Run, positive: str | None = None, target: float | None = None, preds=None
+) -> dict | None:
+    """filter.json of a two-class run folder, from its valid predictions (`preds`, else read from
+    the folder; None for other tasks); `positive` and `target` default to the run's config
+    (--positive, --target-precision)."""
     positive = positive or run.config.get("positive")
     target = target or run.config.get("target_precision") or TARGET_PRECISION
-    found = search_filter(run.valid_predictions(), run.classes, run.task, positive, target)
+    preds = run.valid_predictions() if preds is None else preds
+    found = search_filter(preds, run.classes, run.task, positive, target)
     if found is not None:
         (run.path / FILTER).write_text(json.dumps(found, indent=2))
     return found

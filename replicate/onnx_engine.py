@@ -191,11 +191,12 @@ def tag_onnx(
         m.name: np.full((len(files), len(m.classes)), np.nan, dtype=np.float32) for m in models
     }
     pending: list[tuple[int, dict]] = []
+    groups = sharing(models)
 
     def flush():
         if pending:
             rows = [i for i, _ in pending]
-            for group in sharing(models):
+            for group in groups:
                 first = group[0]
                 batch = np.stack([d[first.prep.geometry] for _, d in pending])
                 if len(group) == 1:

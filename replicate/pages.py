@@ -230,22 +230,17 @@ def write_compare(
         for i, row in table.iterrows()
     ]
 
-    def rel(run_dir: Path, name: str) -> str | None:
-        return os.path.relpath(run_dir / name, path.parent) if (run_dir / name).is_file() else None
-
+    plots = [("confusion matrix", "confusion_matrix.png"), ("precision-recall", "pr_curve.png"),
+             ("top losses", "top_losses.png")]  # fmt: skip
     cells = [
         {
             "name": run.run_dir.name,
             "accuracy": f"{100 * run.best_acc:.2f}",
             "epoch": run.best_epoch,
             "images": [
-                (alt, rel(run.run_dir, name))
-                for alt, name in [
-                    ("confusion matrix", "confusion_matrix.png"),
-                    ("precision-recall", "pr_curve.png"),
-                    ("top losses", "top_losses.png"),
-                ]
-                if rel(run.run_dir, name)
+                (alt, os.path.relpath(run.run_dir / name, path.parent))
+                for alt, name in plots
+                if (run.run_dir / name).is_file()
             ],
         }
         for run in runs.sort_values(["recipe", "mode", "arch", "seed"]).itertuples()

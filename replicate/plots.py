@@ -209,17 +209,17 @@ def render_run(run_dir: Path) -> list[Path]:
     worst = top_losses(preds)
     worst.to_csv(out["tlcsv"], index=False)
     plot_top_losses(worst, out["tl"])
-    if render_filter(run):  # a two-class task: its search filter and precision-recall curve
+    if render_filter(run, preds=preds):  # a two-class task: its filter and precision-recall curve
         out.update(filter=run.path / filters.FILTER, pr=run.path / PR_CURVE)
     return list(out.values())
 
 
 def render_filter(
-    run: Run, positive: str | None = None, target: float | None = None
+    run: Run, positive: str | None = None, target: float | None = None, preds=None
 ) -> dict | None:
-    """A two-class run's filter.json (filters.write) and its precision-recall curve, pr_curve.png;
-    None (nothing written) for other tasks."""
-    found = filters.write(run, positive, target)
+    """A two-class run's filter.json (filters.write, from `preds` when the caller read them) and its
+    precision-recall curve, pr_curve.png; None (nothing written) for other tasks."""
+    found = filters.write(run, positive, target, preds)
     if found is not None:
         plot_filter(found, run.title, run.path / PR_CURVE)
     return found

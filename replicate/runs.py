@@ -128,15 +128,21 @@ class Run:
         (self.path / METRICS).write_text(json.dumps(metrics, indent=2))
         self.__dict__.pop("metrics", None)
 
-    def record_checksum(self, path: Path, extra: dict | None = None) -> None:
-        """metrics.json's "checksums" (file name -> SHA-256), which `predict` checks before loading,
-        and `extra` keys beside them; nothing for a folder without metrics.json."""
+    def record_checksums(self, paths: list[Path], extra: dict | None = None) -> None:
+        """metrics.json's "checksums" (file name -> SHA-256) of the files that exist among `paths`,
+        which `predict` checks before loading, and `extra` keys beside them; nothing for a folder
+        without metrics.json."""
         if not (self.path / METRICS).is_file():
             return
         metrics = self.metrics
-        metrics.setdefault("checksums", {})[path.name] = sha256_file(path)
+        metrics.setdefault("checksums", {}).update(checksums(paths))
         metrics.update(extra or {})
         self.write_metrics(metrics)
+
+
+def checksums(paths: list[Path]) -> dict[str, str]:
+    """{file name: SHA-256} of the files that exist among `paths`: metrics.json's "checksums"."""
+    return {p.name: sha256_file(p) for p in paths if p.is_file()}
 
 
 def is_run(path: Path) -> bool:
@@ -190,7 +196,7 @@ def checksum_warning(path: Path) -> str:
     metrics = path.parent / METRICS
     if not metrics.is_file():
         return f"{path} has no {METRICS} beside it: no checksum to verify it against"
-    recorded = json.loads(metrics.read_text())
+    recorded = Run(path.parent).metrics
     expected = recorded.get("checksums", {}).get(path.name)
     if expected is None and path.name == PICKLE:
         expected = recorded.get("export_sha256")  # run folders from before "checksums"

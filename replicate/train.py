@@ -39,7 +39,6 @@ from . import (
 )
 from .archs import Resolved
 from .config import RunConfig, environment
-from .folders import sha256_file
 from .runs import Run
 from .runtime import alone, describe_device, is_main_process, resolve_device
 
@@ -245,8 +244,7 @@ def _write_results(learn, images: data.TaskImages, run: Run, extra: dict, log=pr
     error = _export_pickle(learn, run, log)
     if error:
         metrics["export_pkl_error"] = error
-    models_written = (run.onnx, run.head, run.pickle)
-    metrics["checksums"] = {p.name: sha256_file(p) for p in models_written if p.is_file()}
+    metrics["checksums"] = runs.checksums([run.onnx, run.head, run.pickle])
     run.write_metrics(metrics)
     plots.render_run(run.path)
 
@@ -287,17 +285,21 @@ def check(cfg: RunConfig) -> tuple[Resolved, torch.device]:
 
 
 def run(
-    cfg: RunConfig, log=print, images: data.TaskImages | None = None, audited: dict | None = None
+    cfg: RunConfig,
+    log=print,
+    images: data.TaskImages | None = None,
+    audited: dict | None = None,
+    checked: tuple[Resolved, torch.device] | None = None,
 ) -> Path:
     """Train one experiment and write its run folder; returns the folder.
 
-    `images`, `audited`: the task already scanned and audited (a compare does both once for all its
-    cells; `audit_counts`). Under `accelerate launch` / `torchrun` every process calls this; they
+    `images`, `audited`, `checked`: the task already scanned and audited, and `cfg` already checked
+    (`check`): a compare does all three before its first cell. Under `accelerate launch` / `torchrun` every process calls this; they
     train data-parallel (each epoch's batches shared out, so the global batch is bs x processes)
     and only the main process writes the run folder."""
     if not is_main_process():
         log = _quiet
-    r, device = check(cfg)
+    r, device = checked or check(cfg)
     images = images or data.scan_task(cfg.task_dir)
     filters.check_positive(cfg.positive, images.classes, cfg.task)
     _describe(cfg, r, images, device, log)

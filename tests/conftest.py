@@ -162,6 +162,15 @@ def synthetic_photo(seed: int, size=(320, 240)) -> Image.Image:
 # --- one trained grid, shared -------------------------------------------------------------------
 
 ROOMS = {"bathroom": (30, 90, 200), "bedroom": (200, 60, 40), "kitchen": (60, 180, 60)}
+# The options of the smallest real training run: one epoch, 32 px, random init, no worker processes.
+TINY_RUN = ["--epochs", "1", "--size", "32", "--no-pretrained", "--workers", "0"]
+
+
+def folders_args(data_dir, exports_dir) -> list[str]:
+    """--data-dir and --exports-dir, for commands run on a test's own folders."""
+    return ["--data-dir", str(data_dir), "--exports-dir", str(exports_dir)]
+
+
 GRID_ARGS = [
     "--archs",
     "resnet18,alexnet",

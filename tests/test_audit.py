@@ -17,7 +17,7 @@ import imagehash
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HOUSES_ZIP, requires_houses, synthetic_photo
+from conftest import HOUSES_ZIP, TINY_RUN, folders_args, requires_houses, synthetic_photo
 from PIL import Image
 
 from replicate import audit, duplicates, fingerprints, folders, hamming, sources
@@ -82,10 +82,7 @@ def run_audit(runner, data_dir, *args):
         [
             "audit",
             "rooms",
-            "--data-dir",
-            str(data_dir),
-            "--exports-dir",
-            str(data_dir.parent / "exports"),
+            *folders_args(data_dir, data_dir.parent / "exports"),
             *args,
         ],
     )
@@ -384,7 +381,7 @@ def test_the_terminal_gets_one_line_per_group_within_its_width(task, runner):
             (rooms / f"a_rather_long_listing_photo_name_{k}_{copy}.jpg").write_bytes(photo)
     result = runner.invoke(
         app,
-        ["audit", "rooms", "--data-dir", str(task), "--exports-dir", str(task.parent / "x")],
+        ["audit", "rooms", *folders_args(task, task.parent / "x")],
         env={"COLUMNS": "72"},
     )
     assert result.exit_code == 0, result.output
@@ -480,17 +477,8 @@ def test_run_warns_about_a_leak_and_records_the_counts(task, runner):
         "rooms",
         "--arch",
         "resnet18",
-        "--epochs",
-        "1",
-        "--size",
-        "32",
-        "--no-pretrained",
-        "--workers",
-        "0",
-        "--data-dir",
-        str(task),
-        "--exports-dir",
-        str(exports),
+        *TINY_RUN,
+        *folders_args(task, exports),
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -527,17 +515,8 @@ def test_a_clean_split_gives_no_warning(tiny_task, runner):
             "toy",
             "--arch",
             "resnet18",
-            "--epochs",
-            "1",
-            "--size",
-            "32",
-            "--no-pretrained",
-            "--workers",
-            "0",
-            "--data-dir",
-            str(tiny_task),
-            "--exports-dir",
-            str(tiny_task.parent / "exports"),
+            *TINY_RUN,
+            *folders_args(tiny_task, tiny_task.parent / "exports"),
         ],
     )
     assert result.exit_code == 0 and "see: replicate audit" not in result.output

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOMS, make_image, make_task
+from conftest import ROOMS, TINY_RUN, folders_args, make_image, make_task
 
 from replicate import demo
 from replicate.cli import app
@@ -61,20 +61,11 @@ def test_run_quantize_writes_model_onnx_first_and_records_int8(runner, tmp_path)
             "rooms",
             "--arch",
             "resnet18",
-            "--epochs",
-            "1",
-            "--size",
-            "32",
-            "--no-pretrained",
-            "--workers",
-            "0",
+            *TINY_RUN,
             "--no-onnx",
             "--quantize",
             "int8",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--exports-dir",
-            str(tmp_path / "exports"),
+            *folders_args(tmp_path / "data", tmp_path / "exports"),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -120,17 +111,8 @@ def test_export_pkl_written_on_the_retry_is_a_complete_run(runner, tmp_path, mon
             "toy",
             "--arch",
             "resnet18",
-            "--epochs",
-            "1",
-            "--size",
-            "32",
-            "--no-pretrained",
-            "--workers",
-            "0",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--exports-dir",
-            str(tmp_path / "exports"),
+            *TINY_RUN,
+            *folders_args(tmp_path / "data", tmp_path / "exports"),
         ],
     )
     assert result.exit_code == 0, result.output

@@ -12,7 +12,7 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import ROOMS, compare_cli, make_task
+from conftest import ROOMS, TINY_RUN, compare_cli, folders_args, make_task
 from PIL import Image
 
 from replicate import audit, compare, report, train
@@ -122,11 +122,11 @@ def test_an_interrupted_compare_resumes_and_retrains_only_the_broken_cell(grid_c
     cfgs = compare.grid(base, ["resnet18", "alexnet"], ["frozen"], seeds=1)
     real_run, calls = train.run, []
 
-    def killed_in_second_cell(cfg, log=print, images=None, audited=None):
+    def killed_in_second_cell(cfg, log=print, images=None, audited=None, checked=None):
         calls.append(cfg.run_name)
         if cfg.arch == "alexnet":
             raise KeyboardInterrupt  # Ctrl-C in the middle of the cell
-        return real_run(cfg, log, images, audited)
+        return real_run(cfg, log, images, audited, checked)
 
     monkeypatch.setattr(train, "run", killed_in_second_cell)
     with pytest.raises(KeyboardInterrupt):
@@ -168,10 +168,10 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(grid_copy, runner, monk
         shutil.rmtree(runs / name)
     real_run = train.run
 
-    def out_of_memory_in_cell_2(cfg, log=print, images=None, audited=None):
+    def out_of_memory_in_cell_2(cfg, log=print, images=None, audited=None, checked=None):
         if cfg.arch == "resnet18" and cfg.unfreeze:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(cfg, log, images, audited)
+        return real_run(cfg, log, images, audited, checked)
 
     monkeypatch.setattr(train, "run", out_of_memory_in_cell_2)
     result = compare_cli(runner, grid_copy)
@@ -240,10 +240,7 @@ def test_fastai_recipe_runs_for_every_arch_in_both_modes(tiny_task, runner, arch
                 "--no-pretrained",
                 "--workers",
                 "0",
-                "--data-dir",
-                str(tiny_task),
-                "--exports-dir",
-                str(exports),
+                *folders_args(tiny_task, exports),
                 *mode,
             ],
         )
@@ -391,17 +388,8 @@ def test_compare_force_retrains_and_all_runs_every_task(grid_copy, runner):
             "resnet18",
             "--modes",
             "frozen",
-            "--epochs",
-            "1",
-            "--size",
-            "32",
-            "--no-pretrained",
-            "--workers",
-            "0",
-            "--data-dir",
-            str(grid_copy / "data"),
-            "--exports-dir",
-            str(grid_copy / "exports"),
+            *TINY_RUN,
+            *folders_args(grid_copy / "data", grid_copy / "exports"),
         ],
     )
     assert every.exit_code == 0, every.output

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import make_task
+from conftest import folders_args, make_task
 
 from replicate.cli import app
 
@@ -114,10 +114,7 @@ def test_two_processes_train_one_run_folder_like_a_single_process(launched, runn
             "--no-pretrained",
             "--workers",
             "0",
-            "--data-dir",
-            str(root / "data"),
-            "--exports-dir",
-            str(tmp_path / "exports-1"),
+            *folders_args(root / "data", tmp_path / "exports-1"),
         ],
     )
     assert single.exit_code == 0, single.output

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import odd_photos
+from conftest import TINY_RUN, folders_args, odd_photos
 from PIL import Image
 
 from replicate import fastai_engine, onnx_engine, predict
@@ -301,17 +301,8 @@ def test_a_run_whose_pickle_fails_still_completes_with_model_onnx(
             "rooms",
             "--arch",
             "resnet18",
-            "--epochs",
-            "1",
-            "--size",
-            "32",
-            "--no-pretrained",
-            "--workers",
-            "0",
-            "--data-dir",
-            str(rooms),
-            "--exports-dir",
-            str(tmp_path),
+            *TINY_RUN,
+            *folders_args(rooms, tmp_path),
             "--onnx",
         ],
     )

@@ -10,6 +10,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_RUN, folders_args
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -168,17 +169,8 @@ def test_compare_refuses_bad_options_before_the_first_cell(tiny_task, runner, ar
             "toy",
             "--archs",
             "resnet18",
-            "--size",
-            "32",
-            "--epochs",
-            "1",
-            "--no-pretrained",
-            "--workers",
-            "0",
-            "--data-dir",
-            str(tiny_task),
-            "--exports-dir",
-            str(tiny_task.parent / "exports"),
+            *TINY_RUN,
+            *folders_args(tiny_task, tiny_task.parent / "exports"),
             *args,
         ],
     )

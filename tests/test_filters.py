@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COLORS, make_image
+from conftest import COLORS, folders_args, make_image
 from typer.testing import CliRunner
 
 from replicate import filters
@@ -110,10 +110,7 @@ def balcony(tmp_path_factory):
             "--target-precision",
             "0.6",
             "--onnx",
-            "--data-dir",
-            str(root / "data"),
-            "--exports-dir",
-            str(root / "exports"),
+            *folders_args(root / "data", root / "exports"),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -182,10 +179,7 @@ def test_positive_must_be_a_class_of_a_two_class_task(balcony, runner, tmp_path)
             "--positive",
             "pool",
             "--no-pretrained",
-            "--data-dir",
-            str(data_dir),
-            "--exports-dir",
-            str(tmp_path),
+            *folders_args(data_dir, tmp_path),
         ],
     )
     assert result.exit_code == 2 and result.output.startswith("error: --positive pool")
@@ -213,10 +207,7 @@ def test_compare_reports_the_filter_and_applies_its_target_to_a_reused_run(balco
             "0",
             "--target-precision",
             "0.5",
-            "--data-dir",
-            str(data_dir),
-            "--exports-dir",
-            str(run.parent.parent),
+            *folders_args(data_dir, run.parent.parent),
         ],
     )
     assert result.exit_code == 0, result.output

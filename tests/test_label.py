@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COLORS, make_image, synthetic_photo
+from conftest import COLORS, folders_args, make_image, synthetic_photo
 from test_cleaning import tree
 
 from replicate import active, clean, label
@@ -102,10 +102,7 @@ def label_cli(runner, root: Path, task: str, *args):
         [
             "label",
             task,
-            "--data-dir",
-            str(root / "data"),
-            "--exports-dir",
-            str(root / "exports"),
+            *folders_args(root / "data", root / "exports"),
             *args,
         ],
     )

@@ -11,6 +11,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import folders_args
 
 from replicate import data, plots, train
 from replicate.cli import app
@@ -26,10 +27,7 @@ def run_cli(runner, data_dir, *args):
             "--no-pretrained",
             "--workers",
             "0",
-            "--data-dir",
-            str(data_dir),
-            "--exports-dir",
-            str(exports),
+            *folders_args(data_dir, exports),
         ],
     )
     return result, exports

@@ -24,6 +24,7 @@ import safetensors.torch
 import timm
 import torch
 import torchvision.models as tvm
+from conftest import folders_args
 from fastai.learner import load_learner
 
 from replicate import archs, downloads, weights
@@ -133,10 +134,7 @@ def run(runner, tiny_task, arch: str, *extra):
             "32",
             "--workers",
             "0",
-            "--data-dir",
-            str(tiny_task),
-            "--exports-dir",
-            str(exports),
+            *folders_args(tiny_task, exports),
             *extra,
         ],
     )
