@@ -218,9 +218,10 @@ def data_houses(
     seed: Annotated[int, _option("Seed of the house split.")] = 42,
     force: Force = False,
 ):
-    """Write the rooms and exterior tasks from the Houses Dataset, split 80/20 by house.
+    """Write the rooms, exterior and kitchen tasks from the Houses Dataset, split 80/20 by house.
 
-    rooms: bathroom/bedroom/kitchen; exterior: frontal/indoor (Ahmed & Moustafa 2016; please cite).
+    rooms: bathroom/bedroom/kitchen; exterior: frontal/indoor; kitchen: yes/no, a search filter
+    (Ahmed & Moustafa 2016; please cite).
 
     Example: replicate data houses --source ~/Houses-dataset-master.zip
     """
@@ -535,7 +536,7 @@ def predict_(
     items: Annotated[
         list[Path],
         typer.Argument(
-            help="One or more models (run folders, model.onnx / model.int8.onnx files, or "
+            help="One or more models (run folders, bundle folders, model.onnx / model.int8.onnx files, or "
             "export.pkl files) followed by images or folders (searched recursively).",
             exists=True,
         ),
@@ -623,6 +624,51 @@ def export_(
     from . import export
 
     export.export_runs(run_dirs, bool(quantize), calibration, log=echo)
+
+
+@app.command("bundle")
+@user_errors
+def bundle_(
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run folders that share a body: trained frozen with --freeze-bn on one arch's "
+            "pretrained weights, at one input size.",
+            exists=True,
+            file_okay=False,
+        ),
+    ],
+    out: Annotated[Path, _option("The bundle folder to write.")] = Path("tagger"),
+    listing_pattern: Annotated[
+        str | None,
+        _option(
+            "Regex whose first group is the listing id: measures each search filter's listing "
+            "rule on its run's valid listings and records it, e.g. '^(\\d+)_'."
+        ),
+    ] = None,
+    quantize: Annotated[
+        Quantize | None,
+        _option(
+            "Also write bundle.int8.onnx, the shared body quantized once (ONNX Runtime static "
+            "int8, calibrated on the tasks' training photos), with each attribute's validation "
+            "accuracy beside fp32's."
+        ),
+    ] = None,
+    calibration: Annotated[int, _option("Training photos to calibrate int8 on.", min=1)] = 256,
+    force: Annotated[bool, _option("Replace a bundle already at --out.")] = False,
+):
+    """Merge runs that share a body into one ONNX file: one input, the body once, an output per
+    attribute, with every attribute's classes, filter threshold, listing rule and source checksums
+    in its metadata.
+
+    The folder also holds tag.py, which tags photos with ONNX Runtime, numpy and Pillow alone;
+    `replicate predict` takes the folder wherever it takes a run folder.
+
+    Example: replicate bundle exports/rooms/RUN exports/kitchen/RUN --out tagger
+    """
+    from . import bundle
+
+    bundle.build(models, out, listing_pattern, bool(quantize), calibration, force, log=echo)
 
 
 @app.command()

@@ -92,15 +92,15 @@ def write_onnx(learn, path: Path, config: dict) -> Path:
     model_proto = _export(net.eval(), torch.randn(2, 3, prep.size, prep.size), "input", outputs)
     meta = prep.to_meta(classes=[str(c) for c in learn.dls.vocab], task=config["task"])
     meta.update(arch=config["arch"], **({"body": body["key"]} if body else {}))
-    _set_metadata(model_proto, meta)
-    _save(model_proto, path)
+    set_metadata(model_proto, meta)
+    save_model(model_proto, path)
     if body:
         with torch.no_grad():
             features = net.body.eval()(torch.randn(2, 3, prep.size, prep.size))
         head = nn.Sequential(net.head, nn.Softmax(dim=1)).eval()
         head_proto = _export(head, torch.randn_like(features), "features", ["probabilities"])
-        _set_metadata(head_proto, {**meta, "input": "float32 N x features: the body's output"})
-        _save(head_proto, path.with_name(runs.HEAD))
+        set_metadata(head_proto, {**meta, "input": "float32 N x features: the body's output"})
+        save_model(head_proto, path.with_name(runs.HEAD))
     return path
 
 
@@ -123,7 +123,7 @@ def _export(net: nn.Module, example: torch.Tensor, input_name: str, outputs: lis
     return program.model_proto
 
 
-def _save(model_proto, path: Path) -> None:
+def save_model(model_proto, path: Path) -> None:
     """Written beside and renamed, so a reader never sees half a file."""
     import onnx
 
@@ -132,7 +132,7 @@ def _save(model_proto, path: Path) -> None:
     tmp.replace(path)
 
 
-def _set_metadata(model_proto, meta: dict) -> None:
+def set_metadata(model_proto, meta: dict) -> None:
     del model_proto.metadata_props[:]
     entry = model_proto.metadata_props.add()
     entry.key, entry.value = onnx_engine.META_KEY, json.dumps(meta)
@@ -194,9 +194,6 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
     training photos (seeded sample), and measure both models on the validation photos.
 
     Returns (and records in the run's metrics as "int8") the accuracies, the sizes and the seconds."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     run = runs.open_run(run_dir)
     if not run.onnx.is_file() and run.pickle.is_file():
         log(
@@ -205,42 +202,18 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
         export_run(run.path)
     fp32 = onnx_engine.load_onnx(run.onnx)
     task_dir = run.task_dir
-    train = _split_files(task_dir, "train")
+    train = split_files(task_dir, "train")
     if not train:
         raise ReplicateError(
             f"no training photos in {task_dir}/train to calibrate the int8 model on"
         )
     sample = random.Random(0).sample(train, min(n_photos, len(train)))
     start = time.perf_counter()
-    batches = [fp32.normalise(chunk) for chunk in _decoded_batches(sample, fp32.prep)]
+    batches = [fp32.normalise(chunk) for chunk in decoded_batches(sample, fp32.prep)]
     out = run.int8
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_logging():
-        warnings.simplefilter("ignore")
-        prepared = Path(tmp) / "prepared.onnx"
-        # ONNX shape inference and graph clean-up; ONNX Runtime's symbolic shape inference (for
-        # transformers) fails on the Concat of fastai's head, and a CNN has no symbolic shapes to infer.
-        quant_pre_process(str(run.onnx), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(Path(tmp) / "int8.onnx"),
-            _Calibration(batches, fp32.input_name),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
-        import onnx
-
-        proto = onnx.load(str(Path(tmp) / "int8.onnx"))
-        _set_metadata(
-            proto,
-            {  # its body is quantized with this run's calibration: shared with no other run
-                **{k: v for k, v in fp32.meta.items() if k != "body"},
-                "quantized": "int8 (ONNX Runtime static, QDQ, per-channel)",
-            },
-        )
-        onnx.save_model(proto, out)
+    # its body is quantized with this run's calibration: shared with no other run
+    meta = {k: v for k, v in fp32.meta.items() if k != "body"}
+    quantize_onnx(run.onnx, out, batches, fp32.input_name, meta)
     seconds = time.perf_counter() - start
     fp32.name = "fp32"
     accuracy = valid_accuracies([fp32, onnx_engine.load_onnx(out, name="int8")], task_dir)
@@ -260,6 +233,37 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
     return result
 
 
+def quantize_onnx(
+    src: Path, dst: Path, batches: list[np.ndarray], input_name: str, meta: dict
+) -> None:
+    """Write `dst`: `src` by ONNX Runtime's static quantization (QDQ, int8 weights per channel,
+    uint8 activations), the activation ranges calibrated on `batches` (the model's float input);
+    `meta`: its replicate metadata, to which "quantized" is added."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_logging():
+        warnings.simplefilter("ignore")
+        prepared = Path(tmp) / "prepared.onnx"
+        # ONNX shape inference and graph clean-up; ONNX Runtime's symbolic shape inference (for
+        # transformers) fails on the Concat of fastai's head, and a CNN has no symbolic shapes to infer.
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(Path(tmp) / "int8.onnx"),
+            _Calibration(batches, input_name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        proto = onnx.load(str(Path(tmp) / "int8.onnx"))
+        set_metadata(proto, {**meta, "quantized": "int8 (ONNX Runtime static, QDQ, per-channel)"})
+        save_model(proto, dst)
+
+
 @contextlib.contextmanager
 def _quiet_logging():
     """The quantizer logs a warning for each BatchNorm1d of fastai's head (a 1-D weight cannot be
@@ -271,7 +275,7 @@ def _quiet_logging():
         logging.disable(logging.NOTSET)
 
 
-def _decoded_batches(files: list[Path], prep: photos.Preprocess, bs: int = 32):
+def decoded_batches(files: list[Path], prep: photos.Preprocess, bs: int = 32):
     """uint8 batches (N, H, W, 3) of `files` as `prep` crops them; files that do not decode are left out."""
     decoded = [photos.decode(f, [prep.geometry]) for f in files]
     arrays = [d[prep.geometry] for d, error in decoded if not error]
@@ -282,12 +286,12 @@ def _decoded_batches(files: list[Path], prep: photos.Preprocess, bs: int = 32):
 def valid_accuracies(models: list[onnx_engine.OnnxModel], task_dir: Path) -> dict[str, float]:
     """{model name: accuracy} on the task's validation photos (labels: their class folders), each
     photo decoded once for all the models."""
-    table = onnx_engine.tag_onnx(models, _split_files(task_dir, "valid"), progress=False)
+    table = onnx_engine.tag_onnx(models, split_files(task_dir, "valid"), progress=False)
     ok = table.error == ""
     labels = table.path[ok].map(lambda p: Path(p).parent.name)
     return {m.name: float((table[f"{m.name}_predicted"][ok] == labels).mean()) for m in models}
 
 
-def _split_files(task_dir: Path, split: str) -> list[Path]:
+def split_files(task_dir: Path, split: str) -> list[Path]:
     found, _ = task_files(task_dir)
     return [f for (s, _), files in sorted(found.items()) if s == split for f in files]

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .config import RunConfig
 from .errors import ReplicateError
-from .runs import Run, run_of
+from .runs import VALID_PREDICTIONS, Run, run_of
 
 FILTER = "filter.json"  # in a two-class run folder
 TARGET_PRECISION = RunConfig.target_precision  # for run folders from before --target-precision
@@ -157,13 +157,19 @@ def listings(
 
 def of_models(models: list) -> dict[str, dict]:
     """{model name: its run's filter.json} for the models (each with a `name` and the `path` it was
-    loaded from) of two-class runs whose filter found a threshold."""
+    loaded from) of two-class runs whose filter found a threshold; a bundle's attribute (`bundle`
+    set) carries its filter, and its listing rule, in its metadata (`meta`)."""
     found = {}
     for m in models:
-        run_dir = run_of(m.path).path
-        spec = read(run_dir)
+        if getattr(m, "bundle", None):
+            spec, recorded = m.meta.get("filter"), m.meta.get("listing_rule")
+            source = Path(m.meta.get("source", {}).get("run", ""))
+            run_dir = source if (source / VALID_PREDICTIONS).is_file() else None
+        else:
+            run_dir, recorded = run_of(m.path).path, None
+            spec = read(run_dir)
         if spec and spec["threshold"] is not None:
-            found[m.name] = {**spec, "run_dir": str(run_dir)}
+            found[m.name] = {**spec, "run_dir": run_dir and str(run_dir), "recorded": recorded}
     return found
 
 
@@ -178,7 +184,20 @@ def apply(table: pd.DataFrame, filters: dict[str, dict]) -> pd.DataFrame:
 
 def listing_rule(found: dict, pattern: str) -> dict:
     """How the per-listing rule (a listing has the attribute when any of its photos passes the
-    filter) does on the run's own validation photos, grouped into listings by `pattern`."""
+    filter) does on the run's own validation photos, grouped into listings by `pattern`. For a
+    bundle's attribute whose source run folder is not here: what the bundle recorded for the same
+    pattern, else the rule without its measures (None)."""
+    if found["run_dir"] is None:
+        recorded = found.get("recorded") or {}
+        if recorded.get("pattern") == pattern:
+            return {k: v for k, v in recorded.items() if k != "pattern"}
+        unmeasured = (
+            "valid_listings",
+            "valid_listings_with",
+            "listing_precision",
+            "listing_recall",
+        )
+        return {**_rule(found), **dict.fromkeys(unmeasured)}
     preds = Run(Path(found["run_dir"])).valid_predictions()
     ids = listing_ids(preds.path, pattern)
     preds = preds.assign(listing=ids).dropna(subset=["listing"])
@@ -186,16 +205,20 @@ def listing_rule(found: dict, pattern: str) -> dict:
     shown = (preds[f"p_{found['positive']}"] >= found["threshold"]).groupby(preds.listing).any()
     hits = int((truth & shown).sum())
     return {
-        "column": found["column"],
-        "positive": found["positive"],
-        "threshold": found["threshold"],
-        "target_precision": found["target_precision"],
-        "photo_precision": found["precision"],
-        "photo_recall": found["recall"],
+        **_rule(found),
         "valid_listings": int(len(truth)),
         "valid_listings_with": int(truth.sum()),
         "listing_precision": hits / max(int(shown.sum()), 1) if shown.any() else None,
         "listing_recall": hits / int(truth.sum()) if truth.any() else None,
+    }
+
+
+def _rule(found: dict) -> dict:
+    keys = ("column", "positive", "threshold", "target_precision")
+    return {
+        **{k: found[k] for k in keys},
+        "photo_precision": found["precision"],
+        "photo_recall": found["recall"],
     }
 
 

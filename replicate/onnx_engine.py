@@ -7,7 +7,8 @@ PyTorch. Each photo is decoded by `photos.decode` (the decoding training used: E
 draft-mode rule and validation crop, as each model's metadata records them), by parallel worker
 threads, once for all the models; inference runs in batches. A model file is checked against the
 SHA-256 its run folder recorded when it was written (runs.checksum_warning), and files that do not
-decode become rows with an error instead of stopping.
+decode become rows with an error instead of stopping. A bundle (`replicate bundle`: several heads
+on one body in one file) loads as one model per attribute, all run by one session run per batch.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class OnnxModel:
     # Its head alone (runs.HEAD) where its body is the pretrained network untouched; the models
     # with the same `body` key run one body pass for all their heads (`tag_onnx`).
     head: object | None = None
+    # A bundle's attribute: its output in the bundle's session, shared by all the bundle's
+    # attributes (`bundle`: the file), which one run of the session gives at once.
+    output: str = "probabilities"
+    bundle: str | None = None
     prep: Preprocess = field(init=False)
 
     def __post_init__(self):
@@ -75,8 +80,10 @@ class OnnxModel:
 
 
 def onnx_path(model: Path) -> Path:
-    """The model.onnx of a run folder, or the .onnx file itself."""
+    """The model.onnx of a run folder, the bundle.onnx of a bundle folder, or the .onnx file."""
     path = model / runs.ONNX if model.is_dir() else model
+    if model.is_dir() and not path.is_file() and (model / runs.BUNDLE).is_file():
+        path = model / runs.BUNDLE
     if not path.is_file():
         hint = (
             f": write it with `replicate export {model}`, or use --engine fastai"
@@ -96,35 +103,71 @@ def providers(device: str = "cpu", index: int = 0) -> list:
     return ["CPUExecutionProvider"]
 
 
+def load(
+    model: Path,
+    name: str | None = None,
+    device: str = "cpu",
+    index: int = 0,
+) -> list[OnnxModel]:
+    """ONNX Runtime sessions for a run folder's model.onnx, an .onnx file, or a bundle (its folder
+    or file: one OnnxModel per attribute, on one session), the metadata read and the checksums
+    checked. `name`: the model's name, a prefix to a bundle's attribute names. A file that is not
+    a readable ONNX model with replicate's metadata is a ReplicateError."""
+    path = onnx_path(Path(model))
+    session = _session(path, device, index)
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    try:
+        meta = json.loads(raw)
+        Preprocess.from_meta(meta)
+        for attribute in meta.get("attributes") or [meta]:
+            list(attribute["classes"])
+    except (TypeError, ValueError, KeyError):
+        raise ReplicateError(
+            f"{path} has no replicate metadata (classes, size, crop, normalisation): "
+            "write it with `replicate export RUN_DIR`"
+        ) from None
+    warnings = [runs.checksum_warning(path)]
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        warnings.append("ONNX Runtime could not start its CUDA provider: running on the CPU")
+    if "attributes" in meta:  # a bundle: every attribute from one run of its session
+        common = {k: v for k, v in meta.items() if k != "attributes"}
+        warning = "; ".join(w for w in warnings if w)
+        return [
+            OnnxModel(
+                f"{name}_{a['name']}" if name else a["name"],
+                session,
+                {**common, **a},
+                path,
+                warning,
+                output=a["output"],
+                bundle=str(path),
+            )  # fmt: skip
+            for a in meta["attributes"]
+        ]
+    head = None
+    if meta.get("body") and (path.parent / runs.HEAD).is_file():  # else: tagged alone, as before
+        head = _session(path.parent / runs.HEAD, device, index)
+        warnings.append(runs.checksum_warning(path.parent / runs.HEAD))
+    warning = "; ".join(w for w in warnings if w)
+    return [
+        OnnxModel(name or meta.get("task") or path.parent.name, session, meta, path, warning, head)
+    ]
+
+
 def load_onnx(
     model: Path,
     name: str | None = None,
     device: str = "cpu",
     index: int = 0,
 ) -> OnnxModel:
-    """An ONNX Runtime session for a run folder's model.onnx (or an .onnx file), its metadata read
-    and its checksum checked. A file that is not a readable ONNX model is a ReplicateError."""
-    path = onnx_path(Path(model))
-    session = _session(path, device, index)
-    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-    try:
-        meta = json.loads(raw)
-        Preprocess.from_meta(meta), list(meta["classes"])
-    except (TypeError, ValueError, KeyError):
+    """`load` of one model: a run folder's model.onnx or an .onnx file, not a bundle of several."""
+    models = load(model, name, device, index)
+    if len(models) > 1:
         raise ReplicateError(
-            f"{path} has no replicate metadata (classes, size, crop, normalisation): "
-            "write it with `replicate export RUN_DIR`"
-        ) from None
-    default = meta.get("task") or path.parent.name
-    warnings = [runs.checksum_warning(path)]
-    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        warnings.append("ONNX Runtime could not start its CUDA provider: running on the CPU")
-    head = None
-    if meta.get("body") and (path.parent / runs.HEAD).is_file():  # else: tagged alone, as before
-        head = _session(path.parent / runs.HEAD, device, index)
-        warnings.append(runs.checksum_warning(path.parent / runs.HEAD))
-    warning = "; ".join(w for w in warnings if w)
-    return OnnxModel(name or default, session, meta, path, warning, head)
+            f"{models[0].path} is a bundle of {len(models)} attributes: name it where several "
+            "models are taken (predict), or give one run folder"
+        )
+    return models[0]
 
 
 def _session(path: Path, device: str, index: int):
@@ -139,18 +182,35 @@ def _session(path: Path, device: str, index: int):
     except Exception as e:  # a truncated or corrupt file: onnxruntime's InvalidProtobuf, Fail, ...
         raise ReplicateError(
             f"cannot load {path}: not a readable ONNX model "
-            f"({str(e).splitlines()[0][:200]}): export it again with `replicate export`"
+            f"({str(e).splitlines()[0][:200]}): write it again (`replicate export`, or "
+            "`replicate bundle` for a bundle)"
         ) from None
 
 
 def sharing(models: list[OnnxModel]) -> list[list[OnnxModel]]:
-    """The models in groups that share one body pass: the same body key and input geometry (the
-    same tensors fed the same pixels); every other model alone. In the order given."""
+    """The models in groups that share one body pass: a bundle's attributes; models with the same
+    body key and input geometry (the same tensors fed the same pixels); every other model alone.
+    In the order given."""
     groups: dict = {}
     for i, m in enumerate(models):
-        key = (m.body, m.prep) if m.body else i
+        key = ("bundle", m.bundle) if m.bundle else (m.body, m.prep) if m.body else i
         groups.setdefault(key, []).append(m)
     return list(groups.values())
+
+
+def group_probabilities(group: list[OnnxModel], batch: np.ndarray) -> list[np.ndarray]:
+    """Each model's probabilities for a uint8 batch, one body pass for a `sharing` group: a
+    bundle's outputs from one session run; on a shared body the first model whole (with the
+    body's features) and the others' heads on those; a model alone as it is."""
+    first = group[0]
+    if first.bundle:
+        return first.session.run(
+            [m.output for m in group], {first.input_name: first.normalise(batch)}
+        )
+    if len(group) == 1:
+        return [first.probabilities(batch)]
+    probs, features = first.with_features(batch)
+    return [probs, *(m.head_probabilities(features) for m in group[1:])]
 
 
 def decoded(files: list[Path], geometries: list, workers: int, ahead: int = 128):
@@ -197,14 +257,9 @@ def tag_onnx(
         if pending:
             rows = [i for i, _ in pending]
             for group in groups:
-                first = group[0]
-                batch = np.stack([d[first.prep.geometry] for _, d in pending])
-                if len(group) == 1:
-                    probs[first.name][rows] = first.probabilities(batch)
-                    continue
-                probs[first.name][rows], features = first.with_features(batch)
-                for m in group[1:]:
-                    probs[m.name][rows] = m.head_probabilities(features)
+                batch = np.stack([d[group[0].prep.geometry] for _, d in pending])
+                for m, p in zip(group, group_probabilities(group, batch)):
+                    probs[m.name][rows] = p
             pending.clear()
 
     photos = decoded(files, geometries, workers, ahead=2 * bs)

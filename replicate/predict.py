@@ -89,6 +89,9 @@ def _write_listings(table: pd.DataFrame, found: dict, job: Job, log) -> None:
         return
     side = job.out.with_name(f"{job.out.stem}_listings_filters.json")
     for name, rule in filters.write_listing_rules(found, job.listing_pattern, side).items():
+        if rule["valid_listings"] is None:  # a bundle's, away from its run, for another pattern
+            log(f"{name}_{rule['column']}: a listing has it when any photo passes; {side}")
+            continue
         log(
             f"{name}_{rule['column']}: a listing has it when any photo passes; on the run's valid "
             f"listings: precision {_share(rule['listing_precision'])}, recall "
@@ -111,8 +114,8 @@ def write_table(table: pd.DataFrame, path: Path, format: str = "csv") -> None:
 
 
 def split_items(items: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(models, photos): the leading run folders (with model.onnx or export.pkl) and model files
-    (.onnx, .pkl), then the images and folders to tag."""
+    """(models, photos): the leading run folders (with model.onnx or export.pkl), bundle folders
+    and model files (.onnx, .pkl), then the images and folders to tag."""
     n = 0
     while n < len(items) and (
         items[n].suffix in (".onnx", ".pkl") or (items[n].is_dir() and runs.has_model(items[n]))
@@ -120,7 +123,8 @@ def split_items(items: list[Path]) -> tuple[list[Path], list[Path]]:
         n += 1
     if n == 0 or n == len(items):
         raise ReplicateError(
-            "give one or more models (run folders, model.onnx or export.pkl) and then images or folders"
+            "give one or more models (run folders, bundles, model.onnx or export.pkl) and then "
+            "images or folders"
         )
     return items[:n], items[n:]
 
@@ -156,16 +160,23 @@ def _has_pickle(model: Path) -> bool:
 
 
 def load_models(paths: list[Path], engine: str, device: str) -> list:
-    """The models, loaded for `engine` on `device`, their column names made unique: the task, else
-    task_<run folder>, else task_<run folder>_<file> (model.onnx beside model.int8.onnx)."""
+    """The models, loaded for `engine` on `device` (a bundle: one model per attribute), their column
+    names made unique: the task (a bundle's attribute name), else task_<run folder>, else
+    task_<run folder>_<file> (model.onnx beside model.int8.onnx)."""
     index = int(os.environ.get("LOCAL_RANK", 0))
     if engine == "onnx":
-        models = [onnx_engine.load_onnx(p, device=device, index=index) for p in paths]
+        loaded = [(m, p) for p in paths for m in onnx_engine.load(p, device=device, index=index)]
+        models, paths = [m for m, _ in loaded], [p for _, p in loaded]
     else:
         import torch
 
         from . import fastai_engine
 
+        bundles = [p for p in paths if p.suffix != ".pkl" and runs.is_bundle(p)]
+        if bundles:
+            raise ReplicateError(
+                f"{bundles[0]} is a bundle: it runs on ONNX Runtime only (--engine onnx)"
+            )
         dev = torch.device("cuda", index) if device == "cuda" else torch.device("cpu")
         models = [fastai_engine.load_model(_pickle_of(p), dev) for p in paths]
     tasks = [m.name for m in models]

@@ -6,7 +6,9 @@ its mode and task folder, and where its task's compare report goes. Every other 
 A run folder (`exports/TASK/RUN_NAME/`) holds `config.json` (how it was made), `history.csv` (one
 row per epoch), `metrics.json` (the results, written last: a folder with it is finished),
 `valid_predictions.csv`, the models (`model.onnx`, `model.int8.onnx`, `export.pkl`, and `head.onnx`
-for a run whose body is the pretrained network untouched) and plots.
+for a run whose body is the pretrained network untouched) and plots. A bundle folder (`replicate
+bundle`) holds `bundle.onnx` (several such runs' heads on their one body), `bundle.json` (its
+attributes, source runs and checksums) and a script that tags photos with it alone.
 
 It is written under a hidden staging name (`.RUN_NAME.partial-XXXX`) and renamed into place when
 complete, so a crash never leaves a folder that looks finished. The process writing a staging
@@ -37,7 +39,10 @@ CONFIG, METRICS, HISTORY = "config.json", "metrics.json", "history.csv"
 VALID_PREDICTIONS = "valid_predictions.csv"
 ONNX, INT8, PICKLE = "model.onnx", "model.int8.onnx", "export.pkl"
 HEAD = "head.onnx"  # the head alone, on the body's features: runs whose body is shared
-MODEL_FILES = (ONNX, PICKLE)  # a folder with either is a model `predict` can run
+# A bundle folder (`replicate bundle`): several runs' heads on their shared body in one file, its
+# int8 twin, and the manifest: the attributes, their source runs and the files' checksums.
+BUNDLE, BUNDLE_INT8, MANIFEST = "bundle.onnx", "bundle.int8.onnx", "bundle.json"
+MODEL_FILES = (ONNX, PICKLE, BUNDLE)  # a folder with any is a model `predict` can run
 PARTIAL = ".partial-"  # in a staging folder's name
 LOCK = ".writing"  # the file in a staging folder that its writer holds locked
 # A staging folder is locked within microseconds of its creation; one without its lock file and
@@ -164,6 +169,14 @@ def has_model(path: Path) -> bool:
     return Path(path).is_dir() and any((Path(path) / f).is_file() for f in MODEL_FILES)
 
 
+def is_bundle(path: Path) -> bool:
+    """A bundle folder (`replicate bundle`), or one of its model files."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / BUNDLE).is_file() and not (path / CONFIG).is_file()
+    return path.name in (BUNDLE, BUNDLE_INT8) and (path.parent / MANIFEST).is_file()
+
+
 def finished(path: Path) -> Run | None:
     """The run at `path` if it is complete (config.json and metrics.json readable), else None."""
     run = Run(path)
@@ -191,12 +204,14 @@ def run_of(model: Path) -> Run:
 
 
 def checksum_warning(path: Path) -> str:
-    """'' when the model file `path` matches the SHA-256 that the metrics.json beside it recorded,
-    else what is wrong."""
+    """'' when the model file `path` matches the SHA-256 that the metrics.json (or a bundle's
+    bundle.json) beside it recorded, else what is wrong."""
     metrics = path.parent / METRICS
+    if not metrics.is_file() and (path.parent / MANIFEST).is_file():
+        metrics = path.parent / MANIFEST
     if not metrics.is_file():
         return f"{path} has no {METRICS} beside it: no checksum to verify it against"
-    recorded = Run(path.parent).metrics
+    recorded = json.loads(metrics.read_text())
     expected = recorded.get("checksums", {}).get(path.name)
     if expected is None and path.name == PICKLE:
         expected = recorded.get("export_sha256")  # run folders from before "checksums"

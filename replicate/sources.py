@@ -4,7 +4,7 @@
     replicate prepare ~/scraped balcony --min-size 200
 
 A task is a folder `data/TASK/{train,valid}/<class>/*.jpg` (`data` turns one into DataLoaders).
-Two ways in: `import_houses` builds the `rooms` and `exterior` tasks from the Houses Dataset,
+Two ways in: `import_houses` builds the `rooms`, `exterior` and `kitchen` tasks from the Houses Dataset,
 `prepare_task` cleans and splits a user's own scraped photos the way the study did.
 Both build the task in a hidden staging folder and rename it into place when complete,
 so an interrupted import never leaves a half-written task behind.
@@ -112,10 +112,12 @@ def split_houses(
 def import_houses(
     source: str | None, data_dir: Path, valid_pct: float = 0.2, seed: int = 42, force: bool = False
 ) -> dict[str, Path]:
-    """Write the `rooms` and `exterior` tasks from the Houses Dataset; returns {task: folder}.
+    """Write the `rooms`, `exterior` and `kitchen` tasks from the Houses Dataset; returns {task:
+    folder}.
 
     Split by house: every photo of a house lands in the same split, so no house leaks
-    from train to valid. `exterior` is frontal vs the three indoor photos of each house.
+    from train to valid. `exterior` is frontal vs the three indoor photos of each house; `kitchen`
+    is a yes/no search filter ("is it a kitchen?"): its kitchen photo against the other three.
     """
     source = source or HOUSES_URL
     if re.match(r"https?://", source):
@@ -141,16 +143,16 @@ def import_houses(
     keys = [(h, room) for h in complete for room in (*ROOMS, "frontal")]
     links = link_owners([h for h, _ in keys], [photos[k] for k in keys])
     valid = split_houses(complete, valid_pct, seed, links)
-    files = {"rooms": {}, "exterior": {}}
+    files = {"rooms": {}, "exterior": {}, "kitchen": {}}
     for house in complete:
         split = "valid" if house in valid else "train"
         for room in (*ROOMS, "frontal"):
             name, data = f"{house}_{room}.jpg", photos[house, room]
             if room != "frontal":
                 files["rooms"][f"{split}/{room}/{name}"] = data
-            files["exterior"][f"{split}/{'frontal' if room == 'frontal' else 'indoor'}/{name}"] = (
-                data
-            )
+            exterior = "frontal" if room == "frontal" else "indoor"
+            files["exterior"][f"{split}/{exterior}/{name}"] = data
+            files["kitchen"][f"{split}/{'yes' if room == 'kitchen' else 'no'}/{name}"] = data
     return {task: write_task(data_dir / task, content, force) for task, content in files.items()}
 
 

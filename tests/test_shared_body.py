@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOMS, make_task
+from typer.testing import CliRunner
 
 from replicate import onnx_engine, runs, train
 from replicate.cli import app
@@ -114,3 +117,163 @@ def test_export_adds_the_body_and_head_to_a_run_folder_from_before(four, tmp_pat
     export.export_run(old)
     assert runs.Run(old).config["body"]["key"] == runs.Run(made[0]).config["body"]["key"]
     assert (old / runs.HEAD).is_file() and onnx_engine.load_onnx(old).body is not None
+
+
+# --- bundles: the three runs on one body in one file ---------------------------------------------
+
+# Run in a fresh interpreter (-I: no site-packages of the user, not the working directory): the
+# bundle's own tag.py, which must need nothing but onnxruntime, numpy and Pillow.
+ALONE = """
+import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("replicate", "torch", "fastai", "pandas"))
+assert not heavy, heavy
+"""
+
+
+def tag_alone(script: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-I", "-c", ALONE, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def bundled(four, tmp_path_factory) -> Path:
+    """`replicate bundle` of the three runs on one body (with int8), as a user runs it."""
+    made, _ = four
+    out = tmp_path_factory.mktemp("bundle") / "tagger"
+    result = CliRunner().invoke(
+        app,
+        ["bundle", *map(str, made[:3]), "--out", str(out), "--quantize", "int8",
+         "--calibration", "12", "--listing-pattern", r"^(\w+?)_"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "3 attribute(s)" in result.output and "int8 kitchen: valid accuracy" in result.output
+    return out
+
+
+def probability_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if "_p_" in c]
+
+
+def test_a_bundle_is_one_file_with_an_output_per_attribute_and_its_metadata(four, bundled):
+    import onnx
+
+    made, _ = four
+    proto = onnx.load(bundled / runs.BUNDLE)
+    names = [o.name for o in proto.graph.output]
+    assert (
+        len(names) == 3
+        and names[2] == "kitchen"
+        and [i.name for i in proto.graph.input] == ["input"]
+    )
+    meta = json.loads(proto.metadata_props[0].value)
+    kitchen = meta["attributes"][2]
+    assert kitchen["classes"] == ["no", "yes"] and kitchen["filter"]["column"] == "has_kitchen"
+    assert (
+        kitchen["filter"]["threshold"]
+        == json.loads((made[2] / "filter.json").read_text())["threshold"]
+    )
+    assert kitchen["listing_rule"]["pattern"] == r"^(\w+?)_"
+    assert kitchen["source"]["checksums"] == {
+        k: v
+        for k, v in runs.Run(made[2]).metrics["checksums"].items()
+        if k in (runs.ONNX, runs.HEAD)
+    }
+    assert meta["body"] == runs.Run(made[0]).config["body"]["key"]
+    # one body: the bundle is about one model.onnx, not three
+    assert (bundled / runs.BUNDLE).stat().st_size < 1.2 * (made[0] / runs.ONNX).stat().st_size
+    manifest = json.loads((bundled / runs.MANIFEST).read_text())
+    assert set(manifest["checksums"]) == {runs.BUNDLE, runs.BUNDLE_INT8, "tag.py", "photos.py"}
+    assert set(manifest["int8"]["attributes"]) == {a["name"] for a in meta["attributes"]}
+
+
+def test_predict_takes_a_bundle_where_it_takes_run_folders(four, bundled, runner, tmp_path):
+    made, photos = four
+    by_runs, by_bundle = tmp_path / "runs.csv", tmp_path / "bundle.csv"
+    result = runner.invoke(
+        app, ["predict", *map(str, made[:3]), str(photos), "--out", str(by_runs)]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(  # the bundle and a run that shares nothing: both paths in one call
+        app,
+        ["predict", str(bundled), str(made[3]), str(photos), "--out", str(by_bundle),
+         "--listing-pattern", r"^(\w+?)_"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "4 model(s) on 2 body pass(es)" in result.output and "warning" not in result.output
+    a, b = pd.read_csv(by_runs), pd.read_csv(by_bundle)
+    assert set(a.columns) < set(b.columns) and (a.path == b.path).all()
+    assert "rooms_predicted" in b.columns  # the resnet18 run, tagged as before
+    columns = probability_columns(a)
+    assert np.abs(a[columns].to_numpy() - b[columns].to_numpy()).max() <= 1e-5
+    assert (a.kitchen_has_kitchen == b.kitchen_has_kitchen).all()
+    rules = json.loads((tmp_path / "bundle_listings_filters.json").read_text())
+    assert rules["kitchen"]["listing_precision"] is not None
+
+
+def test_the_bundles_own_script_tags_alone_as_predict_does(four, bundled, runner, tmp_path):
+    made, photos = four
+    shutil.copytree(photos, tmp_path / "photos")
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a photo")
+    moved = tmp_path / "moved"  # the folder alone, away from the run folders
+    shutil.copytree(bundled, moved)
+    expected = tmp_path / "predict.csv"
+    result = runner.invoke(
+        app, ["predict", str(moved), str(tmp_path / "photos"), "--out", str(expected)]
+    )
+    assert result.exit_code == 0, result.output
+    done = tag_alone(moved / "tag.py", tmp_path / "photos", "--out", tmp_path / "alone.csv")
+    assert done.returncode == 0, done.stderr
+    a, b = pd.read_csv(expected, keep_default_na=False), pd.read_csv(tmp_path / "alone.csv",
+                                                                     keep_default_na=False)  # fmt: skip
+    assert list(a.columns) == list(b.columns) and (a.path == b.path).all()
+    ok = a.error == ""
+    assert (~ok).sum() == 1 and (b.error[~ok] != "").all()
+    columns = probability_columns(a)
+    diff = np.abs(a[columns][ok].astype(float).to_numpy() - b[columns][ok].astype(float).to_numpy())
+    assert diff.max() <= 1e-5
+    assert (a.kitchen_has_kitchen[ok] == b.kitchen_has_kitchen[ok]).all()
+
+
+def test_an_int8_bundle_tags_and_a_changed_bundle_is_named(bundled, four, runner, tmp_path):
+    _, photos = four
+    result = runner.invoke(
+        app,
+        ["predict", str(bundled / runs.BUNDLE_INT8), str(photos), "--out", str(tmp_path / "t.csv")],
+    )
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert len(probability_columns(table)) == 3 + 3 + 2 and "kitchen_has_kitchen" in table.columns
+    changed = tmp_path / "changed"
+    shutil.copytree(bundled, changed)
+    manifest = json.loads((changed / runs.MANIFEST).read_text())
+    manifest["checksums"][runs.BUNDLE] = "0" * 64  # as if the file had changed since
+    (changed / runs.MANIFEST).write_text(json.dumps(manifest))
+    result = runner.invoke(
+        app, ["predict", str(changed), str(photos), "--out", str(tmp_path / "c.csv")]
+    )
+    assert "does not match the SHA-256" in result.output
+
+
+def test_bundle_refuses_what_it_cannot_merge(four, bundled, runner, tmp_path):
+    made, _ = four
+    cases = [
+        ([str(made[0]), str(made[3])], "has no body to share"),
+        ([str(bundled)], "is a bundle already"),
+        ([str(made[0]), "--out", str(bundled)], "holds a bundle already: --force replaces it"),
+        ([str(made[0]), "--out", str(made[1])], "is not a bundle folder"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["bundle", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+    again = tmp_path / "again"
+    for _ in range(2):
+        result = runner.invoke(app, ["bundle", str(made[2]), "--out", str(again), "--force"])
+        assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no staging or old folder left
