@@ -1,7 +1,7 @@
 """`replicate bundle`: runs that share a body -> one ONNX file, the body once and an output per
 attribute: a site's whole tagger in one file.
 
-    replicate bundle exports/rooms/RUN exports/exterior/RUN exports/kitchen/RUN --out tagger
+    replicate bundle exports/rooms/RUN exports/exterior/RUN exports/kitchen/RUN --out exports/tagger
 
 Runs trained frozen with the body in eval mode (--freeze-bn) on the same pretrained weights have
 bit-identical bodies (their config's "body", models.body_record). The bundle is built from the
@@ -226,7 +226,7 @@ def quantize_bundle(
             f"int8 {name}: valid accuracy {a['valid_accuracy']:.2%} "
             f"(fp32 {a['fp32_valid_accuracy']:.2%})"
         )
-    log(f"int8: {out} ({result['mb']} MB, fp32 {result['fp32_mb']} MB), {seconds:.0f}s")
+    log(f"int8: {out.name} ({result['mb']} MB, fp32 {result['fp32_mb']} MB), {seconds:.0f}s")
     return result
 
 

@@ -638,7 +638,7 @@ def bundle_(
             file_okay=False,
         ),
     ],
-    out: Annotated[Path, _option("The bundle folder to write.")] = Path("tagger"),
+    out: Annotated[Path, _option("The bundle folder to write.")] = Path("exports/tagger"),
     listing_pattern: Annotated[
         str | None,
         _option(
@@ -664,7 +664,7 @@ def bundle_(
     The folder also holds tag.py, which tags photos with ONNX Runtime, numpy and Pillow alone;
     `replicate predict` takes the folder wherever it takes a run folder.
 
-    Example: replicate bundle exports/rooms/RUN exports/kitchen/RUN --out tagger
+    Example: replicate bundle exports/rooms/RUN exports/kitchen/RUN --out exports/tagger
     """
     from . import bundle
 
