@@ -626,6 +626,70 @@ def export_(
     export.export_runs(run_dirs, bool(quantize), calibration, log=echo)
 
 
+@app.command("serve")
+@user_errors
+def serve_(
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Models: run folders, .onnx files or bundle folders (replicate bundle).",
+            exists=True,
+        ),
+    ],
+    host: Annotated[str, _option("Address to bind: this machine only, unless told.")] = "127.0.0.1",
+    port: Annotated[int, _option("Port to listen on.", min=0, max=65535)] = 8000,
+    token_file: Annotated[
+        Path | None,
+        _option(
+            "File whose first line is the token every route but /healthz requires "
+            "(Authorization: Bearer <token>).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,  # fmt: skip
+    no_auth: Annotated[
+        bool, _option("Bind an address other than 127.0.0.1 without a token, on purpose.")
+    ] = False,
+    max_bytes: Annotated[int, _option("Largest request body, in bytes (413).", min=1)] = 20_000_000,
+    max_pixels: Annotated[
+        int, _option("Most pixels a photo's header may claim (422, before decoding).", min=1)
+    ] = 50_000_000,
+    max_photos: Annotated[int, _option("Most photos in one listing request.", min=1)] = 50,
+    max_batch: Annotated[int, _option("Most photos run together.", min=1)] = 32,
+    max_wait_ms: Annotated[
+        float, _option("How long a batch waits for more photos, in ms.", min=0)
+    ] = 5.0,
+    max_queue: Annotated[
+        int, _option("Photos in hand (decoding, waiting, running) before 429.", min=1)
+    ] = 256,
+    timeout: Annotated[
+        float, _option("Seconds a photo may wait for its batch before 504.", min=0)
+    ] = 10.0,
+    grace: Annotated[
+        float, _option("Seconds SIGTERM waits for the requests in hand.", min=0)
+    ] = 30.0,
+    workers: Annotated[
+        int | None, _option("Threads decoding photos (default: one per core).", min=1)
+    ] = None,
+):
+    """Serve the models over HTTP: tag photos the moment they are uploaded, one at a time or a
+    listing at once, with the numbers `predict` writes.
+
+    POST /v1/photos, POST /v1/listings/{id}, GET /v1/models, /healthz, /readyz, /metrics; the
+    OpenAPI schema at /openapi.json. SIGTERM drains, SIGHUP reloads the models.
+
+    Example: replicate serve exports/tagger --port 8000
+    """
+    from . import serve
+
+    token = serve.read_token(token_file) if token_file else None
+    options = serve.Options(
+        tuple(models), host, port, token, max_bytes, max_pixels, max_photos, max_batch,
+        max_wait_ms, max_queue, timeout, grace, workers,
+    )  # fmt: skip
+    serve.serve(options, no_auth)
+
+
 @app.command("bundle")
 @user_errors
 def bundle_(

@@ -142,6 +142,13 @@ def listings(
     ids = listing_ids(table.path, pattern)
     if ids.isna().all():
         raise ReplicateError(f"--listing-pattern {pattern!r} matched none of the file names")
+    return by_listing(table, ids, threshold, filters)
+
+
+def by_listing(
+    table: pd.DataFrame, ids: pd.Series, threshold: float = 0.5, filters: dict | None = None
+) -> pd.DataFrame:
+    """`listings` of the photos in `table` grouped by `ids` (each row's listing id; None: none)."""
     probs = table.filter(regex=r"_p_").assign(listing=ids).dropna(subset=["listing"])
     best = probs.groupby("listing").max()
     out = pd.concat(

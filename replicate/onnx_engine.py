@@ -277,7 +277,15 @@ def tag_onnx(
         if len(pending) == bs:
             flush()
     flush()
-    table = pd.DataFrame({"path": [str(f) for f in files], "error": errors})
+    return probability_table(models, [str(f) for f in files], errors, probs)
+
+
+def probability_table(
+    models: list[OnnxModel], paths: list[str], errors: list[str], probs: dict[str, np.ndarray]
+) -> pd.DataFrame:
+    """`tag_onnx`'s table from each model's probabilities (`probs`: name -> N x classes, NaN for
+    the photos that did not decode): path, error, <name>_predicted, <name>_p_<class>."""
+    table = pd.DataFrame({"path": paths, "error": errors})
     for m in models:
         p = probs[m.name]
         ok = ~np.isnan(p).any(axis=1)
