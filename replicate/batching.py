@@ -103,6 +103,8 @@ class Batcher:
                     continue
                 except asyncio.QueueEmpty:
                     pass
+                if self.admitted <= len(batch):
+                    break  # no other photo is in hand to wait for: run now, not in max_wait
                 left = flush_at - loop.time()
                 if left <= 0:
                     break

@@ -247,7 +247,7 @@ def create_app(options: Options, state: State | None = None):
         return await request.body()
 
     @app.post("/v1/photos", summary="Tag one photo (the raw body, or one multipart file)")
-    async def tag_photo(request: Request) -> dict:
+    async def tag_photo(request: Request):
         """For each model: its class, probabilities and, for a search filter, has_<attribute>
         with the threshold used; and the photo's SHA-256, format, width and height (upright)."""
         data = await read_photo(request)
@@ -260,11 +260,10 @@ def create_app(options: Options, state: State | None = None):
         finally:
             state.release(1)
         request.state.photos = 1
-        row = tagger.table([probs], ["photo"]).iloc[0]
-        return {**photo, "models": tagger.answer(row)}
+        return JSONResponse({**photo, "models": tagger.answer(probs)})
 
     @app.post("/v1/listings/{listing_id}", summary="Tag a listing's photos (multipart)")
-    async def tag_listing(listing_id: str, request: Request) -> dict:
+    async def tag_listing(listing_id: str, request: Request):
         """Each photo as /v1/photos gives it, or its own `error`; and the listing's tags by the
         listing rule, as `predict`'s tags_listings table has them."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -290,17 +289,14 @@ def create_app(options: Options, state: State | None = None):
         names = [f.filename or f"photo-{i}" for i, f in enumerate(files)]
         table = tagger.table([None if isinstance(r, _Error) else r[1] for r in done], names)
         out = []
-        for (i, result), name in zip(enumerate(done), names):
+        for result, name in zip(done, names):
             if isinstance(result, _Error):
                 out.append({"name": name, "error": result.message, "status": result.status})
             else:
-                out.append({"name": name, **result[0], "models": tagger.answer(table.iloc[i])})
+                out.append({"name": name, **result[0], "models": tagger.answer(result[1])})
         request.state.photos = len(datas)
-        return {
-            "listing_id": listing_id,
-            "photos": out,
-            "listing": tagger.listing(table, listing_id),
-        }
+        listing = tagger.listing(table, listing_id)
+        return JSONResponse({"listing_id": listing_id, "photos": out, "listing": listing})
 
     @app.get("/v1/models", summary="The models: classes, thresholds, checksums, shared bodies")
     async def models() -> dict:

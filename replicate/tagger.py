@@ -127,18 +127,22 @@ class Tagger:
         table = onnx_engine.probability_table(self.models, names, errors, arrays)
         return filters.apply(table, self.filters)
 
-    def answer(self, row: pd.Series) -> dict:
-        """One photo's tags: per model its class, probabilities and, for a search filter,
-        has_<attribute> with the threshold used."""
+    def answer(self, probs: dict[str, np.ndarray]) -> dict:
+        """One photo's tags from its probabilities (`infer`): per model its class (the argmax, as
+        `predict`'s <name>_predicted), probabilities and, for a search filter, has_<attribute>
+        (p_<positive> at or above the threshold, `filters.apply`'s rule) with the threshold used.
+        Without a table: a request's answer should not pay for pandas."""
         models = {}
         for m in self.models:
+            p = probs[m.name]
             tags = {
-                "class": row[f"{m.name}_predicted"],
-                "probabilities": {c: float(row[f"{m.name}_p_{c}"]) for c in m.classes},
+                "class": m.classes[int(p.argmax())],
+                "probabilities": dict(zip(m.classes, p.tolist())),
             }
             found = self.filters.get(m.name)
             if found:
-                tags[found["column"]] = bool(row[f"{m.name}_{found['column']}"])
+                positive = float(p[m.classes.index(found["positive"])])
+                tags[found["column"]] = positive >= found["threshold"]
                 tags["threshold"] = found["threshold"]
             models[m.name] = tags
         return models

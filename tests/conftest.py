@@ -287,7 +287,7 @@ def zoo(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, str]]:
 
 @pytest.fixture(scope="session")
 def houses(tmp_path_factory) -> Path:
-    """The real Houses zip imported once by `replicate data houses` (tasks rooms and exterior);
+    """The real Houses zip imported once by `replicate data houses` (rooms, exterior, kitchen);
     returns the data folder. Tests read it (runs and audits write beside it, in ../exports)."""
     from replicate.cli import app
 

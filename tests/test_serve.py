@@ -265,18 +265,35 @@ def test_a_photo_past_its_deadline_is_dropped_with_504(served):
 
 
 def test_sigterm_answers_what_is_in_hand_then_exits_0(served):
-    photo = (served["photos"] / "77_00.jpg").read_bytes()
-    with server(served["runs"][:1], "--max-wait-ms", "1500", "--max-batch", "64") as (client, proc):
-        with ThreadPoolExecutor(8) as pool:
-            pending = [pool.submit(client.post, "/v1/photos", content=photo) for _ in range(8)]
-            time.sleep(0.5)  # all 8 waiting for their batch
+    listing = [("photos", (p.name, p.read_bytes())) for p in sorted(served["photos"].glob("77_*"))]
+    listing = (listing * 3)[:50]  # 50 photos a request: about half a second each here
+    done, sent_at = [], {}
+    with server(served["runs"][:1]) as (client, proc):
+
+        def post_until_refused(i: int):
+            for n in range(20):  # bounded: 20 listings a thread at most
+                key = (i, n)
+                sent_at[key] = time.monotonic()
+                try:
+                    done.append((key, client.post("/v1/listings/9", files=listing).status_code))
+                except httpx.TransportError:
+                    done.append((key, "closed"))
+                if done[-1][1] != 200:
+                    return
+
+        with ThreadPoolExecutor(4) as pool:
+            for i in range(4):
+                pool.submit(post_until_refused, i)
+            time.sleep(1.5)
+            signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-            assert client.get("/readyz").status_code == 503
-            assert client.post("/v1/photos", content=photo).status_code == 503
-            assert [f.result().status_code for f in pending] == [200] * 8
+            assert client.get("/readyz").status_code == 503  # draining, still answering
         assert proc.wait(30) == 0
         assert "draining: " in proc.stderr.read()
+    # sent 50 ms before the signal: surely in the server's hands by then
+    before = [status for key, status in done if sent_at[key] < signalled - 0.05]
+    assert before and set(before) == {200}  # every request in hand was answered in full
+    assert {status for _, status in done} <= {200, 503, "closed"} and len(done) == len(sent_at)
 
 
 def test_sighup_reloads_a_retrained_run_without_a_failed_request(served, tmp_path):
@@ -341,3 +358,15 @@ def test_binding_beyond_this_machine_needs_a_token(served, runner):
     short.write_text("abc")
     result = runner.invoke(app, ["serve", str(served["runs"][0]), "--token-file", str(short)])
     assert result.exit_code == 2 and "at least 16 characters" in result.output
+
+
+def test_the_server_loads_no_pytorch(served):
+    """Its engine is ONNX Runtime alone: a server process stays small and starts fast."""
+    code = (
+        "import sys\n"
+        "from replicate import serve\n"
+        f"serve.Tagger([{str(served['runs'][0])!r}]).warm_up()\n"
+        "print(sorted(m for m in ('torch', 'fastai', 'timm') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
