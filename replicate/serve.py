@@ -183,9 +183,8 @@ def create_app(options: Options, state: State | None = None):
     async def lifespan(app):
         state.batcher.start()
         loop = asyncio.get_running_loop()
-        state.tagger = await loop.run_in_executor(None, state.load)
-        for warning in state.tagger.warnings:
-            log_line(f"warning: {warning}")
+        if state.tagger is None:  # `serve` loads them before it listens, so errors are one line
+            state.tagger = await loop.run_in_executor(None, state.load)
         state.ready = True
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
@@ -419,6 +418,9 @@ def serve(options: Options, no_auth: bool = False) -> None:
             "use the server: give --token-file FILE, or --no-auth if that is meant"
         )
     state = State(options)
+    state.tagger = state.load()  # a model that does not load: one error: line, before listening
+    for warning in state.tagger.warnings:
+        log_line(f"warning: {warning}")
     config = uvicorn.Config(
         create_app(options, state), host=options.host, port=options.port, log_level="warning",
         access_log=False, timeout_graceful_shutdown=max(1, int(options.grace)),

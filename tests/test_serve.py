@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -56,13 +57,16 @@ def server(models: list[Path], *args: str, token: Path | None = None):
     ]
     if token:
         command += ["--token-file", str(token)]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # Its log (a line per request) goes to a file: a pipe nobody reads fills up and stops it.
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(command, stderr=log, text=True)
+    proc.log = lambda: Path(log.name).read_text()
     headers = {"Authorization": f"Bearer {TOKEN}"} if token else {}
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30)
     try:
         deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None, proc.stderr.read()
+            assert proc.poll() is None, proc.log()
             with contextlib.suppress(httpx.TransportError):
                 if client.get("/readyz").status_code == 200:
                     break
@@ -78,6 +82,8 @@ def server(models: list[Path], *args: str, token: Path | None = None):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        log.close()
+        os.unlink(log.name)
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +295,7 @@ def test_sigterm_answers_what_is_in_hand_then_exits_0(served):
             proc.send_signal(signal.SIGTERM)
             assert client.get("/readyz").status_code == 503  # draining, still answering
         assert proc.wait(30) == 0
-        assert "draining: " in proc.stderr.read()
+        assert "draining: " in proc.log()
     # sent 50 ms before the signal: surely in the server's hands by then
     before = [status for key, status in done if sent_at[key] < signalled - 0.05]
     assert before and set(before) == {200}  # every request in hand was answered in full
@@ -342,14 +348,15 @@ def test_sighup_reloads_a_retrained_run_without_a_failed_request(served, tmp_pat
         after = client.post("/v1/photos", content=photo.read_bytes()).json()
         stop.set()
         loop.join()
+        log = proc.log()
     assert answers and all(status == 200 for status, _ in answers)
     seen = [a["models"]["rooms"]["probabilities"]["bathroom"] for _, a in answers]
     assert abs(seen[0] - old_p) <= 1e-6 and abs(seen[-1] - new_p) <= 1e-6
     assert abs(after["models"]["rooms"]["probabilities"]["bathroom"] - new_p) <= 1e-6
-    assert "error: reload failed" in proc.stderr.read()
+    assert "error: reload failed" in log
 
 
-def test_binding_beyond_this_machine_needs_a_token(served, runner):
+def test_it_refuses_to_start_open_to_anyone_or_on_a_broken_model(served, runner, tmp_path):
     result = runner.invoke(app, ["serve", str(served["runs"][0]), "--host", "0.0.0.0"])
     assert (
         result.exit_code == 2 and "--token-file" in result.output and "--no-auth" in result.output
@@ -358,6 +365,12 @@ def test_binding_beyond_this_machine_needs_a_token(served, runner):
     short.write_text("abc")
     result = runner.invoke(app, ["serve", str(served["runs"][0]), "--token-file", str(short)])
     assert result.exit_code == 2 and "at least 16 characters" in result.output
+    broken = tmp_path / "broken"
+    shutil.copytree(served["runs"][0], broken)
+    (broken / "model.onnx").write_bytes(b"not a model")
+    result = runner.invoke(app, ["serve", str(broken), "--port", str(free_port())])
+    assert result.exit_code == 2 and result.output.startswith("error: cannot load")
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_the_server_loads_no_pytorch(served):
