@@ -120,7 +120,7 @@ def load(
         meta = json.loads(raw)
         Preprocess.from_meta(meta)
         for attribute in meta.get("attributes") or [meta]:
-            list(attribute["classes"])
+            list(attribute["classes"]), attribute["output"] if "attributes" in meta else None
     except (TypeError, ValueError, KeyError):
         raise ReplicateError(
             f"{path} has no replicate metadata (classes, size, crop, normalisation): "
@@ -141,7 +141,7 @@ def load(
                 warning,
                 output=a["output"],
                 bundle=str(path),
-            )  # fmt: skip
+            )
             for a in meta["attributes"]
         ]
     head = None
