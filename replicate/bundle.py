@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from . import export, filters, onnx_engine, predict, runs
+from . import export, filters, onnx_engine, photos, predict, runs
 from .errors import ReplicateError
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -51,23 +50,24 @@ def build(
     _check_out(out, force)
     loaded = _sources(models)
     meta = _metadata(loaded, listing_pattern)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    runs.sweep(out.parent, log, name=out.name)  # this bundle's, left by a process that is gone
+    # a hidden folder beside `out`, locked while it is written, renamed into place (as run folders)
+    staging = runs.Staging(out)
     try:
         start = time.perf_counter()
         proto = merge(loaded)
         export.set_metadata(proto, meta)
-        export.save_model(proto, staging / runs.BUNDLE)
-        shutil.copy(TEMPLATES / "tag_bundle.py", staging / SCRIPT)
-        shutil.copy(Path(onnx_engine.__file__).with_name("photos.py"), staging / "photos.py")
+        export.save_model(proto, staging.path / runs.BUNDLE)
+        shutil.copy(TEMPLATES / "tag_bundle.py", staging.path / SCRIPT)
+        shutil.copy(photos.__file__, staging.path / "photos.py")
         manifest = {**meta, "seconds": round(time.perf_counter() - start, 1)}
-        _write_manifest(staging, manifest)
+        _write_manifest(staging.path, manifest)
         if quantize:
-            manifest["int8"] = quantize_bundle(staging, loaded, meta, calibration, log)
-            _write_manifest(staging, manifest)
-        staging.chmod(0o755)
-        _publish(staging, out)
+            manifest["int8"] = quantize_bundle(staging.path, loaded, meta, calibration, log)
+            _write_manifest(staging.path, manifest)
+        staging.publish()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.discard()
         raise
     sizes = sum(m.path.stat().st_size + m.path.with_name(runs.HEAD).stat().st_size for m in loaded)
     mb = (out / runs.BUNDLE).stat().st_size / 1e6
@@ -234,15 +234,3 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     files = [folder / runs.BUNDLE, folder / runs.BUNDLE_INT8, folder / SCRIPT, folder / "photos.py"]
     manifest["checksums"] = runs.checksums(files)
     (folder / runs.MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Rename the finished bundle into place; a bundle already there (--force) goes only once the
-    new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old)

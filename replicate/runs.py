@@ -286,13 +286,15 @@ def _abandoned(folder: Path) -> bool:
             return False  # published or removed meanwhile
 
 
-def sweep(task_exports: Path, log=print) -> list[Path]:
+def sweep(task_exports: Path, log=print, name: str = "*") -> list[Path]:
     """Remove the staging folders under exports/TASK whose process is gone (killed mid-run), never
-    one that a live process still writes, saying so in one line; returns what was removed."""
+    one that a live process still writes, saying so in one line; returns what was removed.
+    `name`: only the staging folders of that folder (a bundle's, in a folder of other things)."""
     task_exports = Path(task_exports)
     if not task_exports.is_dir():
         return []
-    stale = [p for p in sorted(task_exports.glob(f".*{PARTIAL}*")) if p.is_dir() and _abandoned(p)]
+    found = sorted(task_exports.glob(f".{name}{PARTIAL}*"))
+    stale = [p for p in found if p.is_dir() and _abandoned(p)]
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
     if stale:

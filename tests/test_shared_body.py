@@ -9,9 +9,11 @@ alone; bundled, they are one file, which predict and the bundle's own script run
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -314,3 +316,17 @@ def test_bundle_refuses_what_it_cannot_merge(four, bundled, runner, tmp_path):
         result = runner.invoke(app, ["bundle", str(made[2]), "--out", str(again), "--force"])
         assert result.exit_code == 0, result.output
     assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no staging or old folder left
+
+
+def test_a_bundle_left_half_written_is_swept_by_the_next(four, runner, tmp_path):
+    made, _ = four
+    left = tmp_path / ".tagger.partial-dead"  # as a killed `bundle` leaves it, long ago
+    left.mkdir()
+    (left / runs.BUNDLE).write_bytes(b"half")
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    other = tmp_path / ".notes.partial-keep"  # some other folder's: not this bundle's to remove
+    other.mkdir()
+    os.utime(other, (time.time() - 3600, time.time() - 3600))
+    result = runner.invoke(app, ["bundle", str(made[2]), "--out", str(tmp_path / "tagger")])
+    assert result.exit_code == 0, result.output
+    assert "removed 1 unfinished" in result.output and not left.exists() and other.exists()
