@@ -203,10 +203,10 @@ def quantize_bundle(
     export.quantize_onnx(folder / runs.BUNDLE, out, batches, fp32[0].input_name, int8_meta)
     seconds = time.perf_counter() - start
     int8 = onnx_engine.load(out, name="int8")
-    accuracy = {}
+    accuracy = {}  # each attribute on its own task's valid photos, fp32 and int8 in one pass
     for task_dir in dict.fromkeys(task_dirs.values()):
-        names = [m.name for m in loaded if task_dirs[m.name] == task_dir]
-        chosen = [m for m in fp32 + int8 if m.name.split("_", 1)[1] in names]
+        mine = [i for i, m in enumerate(loaded) if task_dirs[m.name] == task_dir]
+        chosen = [fp32[i] for i in mine] + [int8[i] for i in mine]
         accuracy.update(export.valid_accuracies(chosen, task_dir))
     result = {
         "calibration_photos": len(sample),

@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=Fu
 from . import audit as auditing  # noqa: E402
 from . import clean as cleaning  # noqa: E402
 from . import report, runtime  # noqa: E402
-from .config import STUDY_ARCHS, RunConfig  # noqa: E402
+from .config import STUDY_ARCHS, RunConfig, ServeOptions  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
 
 # rich_markup_mode=None: click's own help, which rewraps each paragraph to the terminal's width
@@ -636,8 +636,10 @@ def serve_(
             exists=True,
         ),
     ],
-    host: Annotated[str, _option("Address to bind: this machine only, unless told.")] = "127.0.0.1",
-    port: Annotated[int, _option("Port to listen on.", min=0, max=65535)] = 8000,
+    host: Annotated[
+        str, _option("Address to bind: this machine only, unless told.")
+    ] = ServeOptions.host,
+    port: Annotated[int, _option("Port to listen on.", min=0, max=65535)] = ServeOptions.port,
     token_file: Annotated[
         Path | None,
         _option(
@@ -648,29 +650,34 @@ def serve_(
         ),
     ] = None,  # fmt: skip
     no_auth: Annotated[
-        bool, _option("Bind an address other than 127.0.0.1 without a token, on purpose.")
+        bool,
+        _option("Bind an address other than 127.0.0.1 without a token, on purpose.", "--no-auth"),
     ] = False,
-    max_bytes: Annotated[int, _option("Largest request body, in bytes (413).", min=1)] = 20_000_000,
+    max_bytes: Annotated[
+        int, _option("Largest request body, in bytes (413).", min=1)
+    ] = ServeOptions.max_bytes,
     max_pixels: Annotated[
         int, _option("Most pixels a photo's header may claim (422, before decoding).", min=1)
-    ] = 50_000_000,
-    max_photos: Annotated[int, _option("Most photos in one listing request.", min=1)] = 50,
-    max_batch: Annotated[int, _option("Most photos run together.", min=1)] = 32,
+    ] = ServeOptions.max_pixels,
+    max_photos: Annotated[
+        int, _option("Most photos in one listing request.", min=1)
+    ] = ServeOptions.max_photos,
+    max_batch: Annotated[int, _option("Most photos run together.", min=1)] = ServeOptions.max_batch,
     max_wait_ms: Annotated[
         float, _option("How long a batch waits for more photos, in ms.", min=0)
-    ] = 5.0,
+    ] = ServeOptions.max_wait_ms,
     max_queue: Annotated[
         int, _option("Photos in hand (decoding, waiting, running) before 429.", min=1)
-    ] = 256,
+    ] = ServeOptions.max_queue,
     timeout: Annotated[
         float, _option("Seconds a photo may wait for its batch before 504.", min=0)
-    ] = 10.0,
+    ] = ServeOptions.timeout,
     grace: Annotated[
         float, _option("Seconds SIGTERM waits for the requests in hand.", min=0)
-    ] = 30.0,
+    ] = ServeOptions.grace,
     workers: Annotated[
         int | None, _option("Threads decoding photos (default: one per core).", min=1)
-    ] = None,
+    ] = ServeOptions.workers,
 ):
     """Serve the models over HTTP: tag photos the moment they are uploaded, one at a time or a
     listing at once, with the numbers `predict` writes.
@@ -683,7 +690,7 @@ def serve_(
     from . import serve
 
     token = serve.read_token(token_file) if token_file else None
-    options = serve.Options(
+    options = ServeOptions(
         tuple(models), host, port, token, max_bytes, max_pixels, max_photos, max_batch,
         max_wait_ms, max_queue, timeout, grace, workers,
     )  # fmt: skip

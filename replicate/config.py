@@ -1,8 +1,10 @@
-"""The whole configuration of one training run, built once by the CLI and passed whole.
+"""The whole configuration of one training run (and of one server), built once by the CLI and
+passed whole.
 
     python -c "from replicate.config import RunConfig; print(RunConfig('rooms', 'resnet18'))"
 
-The run folder records it (runs.Run.config), so every result says how it was made.
+The run folder records it (runs.Run.config), so every result says how it was made. `ServeOptions`
+is `replicate serve`'s: its defaults are the CLI's, so they are written once.
 """
 
 from __future__ import annotations
@@ -114,3 +116,22 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
     }
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """One `replicate serve`: the models and every limit (the CLI's defaults are these)."""
+
+    models: tuple[Path, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # required as Authorization: Bearer <token> when set
+    max_bytes: int = 20_000_000  # per request body
+    max_pixels: int = 50_000_000  # per photo, from its header
+    max_photos: int = 50  # per listing
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256  # photos in hand (decoding, waiting, running) before 429
+    timeout: float = 10.0  # seconds a photo may wait for its batch before 504
+    grace: float = 30.0  # seconds SIGTERM waits for the requests in hand
+    workers: int | None = None  # decoding threads; None: one per core

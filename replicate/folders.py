@@ -10,21 +10,15 @@ A task is `TASK/{train,valid}/<class>/*.jpg`; folders starting with `_` or `.` a
 from __future__ import annotations
 
 import hashlib
-import mimetypes
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import ReplicateError
+from .photos import image_files
 
 SPLITS = ("train", "valid")
 LAYOUT = "TASK/train/<class>/*.jpg and TASK/valid/<class>/*.jpg"
-# The extensions fastai's get_image_files takes: every type mimetypes calls an image. Read the
-# system's types first (/etc/mime.types): mimetypes does so lazily, on its first lookup, so without
-# init() this set would depend on whether some other import had looked a type up already.
-mimetypes.init()
-IMAGE_EXTENSIONS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith("image/")}
 
 
 def sha256_file(path: Path) -> str:
@@ -34,29 +28,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively and sorted, by the extensions fastai's
-    `get_image_files` knows, skipping hidden names.
-
-    Written out rather than `get_image_files` because that walk follows symlinks with no memory
-    of where it has been: a link to a folder above it loops until paths grow too long, and the
-    same photos count dozens of times. Here every real folder is read once."""
-    seen, found = set(), []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [
-            Path(dirpath) / f
-            for f in sorted(filenames)
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        ]
-    return found
 
 
 def class_dirs(split_dir: Path) -> set[str]:

@@ -120,7 +120,9 @@ def load(
         meta = json.loads(raw)
         Preprocess.from_meta(meta)
         for attribute in meta.get("attributes") or [meta]:
-            list(attribute["classes"]), attribute["output"] if "attributes" in meta else None
+            list(attribute["classes"])
+        for attribute in meta.get("attributes", []):  # a bundle: each attribute's output
+            str(attribute["output"])
     except (TypeError, ValueError, KeyError):
         raise ReplicateError(
             f"{path} has no replicate metadata (classes, size, crop, normalisation): "

@@ -9,12 +9,15 @@ photos here, so a model sees the same pixels when it is served as when it was va
   photo and the model's input geometry, so training and serving make the same one;
 - the validation crop (`valid_crop`): the centre `crop_pct` of the short side, resized to `size`.
 
-`Preprocess` is the record of the whole photo -> input recipe that model.onnx carries.
+`Preprocess` is the record of the whole photo -> input recipe that model.onnx carries;
+`image_files` says which files under a folder are photos, for tasks and tagging alike.
 Only PIL and numpy: the ONNX engine imports this without fastai or PyTorch.
 """
 
 from __future__ import annotations
 
+import mimetypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +31,11 @@ RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# The extensions fastai's get_image_files takes: every type mimetypes calls an image. Read the
+# system's types first (/etc/mime.types): mimetypes does so lazily, on its first lookup, so without
+# init() this set would depend on whether some other import had looked a type up already.
+mimetypes.init()
+IMAGE_EXTENSIONS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith("image/")}
 DRAFT_FACTOR = 4  # decode at reduced scale when the short side is at least this many times the crop
 
 
@@ -130,3 +138,26 @@ def decode(path: Path, geometries: list[tuple[int, float, str]]) -> tuple[dict |
         return out, ""
     except Exception as e:  # PIL raises many types for files that are not images
         return None, f"{type(e).__name__}: {e}"
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively and sorted, by the extensions fastai's
+    `get_image_files` knows, skipping hidden names.
+
+    Written out rather than `get_image_files` because that walk follows symlinks with no memory
+    of where it has been: a link to a folder above it loops until paths grow too long, and the
+    same photos count dozens of times. Here every real folder is read once."""
+    seen, found = set(), []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        ]
+    return found

@@ -30,18 +30,20 @@ import hmac
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 
+from . import runtime
 from .batching import Batcher, Expired, QueueFull
+from .config import ServeOptions as Options
 from .errors import ReplicateError
 from .tagger import Refused, Tagger
 
@@ -55,25 +57,6 @@ ROUTES = (
     "/readyz",
     "/metrics",
 )
-
-
-@dataclass(frozen=True)
-class Options:
-    """One `replicate serve`: the models and every limit."""
-
-    models: tuple[Path, ...]
-    host: str = "127.0.0.1"
-    port: int = 8000
-    token: str | None = None  # required as Authorization: Bearer <token> when set
-    max_bytes: int = 20_000_000  # per request body
-    max_pixels: int = 50_000_000  # per photo, from its header
-    max_photos: int = 50  # per listing
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_queue: int = 256  # photos in hand (decoding, waiting, running) before 429
-    timeout: float = 10.0  # seconds a photo may wait for its batch before 504
-    grace: float = 30.0  # seconds SIGTERM waits for the requests in hand
-    workers: int | None = None  # decoding threads; None: one per core
 
 
 def log_line(message: str) -> None:
@@ -96,10 +79,6 @@ class State:
     """What the routes share: the models (swapped whole by a reload), the batcher, the flags."""
 
     def __init__(self, options: Options):
-        from concurrent.futures import ThreadPoolExecutor
-
-        from . import runtime
-
         self.options = options
         self.tagger: Tagger | None = None
         self.ready = self.draining = False
@@ -354,8 +333,6 @@ class _Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from starlette.datastructures import Headers
-
         start, path, state = time.perf_counter(), scope["path"], self.state
         scope.setdefault("state", {})["photos"] = 0
         status = 500

@@ -88,7 +88,10 @@ class Tagger:
         self.groups = onnx_engine.sharing(self.models)
         self.geometries = list(dict.fromkeys(m.prep.geometry for m in self.models))
         self.filters = filters.of_models(self.models)
-        self.checksums = {m.name: sha256_file(m.path) for m in self.models}
+        files = {
+            p: sha256_file(p) for p in dict.fromkeys(m.path for m in self.models)
+        }  # a bundle: once
+        self.checksums = {m.name: files[m.path] for m in self.models}
         self.warnings = [m.warning for m in self.models if m.warning]
 
     def prepare(self, data: bytes) -> dict:

@@ -80,6 +80,6 @@ def test_image_extensions_are_fastais():
     """folders lists images without importing fastai; it must take the same files fastai would."""
     from fastai.data.transforms import image_extensions
 
-    from replicate.folders import IMAGE_EXTENSIONS
+    from replicate.photos import IMAGE_EXTENSIONS
 
     assert IMAGE_EXTENSIONS == set(image_extensions)

@@ -16,8 +16,6 @@ resampling and normalisation, and per attribute its output name, classes and fil
 import argparse
 import csv
 import json
-import mimetypes
-import os
 import sys
 from pathlib import Path
 
@@ -26,34 +24,15 @@ import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from photos import Preprocess, decode  # noqa: E402  (the copy beside this script)
-
-# The image extensions replicate (and fastai) take: every type mimetypes calls an image.
-mimetypes.init()
-IMAGE_EXTENSIONS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith("image/")}
+import photos  # noqa: E402  (the copy beside this script)
 
 
 def image_files(paths):
     """The files named, and the image files under the folders named, in the order `replicate
-    predict` takes them (each folder's files sorted, then its sub-folders; hidden names left out;
-    each real folder read once, however symlinks lead back to it)."""
-    found, seen = [], set()
+    predict` takes them (photos.image_files: each folder's files sorted, then its sub-folders)."""
+    found = []
     for p in map(Path, paths):
-        if not p.is_dir():
-            found.append(p)
-            continue
-        for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [
-                Path(dirpath) / f
-                for f in sorted(filenames)
-                if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-            ]
+        found += photos.image_files(p) if p.is_dir() else [p]
     return list(dict.fromkeys(found))
 
 
@@ -67,7 +46,7 @@ def main():
 
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     meta = json.loads(session.get_modelmeta().custom_metadata_map["replicate"])
-    prep = Preprocess.from_meta(meta)
+    prep = photos.Preprocess.from_meta(meta)
     attributes = meta["attributes"]
     mean = np.array(prep.mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255
     scale = 1 / (np.array(prep.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255)
@@ -113,7 +92,7 @@ def main():
 
     batch = []
     for path in image_files(args.photos):
-        batch.append((path, *decode(path, [prep.geometry])))
+        batch.append((path, *photos.decode(path, [prep.geometry])))
         if len(batch) == args.bs:
             flush(batch)
     if batch:
