@@ -259,27 +259,9 @@ def zoo(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, str]]:
     todo += [(a, 32, "unfrozen", False) for a in ZOO_TIMM]
     for arch, size, mode, onnx in todo:
         extra = (["--unfreeze"] if mode == "unfrozen" else []) + (["--onnx"] if onnx else [])
-        result = runner.invoke(
-            app,
-            [
-                "run",
-                "toy",
-                "--arch",
-                arch,
-                "--epochs",
-                "2",
-                "--size",
-                str(size),
-                "--no-pretrained",
-                "--workers",
-                "0",
-                "--data-dir",
-                str(root / "data"),
-                "--exports-dir",
-                str(root / "exports"),
-                *extra,
-            ],
-        )
+        options = ["--epochs", "2", "--size", str(size), "--no-pretrained", "--workers", "0"]
+        where = folders_args(root / "data", root / "exports")
+        result = runner.invoke(app, ["run", "toy", "--arch", arch, *options, *where, *extra])
         assert result.exit_code == 0, result.output
         runs[arch, mode] = (root / "exports" / "toy" / f"{arch}-{mode}", result.output)
     return runs

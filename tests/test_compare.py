@@ -222,28 +222,9 @@ def test_seeds_repeat_each_cell_and_report_the_spread(grid_copy, runner):
 def test_fastai_recipe_runs_for_every_arch_in_both_modes(tiny_task, runner, arch, size):
     exports = tiny_task.parent / "exports"
     for mode in ([], ["--unfreeze"]):
-        result = runner.invoke(
-            app,
-            [
-                "run",
-                "toy",
-                "--arch",
-                arch,
-                "--recipe",
-                "fastai",
-                "--epochs",
-                "2",
-                "--size",
-                str(size),
-                "--lr",
-                "1e-3",
-                "--no-pretrained",
-                "--workers",
-                "0",
-                *folders_args(tiny_task, exports),
-                *mode,
-            ],
-        )
+        options = ["--recipe", "fastai", "--epochs", "2", "--size", str(size), "--lr", "1e-3"]
+        options += ["--no-pretrained", "--workers", "0", *folders_args(tiny_task, exports)]
+        result = runner.invoke(app, ["run", "toy", "--arch", arch, *options, *mode])
         assert result.exit_code == 0, result.output
     for name in (f"{arch}-frozen-fastai", f"{arch}-unfrozen-fastai"):
         history = pd.read_csv(exports / "toy" / name / "history.csv")

@@ -121,23 +121,8 @@ def use_file(monkeypatch, server, name: str, data: bytes | None):
 
 def run(runner, tiny_task, arch: str, *extra):
     exports = tiny_task.parent / "exports"
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "toy",
-            "--arch",
-            arch,
-            "--epochs",
-            "1",
-            "--size",
-            "32",
-            "--workers",
-            "0",
-            *folders_args(tiny_task, exports),
-            *extra,
-        ],
-    )
+    options = ["--epochs", "1", "--size", "32", "--workers", "0", *folders_args(tiny_task, exports)]
+    result = runner.invoke(app, ["run", "toy", "--arch", arch, *options, *extra])
     return result, exports / "toy" / f"{arch}-frozen"
 
 
