@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@echo "installing replicate into $(VENV) (the first time: PyTorch and its CUDA libraries, a few GB, minutes)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,lite]'
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,lite,ray]'
 	$(BIN)/replicate --help > /dev/null
 	touch $@
 

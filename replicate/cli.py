@@ -626,6 +626,69 @@ def export_(
     export.export_runs(run_dirs, bool(quantize), calibration, log=echo)
 
 
+@app.command("index")
+@user_errors
+def index_(
+    items: Annotated[
+        list[Path],
+        typer.Argument(
+            help="One or more models (run folders, bundle folders, .onnx files) followed by "
+            "images or folders (searched recursively).",
+            exists=True,
+        ),
+    ],
+    out: Annotated[
+        Path, _option("The index folder: made on the first call, brought up to date after.")
+    ] = Path("exports/index"),
+    listing_pattern: Annotated[
+        str | None,
+        _option(
+            "Regex whose first group is the listing id, searched in the file name (or the path, if "
+            "it has a /): also writes the per-listing table, e.g. '^(\\d+)_'."
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, _option("Per listing: a class counts as shown above this probability.")
+    ] = 0.5,
+    ray: Annotated[
+        str | None,
+        _option(
+            "Tag on Ray: auto (the cluster this machine is in, or a local one) or the head's "
+            "host:port. Needs replicate[ray]; every node must reach the models, photos and --out."
+        ),
+    ] = None,
+    part_size: Annotated[
+        int,
+        _option(
+            "Photos per part: each part is committed whole; a killed job redoes only the parts in flight.",
+            min=1,
+        ),
+    ] = 1024,
+    bs: Annotated[int, _option("Batch size.", min=1)] = 64,
+    workers: Annotated[
+        int | None,
+        _option(
+            "Without --ray: threads decoding photos (default: one per core, at most 8).", min=0
+        ),
+    ] = None,
+):
+    """Keep a search index of photos' tags: a Parquet dataset with one row per photo (path, size,
+    modification time, SHA-256, error, every model's columns as `predict` names them, the models'
+    checksums) and, with --listing-pattern, the per-listing table.
+
+    Called again on the same index it tags only the photos that are new or changed, and retags
+    a photo only with a model whose checksum changed (a retrained run); the rows of photos that
+    are gone are dropped. Parts are committed as they complete: a job that is killed and started
+    again redoes only the parts that were in flight.
+
+    Example: replicate index exports/tagger data/kitchen/valid --out exports/index --listing-pattern '^(\\d+)_'
+    """
+    from . import index
+
+    job = index.IndexJob(items, out, listing_pattern, threshold, ray, part_size, bs, workers)
+    index.run(job, log=echo, warn=warn)
+
+
 @app.command("serve")
 @user_errors
 def serve_(

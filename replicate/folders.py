@@ -30,6 +30,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_or_empty(path: Path) -> str:
+    """A photo's SHA-256; '' when it cannot be read (its row's error says why)."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return ""
+
+
 def class_dirs(split_dir: Path) -> set[str]:
     return {d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))}
 

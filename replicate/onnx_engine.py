@@ -108,13 +108,15 @@ def load(
     name: str | None = None,
     device: str = "cpu",
     index: int = 0,
+    threads: int = 0,
 ) -> list[OnnxModel]:
     """ONNX Runtime sessions for a run folder's model.onnx, an .onnx file, or a bundle (its folder
     or file: one OnnxModel per attribute, on one session), the metadata read and the checksums
-    checked. `name`: the model's name, a prefix to a bundle's attribute names. A file that is not
-    a readable ONNX model with replicate's metadata is a ReplicateError."""
+    checked. `name`: the model's name, a prefix to a bundle's attribute names; `threads`: the
+    session's threads (0: one per core). A file that is not a readable ONNX model with replicate's
+    metadata is a ReplicateError."""
     path = onnx_path(Path(model))
-    session = _session(path, device, index)
+    session = _session(path, device, index, threads)
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     try:
         meta = json.loads(raw)

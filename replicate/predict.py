@@ -159,13 +159,18 @@ def _has_pickle(model: Path) -> bool:
     return model.suffix == ".pkl" or (model.is_dir() and (model / runs.PICKLE).is_file())
 
 
-def load_models(paths: list[Path], engine: str, device: str) -> list:
+def load_models(paths: list[Path], engine: str, device: str, threads: int = 0) -> list:
     """The models, loaded for `engine` on `device` (a bundle: one model per attribute), their column
     names made unique: the task (a bundle's attribute name), else task_<run folder>, else
-    task_<run folder>_<file> (model.onnx beside model.int8.onnx)."""
+    task_<run folder>_<file> (model.onnx beside model.int8.onnx). `threads`: each ONNX Runtime
+    session's (0: one per core)."""
     index = int(os.environ.get("LOCAL_RANK", 0))
     if engine == "onnx":
-        loaded = [(m, p) for p in paths for m in onnx_engine.load(p, device=device, index=index)]
+        loaded = [
+            (m, p)
+            for p in paths
+            for m in onnx_engine.load(p, device=device, index=index, threads=threads)
+        ]
         models, paths = [m for m, _ in loaded], [p for _, p in loaded]
     else:
         import torch

@@ -39,6 +39,7 @@ SIGNATURES = {
 }
 FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+CHECKSUM = "_model_sha256"  # an index row's column of the SHA-256 of the model that tagged it
 
 
 class Refused(Exception):
@@ -81,10 +82,20 @@ class Tagger:
     """A set of models loaded once: `prepare` decodes an upload, `infer` tags a batch of decoded
     photos, `answer` turns one photo's probabilities into its JSON, `listing` a listing's."""
 
-    def __init__(self, paths: list[Path], max_pixels: int = 50_000_000):
+    def __init__(
+        self,
+        paths: list[Path],
+        max_pixels: int = 50_000_000,
+        names: list[str] | None = None,
+        threads: int = 0,
+    ):
+        """`names`: only these of the models (as `predict` names them among all of `paths`);
+        `threads`: each ONNX Runtime session's (0: one per core)."""
         self.paths = [Path(p) for p in paths]
         self.max_pixels = max_pixels
-        self.models = predict.load_models(self.paths, "onnx", "cpu")
+        self.models = predict.load_models(self.paths, "onnx", "cpu", threads)
+        if names is not None:
+            self.models = [m for m in self.models if m.name in names]
         self.groups = onnx_engine.sharing(self.models)
         self.geometries = list(dict.fromkeys(m.prep.geometry for m in self.models))
         self.filters = filters.of_models(self.models)
@@ -116,9 +127,12 @@ class Tagger:
                     row[m.name] = p
         return out
 
-    def table(self, probs: list[dict[str, np.ndarray]], names: list[str]) -> pd.DataFrame:
+    def table(
+        self, probs: list[dict[str, np.ndarray]], names: list[str], errors: list[str] | None = None
+    ) -> pd.DataFrame:
         """`predict`'s photo table for photos' probabilities (one row each, named `names`), the
-        search filters applied; a photo without probabilities (None) is a row with an error."""
+        search filters applied; a photo without probabilities (None) is a row with an error
+        (`errors`: each photo's, e.g. why it did not decode)."""
         n = len(probs)
         arrays = {
             m.name: np.full((n, len(m.classes)), np.nan, dtype=np.float32) for m in self.models
@@ -126,9 +140,34 @@ class Tagger:
         for i, p in enumerate(probs):
             for name, values in (p or {}).items():
                 arrays[name][i] = values
-        errors = ["" if p else "not tagged" for p in probs]
+        if errors is None:
+            errors = ["" if p else "not tagged" for p in probs]
         table = onnx_engine.probability_table(self.models, names, errors, arrays)
         return filters.apply(table, self.filters)
+
+    def index_rows(
+        self, facts: pd.DataFrame, probs: list[dict[str, np.ndarray] | None], errors: list[str]
+    ) -> pd.DataFrame:
+        """An index's rows (`replicate index`) for photos: `facts` (path, size, mtime_ns, sha256),
+        `predict`'s columns for each of them, and each model's checksum."""
+        table = self.table(probs, list(facts.path), errors)
+        checksums = {f"{name}{CHECKSUM}": sha for name, sha in self.checksums.items()}
+        facts = facts.reset_index(drop=True)[["path", "size", "mtime_ns", "sha256"]]
+        return pd.concat([facts, table.drop(columns="path")], axis=1).assign(**checksums)
+
+    def column_names(self, names: list[str] | None = None) -> list[str]:
+        """The columns of `index_rows` after the photo's facts and error, in their order (those of
+        the models `names`; None: all): `predict`'s, then the checksums."""
+        mine = [m for m in self.models if names is None or m.name in names]
+        columns = [
+            c
+            for m in mine
+            for c in [f"{m.name}_predicted", *(f"{m.name}_p_{k}" for k in m.classes)]
+        ]
+        for name, found in self.filters.items():
+            if names is None or name in names:
+                columns.append(f"{name}_{found['column']}")
+        return columns + [f"{m.name}{CHECKSUM}" for m in mine]
 
     def answer(self, probs: dict[str, np.ndarray]) -> dict:
         """One photo's tags from its probabilities (`infer`): per model its class (the argmax, as

@@ -1,0 +1,232 @@
+"""`replicate index`: models and photo folders -> a search index of every photo's tags, kept up to
+date by calling it again.
+
+    replicate index exports/tagger data/kitchen/valid --out exports/index --listing-pattern '^(\\d+)_'
+
+`run(IndexJob)` is the command. It scans the photos (path, size, modification time) and compares
+them with the index (`store`): a photo that is new or changed is tagged with every model, a photo
+whose row a model with another checksum tagged (a retrained run) is tagged again by that model
+only, and the rows of photos that are gone are dropped. It tags with `predict`'s engine
+(`tagger.Tagger`: one decode per photo, one body pass per shared body, the search filters), in
+parts of `--part-size` photos, each committed when complete, so a job killed at any point loses
+only the parts in flight. Then it compacts the index and writes the per-listing table from it.
+
+Without `--ray` it runs here, decoding in threads as `predict` does; with `--ray auto` or
+`--ray ADDRESS` the tagging runs on a Ray cluster (`cluster`). Both write the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import pandas as pd
+
+from . import cluster, filters, onnx_engine, predict, runtime, store
+from .errors import ReplicateError
+from .folders import sha256_or_empty
+from .tagger import CHECKSUM, Tagger
+
+
+@dataclass(frozen=True)
+class IndexJob:
+    """One `replicate index`: the models and photos (`items`, models first) and the options."""
+
+    items: list[Path]
+    out: Path = Path("exports/index")
+    listing_pattern: str | None = None  # regex whose first group is the listing id
+    threshold: float = 0.5  # per listing: a class counts as shown above this probability
+    ray: str | None = None  # None: this machine, in threads; "auto" or a cluster's address
+    part_size: int = 1024  # photos per committed part: what a killed job may redo
+    bs: int = 64
+    workers: int | None = None  # threads decoding photos here; None: one per core
+
+
+@dataclass
+class Work:
+    """Photos to tag with some of the models (`names`; None: all), in path order, and the columns
+    their new rows carry over from the old ones (the other models' tags)."""
+
+    names: list[str] | None
+    photos: pd.DataFrame  # path, size, mtime_ns, then the carried columns
+    carried: list[str]
+
+
+def run(job: IndexJob, log=print, warn=print) -> dict:
+    """Bring the index at `job.out` up to date with the job's photos and models; returns the
+    summary (also written into the index's index.json)."""
+    if job.part_size < 1:
+        raise ReplicateError(f"--part-size {job.part_size}: give at least 1")
+    start = time.perf_counter()
+    model_paths, photo_paths = predict.split_items(job.items)
+    files = predict.find_images(photo_paths)
+    if not files:
+        raise ReplicateError("no images found in " + ", ".join(str(p) for p in photo_paths))
+    tagger = Tagger(model_paths)
+    for warning in tagger.warnings:
+        warn(f"warning: {warning}")
+    columns = [*store.FACTS, *tagger.column_names()]
+    with store.Index(job.out) as index:
+        if index.swept:
+            log(f"removed {len(index.swept)} unfinished file(s) of a job that was killed")
+        scan = scan_photos(files)
+        old = store.rows(index.path, ["size", "mtime_ns", *_checksum_columns(tagger)])
+        works, counts = plan(scan, old, tagger, columns)
+        if any(w.carried for w in works):  # a model changed: its photos keep the others' tags
+            whole = store.rows(index.path).set_index("path")
+            for w in works:
+                w.photos = w.photos.join(whole[w.carried], on="path") if w.carried else w.photos
+        generation = index.begin()
+        tag_start = time.perf_counter()
+        tagged = sum(_tag(w, job, tagger, index, log) for w in works)
+        tag_seconds = time.perf_counter() - tag_start
+        compacted = store.compact(index.path, set(scan.path), columns)
+        table = store.rows(index.path)
+        listings = _listings(index, table, tagger, job) if job.listing_pattern else None
+        summary = {
+            "photos": len(table),
+            **counts,
+            "unreadable": int((table.error != "").sum()),
+            "tagged": tagged,
+            "tag_seconds": round(tag_seconds, 3),
+            "photos_per_second": round(tagged / tag_seconds, 2) if tagged else None,
+            "seconds": round(time.perf_counter() - start, 3),
+            "engine": f"ray ({job.ray})" if job.ray else "local threads",
+            "generation": generation,
+            "parts": len(store.part_files(index.path)),
+            "compacted": compacted,
+            "listings": None if listings is None else len(listings),
+            "listing_pattern": job.listing_pattern,
+            "models": tagger.describe(),
+            "columns": columns,
+        }
+        index.write_manifest(summary)
+    log(_summary_line(summary, index.path))
+    return summary
+
+
+def scan_photos(files: list[Path]) -> pd.DataFrame:
+    """path, size, mtime_ns of each photo, in path order: what tells a changed photo without
+    reading it."""
+    stats = [os.stat(f) for f in files]
+    return pd.DataFrame({
+        "path": [str(f) for f in files],
+        "size": [s.st_size for s in stats],
+        "mtime_ns": [s.st_mtime_ns for s in stats],
+    }).sort_values("path", ignore_index=True)  # fmt: skip
+
+
+def _checksum_columns(tagger: Tagger) -> list[str]:
+    return [f"{m.name}{CHECKSUM}" for m in tagger.models]
+
+
+def plan(
+    scan: pd.DataFrame, old: pd.DataFrame, tagger: Tagger, columns: list[str]
+) -> tuple[list[Work], dict]:
+    """What to tag: photos new or changed (size or modification time) with every model, the other
+    photos with each model whose checksum differs from the one that tagged their row; and the
+    counts of new, changed, retagged (a model changed), kept and gone photos."""
+    known = scan.merge(old, on="path", how="left", suffixes=("", "_old"), indicator=True)
+    new = (known._merge == "left_only").to_numpy()
+    changed = (
+        ~new
+        & (
+            (known["size"] != known["size_old"]) | (known["mtime_ns"] != known["mtime_ns_old"])
+        ).to_numpy()
+    )
+    stale = pd.DataFrame(
+        {
+            m.name: known.get(f"{m.name}{CHECKSUM}", pd.Series(index=known.index, dtype=object))
+            != tagger.checksums[m.name]
+            for m in tagger.models
+        }
+    )
+    needs = [
+        None if whole else tuple(n for n, s in row.items() if s)
+        for whole, (_, row) in zip(new | changed, stale.iterrows())
+    ]
+    groups: dict = {}
+    for i, need in enumerate(needs):
+        if need is None or need:
+            groups.setdefault(need, []).append(i)
+    facts = scan[["path", "size", "mtime_ns"]]
+    works = []
+    for need, rows in groups.items():
+        names = None if need is None else list(need)
+        produced = set(store.FACTS) | set(tagger.column_names(names))
+        carried = [] if names is None else [c for c in columns if c not in produced]
+        works.append(Work(names, facts.iloc[rows].reset_index(drop=True), carried))
+    counts = {
+        "new": int(new.sum()),
+        "changed": int(changed.sum()),
+        "retagged": sum(len(r) for need, r in groups.items() if need is not None),
+        "kept": int(sum(1 for n in needs if n == ())),
+        "gone": int((~old.path.isin(scan.path)).sum()) if len(old) else 0,
+    }
+    return works, counts
+
+
+def _tag(work: Work, job: IndexJob, tagger: Tagger, index: store.Index, log) -> int:
+    """Tag `work` into committed parts of the index's new generation, here or on Ray (`tagger`:
+    every model, loaded); returns the photos tagged."""
+    what = "every model" if work.names is None else ", ".join(work.names)
+    log(f"tagging {len(work.photos)} photos with {what}")
+    if job.ray:
+        return cluster.tag(work, job, tagger, index, log)
+    columns = [*store.FACTS, *tagger.column_names()]
+    if work.names is not None:
+        tagger = Tagger(tagger.paths, names=work.names)
+    done = 0
+    for rows in tag_parts(tagger, work, job.part_size, job.bs, job.workers):
+        index.commit(rows.reindex(columns=columns))
+        done += len(rows)
+    return done
+
+
+def tag_parts(tagger: Tagger, work: Work, part_size: int, bs: int, workers: int | None):
+    """The rows of `work`'s photos, `part_size` at a time: decoded by threads in one stream across
+    the parts (so a part's end does not stall the decoding), inferred in batches of `bs`."""
+    paths = [Path(p) for p in work.photos.path]
+    stream = onnx_engine.decoded(paths, tagger.geometries, runtime.workers(workers), ahead=2 * bs)
+    stream = runtime.progress(stream, len(paths), "indexing", unit="photos")
+    with ThreadPoolExecutor(1) as hashing:  # beside the decoding: hashlib releases the GIL
+        for start in range(0, len(paths), part_size):
+            chunk = work.photos.iloc[start : start + part_size]
+            hashes = hashing.map(sha256_or_empty, paths[start : start + part_size])
+            probs, errors, batch = [None] * len(chunk), [""] * len(chunk), []
+            for i, (arrays, error) in enumerate(islice(stream, len(chunk))):
+                errors[i] = error
+                if not error:
+                    batch.append((i, {"arrays": arrays}))
+                if len(batch) == bs or (batch and i == len(chunk) - 1):
+                    for (j, _), p in zip(batch, tagger.infer([b for _, b in batch])):
+                        probs[j] = p
+                    batch = []
+            facts = chunk[["path", "size", "mtime_ns"]].assign(sha256=list(hashes))
+            rows = tagger.index_rows(facts, probs, errors)
+            yield pd.concat([rows, chunk[work.carried].reset_index(drop=True)], axis=1)
+
+
+def _listings(index: store.Index, table: pd.DataFrame, tagger: Tagger, job: IndexJob):
+    """The per-listing table from the index's rows (`predict`'s, with its filters and rules)."""
+    listings = filters.listings(table, job.listing_pattern, job.threshold, tagger.filters)
+    rules = {
+        name: filters.listing_rule(f, job.listing_pattern) for name, f in tagger.filters.items()
+    }
+    index.write_listings(listings, rules)
+    return listings
+
+
+def _summary_line(s: dict, where: Path) -> str:
+    rate = f" ({s['photos_per_second']:.1f} photos/s)" if s["photos_per_second"] else ""
+    listings = f"; {s['listings']} listings" if s["listings"] is not None else ""
+    return (
+        f"{s['photos']} photos in the index: {s['tagged']} tagged{rate} ({s['new']} new, "
+        f"{s['changed']} changed, {s['retagged']} for a changed model), {s['kept']} kept, "
+        f"{s['gone']} gone and dropped, {s['unreadable']} unreadable{listings}; "
+        f"{s['parts']} parts, {s['seconds']:.1f}s on {s['engine']}; index: {where}"
+    )
