@@ -49,19 +49,20 @@ def connect(address: str, log=print):
         ) from None
     # The driver's C++ notes (one about where Ray Data keeps actors' arguments reads as an error)
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    if not ray.is_initialized():
-        try:
-            ray.init(
-                address=None if address == "auto" else address,
-                log_to_driver=False,
-                logging_level="ERROR",
-                configure_logging=True,
-            )
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise ReplicateError(
-                f"--ray {address}: cannot reach a Ray cluster ({str(e).splitlines()[0][:200]}): "
-                "start one with `ray start --head`, or give its head's host:port"
-            ) from None
+    if ray.is_initialized():  # joined already: by an earlier part of this job
+        return ray
+    try:
+        ray.init(
+            address=None if address == "auto" else address,
+            log_to_driver=False,
+            logging_level="ERROR",
+            configure_logging=True,
+        )
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ReplicateError(
+            f"--ray {address}: cannot reach a Ray cluster ({str(e).splitlines()[0][:200]}): "
+            "start one with `ray start --head`, or give its head's host:port"
+        ) from None
     resources = ray.cluster_resources()
     log(
         f"ray: {len(ray.nodes())} node(s), {int(resources.get('CPU', 0))} CPUs, "

@@ -155,7 +155,7 @@ def plan(
             groups.setdefault(need, []).append(i)
     facts = scan[["path", "size", "mtime_ns"]]
     works = []
-    for need, rows in groups.items():
+    for need, rows in sorted(groups.items(), key=lambda g: g[0] is not None):  # whole first
         names = None if need is None else list(need)
         produced = set(store.FACTS) | set(tagger.column_names(names))
         carried = [] if names is None else [c for c in columns if c not in produced]

@@ -65,17 +65,29 @@ def indexed(tmp_path_factory) -> dict:
         synthetic_photo(i, (160, 120)).save(photos / f"{i // 4 + 1}_{i % 4}.jpg")
     (photos / "10_3.jpg").write_text("not a photo at all")
     out = root / "tags.csv"
-    predicted = cli([*map(str, runs), str(photos), "--out", str(out), "--listing-pattern", LISTING], "predict")  # fmt: skip
-    assert predicted.returncode == 0, predicted.stderr
+    from typer.testing import CliRunner
+
+    args = [*map(str, runs), str(photos), "--out", str(out), "--listing-pattern", LISTING]
+    predicted = CliRunner().invoke(app, ["predict", *args])
+    assert predicted.exit_code == 0, predicted.output
     table = pd.read_csv(out, keep_default_na=False)
     listings = pd.read_csv(root / "tags_listings.csv", dtype={"listing": str})
     return {"root": root, "runs": runs, "photos": photos, "table": table, "listings": listings}
 
 
-def cli(args: list[str], command: str = "index", **popen) -> subprocess.CompletedProcess:
-    """The command as a user runs it, in a fresh process."""
-    line = [sys.executable, "-m", "replicate", command, *args]
-    return subprocess.run(line, capture_output=True, text=True, timeout=300, **popen)
+def cli(args: list[str]) -> subprocess.CompletedProcess:
+    """`replicate index` as a user runs it, in a fresh process."""
+    line = [sys.executable, "-m", "replicate", "index", *args]
+    return subprocess.run(line, capture_output=True, text=True, timeout=300)
+
+
+def index_here(args: list[str]) -> str:
+    """The command in this process (the local path: no fresh process needed); its output."""
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["index", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 def index_args(data: dict, out: Path, *more: str) -> list[str]:
@@ -104,9 +116,8 @@ def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame, columns=None) -> None:
 
 def test_the_index_equals_predicts_table_here_and_on_ray(indexed, ray_address, tmp_path):
     here, on_ray = tmp_path / "here", tmp_path / "ray"
-    done = cli(index_args(indexed, here, "--listing-pattern", LISTING, "--part-size", "16"))
-    assert done.returncode == 0, done.stderr
-    assert "40 photos in the index: 40 tagged" in done.stdout and "1 unreadable" in done.stdout
+    done = index_here(index_args(indexed, here, "--listing-pattern", LISTING, "--part-size", "16"))
+    assert "40 photos in the index: 40 tagged" in done and "1 unreadable" in done
     ray_done = cli(index_args(indexed, on_ray, "--listing-pattern", LISTING, "--ray", ray_address))
     assert ray_done.returncode == 0, ray_done.stderr
     assert "on ray" in ray_done.stdout
@@ -124,3 +135,73 @@ def test_the_index_equals_predicts_table_here_and_on_ray(indexed, ray_address, t
                          indexed["listings"].rename(columns={"listing": "path"}))  # fmt: skip
     assert len(store.part_files(here)) == 3  # 16 + 16 + 8 photos
     assert_same_rows(read_index(on_ray), read_index(here))  # both write the same rows
+
+
+def test_a_second_call_tags_only_what_changed_on_ray(indexed, ray_address, tmp_path):
+    photos, kitchen = tmp_path / "photos", tmp_path / "kitchen-run"
+    shutil.copytree(indexed["photos"], photos)
+    shutil.copytree(indexed["runs"][1], kitchen)
+    models = [str(indexed["runs"][0]), str(kitchen)]
+    out = tmp_path / "index"
+    first = cli([*models, str(photos), "--out", str(out), "--ray", ray_address])
+    assert first.returncode == 0, first.stderr
+    before = read_index(out).set_index("path")
+    synthetic_photo(100, (200, 150)).save(photos / "11_0.jpg")  # new
+    synthetic_photo(101, (200, 150)).save(photos / "11_1.jpg")
+    synthetic_photo(102, (120, 90)).save(photos / "1_0.jpg")  # changed
+    (photos / "2_1.jpg").unlink()  # gone
+    retrained = train_run(indexed["root"], "kitchen", tmp_path / "retrained", seed=7,
+                          target_precision=0.5)  # fmt: skip
+    for f in retrained.iterdir():  # the run folder retrained in place
+        if f.is_file():
+            shutil.copy(f, kitchen / f.name)
+    again = cli([*models, str(photos), "--out", str(out), "--ray", ray_address])
+    assert again.returncode == 0, again.stderr
+    # 2 new and 1 changed with both models; the other 38 with the retrained kitchen model only
+    assert "41 tagged" in again.stdout, again.stdout
+    assert "(2 new, 1 changed, 38 for a changed model), 0 kept, 1 gone and dropped" in again.stdout
+    after = read_index(out)
+    fresh = tmp_path / "fresh"
+    index_here([*models, str(photos), "--out", str(fresh)])  # the new state from nothing, here
+    assert_same_rows(after, read_index(fresh))
+    kept = after.set_index("path").loc[str(photos / "3_0.jpg")]
+    old = before.loc[str(photos / "3_0.jpg")]
+    assert kept.rooms_p_bedroom == old.rooms_p_bedroom  # carried over, not retagged
+    assert kept.kitchen_p_yes != old.kitchen_p_yes  # the retrained model's
+    assert kept.kitchen_model_sha256 != old.kitchen_model_sha256
+    assert len(after) == 41 and str(photos / "2_1.jpg") not in set(after.path)
+    summary = store.read_manifest(out)
+    assert (summary["new"], summary["changed"], summary["gone"], summary["generation"]) == (
+        2,
+        1,
+        1,
+        2,
+    )
+
+
+@pytest.mark.parametrize("engine", ["here", "ray"])
+def test_a_job_killed_half_way_resumes_to_the_same_index(indexed, ray_address, tmp_path, engine):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(300):
+        synthetic_photo(1000 + i, (64, 48)).save(photos / f"{i // 5}_{i % 5}.jpg")
+    models = [*map(str, indexed["runs"]), str(photos)]
+    on = ["--ray", ray_address] if engine == "ray" else ["--workers", "0"]
+    out = tmp_path / "index"
+    line = [sys.executable, "-m", "replicate", "index", *models, "--out", str(out), "--part-size", "10", "--bs", "5", *on]  # fmt: skip
+    job = subprocess.Popen(line, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(store.part_files(out)) < 3 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert job.poll() is None, "the job ended before it could be killed half way"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    committed = sum(len(pd.read_parquet(f)) for _, f in store.part_files(out))
+    assert 0 < committed < 300 and not (out / store.MANIFEST).exists()
+    resumed = cli([*models, "--out", str(out), "--part-size", "10", *on])
+    assert resumed.returncode == 0, resumed.stderr
+    tagged = store.read_manifest(out)["tagged"]
+    assert tagged <= 300 - committed + 10  # at most the parts in flight again
+    whole = tmp_path / "uninterrupted"
+    index_here([*models, "--out", str(whole)])
+    assert_same_rows(read_index(out), read_index(whole))
