@@ -32,10 +32,13 @@ from .tagger import Tagger
 
 # One actor per two CPUs, each reserving one and running its ONNX Runtime sessions on two threads.
 # Ray Data fuses the decoding into the actors' processes (a task stage before an actor stage with
-# the same resources: no pixels through the object store). Measured on the 2-core machine here, on
-# 1,177 photos, 85 photos/s so against 55 with two actors of one thread each; on 749 photos, 78
-# fused against 71 with the decoding in tasks of half a CPU each.
-ACTOR_CPUS, ACTOR_THREADS, CPUS_PER_ACTOR = 1, 2, 2
+# the same resources: no pixels through the object store). Each call takes CALL_PHOTOS photos and
+# infers them in batches of --bs. Measured on the 2 cores here, the 2,140 Houses photos, Ray's
+# ~5 s start-up included, taking turns in one run: calls of 64 photos 75 and 79 photos/s, of 160
+# 84 and 82; two actors of one thread each 55 (another run); the decoding unfused, in tasks of
+# half a CPU, 10% slower; two calls in flight per actor (max_concurrent_calls_per_actor=2) no
+# change beyond the machine's noise.
+ACTOR_CPUS, ACTOR_THREADS, CPUS_PER_ACTOR, CALL_PHOTOS = 1, 2, 2, 256
 
 
 def connect(address: str, log=print):
@@ -84,23 +87,30 @@ def tag(work, job, tagger: Tagger, index: store.Index, log=print) -> int:
     models = [m for m in tagger.models if work.names is None or m.name in work.names]
     geometries = list(dict.fromkeys(m.prep.geometry for m in models))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    ds = data.from_pandas(work.photos)
+    # Workers read by absolute path (their working folder is not the driver's); rows keep the path
+    # as given, as `predict` writes it.
+    files = [os.path.abspath(p) for p in work.photos.path]
+    ds = data.from_pandas(work.photos.assign(file=files))
     ds = ds.map_batches(
         decode_batch,
-        batch_size=job.bs,
+        batch_size=CALL_PHOTOS,
         batch_format="pandas",
         fn_kwargs={"geometries": geometries},
     )
     ds = ds.map_batches(
         TagActor,
-        batch_size=job.bs,
+        batch_size=CALL_PHOTOS,
         batch_format="numpy",
-        compute=data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // CPUS_PER_ACTOR)),
+        compute=data.ActorPoolStrategy(
+            min_size=1,
+            max_size=max(1, cpus // CPUS_PER_ACTOR),
+        ),
         num_cpus=ACTOR_CPUS,
         fn_constructor_kwargs={
-            "paths": [str(p) for p in tagger.paths],
+            "paths": [str(p.resolve()) for p in tagger.paths],
             "names": work.names,
             "carried": work.carried,
+            "bs": job.bs,
         },
     )
     columns = [*store.FACTS, *tagger.column_names()]
@@ -108,7 +118,7 @@ def tag(work, job, tagger: Tagger, index: store.Index, log=print) -> int:
         write_batch,
         batch_size=job.part_size,
         batch_format="pandas",
-        fn_kwargs={"parts_dir": str(index.parts_dir), "generation": index.generation, "columns": columns},
+        fn_kwargs={"parts_dir": str(index.parts_dir.resolve()), "generation": index.generation, "columns": columns},
     )  # fmt: skip
     done = 0
     for part in ds.iter_rows():
@@ -124,9 +134,10 @@ def decode_batch(batch: pd.DataFrame, geometries: list) -> dict:
     n = len(batch)
     pixels = [np.zeros((n, g[0], g[0], 3), dtype=np.uint8) for g in geometries]
     errors, hashes = [""] * n, [""] * n
-    for i, path in enumerate(batch.path):
-        hashes[i] = sha256_or_empty(Path(path))
-        arrays, errors[i] = photos.decode(Path(path), geometries)
+    for i, (path, file) in enumerate(zip(batch.path, batch.file)):
+        hashes[i] = sha256_or_empty(Path(file))
+        arrays, errors[i] = photos.decode(Path(file), geometries)
+        errors[i] = errors[i].replace(file, path)  # an error names the photo as the row does
         for k, g in enumerate(geometries):
             if arrays:
                 pixels[k][i] = arrays[g]
@@ -139,9 +150,9 @@ def decode_batch(batch: pd.DataFrame, geometries: list) -> dict:
 class TagActor:
     """Stage 3: the models loaded once (a Tagger), each batch's photos tagged into index rows."""
 
-    def __init__(self, paths: list[str], names: list[str] | None, carried: list[str]):
+    def __init__(self, paths: list[str], names: list[str] | None, carried: list[str], bs: int):
         self.tagger = Tagger([Path(p) for p in paths], names=names, threads=ACTOR_THREADS)
-        self.carried = carried
+        self.carried, self.bs = carried, bs
 
     def __call__(self, batch: dict) -> pd.DataFrame:
         errors = [str(e) for e in batch["error"]]
@@ -151,8 +162,9 @@ class TagActor:
             {"arrays": {g: batch[f"pixels_{k}"][i] for k, g in enumerate(self.tagger.geometries)}}
             for i in ok
         ]
-        if decoded:
-            for i, p in zip(ok, self.tagger.infer(decoded)):
+        for start in range(0, len(ok), self.bs):  # batches of --bs, as here without Ray
+            chunk = decoded[start : start + self.bs]
+            for i, p in zip(ok[start : start + self.bs], self.tagger.infer(chunk)):
                 probs[i] = p
         facts = pd.DataFrame({c: batch[c] for c in ("path", "size", "mtime_ns", "sha256")})
         rows = self.tagger.index_rows(facts, probs, errors)

@@ -66,6 +66,8 @@ def run(job: IndexJob, log=print, warn=print) -> dict:
     files = predict.find_images(photo_paths)
     if not files:
         raise ReplicateError("no images found in " + ", ".join(str(p) for p in photo_paths))
+    if job.ray:  # before anything is written: Ray installed, the cluster there
+        cluster.connect(job.ray, log)
     tagger = Tagger(model_paths)
     for warning in tagger.warnings:
         warn(f"warning: {warning}")
@@ -86,7 +88,11 @@ def run(job: IndexJob, log=print, warn=print) -> dict:
         tag_seconds = time.perf_counter() - tag_start
         compacted = store.compact(index.path, set(scan.path), columns)
         table = store.rows(index.path)
-        listings = _listings(index, table, tagger, job) if job.listing_pattern else None
+        listings = None
+        if job.listing_pattern:
+            listings = write_listings(
+                index, table, tagger.filters, job.listing_pattern, job.threshold
+            )
         summary = {
             "photos": len(table),
             **counts,
@@ -211,13 +217,13 @@ def tag_parts(tagger: Tagger, work: Work, part_size: int, bs: int, workers: int 
             yield pd.concat([rows, chunk[work.carried].reset_index(drop=True)], axis=1)
 
 
-def _listings(index: store.Index, table: pd.DataFrame, tagger: Tagger, job: IndexJob):
-    """The per-listing table from the index's rows (`predict`'s, with its filters and rules)."""
-    listings = filters.listings(table, job.listing_pattern, job.threshold, tagger.filters)
-    rules = {
-        name: filters.listing_rule(f, job.listing_pattern) for name, f in tagger.filters.items()
-    }
-    index.write_listings(listings, rules)
+def write_listings(
+    index: store.Index, table: pd.DataFrame, found: dict, pattern: str, threshold: float = 0.5
+) -> pd.DataFrame:
+    """The per-listing table of the index's rows, as `predict` makes it (`filters.listings`, with
+    the search filters `found` and their listing rules), written into the index; returns it."""
+    listings = filters.listings(table, pattern, threshold, found)
+    index.write_listings(listings, {n: filters.listing_rule(f, pattern) for n, f in found.items()})
     return listings
 
 

@@ -205,3 +205,30 @@ def test_a_job_killed_half_way_resumes_to_the_same_index(indexed, ray_address, t
     whole = tmp_path / "uninterrupted"
     index_here([*models, "--out", str(whole)])
     assert_same_rows(read_index(out), read_index(whole))
+
+
+def test_without_ray_it_runs_here_and_refuses_what_it_cannot_do(indexed, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without replicate[ray]
+    out = tmp_path / "index"
+    assert "40 photos in the index" in index_here(index_args(indexed, out))
+    runner = CliRunner()
+    refused = {
+        "--ray": index_args(indexed, tmp_path / "other", "--ray", "auto"),
+        "a file": index_args(indexed, indexed["photos"] / "1_0.jpg"),
+        "other things": index_args(indexed, indexed["root"] / "data"),
+    }
+    with store.Index(out):  # a job writing it
+        refused["locked"] = index_args(indexed, out)
+        results = {k: runner.invoke(app, ["index", *args]) for k, args in refused.items()}
+    messages = {
+        "--ray": "--ray needs Ray: pip install 'replicate[ray]'",
+        "a file": "is a file",
+        "other things": "is a folder of other things",
+        "locked": "another `replicate index` is writing",
+    }
+    for key, result in results.items():
+        assert result.exit_code == 2 and messages[key] in result.output, (key, result.output)
+        assert result.output.count("\n") == 1 and result.output.startswith("error:")
+    assert len(read_index(out)) == 40  # the refused calls changed nothing
