@@ -20,25 +20,27 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import photos, store
+from . import onnx_engine, store
 from .errors import ReplicateError
 from .folders import sha256_or_empty
 from .tagger import Tagger
 
 # One actor per two CPUs, each reserving one and running its ONNX Runtime sessions on two threads.
 # Ray Data fuses the decoding into the actors' processes (a task stage before an actor stage with
-# the same resources: no pixels through the object store). Each call takes CALL_PHOTOS photos and
-# infers them in batches of --bs. Measured on the 2 cores here, the 2,140 Houses photos, Ray's
-# ~5 s start-up included, taking turns in one run: calls of 64 photos 75 and 79 photos/s, of 160
-# 84 and 82; two actors of one thread each 55 (another run); the decoding unfused, in tasks of
-# half a CPU, 10% slower; two calls in flight per actor (max_concurrent_calls_per_actor=2) no
-# change beyond the machine's noise.
-ACTOR_CPUS, ACTOR_THREADS, CPUS_PER_ACTOR, CALL_PHOTOS = 1, 2, 2, 256
+# the same resources: no pixels through the object store); each call decodes its photos on
+# DECODE_THREADS threads, then infers them in batches of --bs. Measured on the 2 cores here, the
+# 2,140 Houses photos, Ray's start-up included, taking turns in one run against `predict` (114 and
+# 112 photos/s): decoding on 2 threads 88 and 90 photos/s, on the actor's own thread 82 and 85.
+# In earlier runs: calls of 160 photos 5-10% faster than calls of 64; two actors of one thread
+# each 30% slower; the decoding unfused, in tasks of half a CPU, 10% slower; two calls in flight
+# per actor (max_concurrent_calls_per_actor=2) no change beyond the machine's noise.
+ACTOR_CPUS, ACTOR_THREADS, CPUS_PER_ACTOR, CALL_PHOTOS, DECODE_THREADS = 1, 2, 2, 256, 2
 
 
 def connect(address: str, log=print):
@@ -133,14 +135,16 @@ def decode_batch(batch: pd.DataFrame, geometries: list) -> dict:
     geometries = [tuple(g) for g in geometries]
     n = len(batch)
     pixels = [np.zeros((n, g[0], g[0], 3), dtype=np.uint8) for g in geometries]
-    errors, hashes = [""] * n, [""] * n
-    for i, (path, file) in enumerate(zip(batch.path, batch.file)):
-        hashes[i] = sha256_or_empty(Path(file))
-        arrays, errors[i] = photos.decode(Path(file), geometries)
-        errors[i] = errors[i].replace(file, path)  # an error names the photo as the row does
-        for k, g in enumerate(geometries):
-            if arrays:
-                pixels[k][i] = arrays[g]
+    errors, files = [""] * n, [Path(f) for f in batch.file]
+    with ThreadPoolExecutor(1) as hashing:  # beside the decoding: hashlib releases the GIL
+        hashes = hashing.map(sha256_or_empty, files)
+        stream = onnx_engine.decoded(files, geometries, DECODE_THREADS)
+        for i, (path, file, (arrays, error)) in enumerate(zip(batch.path, batch.file, stream)):
+            errors[i] = error.replace(file, path)  # an error names the photo as the row does
+            for k, g in enumerate(geometries):
+                if arrays:
+                    pixels[k][i] = arrays[g]
+        hashes = list(hashes)
     out = {c: batch[c].to_numpy() for c in batch.columns}
     out.update(error=np.array(errors, dtype=object), sha256=np.array(hashes, dtype=object))
     out.update({f"pixels_{k}": p for k, p in enumerate(pixels)})

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import cluster, filters, onnx_engine, predict, runtime, store
@@ -59,8 +60,6 @@ class Work:
 def run(job: IndexJob, log=print, warn=print) -> dict:
     """Bring the index at `job.out` up to date with the job's photos and models; returns the
     summary (also written into the index's index.json)."""
-    if job.part_size < 1:
-        raise ReplicateError(f"--part-size {job.part_size}: give at least 1")
     start = time.perf_counter()
     model_paths, photo_paths = predict.split_items(job.items)
     files = predict.find_images(photo_paths)
@@ -71,48 +70,53 @@ def run(job: IndexJob, log=print, warn=print) -> dict:
     tagger = Tagger(model_paths)
     for warning in tagger.warnings:
         warn(f"warning: {warning}")
-    columns = [*store.FACTS, *tagger.column_names()]
     with store.Index(job.out) as index:
         if index.swept:
             log(f"removed {len(index.swept)} unfinished file(s) of a job that was killed")
-        scan = scan_photos(files)
-        old = store.rows(index.path, ["size", "mtime_ns", *_checksum_columns(tagger)])
-        works, counts = plan(scan, old, tagger, columns)
-        if any(w.carried for w in works):  # a model changed: its photos keep the others' tags
-            whole = store.rows(index.path).set_index("path")
-            for w in works:
-                w.photos = w.photos.join(whole[w.carried], on="path") if w.carried else w.photos
-        generation = index.begin()
-        tag_start = time.perf_counter()
-        tagged = sum(_tag(w, job, tagger, index, log) for w in works)
-        tag_seconds = time.perf_counter() - tag_start
-        compacted = store.compact(index.path, set(scan.path), columns)
-        table = store.rows(index.path)
-        listings = None
-        if job.listing_pattern:
-            listings = write_listings(
-                index, table, tagger.filters, job.listing_pattern, job.threshold
-            )
-        summary = {
-            "photos": len(table),
-            **counts,
-            "unreadable": int((table.error != "").sum()),
-            "tagged": tagged,
-            "tag_seconds": round(tag_seconds, 3),
-            "photos_per_second": round(tagged / tag_seconds, 2) if tagged else None,
-            "seconds": round(time.perf_counter() - start, 3),
-            "engine": f"ray ({job.ray})" if job.ray else "local threads",
-            "generation": generation,
-            "parts": len(store.part_files(index.path)),
-            "compacted": compacted,
-            "listings": None if listings is None else len(listings),
-            "listing_pattern": job.listing_pattern,
-            "models": tagger.describe(),
-            "columns": columns,
-        }
+        summary = update(index, files, tagger, job, log)
+        summary["seconds"] = round(time.perf_counter() - start, 3)
         index.write_manifest(summary)
     log(_summary_line(summary, index.path))
     return summary
+
+
+def update(index: store.Index, files: list[Path], tagger: Tagger, job: IndexJob, log) -> dict:
+    """Tag into the open `index` what `plan` finds, compact it and write its listing table;
+    returns the job's summary."""
+    columns = [*store.FACTS, *tagger.column_names()]
+    scan = scan_photos(files)
+    old = store.rows(index.path, ["size", "mtime_ns", *_checksums(tagger)])
+    works, counts = plan(scan, old, tagger)
+    if any(w.carried for w in works):  # a model changed: its photos keep the others' tags
+        whole = store.rows(index.path).set_index("path")
+        for w in works:
+            w.photos = w.photos.join(whole[w.carried], on="path") if w.carried else w.photos
+    index.begin()
+    tag_start = time.perf_counter()
+    tagged = sum(_tag(w, job, tagger, index, log) for w in works)
+    tag_seconds = time.perf_counter() - tag_start
+    compacted = store.compact(index.path, set(scan.path), columns)
+    table = store.rows(index.path, None if job.listing_pattern else ["error"])
+    listings = None
+    if job.listing_pattern:
+        found, pattern = tagger.filters, job.listing_pattern
+        listings = write_listings(index, table, found, pattern, job.threshold)
+    return {
+        "photos": len(table),
+        **counts,
+        "unreadable": int((table.error != "").sum()),
+        "tagged": tagged,
+        "tag_seconds": round(tag_seconds, 3),
+        "photos_per_second": round(tagged / tag_seconds, 2) if tagged else None,
+        "engine": f"ray ({job.ray})" if job.ray else "local threads",
+        "generation": index.generation,
+        "parts": len(store.part_files(index.path)),
+        "compacted": compacted,
+        "listings": None if listings is None else len(listings),
+        "listing_pattern": job.listing_pattern,
+        "models": tagger.describe(),
+        "columns": columns,
+    }
 
 
 def scan_photos(files: list[Path]) -> pd.DataFrame:
@@ -126,52 +130,40 @@ def scan_photos(files: list[Path]) -> pd.DataFrame:
     }).sort_values("path", ignore_index=True)  # fmt: skip
 
 
-def _checksum_columns(tagger: Tagger) -> list[str]:
+def _checksums(tagger: Tagger) -> list[str]:
     return [f"{m.name}{CHECKSUM}" for m in tagger.models]
 
 
-def plan(
-    scan: pd.DataFrame, old: pd.DataFrame, tagger: Tagger, columns: list[str]
-) -> tuple[list[Work], dict]:
+def plan(scan: pd.DataFrame, old: pd.DataFrame, tagger: Tagger) -> tuple[list[Work], dict]:
     """What to tag: photos new or changed (size or modification time) with every model, the other
     photos with each model whose checksum differs from the one that tagged their row; and the
     counts of new, changed, retagged (a model changed), kept and gone photos."""
     known = scan.merge(old, on="path", how="left", suffixes=("", "_old"), indicator=True)
     new = (known._merge == "left_only").to_numpy()
-    changed = (
-        ~new
-        & (
-            (known["size"] != known["size_old"]) | (known["mtime_ns"] != known["mtime_ns_old"])
-        ).to_numpy()
-    )
-    stale = pd.DataFrame(
-        {
-            m.name: known.get(f"{m.name}{CHECKSUM}", pd.Series(index=known.index, dtype=object))
-            != tagger.checksums[m.name]
-            for m in tagger.models
-        }
-    )
-    needs = [
-        None if whole else tuple(n for n, s in row.items() if s)
-        for whole, (_, row) in zip(new | changed, stale.iterrows())
-    ]
-    groups: dict = {}
-    for i, need in enumerate(needs):
-        if need is None or need:
-            groups.setdefault(need, []).append(i)
-    facts = scan[["path", "size", "mtime_ns"]]
+    moved = (known["size"] != known["size_old"]) | (known["mtime_ns"] != known["mtime_ns_old"])
+    changed = ~new & moved.to_numpy()
+    models = tagger.models
+    stale = np.column_stack([
+        known.get(f"{m.name}{CHECKSUM}", pd.Series(index=known.index, dtype=object)).to_numpy()
+        != tagger.checksums[m.name]
+        for m in models
+    ])  # fmt: skip
+    # each photo's models to run as one number: bit j for model j; -1 for all of them
+    need = np.where(new | changed, -1, stale.astype(np.int64) @ (1 << np.arange(len(models))))
+    columns = [*store.FACTS, *tagger.column_names()]
     works = []
-    for need, rows in sorted(groups.items(), key=lambda g: g[0] is not None):  # whole first
-        names = None if need is None else list(need)
+    for code in np.unique(need[need != 0]):  # -1 (every model) first
+        names = None if code == -1 else [m.name for j, m in enumerate(models) if code >> j & 1]
         produced = set(store.FACTS) | set(tagger.column_names(names))
         carried = [] if names is None else [c for c in columns if c not in produced]
-        works.append(Work(names, facts.iloc[rows].reset_index(drop=True), carried))
+        photos = scan.iloc[np.flatnonzero(need == code)].reset_index(drop=True)
+        works.append(Work(names, photos, carried))
     counts = {
         "new": int(new.sum()),
         "changed": int(changed.sum()),
-        "retagged": sum(len(r) for need, r in groups.items() if need is not None),
-        "kept": int(sum(1 for n in needs if n == ())),
-        "gone": int((~old.path.isin(scan.path)).sum()) if len(old) else 0,
+        "retagged": int((need > 0).sum()),
+        "kept": int((need == 0).sum()),
+        "gone": int((~old.path.isin(scan.path)).sum()),
     }
     return works, counts
 
