@@ -644,7 +644,8 @@ def index_(
         str | None,
         _option(
             "Regex whose first group is the listing id, searched in the file name (or the path, if "
-            "it has a /): also writes the per-listing table, e.g. '^(\\d+)_'."
+            "it has a /): also writes the per-listing table, e.g. '^(\\d+)_'. Remembered: later "
+            "calls keep the table up to date without it."
         ),
     ] = None,
     threshold: Annotated[

@@ -96,11 +96,12 @@ def update(index: store.Index, files: list[Path], tagger: Tagger, job: IndexJob,
     tagged = sum(_tag(w, job, tagger, index, log) for w in works)
     tag_seconds = time.perf_counter() - tag_start
     compacted = store.compact(index.path, set(scan.path), columns)
-    table = store.rows(index.path, None if job.listing_pattern else ["error"])
+    # the listing pattern of an earlier call unless given: its listing table stays up to date
+    pattern = job.listing_pattern or index.manifest().get("listing_pattern")
+    table = store.rows(index.path, None if pattern else ["error"])
     listings = None
-    if job.listing_pattern:
-        found, pattern = tagger.filters, job.listing_pattern
-        listings = write_listings(index, table, found, pattern, job.threshold)
+    if pattern:
+        listings = write_listings(index, table, tagger.filters, pattern, job.threshold)
     return {
         "photos": len(table),
         **counts,
@@ -113,7 +114,7 @@ def update(index: store.Index, files: list[Path], tagger: Tagger, job: IndexJob,
         "parts": len(store.part_files(index.path)),
         "compacted": compacted,
         "listings": None if listings is None else len(listings),
-        "listing_pattern": job.listing_pattern,
+        "listing_pattern": pattern,
         "models": tagger.describe(),
         "columns": columns,
     }

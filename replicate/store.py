@@ -38,6 +38,8 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .errors import ReplicateError
 
@@ -103,8 +105,6 @@ class Index:
         return write_part(self.parts_dir, rows, self.generation)
 
     def write_listings(self, listings: pd.DataFrame, rules: dict | None) -> None:
-        import pyarrow.parquet as pq
-
         table = arrow_table(listings)
         _replace(self.path / LISTINGS, lambda tmp: pq.write_table(table, tmp))
         if rules is not None:
@@ -118,8 +118,6 @@ class Index:
 
 def write_part(parts_dir: Path, rows: pd.DataFrame, generation: int) -> Path:
     """`Index.commit` for a writer that holds no Index: a Ray task writing to the shared folder."""
-    import pyarrow.parquet as pq
-
     name = f"part-G{generation:06d}-{uuid.uuid4().hex[:8]}.parquet"
     final = Path(parts_dir) / name
     table = arrow_table(rows)
@@ -131,8 +129,6 @@ def arrow_table(rows: pd.DataFrame):
     """`rows` as Arrow with one schema whoever made them: strings as `string` (pandas' own str and
     an all-missing column, say the classes of a part whose photos all failed, alike), no pandas
     metadata (a Ray batch's would make readers restore pyarrow-backed dtypes)."""
-    import pyarrow as pa
-
     table = pa.Table.from_pandas(rows, preserve_index=False)
     same = [
         pa.field(
@@ -189,8 +185,6 @@ def part_files(index_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _read_part(path: Path, columns: list[str] | None) -> pd.DataFrame:
-    import pyarrow.parquet as pq
-
     if columns is not None:
         present = set(pq.read_schema(path).names)
         columns = [c for c in columns if c in present]
@@ -227,8 +221,6 @@ def compact(index_dir: Path, live: set[str], columns: list[str]) -> dict:
     every = pd.concat(keys, ignore_index=True)
     winner = ~every.duplicated("path", keep="last") & every.path.isin(live)
     done = {"rewritten": 0, "removed": 0}
-    import pyarrow.parquet as pq
-
     for i, (generation, f) in enumerate(parts):
         mine = every[every._part == i]
         keep = mine._row[winner[mine.index]].to_numpy()

@@ -212,7 +212,12 @@ def test_without_ray_it_runs_here_and_refuses_what_it_cannot_do(indexed, tmp_pat
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without replicate[ray]
     out = tmp_path / "index"
-    assert "40 photos in the index" in index_here(index_args(indexed, out))
+    assert "40 photos in the index" in index_here(
+        index_args(indexed, out, "--listing-pattern", LISTING)
+    )
+    (out / store.LISTINGS).unlink()
+    assert "0 tagged" in index_here(index_args(indexed, out))  # the pattern is remembered
+    assert len(pd.read_parquet(out / store.LISTINGS)) == len(indexed["listings"])
     runner = CliRunner()
     refused = {
         "--ray": index_args(indexed, tmp_path / "other", "--ray", "auto"),
