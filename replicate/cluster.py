@@ -5,8 +5,9 @@
 The pipeline, each stage where Ray Data puts it:
 
 1. the photos to tag (path, size, mtime_ns, and the columns their rows carry) from the driver;
-2. `decode_batch`, CPU tasks: each photo read, hashed and decoded (`photos.decode`, the pipeline
-   `predict` uses) to each model's input crop;
+2. `decode_batch`: each photo read, hashed and decoded (`photos.decode`, the pipeline `predict`
+   uses) to each model's input crop; a task stage, which Ray Data fuses into the actors' processes
+   (see ACTOR_CPUS below);
 3. `TagActor`, an actor pool (`map_batches` with a class): the models loaded once per actor
    (`tagger.Tagger`), one body pass per shared body, the index's rows;
 4. `write_batch`, tasks: each batch of `--part-size` rows committed as one part of the index
