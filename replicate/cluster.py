@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,6 @@ import pandas as pd
 
 from . import onnx_engine, store
 from .errors import ReplicateError
-from .folders import sha256_or_empty
 from .tagger import Tagger
 
 # One actor per two CPUs, each reserving one and running its ONNX Runtime sessions on two threads.
@@ -136,16 +134,15 @@ def decode_batch(batch: pd.DataFrame, geometries: list) -> dict:
     geometries = [tuple(g) for g in geometries]
     n = len(batch)
     pixels = [np.zeros((n, g[0], g[0], 3), dtype=np.uint8) for g in geometries]
-    errors, files = [""] * n, [Path(f) for f in batch.file]
-    with ThreadPoolExecutor(1) as hashing:  # beside the decoding: hashlib releases the GIL
-        hashes = hashing.map(sha256_or_empty, files)
-        stream = onnx_engine.decoded(files, geometries, DECODE_THREADS)
-        for i, (path, file, (arrays, error)) in enumerate(zip(batch.path, batch.file, stream)):
-            errors[i] = error.replace(file, path)  # an error names the photo as the row does
-            for k, g in enumerate(geometries):
-                if arrays:
-                    pixels[k][i] = arrays[g]
-        hashes = list(hashes)
+    errors, hashes = [""] * n, [""] * n
+    stream = onnx_engine.decoded(
+        [Path(f) for f in batch.file], geometries, DECODE_THREADS, hashed=True
+    )
+    for i, (path, file, (arrays, error, sha)) in enumerate(zip(batch.path, batch.file, stream)):
+        errors[i], hashes[i] = error.replace(file, path), sha  # an error names the photo as its row
+        for k, g in enumerate(geometries):
+            if arrays:
+                pixels[k][i] = arrays[g]
     out = {c: batch[c].to_numpy() for c in batch.columns}
     out.update(error=np.array(errors, dtype=object), sha256=np.array(hashes, dtype=object))
     out.update({f"pixels_{k}": p for k, p in enumerate(pixels)})
@@ -161,16 +158,13 @@ class TagActor:
 
     def __call__(self, batch: dict) -> pd.DataFrame:
         errors = [str(e) for e in batch["error"]]
-        ok = [i for i, e in enumerate(errors) if not e]
-        probs = [None] * len(errors)
-        decoded = [
-            {"arrays": {g: batch[f"pixels_{k}"][i] for k, g in enumerate(self.tagger.geometries)}}
-            for i in ok
+        geometries = self.tagger.geometries
+        photos = [
+            (None if e else {g: batch[f"pixels_{k}"][i] for k, g in enumerate(geometries)},)
+            for i, e in enumerate(errors)
         ]
-        for start in range(0, len(ok), self.bs):  # batches of --bs, as here without Ray
-            chunk = decoded[start : start + self.bs]
-            for i, p in zip(ok[start : start + self.bs], self.tagger.infer(chunk)):
-                probs[i] = p
+        # in batches of --bs, as without Ray
+        probs = [p for p, _ in onnx_engine.tagged(self.tagger.groups, photos, self.bs)]
         facts = pd.DataFrame({c: batch[c] for c in ("path", "size", "mtime_ns", "sha256")})
         rows = self.tagger.index_rows(facts, probs, errors)
         carried = pd.DataFrame({c: batch[c] for c in self.carried})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -29,7 +28,6 @@ import pandas as pd
 
 from . import cluster, filters, onnx_engine, predict, runtime, store
 from .errors import ReplicateError
-from .folders import sha256_or_empty
 from .tagger import CHECKSUM, Tagger
 
 
@@ -85,8 +83,8 @@ def update(index: store.Index, files: list[Path], tagger: Tagger, job: IndexJob,
     returns the job's summary."""
     columns = [*store.FACTS, *tagger.column_names()]
     scan = scan_photos(files)
-    old = store.rows(index.path, ["size", "mtime_ns", *_checksums(tagger)])
-    works, counts = plan(scan, old, tagger)
+    found = store.snapshot(index.path, ["size", "mtime_ns", *_checksums(tagger)])
+    works, counts = plan(scan, found.latest(), tagger)
     if any(w.carried for w in works):  # a model changed: its photos keep the others' tags
         whole = store.rows(index.path).set_index("path")
         for w in works:
@@ -95,7 +93,8 @@ def update(index: store.Index, files: list[Path], tagger: Tagger, job: IndexJob,
     tag_start = time.perf_counter()
     tagged = sum(_tag(w, job, tagger, index, log) for w in works)
     tag_seconds = time.perf_counter() - tag_start
-    compacted = store.compact(index.path, set(scan.path), columns)
+    retagged = {p for w in works for p in w.photos.path}
+    compacted = store.compact(found, set(scan.path), retagged, columns)
     # the listing pattern of an earlier call unless given: its listing table stays up to date
     pattern = job.listing_pattern or index.manifest().get("listing_pattern")
     table = store.rows(index.path, None if pattern else ["error"])
@@ -187,27 +186,21 @@ def _tag(work: Work, job: IndexJob, tagger: Tagger, index: store.Index, log) -> 
 
 
 def tag_parts(tagger: Tagger, work: Work, part_size: int, bs: int, workers: int | None):
-    """The rows of `work`'s photos, `part_size` at a time: decoded by threads in one stream across
-    the parts (so a part's end does not stall the decoding), inferred in batches of `bs`."""
+    """The rows of `work`'s photos, `part_size` at a time: decoded and hashed by threads in one
+    stream across the parts (so a part's end does not stall the decoding), inferred in batches of
+    `bs` (`onnx_engine.tagged`, as `predict` runs them)."""
     paths = [Path(p) for p in work.photos.path]
-    stream = onnx_engine.decoded(paths, tagger.geometries, runtime.workers(workers), ahead=2 * bs)
+    stream = onnx_engine.decoded(
+        paths, tagger.geometries, runtime.workers(workers), ahead=2 * bs, hashed=True
+    )
     stream = runtime.progress(stream, len(paths), "indexing", unit="photos")
-    with ThreadPoolExecutor(1) as hashing:  # beside the decoding: hashlib releases the GIL
-        for start in range(0, len(paths), part_size):
-            chunk = work.photos.iloc[start : start + part_size]
-            hashes = hashing.map(sha256_or_empty, paths[start : start + part_size])
-            probs, errors, batch = [None] * len(chunk), [""] * len(chunk), []
-            for i, (arrays, error) in enumerate(islice(stream, len(chunk))):
-                errors[i] = error
-                if not error:
-                    batch.append((i, {"arrays": arrays}))
-                if len(batch) == bs or (batch and i == len(chunk) - 1):
-                    for (j, _), p in zip(batch, tagger.infer([b for _, b in batch])):
-                        probs[j] = p
-                    batch = []
-            facts = chunk[["path", "size", "mtime_ns"]].assign(sha256=list(hashes))
-            rows = tagger.index_rows(facts, probs, errors)
-            yield pd.concat([rows, chunk[work.carried].reset_index(drop=True)], axis=1)
+    results = onnx_engine.tagged(tagger.groups, stream, bs)
+    for start in range(0, len(paths), part_size):
+        chunk = work.photos.iloc[start : start + part_size]
+        probs, photos = zip(*islice(results, len(chunk)))
+        facts = chunk[["path", "size", "mtime_ns"]].assign(sha256=[p[2] for p in photos])
+        rows = tagger.index_rows(facts, list(probs), [p[1] for p in photos])
+        yield pd.concat([rows, chunk[work.carried].reset_index(drop=True)], axis=1)
 
 
 def write_listings(

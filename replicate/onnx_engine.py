@@ -24,6 +24,7 @@ import pandas as pd
 
 from . import runs, runtime
 from .errors import ReplicateError
+from .folders import sha256_or_empty
 from .photos import Preprocess, decode
 
 META_KEY = "replicate"  # model.onnx's metadata entry: JSON written by export.write_onnx
@@ -221,25 +222,67 @@ def group_probabilities(group: list[OnnxModel], batch: np.ndarray) -> list[np.nd
     return [probs, *(m.head_probabilities(features) for m in group[1:])]
 
 
-def decoded(files: list[Path], geometries: list, workers: int, ahead: int = 128):
+def decoded(files: list[Path], geometries: list, workers: int, ahead: int = 128, hashed=False):
     """`decode` of each file, in order, by `workers` threads (0: in this thread), at most `ahead`
-    photos ahead of the consumer so memory stays bounded however many files there are.
+    photos ahead of the consumer so memory stays bounded however many files there are; `hashed`:
+    each with the file's SHA-256 too ((arrays, error, sha256); '' when it cannot be read), in the
+    same threads (hashlib releases the GIL as Pillow does).
 
     Threads, not processes: Pillow releases the GIL while it decodes and resizes, so threads decode
     in parallel with each other and with ONNX Runtime, without a process start-up or copying
     pixels between processes. On the 2-core machine here a pool of 2 processes halved the photos/s
     (they fight ONNX Runtime's threads for the cores), while threads kept the inference rate."""
+    work = _decode_and_hash if hashed else decode
     if workers <= 0:
-        yield from (decode(f, geometries) for f in files)
+        yield from (work(f, geometries) for f in files)
         return
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for f in files:
-            pending.append(pool.submit(decode, f, geometries))
+            pending.append(pool.submit(work, f, geometries))
             if len(pending) >= ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _decode_and_hash(path: Path, geometries: list) -> tuple[dict | None, str, str]:
+    return (*decode(path, geometries), sha256_or_empty(Path(path)))
+
+
+def batch_probabilities(groups: list[list[OnnxModel]], photos: list[dict]) -> list[dict]:
+    """Each photo's probabilities per model ({name: classes}) for decoded photos ({geometry:
+    array}, `decode`'s): one body pass per `sharing` group."""
+    out = [{} for _ in photos]
+    for group in groups:
+        pixels = np.stack([p[group[0].prep.geometry] for p in photos])
+        for m, probs in zip(group, group_probabilities(group, pixels)):
+            for row, p in zip(out, probs):
+                row[m.name] = p
+    return out
+
+
+def tagged(groups: list[list[OnnxModel]], photos, bs: int = 64):
+    """(probabilities or None, item) for each item of `photos` (tuples whose first element is a
+    photo's decoded arrays, None where it did not decode), in order, inferred in batches of `bs`
+    photos that decoded: an item comes out once its batch has run."""
+    held: list = []
+
+    def run():
+        ok = [item[0] for item in held if item[0] is not None]
+        probs = iter(batch_probabilities(groups, ok) if ok else ())
+        done = [(None if item[0] is None else next(probs), item) for item in held]
+        held.clear()
+        return done
+
+    ready = 0
+    for item in photos:
+        held.append(item)
+        ready += item[0] is not None
+        if ready == bs:
+            yield from run()
+            ready = 0
+    yield from run()
 
 
 def tag_onnx(
@@ -252,35 +295,18 @@ def tag_onnx(
     """One row per file: path, error, and per model <name>_predicted, <name>_p_<class>. Each photo
     is decoded once (by `workers` threads; None: one per core) for all the models, and models that
     share a body (`sharing`) run it once: the first runs whole, the others' heads on its output."""
-    workers = runtime.workers(workers)
     geometries = list(dict.fromkeys(m.prep.geometry for m in models))
     errors = [""] * len(files)
     probs = {
         m.name: np.full((len(files), len(m.classes)), np.nan, dtype=np.float32) for m in models
     }
-    pending: list[tuple[int, dict]] = []
-    groups = sharing(models)
-
-    def flush():
-        if pending:
-            rows = [i for i, _ in pending]
-            for group in groups:
-                batch = np.stack([d[group[0].prep.geometry] for _, d in pending])
-                for m, p in zip(group, group_probabilities(group, batch)):
-                    probs[m.name][rows] = p
-            pending.clear()
-
-    photos = decoded(files, geometries, workers, ahead=2 * bs)
-    for i, (arrays, error) in enumerate(
-        runtime.progress(photos, len(files), "tagging", unit="photos") if progress else photos
-    ):
-        if error:
-            errors[i] = error
-            continue
-        pending.append((i, arrays))
-        if len(pending) == bs:
-            flush()
-    flush()
+    photos = decoded(files, geometries, runtime.workers(workers), ahead=2 * bs)
+    if progress:
+        photos = runtime.progress(photos, len(files), "tagging", unit="photos")
+    for i, (p, (_, error)) in enumerate(tagged(sharing(models), photos, bs)):
+        errors[i] = error
+        for name, values in (p or {}).items():
+            probs[name][i] = values
     return probability_table(models, [str(f) for f in files], errors, probs)
 
 

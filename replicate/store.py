@@ -35,8 +35,10 @@ import os
 import re
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -184,52 +186,69 @@ def part_files(index_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda gf: (gf[0], gf[1].name))
 
 
-def _read_part(path: Path, columns: list[str] | None) -> pd.DataFrame:
-    if columns is not None:
-        present = set(pq.read_schema(path).names)
-        columns = [c for c in columns if c in present]
-    return pq.read_table(path, columns=columns).to_pandas()
+def _read_part(path: Path, columns: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
+    """(the part's `columns` that it has, all if None; the part's own columns)."""
+    names = pq.read_schema(path).names
+    present = None if columns is None else [c for c in columns if c in names]
+    return pq.read_table(path, columns=present).to_pandas(), names
+
+
+@dataclass
+class Snapshot:
+    """The committed parts as a job found them: every row (superseded ones too) with `path`, the
+    columns read, its part (`_part`, an index into `parts`) and position there (`_row`); and each
+    part's generation, file and columns, oldest generation first."""
+
+    rows: pd.DataFrame
+    parts: list[tuple[int, Path, list[str]]]
+
+    def latest(self) -> pd.DataFrame:
+        """Every photo's current row (the highest generation's), sorted by path."""
+        table = self.rows.drop_duplicates("path", keep="last")  # parts are read oldest first
+        table = table.sort_values("path", kind="stable").drop(columns=["_part", "_row"])
+        return table.reset_index(drop=True)
+
+
+def snapshot(index_dir: Path, columns: list[str] | None = None) -> Snapshot:
+    """The index's committed parts, `path` and `columns` (those a part has; None: all) read."""
+    frames, parts = [], []
+    for i, (generation, f) in enumerate(part_files(index_dir)):
+        frame, names = _read_part(f, None if columns is None else ["path", *columns])
+        frames.append(frame.assign(_part=i, _row=np.arange(len(frame))))
+        parts.append((generation, f, names))
+    if not frames:
+        empty = pd.DataFrame({c: [] for c in ["path", *(columns or []), "_part", "_row"]})
+        return Snapshot(empty, [])
+    return Snapshot(pd.concat(frames, ignore_index=True), parts)
 
 
 def rows(index_dir: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Every photo's current row (the highest generation's; `columns`: those that exist, `path`
-    always), sorted by path; an empty frame for an index with no parts yet."""
-    frames = []
-    for generation, f in part_files(index_dir):
-        frame = _read_part(f, None if columns is None else ["path", *columns])
-        frames.append(frame.assign(_generation=generation))
-    if not frames:
-        return pd.DataFrame({c: [] for c in ["path", *(columns or [])]})
-    table = pd.concat(frames, ignore_index=True)
-    table = table.drop_duplicates("path", keep="last")  # parts are read oldest first
-    table = table.sort_values("path", kind="stable").drop(columns="_generation")
-    return table.reset_index(drop=True)
+    """Every photo's current row (`columns`: those that exist, `path` always; None: all), sorted
+    by path; an empty frame for an index with no parts yet."""
+    return snapshot(index_dir, columns).latest()
 
 
-def compact(index_dir: Path, live: set[str], columns: list[str]) -> dict:
-    """Write again, without their dead rows, the parts that hold a row superseded by a newer
-    generation's, a photo not in `live`, or columns other than `columns` (a model no longer
-    indexed); a part with no live row is removed. A part rewritten keeps its generation, and its
-    new file is in place before the old one goes, so a crash in between leaves a duplicate row
-    that reading ignores and the next job removes. Returns {"rewritten": n, "removed": n}."""
-    parts = part_files(index_dir)
-    keys = []
-    for i, (_, f) in enumerate(parts):
-        keys.append(_read_part(f, ["path"]).assign(_part=i, _row=lambda d: range(len(d))))
-    if not keys:
-        return {"rewritten": 0, "removed": 0}
-    every = pd.concat(keys, ignore_index=True)
-    winner = ~every.duplicated("path", keep="last") & every.path.isin(live)
+def compact(found: Snapshot, live: set[str], retagged: set[str], columns: list[str]) -> dict:
+    """Write again, without their dead rows, the parts of `found` (the snapshot a job took before
+    it wrote) holding a row superseded by a newer generation's or by this job's (`retagged`), a
+    photo not in `live`, or columns other than `columns` (a model no longer indexed); a part with
+    no live row is removed. The job's own parts are complete and current, so they are not read
+    again. A part rewritten keeps its generation, and its new file is in place before the old one
+    goes, so a crash in between leaves a duplicate row that reading ignores and the next job
+    removes. Returns {"rewritten": n, "removed": n}."""
+    every = found.rows
+    winner = (
+        ~every.duplicated("path", keep="last") & every.path.isin(live) & ~every.path.isin(retagged)
+    )
     done = {"rewritten": 0, "removed": 0}
-    for i, (generation, f) in enumerate(parts):
-        mine = every[every._part == i]
-        keep = mine._row[winner[mine.index]].to_numpy()
-        same_columns = pq.read_schema(f).names == columns
-        if len(keep) == len(mine) and same_columns:
+    for i, (generation, f, names) in enumerate(found.parts):
+        mine = every._part == i
+        keep = every._row[mine & winner].to_numpy()
+        if len(keep) == mine.sum() and names == columns:
             continue
         if len(keep):
-            table = _read_part(f, None).iloc[keep]
-            write_part(f.parent, table.reindex(columns=columns), generation)
+            table, _ = _read_part(f, None)
+            write_part(f.parent, table.iloc[keep].reindex(columns=columns), generation)
             done["rewritten"] += 1
         else:
             done["removed"] += 1
@@ -240,5 +259,5 @@ def compact(index_dir: Path, live: set[str], columns: list[str]) -> dict:
 if __name__ == "__main__":
     index = Path(sys.argv[1])
     for generation, f in part_files(index):
-        print(f.name, generation, len(_read_part(f, ["path"])))
+        print(f.name, generation, len(_read_part(f, ["path"])[0]))
     print(f"{len(rows(index, []))} photos")

@@ -119,13 +119,7 @@ class Tagger:
     def infer(self, batch: list[dict]) -> list[dict[str, np.ndarray]]:
         """Each photo's probabilities per model ({name: classes}) for a batch of `prepare`d photos:
         one body pass per group of models sharing a body, as `predict` runs them."""
-        out = [{} for _ in batch]
-        for group in self.groups:
-            pixels = np.stack([p["arrays"][group[0].prep.geometry] for p in batch])
-            for m, probs in zip(group, onnx_engine.group_probabilities(group, pixels)):
-                for row, p in zip(out, probs):
-                    row[m.name] = p
-        return out
+        return onnx_engine.batch_probabilities(self.groups, [p["arrays"] for p in batch])
 
     def table(
         self, probs: list[dict[str, np.ndarray]], names: list[str], errors: list[str] | None = None
@@ -159,15 +153,13 @@ class Tagger:
         """The columns of `index_rows` after the photo's facts and error, in their order (those of
         the models `names`; None: all): `predict`'s, then the checksums."""
         mine = [m for m in self.models if names is None or m.name in names]
-        columns = [
-            c
-            for m in mine
-            for c in [f"{m.name}_predicted", *(f"{m.name}_p_{k}" for k in m.classes)]
-        ]
-        for name, found in self.filters.items():
-            if names is None or name in names:
-                columns.append(f"{name}_{found['column']}")
-        return columns + [f"{m.name}{CHECKSUM}" for m in mine]
+        empty = {m.name: np.full((1, len(m.classes)), np.nan, np.float32) for m in mine}
+        table = onnx_engine.probability_table(mine, ["-"], [""], empty)
+        table = filters.apply(
+            table, {m.name: self.filters[m.name] for m in mine if m.name in self.filters}
+        )
+        predicted = [c for c in table.columns if c not in ("path", "error")]
+        return predicted + [f"{m.name}{CHECKSUM}" for m in mine]
 
     def answer(self, probs: dict[str, np.ndarray]) -> dict:
         """One photo's tags from its probabilities (`infer`): per model its class (the argmax, as
