@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import results  # noqa: E402  (benchmarks/results.py, beside this script)
 from conftest import HOUSES_ZIP  # noqa: E402
 
-from replicate import audit, data, duplicates, fingerprints, runtime  # noqa: E402
+from replicate import runtime  # noqa: E402
+from replicate.audit import checks, duplicates, fingerprints
+from replicate.training import dataloaders
 
 PAIRS = Path(__file__).with_name("audit_pairs.csv")
 
@@ -67,7 +69,7 @@ def synthetic(n: int, planted: int, seed: int = 0) -> tuple[np.ndarray, set]:
     sources = rng.choice(n - planted, planted, replace=False)
     for k, a in enumerate(sources):
         b = n - planted + k
-        bits = rng.choice(64, int(rng.integers(0, audit.THRESHOLD + 1)), replace=False)
+        bits = rng.choice(64, int(rng.integers(0, checks.THRESHOLD + 1)), replace=False)
         flip = np.uint64(sum(1 << int(x) for x in bits))
         if (
             rng.random() < 0.5
@@ -84,7 +86,7 @@ def search(sizes: list[int], with_faiss: bool) -> list[dict]:
     for n in sizes:
         hashes, planted = synthetic(n, 1000)
         start = time.perf_counter()
-        pairs = duplicates.near_pairs(hashes, audit.THRESHOLD)
+        pairs = duplicates.near_pairs(hashes, checks.THRESHOLD)
         seconds = time.perf_counter() - start
         found = set(zip(pairs.i.tolist(), pairs.j.tolist()))
         print(
@@ -122,7 +124,7 @@ def faiss_search(hashes: np.ndarray, planted: set) -> dict:
     index = faiss.IndexBinaryMultiHash(128, 3, 21)
     index.nflip = 2
     index.add(codes)
-    lims, _, found_ids = index.range_search(codes[::3], audit.THRESHOLD + 1)  # radius is exclusive
+    lims, _, found_ids = index.range_search(codes[::3], checks.THRESHOLD + 1)  # radius is exclusive
     seconds = time.perf_counter() - start
     q = np.repeat(np.arange(n), np.diff(lims).astype(np.int64))
     other = found_ids // 3
@@ -148,12 +150,12 @@ def faiss_search(hashes: np.ndarray, planted: set) -> dict:
 def plain_split(root: Path, seed: int = 42) -> Path:
     """data/rooms from the Houses zip, houses shuffled into an 80/20 split without linking the
     listings that share photos (what a plain split does; `replicate data houses` links them)."""
-    photos = data._houses_photos(HOUSES_ZIP)
+    photos = dataloaders._houses_photos(HOUSES_ZIP)
     houses = sorted({h for h, _ in photos})
-    valid = data.split_houses(houses, 0.2, seed)
+    valid = dataloaders.split_houses(houses, 0.2, seed)
     task = root / "rooms"
     for (house, room), blob in photos.items():
-        if room in data.ROOMS:
+        if room in dataloaders.ROOMS:
             path = task / ("valid" if house in valid else "train") / room / f"{house}_{room}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(blob)
@@ -182,10 +184,10 @@ def letterboxed(task: Path, out: Path) -> Path:
     return out
 
 
-def audited(task: Path) -> tuple[audit.Audit, float]:
-    files = data.scan_task(task).files
+def audited(task: Path) -> tuple[checks.Audit, float]:
+    files = dataloaders.scan_task(task).files
     start = time.perf_counter()
-    return audit.audit_task(task, files), time.perf_counter() - start
+    return checks.audit_task(task, files), time.perf_counter() - start
 
 
 def real(root: Path) -> list[dict]:
@@ -219,7 +221,7 @@ def real(root: Path) -> list[dict]:
     ]
 
 
-def flagged(result: audit.Audit) -> pd.DataFrame:
+def flagged(result: checks.Audit) -> pd.DataFrame:
     table = result.pair_table()
     return table.assign(
         a=[Path(f).name for f in table.file_a], b=[Path(f).name for f in table.file_b]
@@ -295,7 +297,7 @@ def copies_found(task: Path, n: int = 300) -> dict:
             origin.append(k)
             kind.append(name)
     frame = pd.DataFrame(fingerprints.fingerprint_many(photos))
-    _, pairs = duplicates.linked(frame, audit.THRESHOLD, photos)
+    _, pairs = duplicates.linked(frame, checks.THRESHOLD, photos)
     held = pairs[pairs.confirmed]
     found = {(int(a), int(b)) for a, b in zip(held.i, held.j)}
     per_kind = {}

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import results  # benchmarks/results.py, beside this script
 
-from replicate import index, store
+from replicate.index import build, store
 
 RUNS = [Path(f"exports/{t}/tf_efficientnet_lite0-frozen-cached3-freezebn") for t in ("rooms", "exterior", "kitchen")]  # fmt: skip
 HOUSES = [Path("data/kitchen/train"), Path("data/kitchen/valid")]
@@ -125,7 +125,7 @@ def listing_table(folder: Path, found: dict) -> dict:
     table = store.rows(folder)
     read = time.perf_counter() - start
     with store.Index(folder) as idx:
-        listings = index.write_listings(idx, table, found, PATTERN)
+        listings = build.write_listings(idx, table, found, PATTERN)
     total = time.perf_counter() - start
     return {"engine": "listings", "photos": len(table), "listings": len(listings),
             "read_seconds": read, "seconds": total}  # fmt: skip

@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 import results  # benchmarks/results.py, beside this script
 
-from replicate import active, data, runtime
+from replicate import runtime
+from replicate.labelling import active
+from replicate.training import dataloaders
 
 BATCH = 10
 
@@ -77,7 +79,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     task = args.data_dir / "rooms"
-    images = data.scan_task(task)
+    images = dataloaders.scan_task(task)
     files = sorted(images.files)
     x = active.pool_features(files, cache=task / "_label" / f"{active.ARCH}.npz")
     classes = np.array([f.parent.name for f in files])

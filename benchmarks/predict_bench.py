@@ -30,8 +30,11 @@ import pandas as pd
 import results  # benchmarks/results.py, beside this script
 import torch
 
-from replicate import archs, data, export, fastai_engine, models, onnx_engine, photos
+from replicate import photos
 from replicate.config import RunConfig
+from replicate.engine import fastai_models, onnx_models
+from replicate.models import archs, learner
+from replicate.training import dataloaders, export
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -56,9 +59,10 @@ def build_run(arch: str, size: int, data_dir: Path, out: Path) -> Path:
         data_dir=data_dir,
         exports_dir=out,
     )
-    images = data.scan_task(cfg.task_dir)
-    learn = models.create_learner(
-        data.dataloaders(images, cfg, archs.resolve(cfg).preprocess, torch.device("cpu")), cfg
+    images = dataloaders.scan_task(cfg.task_dir)
+    learn = learner.create_learner(
+        dataloaders.dataloaders(images, cfg, archs.resolve(cfg).preprocess, torch.device("cpu")),
+        cfg,
     )
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True)
@@ -79,21 +83,21 @@ def build_run(arch: str, size: int, data_dir: Path, out: Path) -> Path:
 def photos_per_second(engine: str, run_dir: Path, files: list[Path], workers: int | None) -> float:
     """Photos tagged per second by `engine`, as `replicate predict` does it (after loading the model)."""
     if engine == "fastai":
-        model = fastai_engine.load_model(run_dir)
+        model = fastai_models.load_model(run_dir)
         start = time.perf_counter()
-        fastai_engine.tag([model], files)
+        fastai_models.tag([model], files)
     else:
-        model = onnx_engine.load_onnx(
+        model = onnx_models.load_onnx(
             run_dir / ("model.onnx" if engine == "onnx-fp32" else "model.int8.onnx")
         )
         start = time.perf_counter()
-        onnx_engine.tag_onnx([model], files, workers=workers, progress=False)
+        onnx_models.tag_onnx([model], files, workers=workers, progress=False)
     return len(files) / (time.perf_counter() - start)
 
 
 def inference_only(run_dir: Path, name: str, batches: list) -> float:
     """Photos/s of ONNX Runtime alone on already decoded batches: the runtime's share of the job."""
-    model = onnx_engine.load_onnx(run_dir / name)
+    model = onnx_models.load_onnx(run_dir / name)
     model.probabilities(batches[0][:8])
     start = time.perf_counter()
     for batch in batches:
@@ -109,7 +113,7 @@ def op_profile(run_dir: Path, name: str, batch, top: int = 6) -> str:
     options.enable_profiling = True
     options.profile_file_prefix = str(run_dir / f"profile-{name}")
     session = ort.InferenceSession(str(run_dir / name), options, providers=["CPUExecutionProvider"])
-    model = onnx_engine.load_onnx(run_dir / name)
+    model = onnx_models.load_onnx(run_dir / name)
     for _ in range(2):
         session.run(None, {session.get_inputs()[0].name: model.normalise(batch)})
     events = json.loads(Path(session.end_profiling()).read_text())
@@ -159,14 +163,15 @@ def main() -> None:
         for arch in args.archs.split(","):
             run_dir = build_run(arch, args.size, args.data_dir, Path(tmp))
             gflops = (
-                models.describe(arch)["GFLOPs"] * (args.size / archs.get_arch(arch).input_size) ** 2
+                learner.describe(arch)["GFLOPs"]
+                * (args.size / archs.get_arch(arch).input_size) ** 2
             )
             limit = limit_gflops / gflops
             speeds = {
                 e: photos_per_second(e, run_dir, files, args.workers)
                 for e in ("fastai", "onnx-fp32", "onnx-int8")
             }
-            geometry = onnx_engine.load_onnx(run_dir / "model.onnx").prep.geometry
+            geometry = onnx_models.load_onnx(run_dir / "model.onnx").prep.geometry
             start = time.perf_counter()
             pixels = [photos.decode(f, [geometry])[0][geometry] for f in files]
             decode_rate = len(files) / (time.perf_counter() - start)  # one thread

@@ -26,8 +26,10 @@ import torch
 from fastai.callback.core import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from replicate import models, runtime, train  # noqa: E402
+from replicate import runtime
 from replicate.config import RunConfig  # noqa: E402
+from replicate.models import learner
+from replicate.training import train  # noqa: E402
 
 
 class PhaseTimer(Callback):
@@ -144,7 +146,7 @@ def main() -> None:
         exports_dir=args.exports_dir,
     )
     timer, profile = PhaseTimer(), TorchProfile() if args.torch_profile else None
-    fit = models.fit
+    fit = learner.fit
 
     def fit_with_timers(
         learn, cfg, lr
@@ -153,7 +155,7 @@ def main() -> None:
         with learn.added_cbs(extra):  # removed before the export pickles the learner
             fit(learn, cfg, lr)
 
-    models.fit = fit_with_timers
+    learner.fit = fit_with_timers
     start = time.perf_counter()
     with contextlib.redirect_stdout(
         sys.stderr

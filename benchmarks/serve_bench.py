@@ -31,7 +31,8 @@ import httpx
 import numpy as np
 import results  # benchmarks/results.py, beside this script
 
-from replicate import onnx_engine, photos
+from replicate import photos
+from replicate.engine import onnx_models
 
 DEMO = Path("exports/rooms/tf_efficientnet_lite0-frozen-cached3-freezebn")
 ROOMS = Path("data/rooms/valid")
@@ -118,12 +119,12 @@ def _claims_huge() -> bytes:
 
 def in_process(model: Path, files: list[Path]) -> dict:
     """predict's photos/s on the files; a batch of one and of 32, decoded and run, in seconds."""
-    models = onnx_engine.load(model)
-    onnx_engine.tag_onnx(models, files[:64], progress=False)
+    models = onnx_models.load(model)
+    onnx_models.tag_onnx(models, files[:64], progress=False)
     start = time.perf_counter()
-    onnx_engine.tag_onnx(models, files, bs=64, progress=False)
+    onnx_models.tag_onnx(models, files, bs=64, progress=False)
     predict_rate = len(files) / (time.perf_counter() - start)
-    groups, geometries = onnx_engine.sharing(models), [m.prep.geometry for m in models]
+    groups, geometries = onnx_models.sharing(models), [m.prep.geometry for m in models]
 
     def batch_seconds(n: int, repeats: int) -> float:
         best = float("inf")
@@ -132,7 +133,7 @@ def in_process(model: Path, files: list[Path]) -> dict:
             decoded = [photos.decode(f, geometries)[0] for f in files[r * n : (r + 1) * n]]
             for group in groups:
                 pixels = np.stack([d[group[0].prep.geometry] for d in decoded])
-                onnx_engine.group_probabilities(group, pixels)
+                onnx_models.group_probabilities(group, pixels)
             best = min(best, time.perf_counter() - start)
         return best
 

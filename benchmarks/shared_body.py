@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 import results  # benchmarks/results.py, beside this script
 
-from replicate import bundle, export, onnx_engine, train
 from replicate.config import RunConfig
+from replicate.engine import onnx_models
+from replicate.tagging import bundle
+from replicate.training import export, train
 
 LITE = "tf_efficientnet_lite0"
 REPEATS = 3
@@ -64,7 +66,7 @@ def tag(models: list, files: list[Path], shared: bool = True) -> tuple[float, np
         for m in models:
             m.head = None  # no head alone: the model runs whole, as before bodies were shared
     start = time.perf_counter()
-    table = onnx_engine.tag_onnx(models, files, bs=64, progress=False)
+    table = onnx_models.tag_onnx(models, files, bs=64, progress=False)
     seconds = time.perf_counter() - start
     return seconds, table[[c for c in table.columns if "_p_" in c]].to_numpy()
 
@@ -84,16 +86,16 @@ def main() -> None:
     bundles = {n: bundle.build(runs[:n], work / f"bundle{n}", quantize=True, calibration=64, log=quiet)
                for n in (1, 3, 6)}  # fmt: skip
     files = sorted((ROOMS / "valid").rglob("*.jpg"))
-    onnx_engine.tag_onnx([onnx_engine.load_onnx(runs[0])], files[:64], progress=False)  # warm-up
+    onnx_models.tag_onnx([onnx_models.load_onnx(runs[0])], files[:64], progress=False)  # warm-up
     rows, base = [], {}
 
     def models(n: int, kind: str) -> list:
         if kind == "bundle":
-            return onnx_engine.load(bundles[n])
+            return onnx_models.load(bundles[n])
         if kind == "bundle-int8":
-            return onnx_engine.load(bundles[n] / "bundle.int8.onnx")
+            return onnx_models.load(bundles[n] / "bundle.int8.onnx")
         file = "model.int8.onnx" if kind == "int8" else "model.onnx"
-        return [onnx_engine.load_onnx(d / file, name=f"a{i}") for i, d in enumerate(runs[:n])]
+        return [onnx_models.load_onnx(d / file, name=f"a{i}") for i, d in enumerate(runs[:n])]
 
     timed = {}  # (n, setting) -> (fastest seconds, probabilities)
     for _ in range(REPEATS):

@@ -22,10 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from replicate import (
-    folders,
-    sources,
-)
+from replicate import folders
+from replicate.data import sources
 
 HOUSES_ZIP = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "houses-dataset-400.zip"
 

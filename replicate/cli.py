@@ -21,11 +21,12 @@ import typer
 # fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
-from . import audit as auditing  # noqa: E402
-from . import clean as cleaning  # noqa: E402
-from . import report, runtime  # noqa: E402
+from . import runtime  # noqa: E402
+from .audit import checks as auditing  # noqa: E402
+from .audit import cleaning  # noqa: E402
 from .config import STUDY_ARCHS, RunConfig, ServeOptions  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
+from .report import compare_report  # noqa: E402
 
 # rich_markup_mode=None: click's own help, which rewraps each paragraph to the terminal's width
 # (rich's keeps the docstrings' line breaks and wraps them again, breaking sentences mid-line).
@@ -225,7 +226,7 @@ def data_houses(
 
     Example: replicate data houses --source ~/Houses-dataset-master.zip
     """
-    from . import sources
+    from .data import sources
 
     sources.houses(source, data_dir, valid_pct, seed, force, log=echo)
 
@@ -256,7 +257,7 @@ def prepare(
 
     Example: replicate prepare ~/scraped balcony --min-size 200
     """
-    from . import sources
+    from .data import sources
 
     options = dict(valid_pct=valid_pct, width=width, min_size=min_size, seed=seed, force=force)
     sources.prepare(source_dir, task, data_dir, log=echo, **options)
@@ -307,7 +308,7 @@ def run(
 
     Example: replicate run rooms --arch densenet121 --unfreeze
     """
-    from . import train
+    from .training import train
 
     cfg = run_config(task, arch, options, unfreeze=unfreeze)
     train.main(cfg, quantize=bool(options["quantize"]), log=echo)
@@ -326,7 +327,7 @@ def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("expor
 
     Example: replicate data houses && replicate demo
     """
-    from . import demo as demos
+    from .training import demo as demos
 
     demos.run(data_dir, exports_dir, log=echo)
 
@@ -357,7 +358,7 @@ def compare(
 
     Example: replicate compare rooms --no-pretrained --epochs 2 --size 64
     """
-    from . import compare as grid
+    from .training import compare as grid
 
     base = run_config(task, "resnet18", options)
     names, chosen = _split(archs), _split(modes)
@@ -385,7 +386,7 @@ def report_(
 
     Example: replicate report rooms
     """
-    report.command(task, recipe.value, exports_dir, log=echo)
+    compare_report.command(task, recipe.value, exports_dir, log=echo)
 
 
 @app.command()
@@ -400,9 +401,9 @@ def interpret(
 
     Example: replicate interpret exports/rooms/resnet18-unfrozen -k 50
     """
-    from . import fastai_engine
+    from .training import interpretation
 
-    fastai_engine.interpretation(run_dir, _splits(split), k, log=echo)
+    interpretation.interpretation(run_dir, _splits(split), k, log=echo)
 
 
 @app.command()
@@ -419,9 +420,9 @@ def review(
 
     Example: replicate review exports/rooms/resnet18-unfrozen
     """
-    from . import fastai_engine
+    from .training import interpretation
 
-    fastai_engine.review(run_dir, _splits(split), k, log=echo)
+    interpretation.review(run_dir, _splits(split), k, log=echo)
 
 
 def _splits(split: Split) -> list[str]:
@@ -524,7 +525,7 @@ def label(
 
     Then: replicate label fireplace --apply ~/Downloads/fireplace-round-1.csv
     """
-    from . import label as labelling
+    from .labelling import rounds as labelling
 
     request = labelling.Request(task, pool, classes, positive, batch, like or [], seed)
     labelling.run(request, data_dir, exports_dir, apply=apply, undo=undo, log=echo)
@@ -588,7 +589,7 @@ def predict_(
 
     Example: replicate predict exports/rooms/resnet18-unfrozen photos/
     """
-    from . import predict
+    from .tagging import predict
 
     job = predict.Job(
         items,
@@ -621,7 +622,7 @@ def export_(
 
     Example: replicate export exports/rooms/resnet18-unfrozen --quantize int8
     """
-    from . import export
+    from .training import export
 
     export.export_runs(run_dirs, bool(quantize), calibration, log=echo)
 
@@ -684,10 +685,10 @@ def index_(
 
     Example: replicate index exports/tagger data/kitchen/valid --out exports/index --listing-pattern '^(\\d+)_'
     """
-    from . import index
+    from .index import build
 
-    job = index.IndexJob(items, out, listing_pattern, threshold, ray, part_size, bs, workers)
-    index.run(job, log=echo, warn=warn)
+    job = build.IndexJob(items, out, listing_pattern, threshold, ray, part_size, bs, workers)
+    build.run(job, log=echo, warn=warn)
 
 
 @app.command("serve")
@@ -751,14 +752,14 @@ def serve_(
 
     Example: replicate serve exports/tagger --port 8000
     """
-    from . import serve
+    from .serving import server
 
-    token = serve.read_token(token_file) if token_file else None
+    token = server.read_token(token_file) if token_file else None
     options = ServeOptions(
         tuple(models), host, port, token, max_bytes, max_pixels, max_photos, max_batch,
         max_wait_ms, max_queue, timeout, grace, workers,
     )  # fmt: skip
-    serve.serve(options, no_auth)
+    server.serve(options, no_auth)
 
 
 @app.command("bundle")
@@ -801,7 +802,7 @@ def bundle_(
 
     Example: replicate bundle exports/rooms/RUN exports/kitchen/RUN --out exports/tagger
     """
-    from . import bundle
+    from .tagging import bundle
 
     bundle.build(models, out, listing_pattern, bool(quantize), calibration, force, log=echo)
 
@@ -822,9 +823,9 @@ def archs(
 
     Example: replicate archs convnext_nano
     """
-    from . import models
+    from .models import learner
 
-    models.list_archs(names, log=echo)
+    learner.list_archs(names, log=echo)
 
 
 @app.command("weights")
@@ -845,7 +846,7 @@ def weights_(
 
     Example: replicate weights resnet18 densenet121 convnext_tiny
     """
-    from . import archs as registry
+    from .models import archs as registry
 
     registry.fetch_weights(names, log=echo)
 

@@ -85,3 +85,17 @@ def image_counts(task_dir: Path) -> pd.DataFrame:
         .fillna(0)
         .astype(int)
     )
+
+
+def find_images(paths: list[Path]) -> list[Path]:
+    """Image files among `paths`, folders searched recursively; other files named directly are kept
+    (they get an error row) so nothing the user named silently disappears."""
+    found = []
+    for p in paths:
+        if p.is_dir():
+            found += image_files(p)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise ReplicateError(f"{p} does not exist")
+    return list(dict.fromkeys(found))

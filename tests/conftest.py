@@ -288,8 +288,8 @@ def rooms_run(tmp_path_factory) -> tuple[Path, Path]:
     """A three-class task (4 train + 2 valid photos per class) and resnet18 finetuned on it for 2
     epochs at 32 px, with model.onnx: (root, run folder); the task is root/data/rooms. Tests may add
     files to the run folder (interpret, review) but change nothing in it."""
-    from replicate import train
     from replicate.config import RunConfig
+    from replicate.training import train
 
     root = tmp_path_factory.mktemp("rooms-run")
     make_task(root / "data" / "rooms", n_train=4, n_valid=2, classes=ROOMS)

@@ -20,9 +20,11 @@ import torch
 from conftest import ZOO_SIZES
 from PIL import Image
 
-from replicate import archs, onnx_engine, train
-from replicate.archs import ARCHS
 from replicate.config import RunConfig
+from replicate.engine import onnx_models
+from replicate.models import archs
+from replicate.models.archs import ARCHS
+from replicate.training import train
 
 RUN_FILES = {
     "config.json",
@@ -173,8 +175,8 @@ def test_onnx_runtime_gives_the_learners_probabilities_on_the_validation_photos(
     learner = pd.read_csv(
         run / "valid_predictions.csv"
     )  # the learner's get_preds, fastai's own pipeline
-    model = onnx_engine.load_onnx(run)
-    onnx = onnx_engine.tag_onnx([model], [Path(p) for p in learner.path], workers=0, progress=False)
+    model = onnx_models.load_onnx(run)
+    onnx = onnx_models.tag_onnx([model], [Path(p) for p in learner.path], workers=0, progress=False)
     config = json.loads((run / "config.json").read_text())
     classes = json.loads((run / "metrics.json").read_text())["classes"]
     ours = onnx[[f"{config['task']}_p_{c}" for c in classes]].to_numpy()

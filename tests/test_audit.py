@@ -20,8 +20,10 @@ import pytest
 from conftest import HOUSES_ZIP, TINY_RUN, folders_args, requires_houses, synthetic_photo
 from PIL import Image
 
-from replicate import audit, duplicates, fingerprints, folders, hamming, sources
+from replicate import folders
+from replicate.audit import checks, duplicates, fingerprints, hamming
 from replicate.cli import app
+from replicate.data import sources
 
 
 def jpeg(image: Image.Image, quality: int = 95) -> bytes:
@@ -103,12 +105,12 @@ def test_made_up_copies_are_found_and_distinct_photos_are_not(tmp_path):
             photos.append(data_)
             owners.append(seed)
     frame = pd.DataFrame(fingerprints.fingerprint_many(photos))
-    groups, pairs = duplicates.linked(frame, audit.THRESHOLD, photos)
+    groups, pairs = duplicates.linked(frame, checks.THRESHOLD, photos)
     # each original and its four copies form one group, and nothing else joins it
     assert len(set(groups)) == 20
     for seed in range(20):
         assert len({g for g, o in zip(groups, owners) if o == seed}) == 1
-    assert pairs.distance.max() <= audit.THRESHOLD
+    assert pairs.distance.max() <= checks.THRESHOLD
 
 
 def test_two_hundred_distinct_photos_give_no_false_pair():
@@ -116,7 +118,7 @@ def test_two_hundred_distinct_photos_give_no_false_pair():
         fingerprints.fingerprint_many([jpeg(synthetic_photo(1000 + s)) for s in range(200)])
     )
     assert duplicates.near_pairs(
-        duplicates.hash_matrix(frame.phash.tolist()), audit.THRESHOLD
+        duplicates.hash_matrix(frame.phash.tolist()), checks.THRESHOLD
     ).empty
 
 
@@ -164,7 +166,7 @@ def test_a_photo_with_its_own_white_bands_pillarboxed_in_black_loses_both_border
     assert np.abs(box - (120, 16, 520, 284)).max() <= 8
     both = [jpeg(photo), framed]
     _, pairs = duplicates.linked(
-        pd.DataFrame(fingerprints.fingerprint_many(both)), audit.THRESHOLD, both
+        pd.DataFrame(fingerprints.fingerprint_many(both)), checks.THRESHOLD, both
     )
     assert pairs.confirmed.tolist() == [
         True
@@ -193,7 +195,7 @@ def test_padded_houses_photos_pair_only_with_their_copies():
         ]
         origin += [k, k, k]
     plain = pd.DataFrame(fingerprints.fingerprint_many(originals))
-    _, own = duplicates.linked(plain, audit.THRESHOLD, originals)
+    _, own = duplicates.linked(plain, checks.THRESHOLD, originals)
     twins = {frozenset(p) for p in zip(own.i[own.confirmed], own.j[own.confirmed])}
     assert {frozenset(names[i].split("/")[-1] for i in t) for t in twins} >= {
         frozenset({"199_bathroom.jpg", "214_bathroom.jpg"}),
@@ -201,7 +203,7 @@ def test_padded_houses_photos_pair_only_with_their_copies():
     }
 
     frame = pd.DataFrame(fingerprints.fingerprint_many(photos))
-    groups, pairs = duplicates.linked(frame, audit.THRESHOLD, photos)
+    groups, pairs = duplicates.linked(frame, checks.THRESHOLD, photos)
     found = {
         frozenset((int(i), int(j)))
         for i, j in zip(pairs.i[pairs.confirmed], pairs.j[pairs.confirmed])
@@ -228,7 +230,7 @@ def test_padded_houses_photos_pair_only_with_their_copies():
         dtype=np.uint64,
     )
     close = np.argwhere(
-        np.triu(np.bitwise_count(whole[:, None] ^ whole[None, :]) <= audit.THRESHOLD, 1)
+        np.triu(np.bitwise_count(whole[:, None] ^ whole[None, :]) <= checks.THRESHOLD, 1)
     )
     assert any(frozenset(p) not in twins for p in map(tuple, close.tolist()))
 
@@ -256,7 +258,7 @@ def test_a_thousand_copies_of_a_placeholder_are_one_group_of_pairs_with_the_firs
     frame = frame.reset_index(
         drop=True
     )  # one fingerprint per distinct file, as the cache would hold
-    groups, pairs = duplicates.linked(frame, audit.THRESHOLD, photos)
+    groups, pairs = duplicates.linked(frame, checks.THRESHOLD, photos)
     assert (groups[1:1001] == groups[1]).all() and groups[0] != groups[1] != groups[1001]
     assert len(pairs) == 999 and set(pairs.i) == {1} and pairs.confirmed.all()  # not 499,500 pairs
 

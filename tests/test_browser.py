@@ -19,8 +19,8 @@ from test_audit import task  # noqa: F401  (a task with a leak, a conflict and a
 from test_cleaning import trained, tree  # noqa: F401  (the module's trained-model fixture)
 
 from replicate.cli import app
-from replicate.label import task_photos
-from replicate.sources import HOUSE_PHOTO
+from replicate.data.sources import HOUSE_PHOTO
+from replicate.labelling.rounds import task_photos
 
 # CI sets REPLICATE_REQUIRE_BROWSER=1 after installing Chromium: there a missing browser fails, never skips.
 REQUIRED = os.environ.get("REPLICATE_REQUIRE_BROWSER") == "1"

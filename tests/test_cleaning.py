@@ -18,9 +18,9 @@ from conftest import make_image, odd_photos
 from fastai.learner import load_learner
 from PIL import Image
 
-from replicate import train
 from replicate.cli import app
 from replicate.config import RunConfig
+from replicate.training import train
 
 
 @pytest.fixture

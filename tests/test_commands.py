@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from conftest import ROOMS, TINY_RUN, folders_args, make_image, make_task
 
-from replicate import demo
 from replicate.cli import app
 from replicate.config import RunConfig
+from replicate.training import demo
 
 
 def test_demo_says_what_it_trains_and_where_the_results_are(tiny_task, runner, monkeypatch):

@@ -15,9 +15,11 @@ import pytest
 from conftest import ROOMS, TINY_RUN, compare_cli, folders_args, make_task
 from PIL import Image
 
-from replicate import audit, compare, report, train
+from replicate.audit import checks
 from replicate.cli import app
 from replicate.config import RunConfig
+from replicate.report import compare_report
+from replicate.training import compare, train
 
 
 @pytest.fixture
@@ -252,9 +254,9 @@ def test_fastai_recipe_sits_beside_paper_runs_in_one_table(grid_copy, runner):
 
 
 def test_wilson_interval_matches_known_values():
-    low, high = report.wilson_interval(50, 100)
+    low, high = compare_report.wilson_interval(50, 100)
     assert (round(low, 3), round(high, 3)) == (0.404, 0.596)
-    low, high = report.wilson_interval(100, 100)
+    low, high = compare_report.wilson_interval(100, 100)
     assert high == pytest.approx(1.0) and round(low, 3) == 0.963
 
 
@@ -272,17 +274,17 @@ def test_compare_errors(rooms, runner):
 
 
 def test_compare_checks_the_images_once_for_all_cells(grid_copy, runner, monkeypatch):
-    from replicate import data
+    from replicate.training import dataloaders
 
     shutil.rmtree(grid_copy / "exports" / "rooms" / "alexnet-frozen")
-    real_scan, calls = data.scan_task, []
+    real_scan, calls = dataloaders.scan_task, []
     monkeypatch.setattr(
-        data, "scan_task", lambda task_dir: calls.append(task_dir) or real_scan(task_dir)
+        dataloaders, "scan_task", lambda task_dir: calls.append(task_dir) or real_scan(task_dir)
     )
     audits = []
-    real_audit = audit.audit_task
+    real_audit = checks.audit_task
     monkeypatch.setattr(
-        audit, "audit_task", lambda *a, **k: audits.append(a[0]) or real_audit(*a, **k)
+        checks, "audit_task", lambda *a, **k: audits.append(a[0]) or real_audit(*a, **k)
     )
     result = compare_cli(
         runner, grid_copy, "--modes", "frozen", "--archs", "resnet18,alexnet,densenet121"

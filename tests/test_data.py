@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 from conftest import make_image
 
-from replicate import data
 from replicate.errors import ReplicateError
+from replicate.training import dataloaders
 
 # --- checking a task folder ------------------------------------------------------------------------
 
 
 def test_scan_task_counts_a_good_task(tiny_task):
-    images = data.scan_task(tiny_task / "toy")
+    images = dataloaders.scan_task(tiny_task / "toy")
     assert images.classes == ["blue", "red"]
     assert images.counts.to_dict() == {
         "train": {"blue": 4, "red": 4},
@@ -53,13 +53,13 @@ def test_scan_task_counts_a_good_task(tiny_task):
 def test_scan_task_says_what_is_wrong(tiny_task, breakage, message):
     breakage(tiny_task / "toy")
     with pytest.raises(ReplicateError, match=message):
-        data.scan_task(tiny_task / "toy")
+        dataloaders.scan_task(tiny_task / "toy")
 
 
 def test_unreadable_images_are_set_aside_up_front(tiny_task):
     bad = tiny_task / "toy" / "train" / "red" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    images = data.scan_task(tiny_task / "toy")
+    images = dataloaders.scan_task(tiny_task / "toy")
     assert (
         images.skipped == [bad]
         and bad not in images.files
@@ -68,7 +68,7 @@ def test_unreadable_images_are_set_aside_up_front(tiny_task):
 
 
 def test_all_tasks_are_the_folders_with_a_train_split(tiny_task):
-    from replicate.compare import tasks
+    from replicate.training.compare import tasks
 
     (tiny_task / "notes").mkdir()
     make_image(tiny_task / "other" / "train" / "a" / "x.jpg")

@@ -17,9 +17,10 @@ import pytest
 from conftest import TINY_RUN, folders_args, odd_photos
 from PIL import Image
 
-from replicate import fastai_engine, onnx_engine, predict
 from replicate import photos as photos_
 from replicate.cli import app
+from replicate.engine import fastai_models, model_set, onnx_models
+from replicate.tagging import predict
 
 
 def quiet(*args):
@@ -45,9 +46,9 @@ def probability_columns(table: pd.DataFrame) -> list[str]:
 
 
 def test_the_pil_crop_is_fastais_validation_crop_pixel_for_pixel(run_dir, rooms):
-    from replicate.data import RESAMPLING, ValidCrop
+    from replicate.training.dataloaders import RESAMPLING, ValidCrop
 
-    learn = fastai_engine.load_model(run_dir).learn
+    learn = fastai_models.load_model(run_dir).learn
     Image.new("RGB", (71, 40)).save(
         rooms.parent / "odd-shape.png"
     )  # a crop that does not divide evenly
@@ -68,7 +69,7 @@ def test_the_pil_crop_is_fastais_validation_crop_pixel_for_pixel(run_dir, rooms)
         fastai_input = learn.dls.test_dl(files, bs=len(files)).one_batch()[0].cpu().numpy()
         ours = np.stack(
             [
-                onnx_engine.decode(f, [(32, crop_pct, interpolation)])[0][
+                onnx_models.decode(f, [(32, crop_pct, interpolation)])[0][
                     (32, crop_pct, interpolation)
                 ]
                 for f in files
@@ -252,35 +253,33 @@ def test_odd_files_give_todays_rows_and_phone_photos_stand_upright(run_dir, runn
 def test_each_photo_is_decoded_once_for_all_models(run_dir, rooms, tmp_path, monkeypatch):
     other = tmp_path / "other"
     shutil.copytree(run_dir, other)
-    models = predict.load_models([run_dir, other], "onnx", "cpu")
+    models = model_set.load([run_dir, other], "onnx", "cpu")
     assert [m.name for m in models] == [f"rooms_{run_dir.name}", "rooms_other"]
     shutil.copy(
         other / "model.onnx", other / "model.int8.onnx"
     )  # a stand-in: only the name matters here
-    both = predict.load_models(
-        [other / "model.onnx", other / "model.int8.onnx", run_dir], "onnx", "cpu"
-    )
+    both = model_set.load([other / "model.onnx", other / "model.int8.onnx", run_dir], "onnx", "cpu")
     assert [m.name for m in both] == [
         "rooms_other_model",
         "rooms_other_model.int8",
         f"rooms_{run_dir.name}",
     ]
     calls = []
-    real = onnx_engine.decode
+    real = onnx_models.decode
     monkeypatch.setattr(
-        onnx_engine, "decode", lambda path, geometries: calls.append(path) or real(path, geometries)
+        onnx_models, "decode", lambda path, geometries: calls.append(path) or real(path, geometries)
     )
     files = sorted((rooms / "rooms" / "valid").rglob("*.jpg"))
-    table = onnx_engine.tag_onnx(models, files, bs=4, workers=0, progress=False)
+    table = onnx_models.tag_onnx(models, files, bs=4, workers=0, progress=False)
     assert sorted(calls) == files
     assert (table[f"rooms_{run_dir.name}_predicted"] == table["rooms_other_predicted"]).all()
 
 
 def test_decoding_threads_give_the_same_table_as_one_thread(run_dir, rooms):
-    models = [onnx_engine.load_onnx(run_dir)]
+    models = [onnx_models.load_onnx(run_dir)]
     files = sorted((rooms / "rooms").rglob("*.jpg"))
-    alone = onnx_engine.tag_onnx(models, files, bs=5, workers=0, progress=False)
-    pooled = onnx_engine.tag_onnx(models, files, bs=5, workers=2, progress=False)
+    alone = onnx_models.tag_onnx(models, files, bs=5, workers=0, progress=False)
+    pooled = onnx_models.tag_onnx(models, files, bs=5, workers=2, progress=False)
     pd.testing.assert_frame_equal(alone, pooled)
 
 
@@ -340,11 +339,11 @@ def test_export_writes_model_onnx_for_an_older_run_folder(run_dir, rooms, runner
     result = runner.invoke(app, ["export", str(old)])
     assert result.exit_code == 0, result.output
     assert json.loads((old / "metrics.json").read_text())["checksums"]["model.onnx"]
-    a = onnx_engine.tag_onnx(
-        [onnx_engine.load_onnx(old)], sorted((rooms / "rooms" / "valid").rglob("*.jpg")), workers=0
+    a = onnx_models.tag_onnx(
+        [onnx_models.load_onnx(old)], sorted((rooms / "rooms" / "valid").rglob("*.jpg")), workers=0
     )
-    b = onnx_engine.tag_onnx(
-        [onnx_engine.load_onnx(run_dir)],
+    b = onnx_models.tag_onnx(
+        [onnx_models.load_onnx(run_dir)],
         sorted((rooms / "rooms" / "valid").rglob("*.jpg")),
         workers=0,
     )
@@ -366,7 +365,7 @@ def test_quantize_int8_writes_a_calibrated_model_and_reports_its_accuracy(
     assert int8["calibration_photos"] == 8 and int8["mb"] < int8["fp32_mb"] / 3  # int8 weights
     # The fp32 ONNX model's accuracy on the validation photos is the run's own (the best epoch's).
     assert int8["fp32_valid_accuracy"] == pytest.approx(metrics["best_valid_accuracy"])
-    model = onnx_engine.load_onnx(run / "model.int8.onnx")
+    model = onnx_models.load_onnx(run / "model.int8.onnx")
     assert model.meta["quantized"].startswith("int8") and model.classes == metrics["classes"]
     ops = {n.op_type for n in __import__("onnx").load(str(run / "model.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -431,7 +430,7 @@ def test_on_a_gpu_machine_the_engine_follows_what_is_installed(run_dir, tmp_path
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     assert predict.plan("onnx", "auto", [run_dir]) == ("onnx", "cuda", "")
-    assert onnx_engine.providers("cuda", 1)[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert onnx_models.providers("cuda", 1)[0] == ("CUDAExecutionProvider", {"device_id": 1})
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     engine, device, note = predict.plan("onnx", "auto", [run_dir])
     assert (

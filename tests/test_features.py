@@ -18,9 +18,9 @@ from fastai.learner import Learner
 from test_train import run_cli
 from torch import nn
 
-from replicate import compare, features
 from replicate.cli import app
 from replicate.config import RunConfig
+from replicate.training import compare, features
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ import pytest
 from conftest import COLORS, folders_args, make_image
 from typer.testing import CliRunner
 
-from replicate import filters
 from replicate.cli import app
+from replicate.engine import filters
 from replicate.errors import ReplicateError
 
 

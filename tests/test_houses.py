@@ -14,18 +14,20 @@ from test_audit import run_audit
 from test_sources import house_ids
 from test_train import run_cli
 
-from replicate import audit, data, folders
+from replicate import folders
+from replicate.audit import checks
+from replicate.training import dataloaders
 
 
 def test_real_houses_zip_gives_535_photos_per_room_split_80_20(houses):
     tasks = {t: houses / t for t in ("rooms", "exterior")}
-    counts = data.scan_task(tasks["rooms"]).counts
+    counts = dataloaders.scan_task(tasks["rooms"]).counts
     assert (counts.sum(axis=1) == 535).all()
     assert (counts["valid"] == 107).all()  # round(535 * 0.2)
     assert house_ids(tasks["rooms"] / "train").isdisjoint(house_ids(tasks["rooms"] / "valid"))
-    ext = data.scan_task(tasks["exterior"]).counts
+    ext = dataloaders.scan_task(tasks["exterior"]).counts
     assert ext.loc["frontal"].sum() == 535 and ext.loc["indoor"].sum() == 3 * 535
-    kitchen = data.scan_task(houses / "kitchen").counts  # yes/no: "is it a kitchen?"
+    kitchen = dataloaders.scan_task(houses / "kitchen").counts  # yes/no: "is it a kitchen?"
     assert kitchen.loc["yes"].sum() == 535 and kitchen.loc["no"].sum() == 3 * 535
     assert (kitchen.loc["yes"] == counts.loc["kitchen"]).all()  # the same split
 
@@ -49,7 +51,9 @@ def test_real_houses_audit_finds_the_known_groups_and_a_fresh_import_does_not_le
     assert {next(iter(c)).split("_")[0] for c in conflicts} == {"227", "343", "466", "354", "12"}
     assert all(len({n.split("_")[0] for n in c}) == 1 for c in conflicts)  # each within one house
     assert (findings.finding == "leak").sum() == 0  # the import kept linked houses together
-    ext = audit.audit_task(data_dir / "exterior", data.scan_task(data_dir / "exterior").files)
+    ext = checks.audit_task(
+        data_dir / "exterior", dataloaders.scan_task(data_dir / "exterior").files
+    )
     assert ext.counts()["leak_groups"] == 0
     for task in ("rooms", "exterior"):
         counts = folders.image_counts(data_dir / task)
@@ -67,4 +71,4 @@ def test_houses_end_to_end(houses, runner):
     metrics = json.loads((exports / "rooms" / "resnet18-unfrozen" / "metrics.json").read_text())
     assert metrics["n_train"] == 1284 and metrics["n_valid"] == 321
     assert metrics["best_valid_accuracy"] > 0.4  # 3 balanced classes: chance is 1/3
-    assert data.scan_task(houses / "rooms").counts.values.sum() == 1605
+    assert dataloaders.scan_task(houses / "rooms").counts.values.sum() == 1605

@@ -18,10 +18,11 @@ import pandas as pd
 import pytest
 from conftest import ROOMS, make_task, synthetic_photo
 
-from replicate import store, train
 from replicate.cli import app
 from replicate.config import RunConfig
 from replicate.folders import sha256_file
+from replicate.index import store
+from replicate.training import train
 
 KITCHEN = {"yes": (200, 180, 60), "no": (40, 60, 200)}
 LISTING = r"^(\d+)_"

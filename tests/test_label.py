@@ -18,9 +18,10 @@ import pytest
 from conftest import COLORS, folders_args, make_image, synthetic_photo
 from test_cleaning import tree
 
-from replicate import active, clean, label
+from replicate.audit import cleaning
 from replicate.cli import app
 from replicate.errors import ReplicateError
+from replicate.labelling import active, rounds
 
 
 def clusters(
@@ -168,7 +169,7 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(
     assert applied.exit_code == 0, applied.output
     assert computed == []  # a labelled copy is its pool photo: its features are not computed again
     task = tmp_path / "data" / "flt"
-    photos = label.task_photos(task).assign(name=lambda t: t.path.map(lambda p: Path(p).name))
+    photos = rounds.task_photos(task).assign(name=lambda t: t.path.map(lambda p: Path(p).name))
     skipped = int("no_0.jpg" in {Path(p).name for p in chosen})
     assert len(photos) == len(chosen) - skipped and "no_0.jpg" not in set(photos.name)
     assert (photos.label == photos.name.map(lambda n: truth(n.split("__")[-1]))).all()
@@ -196,11 +197,11 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(
     assert again.exit_code == 2 and "applied twice" in again.output and tree(task) == copied
     undone = label_cli(runner, tmp_path, "flt", "--undo", str(log))
     assert undone.exit_code == 0, undone.output
-    assert label.task_photos(task).empty and tree(pool) == before
+    assert rounds.task_photos(task).empty and tree(pool) == before
     assert (
         label_cli(runner, tmp_path, "flt").exit_code == 0
     )  # the pool is remembered; back to round 1
-    assert (out / "round-1.csv").is_file() and not label.logs(task)
+    assert (out / "round-1.csv").is_file() and not rounds.logs(task)
 
 
 def test_bad_decisions_copy_nothing_and_say_why(pool, runner, tmp_path):
@@ -262,23 +263,23 @@ def test_several_classes_start_near_the_examples_and_remember_the_session(runner
     )
     assert applied.exit_code == 0, applied.output
     second = pd.read_csv(out / "round-2.csv", keep_default_na=False)
-    labelled = set(label.task_photos(tmp_path / "data" / "paint").label)
+    labelled = set(rounds.task_photos(tmp_path / "data" / "paint").label)
     assert set(second.guess) <= labelled and len(second) == 6
 
 
 def test_undoing_a_copy_whose_original_is_gone_moves_it_back(tmp_path):
     source = make_image(tmp_path / "pool" / "a.jpg", COLORS["red"])
     task = tmp_path / "data" / "t"
-    log = clean.apply(
+    log = cleaning.apply(
         task,
         [
-            clean.Move("copy", source, task / "train" / "yes" / "a.jpg", "yes"),
-            clean.Move("skip", make_image(tmp_path / "pool" / "b.jpg"), None),
+            cleaning.Move("copy", source, task / "train" / "yes" / "a.jpg", "yes"),
+            cleaning.Move("skip", make_image(tmp_path / "pool" / "b.jpg"), None),
         ],
         task / "_labelling",
     )
     original = source.read_bytes()
     assert (task / "train" / "yes" / "a.jpg").read_bytes() == original
     source.unlink()
-    assert clean.undo(log) == 1
+    assert cleaning.undo(log) == 1
     assert source.read_bytes() == original and not (task / "train" / "yes" / "a.jpg").exists()

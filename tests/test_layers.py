@@ -37,15 +37,16 @@ def test_the_layer_contract_is_kept_and_breaks_on_an_upward_import(tmp_path):
     assert "1 kept, 0 broken" in kept.stdout
     # The cycle this contract replaced ran through function-local imports: one is enough to break it.
     with open(tmp_path / "replicate" / "photos.py", "a") as f:
-        f.write("\n\ndef _upward():\n    from .train import run  # noqa: F401\n")
+        f.write("\n\ndef _upward():\n    from .training.train import run  # noqa: F401\n")
     broken = lint(tmp_path)
     assert broken.returncode != 0
-    assert "replicate.photos -> replicate.train" in broken.stdout
+    assert "replicate.photos -> replicate.training.train" in broken.stdout
 
 
 def test_the_onnx_engine_and_the_report_load_no_pytorch():
     code = (
-        "import sys, replicate.predict, replicate.report, replicate.photos, replicate.runtime\n"
+        "import sys, replicate.tagging.predict, replicate.report.compare_report, replicate.photos\n"
+        "import replicate.runtime, replicate.engine.model_set, replicate.serving.server\n"
         "print(sorted(m for m in ('torch', 'fastai', 'torchvision', 'timm') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -54,8 +55,9 @@ def test_the_onnx_engine_and_the_report_load_no_pytorch():
 
 def test_the_report_orders_the_study_archs_as_the_registry_does():
     """report reads the study's order from paper_results.csv (it may not import models): the same order."""
-    from replicate import archs, report
+    from replicate.models import archs
+    from replicate.report import compare_report
 
     study = list(archs.ARCHS)
-    assert len(study) == 5 and sorted(reversed(study), key=report._arch_order) == study
-    assert report._arch_order("convnext_tiny") == 5
+    assert len(study) == 5 and sorted(reversed(study), key=compare_report._arch_order) == study
+    assert compare_report._arch_order("convnext_tiny") == 5

@@ -23,10 +23,11 @@ from fastai.vision.core import PILImage
 from fastai.vision.learner import TimmBody
 from torch import nn
 
-from replicate import archs, data, downloads, models, weights
 from replicate.cli import app
 from replicate.config import STUDY_ARCHS, RunConfig
 from replicate.errors import ReplicateError
+from replicate.models import archs, downloads, learner, weights
+from replicate.training import dataloaders
 
 # Small but valid sizes; Inception at 299, the smallest size its auxiliary classifier accepts.
 SIZES = {"resnet18": 32, "alexnet": 64, "vgg11_bn": 32, "densenet121": 32, "inception_v3": 299}
@@ -49,10 +50,10 @@ def learner(tiny_task, arch: str, unfreeze: bool, **kw):
         data_dir=tiny_task,
         **kw,
     )
-    dls = data.dataloaders(
-        data.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
+    dls = dataloaders.dataloaders(
+        dataloaders.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
-    return models.create_learner(dls, cfg, archs.resolve(cfg))
+    return learner.create_learner(dls, cfg, archs.resolve(cfg))
 
 
 def one_step(learn) -> set[str]:
@@ -117,7 +118,7 @@ def test_unfrozen_trains_every_parameter(tiny_task, arch):
 def test_body_is_the_whole_pretrained_network_minus_its_last_linear(arch):
     """Same forward as the network whose last Linear is the new one (timm: its `get_classifier()`)."""
     spec = archs.get_arch(arch)
-    reference = models.Backbone(arch, size=SIZES[arch])(pretrained=False).eval()
+    reference = learner.Backbone(arch, size=SIZES[arch])(pretrained=False).eval()
     last = {
         "resnet18": "fc",
         "alexnet": "classifier.6",
@@ -168,14 +169,14 @@ def test_timm_input_comes_from_the_pretrained_config(tiny_task):
     learn = learner(tiny_task, "vit_tiny_patch16_224", unfreeze=False)
     norm = next(t for t in learn.dls.after_batch.fs if isinstance(t, Normalize))
     assert norm.mean.flatten().tolist() == [0.5, 0.5, 0.5]  # this ViT's statistics, not ImageNet's
-    crop = next(t for t in learn.dls.valid.after_item.fs if isinstance(t, data.ValidCrop))
+    crop = next(t for t in learn.dls.valid.after_item.fs if isinstance(t, dataloaders.ValidCrop))
     assert crop.crop_pct == 0.9
 
 
 def test_valid_crop_takes_the_centre_share_of_the_short_side():
     image = PILImage.create(np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (100, 1, 3)))
     full, centre = (
-        np.array(data.ValidCrop(50, crop_pct=p)(image, split_idx=1)) for p in (1.0, 0.5)
+        np.array(dataloaders.ValidCrop(50, crop_pct=p)(image, split_idx=1)) for p in (1.0, 0.5)
     )
     assert full.shape == centre.shape == (50, 50, 3)
     assert (
@@ -198,7 +199,7 @@ def test_optimizer_is_sgd_momentum_constant_lr_no_weight_decay(tiny_task):
 
 def test_inception_adds_the_auxiliary_loss(tiny_task):
     learn = learner(tiny_task, "inception_v3", unfreeze=False)
-    assert any(isinstance(cb, models.AuxLossCallback) for cb in learn.cbs)
+    assert any(isinstance(cb, learner.AuxLossCallback) for cb in learn.cbs)
     xb, yb = learn.dls.one_batch()
     learn.model.train()
     with torch.no_grad():
@@ -206,7 +207,7 @@ def test_inception_adds_the_auxiliary_loss(tiny_task):
     expected = learn.loss_func(main, yb) + 0.4 * learn.loss_func(aux, yb)
     learn.xb, learn.yb, learn.pred = (xb,), (yb,), (main, aux)
     learn.training = True
-    cb = next(cb for cb in learn.cbs if isinstance(cb, models.AuxLossCallback))
+    cb = next(cb for cb in learn.cbs if isinstance(cb, learner.AuxLossCallback))
     cb.after_pred()
     learn.loss_grad = learn.loss_func(learn.pred, yb)
     cb.after_loss()
@@ -222,12 +223,12 @@ def test_inception_below_299px_trains_without_the_auxiliary_branch(tiny_task):
     cfg = RunConfig(
         "toy", "inception_v3", size=160, pretrained=False, bs=8, workers=0, data_dir=tiny_task
     )
-    dls = data.dataloaders(
-        data.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
+    dls = dataloaders.dataloaders(
+        dataloaders.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
-    small = models.create_learner(dls, cfg, archs.resolve(cfg))
+    small = learner.create_learner(dls, cfg, archs.resolve(cfg))
     assert small.model[0].AuxLogits is None and small.model[1].aux_fc is None
-    assert not any(isinstance(cb, models.AuxLossCallback) for cb in small.cbs)
+    assert not any(isinstance(cb, learner.AuxLossCallback) for cb in small.cbs)
     with small.no_bar(), small.no_logging():
         small.fit(1)
 
@@ -256,13 +257,13 @@ def test_any_timm_name_is_an_arch_and_the_study_names_stay_torchvision():
 
 
 def test_archs_are_described_from_the_network(runner):
-    resnet = models.describe("resnet18")
-    params = sum(p.numel() for p in models.Backbone("resnet18")(pretrained=False).parameters())
+    resnet = learner.describe("resnet18")
+    params = sum(p.numel() for p in learner.Backbone("resnet18")(pretrained=False).parameters())
     assert resnet["params_M"] == pytest.approx(params / 1e6)
     assert resnet["GFLOPs"] == pytest.approx(
         3.64, abs=0.05
     )  # 1.82 GMACs, as torchvision's model card says
-    vit = models.describe("vit_small_patch16_224")
+    vit = learner.describe("vit_small_patch16_224")
     assert vit["input_px"] == 224 and vit["params_M"] == pytest.approx(22.05, abs=0.01)
     result = runner.invoke(app, ["archs"])
     assert result.exit_code == 0
@@ -283,8 +284,8 @@ def test_cached_weights_are_loaded_without_network(offline):
     path, _ = downloads.torchvision_source(arch.weights.url)
     path.parent.mkdir(parents=True)
     torch.manual_seed(1)
-    torch.save(models.Backbone("resnet18")(pretrained=False).state_dict(), path)
-    loaded = models.Backbone("resnet18")(pretrained=True)
+    torch.save(learner.Backbone("resnet18")(pretrained=False).state_dict(), path)
+    loaded = learner.Backbone("resnet18")(pretrained=True)
     assert torch.equal(loaded.state_dict()["conv1.weight"], torch.load(path)["conv1.weight"])
 
 
@@ -327,12 +328,12 @@ def test_fastai_recipe_from_random_init_trains_every_layer_in_one_cycle(tiny_tas
         workers=0,
         data_dir=tiny_task,
     )
-    dls = data.dataloaders(
-        data.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
+    dls = dataloaders.dataloaders(
+        dataloaders.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
-    learn = models.create_learner(dls, cfg, archs.resolve(cfg))
-    lr = models.learning_rate(learn, cfg)
-    assert lr == models.FROM_SCRATCH_LR
+    learn = learner.create_learner(dls, cfg, archs.resolve(cfg))
+    lr = learner.learning_rate(learn, cfg)
+    assert lr == learner.FROM_SCRATCH_LR
     first_epoch = {}
 
     class AfterFirstEpoch(fastai.callback.core.Callback):
@@ -344,7 +345,7 @@ def test_fastai_recipe_from_random_init_trains_every_layer_in_one_cycle(tiny_tas
 
     before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
     with learn.no_bar(), learn.no_logging(), learn.added_cbs(AfterFirstEpoch()):
-        models.fit(learn, cfg, lr)
+        learner.fit(learn, cfg, lr)
     # No head-only first epoch: the body moved in epoch 1 (fine_tune would have kept it).
     assert all(not torch.equal(first_epoch[n], before[n]) for n in before)
     lrs = learn.recorder.lrs  # one cycle over both epochs (fine_tune: a second fit of 1 epoch)
@@ -362,9 +363,9 @@ def test_fastai_recipe_rate_lr_find_from_pretrained_weights_fixed_from_random_in
     cfg = RunConfig(
         "toy", "resnet18", recipe="fastai", size=32, pretrained=False, data_dir=tiny_task
     )
-    assert models.learning_rate(learn, cfg) == models.FROM_SCRATCH_LR
-    suggested = models.learning_rate(
+    assert learner.learning_rate(learn, cfg) == learner.FROM_SCRATCH_LR
+    suggested = learner.learning_rate(
         learn, dataclasses.replace(cfg, pretrained=True)
     )  # lr_find's valley
-    assert suggested != models.FROM_SCRATCH_LR and 1e-7 < suggested < 10
-    assert models.learning_rate(learn, dataclasses.replace(cfg, lr=0.02)) == 0.02
+    assert suggested != learner.FROM_SCRATCH_LR and 1e-7 < suggested < 10
+    assert learner.learning_rate(learn, dataclasses.replace(cfg, lr=0.02)) == 0.02

@@ -14,9 +14,10 @@ import pytest
 from conftest import HOUSES_ZIP, ROOMS, make_task, requires_houses, synthetic_photo
 from PIL import Image
 
-from replicate import photos, train
+from replicate import photos
 from replicate.cli import app
 from replicate.config import RunConfig
+from replicate.training import train
 
 
 def test_the_crop_box_is_the_centre_share_of_the_short_side():

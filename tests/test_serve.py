@@ -26,9 +26,9 @@ import pytest
 from conftest import ROOMS, make_task, odd_photos, synthetic_photo
 from PIL import Image
 
-from replicate import train
 from replicate.cli import app
 from replicate.config import RunConfig
+from replicate.training import train
 
 TOKEN = "a-token-for-the-tests-0123456789"
 KITCHEN = {"yes": (200, 180, 60), "no": (40, 60, 200)}
@@ -313,10 +313,10 @@ def test_sighup_reloads_a_retrained_run_without_a_failed_request(served, tmp_pat
     photo = served["photos"] / "77_03.jpg"
 
     def alone(run: Path) -> float:
-        from replicate import onnx_engine
+        from replicate.engine import onnx_models
 
         return float(
-            onnx_engine.tag_onnx([onnx_engine.load_onnx(run)], [photo], progress=False).iloc[0, 3]
+            onnx_models.tag_onnx([onnx_models.load_onnx(run)], [photo], progress=False).iloc[0, 3]
         )
 
     old_p, new_p = alone(rooms), alone(new_run)
@@ -377,8 +377,8 @@ def test_the_server_loads_no_pytorch(served):
     """Its engine is ONNX Runtime alone: a server process stays small and starts fast."""
     code = (
         "import sys\n"
-        "from replicate import serve\n"
-        f"serve.Tagger([{str(served['runs'][0])!r}]).warm_up()\n"
+        "from replicate.serving import server\n"
+        f"server.State(server.Options(({str(served['runs'][0])!r},))).load()\n"
         "print(sorted(m for m in ('torch', 'fastai', 'timm') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -23,10 +23,12 @@ import pytest
 from conftest import HOUSES_ZIP, ROOMS, make_task
 from typer.testing import CliRunner
 
-from replicate import onnx_engine, runs, train
+from replicate import runs
 from replicate.cli import app
 from replicate.config import RunConfig
-from replicate.sources import HOUSE_PHOTO
+from replicate.data.sources import HOUSE_PHOTO
+from replicate.engine import onnx_models
+from replicate.training import train
 
 LITE = "tf_efficientnet_lite0"
 
@@ -97,14 +99,14 @@ def test_a_run_records_its_body_and_writes_its_head(four):
     for d in made[:3]:
         run = runs.Run(d)
         assert run.head.is_file() and set(run.metrics["checksums"]) >= {"model.onnx", "head.onnx"}
-        assert onnx_engine.load_onnx(d).body == bodies[0]["key"]
+        assert onnx_models.load_onnx(d).body == bodies[0]["key"]
 
 
 def test_models_on_one_body_run_it_once_and_tag_as_they_do_alone(four, monkeypatch):
     made, photos = four
     files = sorted(photos.rglob("*.jpg"))
-    models = [onnx_engine.load_onnx(d, name=f"m{i}") for i, d in enumerate(made)]
-    assert [len(g) for g in onnx_engine.sharing(models)] == [3, 1]
+    models = [onnx_models.load_onnx(d, name=f"m{i}") for i, d in enumerate(made)]
+    assert [len(g) for g in onnx_models.sharing(models)] == [3, 1]
     passes = []
 
     def spy(m, method):
@@ -114,13 +116,13 @@ def test_models_on_one_body_run_it_once_and_tag_as_they_do_alone(four, monkeypat
     for m in models:
         for method in ("probabilities", "with_features"):
             monkeypatch.setattr(m, method, spy(m, method))
-    together = onnx_engine.tag_onnx(models, files, bs=4, workers=0, progress=False)
+    together = onnx_models.tag_onnx(models, files, bs=4, workers=0, progress=False)
     batches = -(-len(files) // 4)
     assert sorted(set(passes)) == [("m0", "with_features"), ("m3", "probabilities")]
     assert len(passes) == 2 * batches  # one body pass per batch for the three, one for the other
     monkeypatch.undo()
     for m in models:
-        alone = onnx_engine.tag_onnx([m], files, bs=4, workers=0, progress=False)
+        alone = onnx_models.tag_onnx([m], files, bs=4, workers=0, progress=False)
         columns = [c for c in alone.columns if c.startswith(f"{m.name}_")]
         assert (together[f"{m.name}_predicted"] == alone[f"{m.name}_predicted"]).all()
         diff = np.abs(together[columns[1:]].to_numpy() - alone[columns[1:]].to_numpy()).max()
@@ -152,12 +154,12 @@ def test_export_adds_the_body_and_head_to_a_run_folder_from_before(four, tmp_pat
     del config["body"]
     (old / runs.CONFIG).write_text(json.dumps(config))
     (old / runs.HEAD).unlink()
-    assert onnx_engine.load_onnx(old).head is None  # as before: tagged alone
-    from replicate import export
+    assert onnx_models.load_onnx(old).head is None  # as before: tagged alone
+    from replicate.training import export
 
     export.export_run(old)
     assert runs.Run(old).config["body"]["key"] == runs.Run(made[0]).config["body"]["key"]
-    assert (old / runs.HEAD).is_file() and onnx_engine.load_onnx(old).body is not None
+    assert (old / runs.HEAD).is_file() and onnx_models.load_onnx(old).body is not None
 
 
 # --- bundles: the three runs on one body in one file ---------------------------------------------

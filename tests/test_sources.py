@@ -14,8 +14,8 @@ import pytest
 from conftest import make_houses_zip, make_image
 from PIL import Image
 
-from replicate import sources
 from replicate.cli import app
+from replicate.data import sources
 from replicate.errors import ReplicateError
 
 

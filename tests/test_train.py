@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import folders_args
 
-from replicate import data, plots, train
 from replicate.cli import app
+from replicate.report import plots
+from replicate.training import dataloaders, train
 
 
 def run_cli(runner, data_dir, *args):
@@ -76,7 +77,7 @@ def test_a_failed_run_leaves_no_folder_that_looks_finished(tiny_task, runner, mo
 def test_a_symlink_loop_in_a_task_folder_counts_each_photo_once(tiny_task, runner):
     red = tiny_task / "toy" / "train" / "red"
     (red / "again").symlink_to(red, target_is_directory=True)  # red/again/again/... forever
-    images = data.scan_task(tiny_task / "toy")
+    images = dataloaders.scan_task(tiny_task / "toy")
     assert images.counts.loc["red", "train"] == 4 and len(images.files) == 12
 
 

@@ -23,9 +23,10 @@ from conftest import HOUSES_ZIP, requires_houses
 from fastai.learner import load_learner
 from PIL import Image
 
-from replicate import archs, data, demo, export, models, train, weights
 from replicate.cli import app
 from replicate.config import RunConfig
+from replicate.models import archs, learner, weights
+from replicate.training import dataloaders, demo, export, train
 
 LITE = "tf_efficientnet_lite0"
 ROOMS = ("bathroom", "bedroom", "kitchen")
@@ -110,9 +111,9 @@ def test_photos_reach_the_network_as_its_imagenet_training_saw_them(houses):
     eval transform for these weights, an independent reference: the pretrained network, with its ImageNet
     classifier, must see nearly the same thing through both, and name the rooms by what they show."""
     cfg = RunConfig("rooms", LITE, workers=0, data_dir=houses)
-    model = models.Backbone(LITE)(pretrained=True).eval()
-    dls = data.dataloaders(
-        data.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
+    model = learner.Backbone(LITE)(pretrained=True).eval()
+    dls = dataloaders.dataloaders(
+        dataloaders.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
     reference = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     ours, theirs, rooms = [], [], []
@@ -238,7 +239,7 @@ def test_freeze_bn_where_it_does_not_apply_is_one_line_exit_2(tiny_task, runner,
 
 
 def test_compare_freezes_batchnorm_in_its_frozen_cells_only():
-    from replicate import compare
+    from replicate.training import compare
 
     base = RunConfig("rooms", "resnet18", freeze_bn=True, cache_features=3)
     cells = {c.run_name: c for c in compare.grid(base, [LITE], ["frozen", "unfrozen"], 1)}

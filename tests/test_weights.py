@@ -27,8 +27,8 @@ import torchvision.models as tvm
 from conftest import folders_args
 from fastai.learner import load_learner
 
-from replicate import archs, downloads, weights
 from replicate.cli import app
+from replicate.models import archs, downloads, weights
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

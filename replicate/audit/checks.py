@@ -32,10 +32,11 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import duplicates, fingerprints, pages
-from .errors import ReplicateError
+from .. import pages
+from ..errors import ReplicateError
+from ..folders import task_files
+from . import duplicates, fingerprints
 from .fingerprints import CROPS, MIN_STD
-from .folders import task_files
 
 THRESHOLD = 8  # bits of 64; see the module docstring and the README for how it was chosen
 # Quality limits: short side in px, grey-level mean (0-255), long/short side; MIN_STD (nearly

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import ReplicateError
-from .folders import SPLITS, class_dirs, sha256_file
+from ..errors import ReplicateError
+from ..folders import SPLITS, class_dirs, sha256_file
 
 ACTIONS = ("keep", "relabel", "remove", "move")
 LOG_COLUMNS = ["action", "source", "destination", "new_label", "sha256"]

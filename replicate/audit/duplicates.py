@@ -27,7 +27,8 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import hamming, runtime
+from .. import runtime
+from . import hamming
 from .fingerprints import CROPS, centre_crop, hashable, open_upright, pool_map, scaled_box
 
 # The confirmation: crops compared at 16 x 16, correlation at least 0.9.

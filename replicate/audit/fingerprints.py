@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import ExifTags, Image
 
-from . import photos, runtime
+from .. import photos, runtime
 
 # Centre crops of the content hashed per photo; pairs compare the first with each.
 CROPS = (1.0, 0.9, 0.8)

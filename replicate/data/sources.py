@@ -28,10 +28,10 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from . import photos, runtime
-from .audit import link_owners
-from .errors import ReplicateError
-from .folders import SPLITS, image_counts, image_files
+from .. import photos, runtime
+from ..audit.checks import link_owners
+from ..errors import ReplicateError
+from ..folders import SPLITS, image_counts, image_files
 
 HOUSES_URL = "https://github.com/emanhamed/Houses-dataset/archive/refs/heads/master.zip"
 ROOMS = ("bathroom", "bedroom", "kitchen")

@@ -1,7 +1,7 @@
 """A two-class task as a search filter: which class it looks for, the threshold that keeps the
 target precision on valid, `filter.json`, applying filters to a tag table, and the listing rule.
 
-    python -m replicate.filters exports/kitchen/tf_efficientnet_lite0-frozen   # its filter
+    python -m replicate.engine.filters exports/kitchen/tf_efficientnet_lite0-frozen   # its filter
 
 `replicate run` and `compare` write a two-class run's filter (`write`, and the precision-recall
 curve beside it: plots.render_filter); `predict` reads it for each model (`of_models`), adds
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import RunConfig
-from .errors import ReplicateError
-from .runs import VALID_PREDICTIONS, Run, run_of
+from ..config import RunConfig
+from ..errors import ReplicateError
+from ..runs import VALID_PREDICTIONS, Run, run_of
 
 FILTER = "filter.json"  # in a two-class run folder
 TARGET_PRECISION = RunConfig.target_precision  # for run folders from before --target-precision
@@ -180,12 +180,18 @@ def of_models(models: list) -> dict[str, dict]:
     return found
 
 
+def passes(found: dict, p_positive):
+    """The search filter `found`'s rule for a photo: its p_<positive> (a number or an array) at or
+    above the filter's threshold. Every engine's flag is this rule: tables, answers, listings."""
+    return p_positive >= found["threshold"]
+
+
 def apply(table: pd.DataFrame, filters: dict[str, dict]) -> pd.DataFrame:
-    """`table` with <model>_has_<attribute> per photo: its p_<positive> at or above the run's threshold."""
+    """`table` with <model>_has_<attribute> per photo, by `passes` (a photo without
+    probabilities: False)."""
     for name, found in filters.items():
-        table[f"{name}_{found['column']}"] = (
-            table[f"{name}_p_{found['positive']}"].fillna(-1.0) >= found["threshold"]
-        )
+        p_positive = table[f"{name}_p_{found['positive']}"].fillna(-1.0)
+        table[f"{name}_{found['column']}"] = passes(found, p_positive)
     return table
 
 
@@ -209,7 +215,7 @@ def listing_rule(found: dict, pattern: str) -> dict:
     ids = listing_ids(preds.path, pattern)
     preds = preds.assign(listing=ids).dropna(subset=["listing"])
     truth = (preds.actual == found["positive"]).groupby(preds.listing).any()
-    shown = (preds[f"p_{found['positive']}"] >= found["threshold"]).groupby(preds.listing).any()
+    shown = passes(found, preds[f"p_{found['positive']}"]).groupby(preds.listing).any()
     hits = int((truth & shown).sum())
     return {
         **_rule(found),

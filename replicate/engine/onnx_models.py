@@ -1,6 +1,6 @@
 """The ONNX engine: a run's model.onnx -> class probabilities, with ONNX Runtime and no PyTorch.
 
-    python -c "from replicate import onnx_engine; m = onnx_engine.load_onnx('exports/rooms/resnet18-unfrozen'); print(m.classes)"
+    python -c "from replicate.engine import onnx_models as o; print(o.load_onnx('exports/rooms/RUN').classes)"
 
 No pickle is loaded, so it is safe for files from elsewhere, and it needs neither fastai nor
 PyTorch. Each photo is decoded by `photos.decode` (the decoding training used: EXIF orientation,
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import runs, runtime
-from .errors import ReplicateError
-from .folders import sha256_or_empty
-from .photos import Preprocess, decode
+from .. import runs, runtime
+from ..errors import ReplicateError
+from ..folders import sha256_or_empty
+from ..photos import Preprocess, decode
 
 META_KEY = "replicate"  # model.onnx's metadata entry: JSON written by export.write_onnx
 
@@ -97,10 +97,10 @@ def onnx_path(model: Path) -> Path:
     return path
 
 
-def providers(device: str = "cpu", index: int = 0) -> list:
+def providers(device: str = "cpu", gpu: int = 0) -> list:
     """ONNX Runtime execution providers for `device`: CUDA's where installed (onnxruntime-gpu)."""
     if device == "cuda":
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -108,16 +108,16 @@ def load(
     model: Path,
     name: str | None = None,
     device: str = "cpu",
-    index: int = 0,
+    gpu: int = 0,
     threads: int = 0,
 ) -> list[OnnxModel]:
     """ONNX Runtime sessions for a run folder's model.onnx, an .onnx file, or a bundle (its folder
     or file: one OnnxModel per attribute, on one session), the metadata read and the checksums
-    checked. `name`: the model's name, a prefix to a bundle's attribute names; `threads`: the
+    checked. `name`: the model's name, a prefix to a bundle's attribute names; `gpu`: the CUDA device's number; `threads`: the
     session's threads (0: one per core). A file that is not a readable ONNX model with replicate's
     metadata is a ReplicateError."""
     path = onnx_path(Path(model))
-    session = _session(path, device, index, threads)
+    session = _session(path, device, gpu, threads)
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     try:
         meta = json.loads(raw)
@@ -154,7 +154,7 @@ def load(
         # One thread: a head is a pooling and two small layers (about 50 us a batch), and a pool of
         # threads per head spins after each run, taking the cores from the body's next batch
         # (six heads on one body: 1.18x one attribute's time with pools, 1.08x without).
-        head = _session(path.parent / runs.HEAD, device, index, threads=1)
+        head = _session(path.parent / runs.HEAD, device, gpu, threads=1)
         warnings.append(runs.checksum_warning(path.parent / runs.HEAD))
     warning = "; ".join(w for w in warnings if w)
     return [
@@ -166,10 +166,10 @@ def load_onnx(
     model: Path,
     name: str | None = None,
     device: str = "cpu",
-    index: int = 0,
+    gpu: int = 0,
 ) -> OnnxModel:
     """`load` of one model: a run folder's model.onnx or an .onnx file, not a bundle of several."""
-    models = load(model, name, device, index)
+    models = load(model, name, device, gpu)
     if len(models) > 1:
         raise ReplicateError(
             f"{models[0].path} is a bundle of {len(models)} attributes: name it where several "
@@ -178,7 +178,7 @@ def load_onnx(
     return models[0]
 
 
-def _session(path: Path, device: str, index: int, threads: int = 0):
+def _session(path: Path, device: str, gpu: int, threads: int = 0):
     """An ONNX Runtime session for `path` (`threads`: its intra-op threads; 0: one per core); a
     file that is not a readable ONNX model is a ReplicateError."""
     import onnxruntime as ort
@@ -187,7 +187,7 @@ def _session(path: Path, device: str, index: int, threads: int = 0):
     options.log_severity_level = 3  # errors only: the CLI says what matters in one line
     options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=providers(device, index))
+        return ort.InferenceSession(str(path), options, providers=providers(device, gpu))
     except Exception as e:  # a truncated or corrupt file: onnxruntime's InvalidProtobuf, Fail, ...
         raise ReplicateError(
             f"cannot load {path}: not a readable ONNX model "

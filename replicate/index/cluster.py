@@ -9,7 +9,7 @@ The pipeline, each stage where Ray Data puts it:
    uses) to each model's input crop; a task stage, which Ray Data fuses into the actors' processes
    (see ACTOR_CPUS below);
 3. `TagActor`, an actor pool (`map_batches` with a class): the models loaded once per actor
-   (`tagger.Tagger`), one body pass per shared body, the index's rows;
+   (`engine.model_set.ModelSet`), one body pass per shared body, the index's rows (`plan.rows`);
 4. `write_batch`, tasks: each batch of `--part-size` rows committed as one part of the index
    (`store.write_part`: a hidden file renamed into place), on the shared folder the index is in.
 
@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import onnx_engine, store
-from .errors import ReplicateError
-from .tagger import Tagger
+from ..engine import onnx_models
+from ..engine.model_set import ModelSet
+from ..errors import ReplicateError
+from . import store
+from .plan import IndexJob, Work, columns, rows
 
 # One actor per two CPUs, each reserving one and running its ONNX Runtime sessions on two threads.
 # Ray Data fuses the decoding into the actors' processes (a task stage before an actor stage with
@@ -75,18 +77,17 @@ def connect(address: str, log=print):
     return ray
 
 
-def tag(work, job, tagger: Tagger, index: store.Index, log=print) -> int:
-    """Tag `work` (index.Work) on Ray into committed parts of `index`'s current generation;
-    returns the photos tagged."""
-    ray = connect(job.ray, log)
+def tag(work: Work, job: IndexJob, models: ModelSet, folder: store.IndexFolder, log=print) -> int:
+    """Tag `work` on the Ray cluster the job joined (`connect`, before the index was opened) into
+    committed parts of `folder`'s current generation; returns the photos tagged."""
+    import ray
     from ray import data
 
     # Ray Data's plan lines and bars (its logger is set up when ray.data is imported): the driver
     # logs each part instead; Ray Data's errors still show.
     data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    models = [m for m in tagger.models if work.names is None or m.name in work.names]
-    geometries = list(dict.fromkeys(m.prep.geometry for m in models))
+    geometries = models.subset(work.names).geometries
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Workers read by absolute path (their working folder is not the driver's); rows keep the path
     # as given, as `predict` writes it.
@@ -108,18 +109,17 @@ def tag(work, job, tagger: Tagger, index: store.Index, log=print) -> int:
         ),
         num_cpus=ACTOR_CPUS,
         fn_constructor_kwargs={
-            "paths": [str(p.resolve()) for p in tagger.paths],
+            "paths": [str(p.resolve()) for p in models.paths],
             "names": work.names,
             "carried": work.carried,
             "bs": job.bs,
         },
     )
-    columns = [*store.FACTS, *tagger.column_names()]
     ds = ds.map_batches(
         write_batch,
         batch_size=job.part_size,
         batch_format="pandas",
-        fn_kwargs={"parts_dir": str(index.parts_dir.resolve()), "generation": index.generation, "columns": columns},
+        fn_kwargs={"parts_dir": str(folder.parts_dir.resolve()), "generation": folder.generation, "columns": columns(models)},
     )  # fmt: skip
     done = 0
     for part in ds.iter_rows():
@@ -135,7 +135,7 @@ def decode_batch(batch: pd.DataFrame, geometries: list) -> dict:
     n = len(batch)
     pixels = [np.zeros((n, g[0], g[0], 3), dtype=np.uint8) for g in geometries]
     errors, hashes = [""] * n, [""] * n
-    stream = onnx_engine.decoded(
+    stream = onnx_models.decoded(
         [Path(f) for f in batch.file], geometries, DECODE_THREADS, hashed=True
     )
     for i, (path, file, (arrays, error, sha)) in enumerate(zip(batch.path, batch.file, stream)):
@@ -150,28 +150,31 @@ def decode_batch(batch: pd.DataFrame, geometries: list) -> dict:
 
 
 class TagActor:
-    """Stage 3: the models loaded once (a Tagger), each batch's photos tagged into index rows."""
+    """Stage 3: the models loaded once per actor (a ModelSet), each batch's photos tagged into
+    index rows."""
 
     def __init__(self, paths: list[str], names: list[str] | None, carried: list[str], bs: int):
-        self.tagger = Tagger([Path(p) for p in paths], names=names, threads=ACTOR_THREADS)
+        loaded = ModelSet([Path(p) for p in paths], threads=ACTOR_THREADS)
+        self.models = loaded.subset(names)
         self.carried, self.bs = carried, bs
 
     def __call__(self, batch: dict) -> pd.DataFrame:
         errors = [str(e) for e in batch["error"]]
-        geometries = self.tagger.geometries
+        geometries = self.models.geometries
         photos = [
             (None if e else {g: batch[f"pixels_{k}"][i] for k, g in enumerate(geometries)},)
             for i, e in enumerate(errors)
         ]
         # in batches of --bs, as without Ray
-        probs = [p for p, _ in onnx_engine.tagged(self.tagger.groups, photos, self.bs)]
+        probs = [p for p, _ in self.models.tagged(photos, self.bs)]
         facts = pd.DataFrame({c: batch[c] for c in ("path", "size", "mtime_ns", "sha256")})
-        rows = self.tagger.index_rows(facts, probs, errors)
+        tagged = rows(self.models, facts, probs, errors)
         carried = pd.DataFrame({c: batch[c] for c in self.carried})
-        return pd.concat([rows, carried], axis=1)
+        return pd.concat([tagged, carried], axis=1)
 
 
 def write_batch(batch: pd.DataFrame, parts_dir: str, generation: int, columns: list[str]):
-    """Stage 4: the batch committed as one part; returns its name and row count."""
+    """Stage 4: the batch committed as one part (its `columns` in order); returns its name and
+    row count."""
     part = store.write_part(Path(parts_dir), batch.reindex(columns=columns), generation)
     return pd.DataFrame({"part": [part.name], "rows": [len(batch)]})

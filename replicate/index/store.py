@@ -1,6 +1,6 @@
 """The photo index on disk: a Parquet dataset written in parts, each committed atomically.
 
-    python -m replicate.store exports/index     # its parts, rows and generations
+    python -m replicate.index.store exports/index     # its parts, rows and generations
 
 An index folder (`replicate index ... --out INDEX_DIR`) holds:
 
@@ -43,7 +43,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ReplicateError
+from ..errors import ReplicateError
 
 PHOTOS, LISTINGS, LISTING_RULES, MANIFEST = (
     "photos",
@@ -54,14 +54,20 @@ PHOTOS, LISTINGS, LISTING_RULES, MANIFEST = (
 LOCK, TMP = ".lock", ".tmp-"
 PART = re.compile(r"^part-G(\d{6})-([0-9a-f]{8})\.parquet$")
 FACTS = ["path", "size", "mtime_ns", "sha256", "error"]  # each row's first columns
+CHECKSUM = "_model_sha256"  # a row's column of the SHA-256 of the model that tagged it
+
+
+def checksum_column(model: str) -> str:
+    """The column of a row holding the SHA-256 of the model file `model`'s columns came from."""
+    return f"{model}{CHECKSUM}"
 
 
 def is_index(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file() or (Path(folder) / PHOTOS).is_dir()
 
 
-class Index:
-    """An index folder opened for writing: locked while open (`with Index(path) as index:`), its
+class IndexFolder:
+    """An index folder opened for writing: locked while open (`with IndexFolder(path) as folder:`), its
     dead job's hidden files removed."""
 
     def __init__(self, path: Path):
@@ -85,7 +91,7 @@ class Index:
             ) from None
         self.swept = sweep(self.path)
 
-    def __enter__(self) -> Index:
+    def __enter__(self) -> IndexFolder:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -119,7 +125,7 @@ class Index:
 
 
 def write_part(parts_dir: Path, rows: pd.DataFrame, generation: int) -> Path:
-    """`Index.commit` for a writer that holds no Index: a Ray task writing to the shared folder."""
+    """`IndexFolder.commit` for a writer that holds no IndexFolder: a Ray task writing to the shared folder."""
     name = f"part-G{generation:06d}-{uuid.uuid4().hex[:8]}.parquet"
     final = Path(parts_dir) / name
     table = arrow_table(rows)

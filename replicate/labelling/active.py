@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import photos, runtime
-from .config import RunConfig
-from .errors import ReplicateError
+from .. import photos, runtime
+from ..config import RunConfig
+from ..errors import ReplicateError
 
 ARCH = "tf_efficientnet_lite0"
 CANDIDATES = 5  # a batch of k is chosen, kept apart, among the k x CANDIDATES best-ranked photos
@@ -56,11 +56,11 @@ def pool_features(
 def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     import torch
 
-    from . import archs, models
+    from ..models import archs, learner
 
     r = archs.resolve(RunConfig(task="label", arch=arch_name))
     prep = r.preprocess
-    body = r.arch.cut(models.Backbone(arch_name, weights=r.loadable)(pretrained=True)).eval()
+    body = r.arch.cut(learner.Backbone(arch_name, weights=r.loadable)(pretrained=True)).eval()
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
     std = torch.tensor(prep.std).view(1, 3, 1, 1)
     out = []

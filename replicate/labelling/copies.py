@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import audit
-from .clean import LOG_COLUMNS, Decision, Move, RowProblem, check_decisions, refusal
-from .folders import SPLITS, class_dirs, image_files
+from ..audit import checks
+from ..audit.cleaning import LOG_COLUMNS, Decision, Move, RowProblem, check_decisions, refusal
+from ..folders import SPLITS, class_dirs, image_files
 
 
 def task_photos(task_dir: Path) -> pd.DataFrame:
@@ -73,7 +73,7 @@ def plan_labels(session, pool, task_dir: Path, decisions: pd.DataFrame) -> list[
     index = {str(f): i for i, f in enumerate(files)}
     copies = applied(task_dir)
     chosen = _chosen(session, index, set(copies.source), decisions)
-    groups = audit.link_owners(list(range(len(files))), files, frame=pool.prints)
+    groups = checks.link_owners(list(range(len(files))), files, frame=pool.prints)
     placed = {
         groups[index[s]]: split
         for s, split in zip(copies.source, copies.split)

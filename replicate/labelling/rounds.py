@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import clean as cleaning
-from . import fingerprints, pages
+from .. import pages
+from ..audit import cleaning as cleaning
+from ..audit import fingerprints
+from ..errors import ReplicateError
+from ..folders import SPLITS, class_dirs, image_files
 from .active import ARCH, fit_head, nearest, next_batch, pool_features, spread
-from .errors import ReplicateError
-from .folders import SPLITS, class_dirs, image_files
-from .label_copies import LOG_DIR, applied, describe, logs, plan_labels, task_photos
+from .copies import LOG_DIR, applied, describe, logs, plan_labels, task_photos
 
 BATCH = 20  # photos a round: a few minutes in the page
 VALID_PCT = 0.2  # share of each class's labelled photos put in valid

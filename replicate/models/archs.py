@@ -26,10 +26,10 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+from ..config import RunConfig
+from ..errors import ReplicateError
+from ..photos import Preprocess
 from . import weights
-from .config import RunConfig
-from .errors import ReplicateError
-from .photos import Preprocess
 
 
 def _cut_resnet(model: nn.Module) -> nn.Module:

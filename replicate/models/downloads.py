@@ -30,9 +30,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from . import runtime
-from .errors import ReplicateError
-from .folders import sha256_file
+from .. import runtime
+from ..errors import ReplicateError
+from ..folders import sha256_file
 
 MIRROR_VARIABLE = "REPLICATE_WEIGHTS_URL"
 DOWNLOAD_TIMEOUT = 60  # seconds without a byte before a download counts as failed

@@ -1,7 +1,7 @@
 """A run's configuration -> a fastai Learner set up as in the 2019 study (or fastai's recipe), and
 the fit that trains it.
 
-    python -m replicate.models        # describes the study's five and today's picks
+    python -m replicate.models.learner        # describes the study's five and today's picks
 
 The registry of backbones is `archs`; `archs.resolve` turns a configuration into what it trains
 with, once, and `create_learner` builds from that. The paper recipe: the network minus its last
@@ -32,12 +32,13 @@ from fastai.vision.learner import default_split, model_meta, vision_learner
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import archs, runtime, weights
+from .. import runtime
+from ..config import RunConfig
+from ..errors import ReplicateError
+from . import archs, weights
 from .archs import Resolved
-from .config import RunConfig
-from .errors import ReplicateError
 
-# Module-level classes: an exported learner pickles them by name (replicate.models.X).
+# Module-level classes: an exported learner pickles them by name (replicate.models.learner.X).
 
 
 class MainAuxHead(nn.Module):

@@ -27,9 +27,9 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..errors import ReplicateError
+from ..folders import sha256_file
 from . import downloads
-from .errors import ReplicateError
-from .folders import sha256_file
 
 # --- a pip package that ships the file ---------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Run folders -> the compare report: the study's tables and figures, rebuilt from the run folders
 alone (never by retraining), so a report can be made again at any time.
 
-    python -m replicate.report exports rooms      # exports/rooms/compare/: table, figures, page
+    python -m replicate.report.compare_report exports rooms      # exports/rooms/compare/: table, figures, page
 
 `build_compare_report` writes exports/TASK/compare/ (compare-RECIPE/ for another recipe):
 table.csv and table.md (one row per cell: means over seeds, 95% CI, the study's numbers beside),
@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import filters, pages, plots
-from .errors import ReplicateError
-from .runs import Run, compare_dir, finished_runs, is_run
+from .. import pages
+from ..engine import filters
+from ..errors import ReplicateError
+from ..runs import Run, compare_dir, finished_runs, is_run
+from . import plots
 
 FAILURES = "failures.json"  # a compare's failed cells, in its report folder
 

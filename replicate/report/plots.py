@@ -1,7 +1,7 @@
 """A run folder -> its plots, drawn from its files alone, so they can be redrawn at any time (after
 copying exports off a GPU box, say) without retraining.
 
-    python -m replicate.plots exports/rooms/resnet18-unfrozen
+    python -m replicate.report.plots exports/rooms/resnet18-unfrozen
 
 `render_run`: loss and accuracy per epoch (the study's figures), the confusion matrix, the top
 losses, and for a two-class task its search filter's precision-recall curve (`render_filter`).
@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from . import filters
-from .runs import Run
+from ..engine import filters
+from ..runs import Run
 
 
 def pyplot():

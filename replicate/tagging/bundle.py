@@ -26,10 +26,12 @@ import shutil
 import time
 from pathlib import Path
 
-from . import export, filters, onnx_engine, photos, predict, runs
-from .errors import ReplicateError
+from .. import photos, runs
+from ..engine import filters, model_set, onnx_models
+from ..errors import ReplicateError
+from ..training import export
 
-TEMPLATES = Path(__file__).with_name("templates")
+TEMPLATES = Path(__file__).parents[1] / "templates"
 SCRIPT = "tag.py"
 ANY_PHOTO = "a listing has it when any of its photos passes the filter"
 
@@ -88,7 +90,7 @@ def _check_out(out: Path, force: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sources(models: list[Path]) -> list[onnx_engine.OnnxModel]:
+def _sources(models: list[Path]) -> list[onnx_models.OnnxModel]:
     """The runs' models, named as `predict` names them, checked to share one body."""
     for path in models:
         if runs.is_bundle(path):
@@ -96,7 +98,7 @@ def _sources(models: list[Path]) -> list[onnx_engine.OnnxModel]:
                 f"{path} is a bundle already: name the run folders it was made from"
             )
         runs.open_run(path)
-    loaded = predict.load_models(list(models), "onnx", "cpu")
+    loaded = model_set.load(list(models), "onnx", "cpu")
     for m in loaded:
         if m.body is None:
             raise ReplicateError(
@@ -115,7 +117,7 @@ def _sources(models: list[Path]) -> list[onnx_engine.OnnxModel]:
     return loaded
 
 
-def _metadata(loaded: list[onnx_engine.OnnxModel], pattern: str | None) -> dict:
+def _metadata(loaded: list[onnx_models.OnnxModel], pattern: str | None) -> dict:
     """bundle.onnx's metadata: the common preprocessing and body, then each attribute."""
     found = filters.of_models(loaded)
     attributes = []
@@ -142,7 +144,7 @@ def _metadata(loaded: list[onnx_engine.OnnxModel], pattern: str | None) -> dict:
     )
 
 
-def merge(loaded: list[onnx_engine.OnnxModel]):
+def merge(loaded: list[onnx_models.OnnxModel]):
     """One ModelProto: the first model (body + head, with the body's features as an output) and
     each other model's head.onnx on those features; one output per model, named by it."""
     import onnx
@@ -182,13 +184,13 @@ def merge(loaded: list[onnx_engine.OnnxModel]):
 
 
 def quantize_bundle(
-    folder: Path, loaded: list[onnx_engine.OnnxModel], meta: dict, calibration: int, log
+    folder: Path, loaded: list[onnx_models.OnnxModel], meta: dict, calibration: int, log
 ) -> dict:
     """bundle.int8.onnx beside bundle.onnx: the body quantized once for all the heads, calibrated
     on up to `calibration` training photos of the attributes' tasks (seeded sample); each
     attribute's validation accuracy in fp32 and int8 on its own task's photos. Returns the record
     bundle.json keeps as "int8"."""
-    fp32 = onnx_engine.load(folder / runs.BUNDLE, name="fp32")
+    fp32 = onnx_models.load(folder / runs.BUNDLE, name="fp32")
     task_dirs = {m.name: runs.run_of(m.path).task_dir for m in loaded}
     train = sorted({f for d in set(task_dirs.values()) for f in export.split_files(d, "train")})
     if not train:
@@ -202,7 +204,7 @@ def quantize_bundle(
     int8_meta = {k: v for k, v in meta.items() if k != "body"}
     export.quantize_onnx(folder / runs.BUNDLE, out, batches, fp32[0].input_name, int8_meta)
     seconds = time.perf_counter() - start
-    int8 = onnx_engine.load(out, name="int8")
+    int8 = onnx_models.load(out, name="int8")
     accuracy = {}  # each attribute on its own task's valid photos, fp32 and int8 in one pass
     for task_dir in dict.fromkeys(task_dirs.values()):
         mine = [i for i, m in enumerate(loaded) if task_dirs[m.name] == task_dir]

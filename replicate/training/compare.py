@@ -16,9 +16,13 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import archs, filters, plots, report, runs, runtime, train
-from .config import RunConfig
-from .errors import ReplicateError
+from .. import runs, runtime
+from ..config import RunConfig
+from ..engine import filters
+from ..errors import ReplicateError
+from ..models import archs
+from ..report import compare_report, plots
+from . import train
 
 MODES = ("frozen", "unfrozen")
 # What must match for a finished run folder to stand in for a cell. The device, worker count
@@ -169,13 +173,13 @@ def preflight(cfgs: list[RunConfig], log=print) -> tuple[dict, dict]:
 
     Returns ({task folder: (TaskImages, audit counts or None)}, {cell config: train.check's
     answer}) for `run_grid`."""
-    from . import data
+    from . import dataloaders
 
     checked = {cfg: train.check(cfg) for cfg in cfgs}
     first = {cfg.task_dir: cfg for cfg in reversed(cfgs)}  # one cell's config per task
     scanned = {}
     for task_dir, cfg in first.items():
-        images = data.scan_task(task_dir)
+        images = dataloaders.scan_task(task_dir)
         filters.check_positive(cfg.positive, images.classes, cfg.task)
         scanned[task_dir] = (
             images,
@@ -220,8 +224,8 @@ def run(
         if quantize:
             quantize_cells(cells, log=log)
         errors = [{"cell": c.cfg.run_name, "error": c.error} for c in cells if c.status == "failed"]
-        report.record_failures(base.exports_dir, task, base.recipe, errors)
-        report.rebuild(base.exports_dir, task, base.recipe, log)
+        compare_report.record_failures(base.exports_dir, task, base.recipe, errors)
+        compare_report.rebuild(base.exports_dir, task, base.recipe, log)
         counts = {s: sum(c.status == s for c in cells) for s in ("trained", "reused", "failed")}
         log(
             f"cells: {counts['trained']} trained, {counts['reused']} reused, {counts['failed']} failed"

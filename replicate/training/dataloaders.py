@@ -23,10 +23,10 @@ from fastai.vision.utils import verify_images
 from fasttransform import Transform  # fastai's Transform base (fastai.imports re-exports it)
 from PIL import Image
 
-from . import photos, runtime
-from .errors import ReplicateError
-from .folders import SPLITS, task_files
-from .photos import RESAMPLING, Preprocess, largest_crop, valid_crop
+from .. import photos, runtime
+from ..errors import ReplicateError
+from ..folders import SPLITS, task_files
+from ..photos import RESAMPLING, Preprocess, largest_crop, valid_crop
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from . import archs, train
-from .config import RunConfig
-from .errors import ReplicateError
-from .runtime import resolve_device
+from ..config import RunConfig
+from ..errors import ReplicateError
+from ..models import archs
+from ..runtime import resolve_device
+from . import train
 
 # Measured on Houses rooms, resnet18 from random init, unfrozen, 128 px, 2-core CPU (docs/training-and-compare.md).
 DEMO_SCRATCH_NOTE = (

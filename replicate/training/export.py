@@ -31,10 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import archs, fastai_engine, models, onnx_engine, photos, runs
-from .data import ValidCrop
-from .errors import ReplicateError
-from .folders import task_files
+from .. import photos, runs
+from ..engine import fastai_models, onnx_models
+from ..errors import ReplicateError
+from ..folders import task_files
+from ..models import archs, learner
+from .dataloaders import ValidCrop
 
 OPSET = 18  # the torch.export-based exporter's lowest; onnxruntime >= 1.14 runs it
 CALIBRATION_PHOTOS = 256  # training photos that set the int8 activation ranges
@@ -135,7 +137,7 @@ def save_model(model_proto, path: Path) -> None:
 def set_metadata(model_proto, meta: dict) -> None:
     del model_proto.metadata_props[:]
     entry = model_proto.metadata_props.add()
-    entry.key, entry.value = onnx_engine.META_KEY, json.dumps(meta)
+    entry.key, entry.value = onnx_models.META_KEY, json.dumps(meta)
     model_proto.producer_name = "replicate"
 
 
@@ -143,7 +145,7 @@ def export_run(run_dir: Path) -> Path:
     """Write RUN_DIR/model.onnx from its export.pkl (a pickle: only for run folders you made or
     trust) and record its checksum in the run's metrics. Returns the model's path."""
     run = runs.open_run(run_dir)
-    model = fastai_engine.load_model(run.path)  # the checksum of export.pkl is checked here
+    model = fastai_models.load_model(run.path)  # the checksum of export.pkl is checked here
     if model.warning:
         warnings.warn(model.warning, stacklevel=2)
     if "body" not in run.config:  # a run folder from before bodies were recorded
@@ -155,13 +157,13 @@ def export_run(run_dir: Path) -> Path:
 
 def _body_of(config: dict) -> dict | None:
     """models.body_record for a run's recorded config (its weights resolved again, as it trained)."""
-    from .config import RunConfig
+    from ..config import RunConfig
 
     fields = {f.name for f in dataclasses.fields(RunConfig)} - {"data_dir", "exports_dir"}
     cfg = RunConfig(**{k: v for k, v in config.items() if k in fields})
     if not (cfg.freeze_bn and not cfg.unfreeze and cfg.pretrained):
         return None  # a body that trained, or random weights: nothing to resolve
-    return models.body_record(cfg, archs.resolve(cfg))
+    return learner.body_record(cfg, archs.resolve(cfg))
 
 
 def export_runs(run_dirs: list[Path], quantize: bool, calibration: int, log=print) -> None:
@@ -200,7 +202,7 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
             f"{run.path} has no model.onnx (trained with --no-onnx): writing it from export.pkl first"
         )
         export_run(run.path)
-    fp32 = onnx_engine.load_onnx(run.onnx)
+    fp32 = onnx_models.load_onnx(run.onnx)
     task_dir = run.task_dir
     train = split_files(task_dir, "train")
     if not train:
@@ -216,7 +218,7 @@ def quantize_run(run_dir: Path, n_photos: int = CALIBRATION_PHOTOS, log=print) -
     quantize_onnx(run.onnx, out, batches, fp32.input_name, meta)
     seconds = time.perf_counter() - start
     fp32.name = "fp32"
-    accuracy = valid_accuracies([fp32, onnx_engine.load_onnx(out, name="int8")], task_dir)
+    accuracy = valid_accuracies([fp32, onnx_models.load_onnx(out, name="int8")], task_dir)
     result = {
         "calibration_photos": len(sample),
         "seconds": round(seconds, 1),
@@ -283,10 +285,10 @@ def decoded_batches(files: list[Path], prep: photos.Preprocess, bs: int = 32):
         yield np.stack(arrays[i : i + bs])
 
 
-def valid_accuracies(models: list[onnx_engine.OnnxModel], task_dir: Path) -> dict[str, float]:
+def valid_accuracies(models: list[onnx_models.OnnxModel], task_dir: Path) -> dict[str, float]:
     """{model name: accuracy} on the task's validation photos (labels: their class folders), each
     photo decoded once for all the models."""
-    table = onnx_engine.tag_onnx(models, split_files(task_dir, "valid"), progress=False)
+    table = onnx_models.tag_onnx(models, split_files(task_dir, "valid"), progress=False)
     ok = table.error == ""
     labels = table.path[ok].map(lambda p: Path(p).parent.name)
     return {m.name: float((table[f"{m.name}_predicted"][ok] == labels).mean()) for m in models}

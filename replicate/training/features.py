@@ -20,9 +20,10 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 
-from . import models, runtime
-from .config import RunConfig
-from .errors import ReplicateError
+from .. import runtime
+from ..config import RunConfig
+from ..errors import ReplicateError
+from ..models import learner
 
 
 def check(cfg: RunConfig) -> None:
@@ -110,7 +111,7 @@ def head_learner(learn: Learner, cfg: RunConfig, aux: bool, log) -> Learner:
         DataLoader(CachedViews([valid[0]], [valid[1]]), bs=learn.dls.valid.bs),
         device=learn.dls.device,
     )
-    cbs = [NextView(train_views)] + ([models.AuxLossCallback(cfg.aux_loss_weight)] if aux else [])
+    cbs = [NextView(train_views)] + ([learner.AuxLossCallback(cfg.aux_loss_weight)] if aux else [])
     head_learn = Learner(
         dls,
         head,
@@ -118,8 +119,8 @@ def head_learner(learn: Learner, cfg: RunConfig, aux: bool, log) -> Learner:
         opt_func=learn.opt_func,
         lr=learn.lr,
         wd=learn.wd,
-        metrics=models.epoch_accuracy(),
+        metrics=learner.epoch_accuracy(),
         cbs=cbs,
     )
     head_learn.recorder.train_metrics = True
-    return models.plain_log(head_learn)
+    return learner.plain_log(head_learn)

@@ -24,23 +24,16 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib, set_seed
 
-from . import (
-    archs,
-    audit,
-    data,
-    export,
-    fastai_engine,
-    features,
-    filters,
-    models,
-    plots,
-    runs,
-    runtime,
-)
-from .archs import Resolved
-from .config import RunConfig, environment
-from .runs import Run
-from .runtime import alone, describe_device, is_main_process, resolve_device
+from .. import runs, runtime
+from ..audit import checks
+from ..config import RunConfig, environment
+from ..engine import fastai_models, filters
+from ..models import archs, learner
+from ..models.archs import Resolved
+from ..report import plots
+from ..runs import Run
+from ..runtime import alone, describe_device, is_main_process, resolve_device
+from . import dataloaders, export, features
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -110,7 +103,7 @@ class HistoryCallback(Callback):
         pd.DataFrame(self.rows).to_csv(self.path, index=False)
 
 
-def _metrics(history: pd.DataFrame, images: data.TaskImages, extra: dict) -> dict:
+def _metrics(history: pd.DataFrame, images: dataloaders.TaskImages, extra: dict) -> dict:
     """The run's metrics. Time spent caching features counts as training time, in seconds and images/s."""
     best = history.loc[history["valid_accuracy"].idxmax()]
     n_train = int(images.counts["train"].sum())
@@ -132,7 +125,7 @@ def _metrics(history: pd.DataFrame, images: data.TaskImages, extra: dict) -> dic
     }
 
 
-def _describe(cfg: RunConfig, r: Resolved, images: data.TaskImages, device, log) -> None:
+def _describe(cfg: RunConfig, r: Resolved, images: dataloaders.TaskImages, device, log) -> None:
     """Say at the start what is about to be trained, on what, and where."""
     for path in images.skipped:
         log(f"warning: skipping unreadable image {path}")
@@ -155,13 +148,13 @@ def _describe(cfg: RunConfig, r: Resolved, images: data.TaskImages, device, log)
     log(f"{cfg.epochs} epochs from {start}")
 
 
-def audit_counts(cfg: RunConfig, images: data.TaskImages, log) -> dict | None:
+def audit_counts(cfg: RunConfig, images: dataloaders.TaskImages, log) -> dict | None:
     """The audit's fast part before training (fingerprints cached per file): its counts for
     the run's metrics, and one warning line when the split leaks or labels conflict. None: --no-audit."""
     if not cfg.audit:
         return None
-    counts = audit.audit_task(cfg.task_dir, images.files).counts()
-    line = audit.warning_line(counts)
+    counts = checks.audit_task(cfg.task_dir, images.files).counts()
+    line = checks.warning_line(counts)
     if line:
         log(line.replace("TASK", cfg.task))
     return counts
@@ -227,16 +220,16 @@ def _train(learn, cfg: RunConfig, r: Resolved, lr: float, staging: Run | None, l
     if staging is not None:  # the main process
         tracking.append(HistoryCallback(staging.history_csv))
     with learn.added_cbs(tracking), parallel:
-        models.fit(learn, cfg, lr)
+        learner.fit(learn, cfg, lr)
     return extra
 
 
-def _write_results(learn, images: data.TaskImages, run: Run, extra: dict, log=print) -> None:
+def _write_results(learn, images: dataloaders.TaskImages, run: Run, extra: dict, log=print) -> None:
     """Predictions, model.onnx (unless --no-onnx) and export.pkl (with their checksums), metrics and
     plots, into the staging folder. model.onnx comes first: it is what `predict` runs, and it needs
     no pickle."""
     paths = [Path(p).resolve() for p in learn.dls.valid_ds.items]
-    preds = fastai_engine.predictions(learn, learn.dls.valid, paths, with_labels=True)
+    preds = fastai_models.predictions(learn, learn.dls.valid, paths, with_labels=True)
     preds.to_csv(run.valid_predictions_csv, index=False)
     if run.config["onnx"]:
         export.write_onnx(learn, run.onnx, run.config)
@@ -280,14 +273,14 @@ def check(cfg: RunConfig) -> tuple[Resolved, torch.device]:
     r = archs.resolve(cfg)
     features.check(cfg)
     device = resolve_device(cfg.device)
-    models.check_precision(cfg.precision, device)
+    learner.check_precision(cfg.precision, device)
     return r, device
 
 
 def run(
     cfg: RunConfig,
     log=print,
-    images: data.TaskImages | None = None,
+    images: dataloaders.TaskImages | None = None,
     audited: dict | None = None,
     checked: tuple[Resolved, torch.device] | None = None,
 ) -> Path:
@@ -300,7 +293,7 @@ def run(
     if not is_main_process():
         log = _quiet
     r, device = checked or check(cfg)
-    images = images or data.scan_task(cfg.task_dir)
+    images = images or dataloaders.scan_task(cfg.task_dir)
     filters.check_positive(cfg.positive, images.classes, cfg.task)
     _describe(cfg, r, images, device, log)
     if is_main_process():
@@ -308,10 +301,12 @@ def run(
         if audited is None:
             audited = audit_counts(cfg, images, log)
     set_seed(cfg.seed, reproducible=True)
-    learn = models.create_learner(data.dataloaders(images, cfg, r.preprocess, device), cfg, r)
+    learn = learner.create_learner(
+        dataloaders.dataloaders(images, cfg, r.preprocess, device), cfg, r
+    )
     learn.recorder.train_metrics = True  # the study reports train accuracy per epoch too
-    lr = models.learning_rate(learn, cfg)
-    log(f"learning rate {lr:.2e}" + models.lr_source(cfg))
+    lr = learner.learning_rate(learn, cfg)
+    log(f"learning rate {lr:.2e}" + learner.lr_source(cfg))
     staging = runs.Staging(cfg.run_dir) if is_main_process() else None  # the others train and wait
     try:
         if staging is not None:
@@ -350,7 +345,7 @@ def _config_record(cfg: RunConfig, r: Resolved, lr: float, device) -> dict:
         "preprocess": r.record(),
         # The body's identity when it is the pretrained network untouched (models.body_record):
         # runs with the same key share one body pass in `predict`.
-        "body": models.body_record(cfg, r),
+        "body": learner.body_record(cfg, r),
         "environment": environment(),
     }
 

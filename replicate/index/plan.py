@@ -1,0 +1,104 @@
+"""What an index job tags, and the rows it writes: the job's options, the photos scanned against the
+index (`plan`), and a model set's rows (`rows`, `columns`), the same here and on Ray.
+
+    python -c "from replicate.index.plan import scan_photos; print(scan_photos([]))"
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..engine.model_set import ModelSet
+from . import store
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexJob:
+    """One `replicate index`: the models and photos (`items`, models first) and the options."""
+
+    items: list[Path]
+    out: Path = Path("exports/index")
+    listing_pattern: str | None = None  # regex whose first group is the listing id
+    threshold: float = 0.5  # per listing: a class counts as shown above this probability
+    ray: str | None = None  # None: this machine, in threads; "auto" or a cluster's address
+    part_size: int = 1024  # photos per committed part: what a killed job may redo
+    bs: int = 64
+    workers: int | None = None  # threads decoding photos here; None: one per core
+
+
+@dataclass
+class Work:
+    """Photos to tag with some of the models (`names`; None: all), in path order, and the columns
+    their new rows carry over from the old ones (the other models' tags)."""
+
+    names: list[str] | None
+    photos: pd.DataFrame  # path, size, mtime_ns, then the carried columns
+    carried: list[str]
+
+
+def columns(models: ModelSet) -> list[str]:
+    """An index row's columns for `models`: the photo's facts, `predict`'s columns, then each
+    model's checksum."""
+    return [*store.FACTS, *models.columns, *(store.checksum_column(m.name) for m in models.models)]
+
+
+def rows(
+    models: ModelSet, facts: pd.DataFrame, probs: list[dict | None], errors: list[str]
+) -> pd.DataFrame:
+    """Index rows for photos: `facts` (path, size, mtime_ns, sha256), `predict`'s columns from
+    their probabilities (None where `errors` says why there are none), each model's checksum."""
+    table = models.table(probs, list(facts.path), errors)
+    checksums = {store.checksum_column(n): sha for n, sha in models.checksums.items()}
+    facts = facts.reset_index(drop=True)[["path", "size", "mtime_ns", "sha256"]]
+    return pd.concat([facts, table.drop(columns="path")], axis=1).assign(**checksums)
+
+
+def scan_photos(files: list[Path]) -> pd.DataFrame:
+    """path, size, mtime_ns of each photo, in path order: what tells a changed photo without
+    reading it."""
+    stats = [os.stat(f) for f in files]
+    return pd.DataFrame({
+        "path": [str(f) for f in files],
+        "size": [s.st_size for s in stats],
+        "mtime_ns": [s.st_mtime_ns for s in stats],
+    }).sort_values("path", ignore_index=True)  # fmt: skip
+
+
+def plan(scan: pd.DataFrame, old: pd.DataFrame, models: ModelSet) -> tuple[list[Work], dict]:
+    """What to tag: photos new or changed (size or modification time) with every model, the other
+    photos with each model whose checksum differs from the one that tagged their row; and the
+    counts of new, changed, retagged (a model changed), kept and gone photos."""
+    known = scan.merge(old, on="path", how="left", suffixes=("", "_old"), indicator=True)
+    new = (known._merge == "left_only").to_numpy()
+    moved = (known["size"] != known["size_old"]) | (known["mtime_ns"] != known["mtime_ns_old"])
+    changed = ~new & moved.to_numpy()
+    missing = pd.Series(index=known.index, dtype=object)
+    stale = np.column_stack([
+        known.get(store.checksum_column(m.name), missing).to_numpy() != models.checksums[m.name]
+        for m in models.models
+    ])  # fmt: skip
+    # each photo's models to run as one number: bit j for model j; -1 for all of them
+    need = np.where(new | changed, -1, stale.astype(np.int64) @ (1 << np.arange(len(stale.T))))
+    everything = columns(models)
+    works = []
+    for code in np.unique(need[need != 0]):  # -1 (every model) first
+        names = (
+            None if code == -1 else [m.name for j, m in enumerate(models.models) if code >> j & 1]
+        )
+        produced = set(columns(models.subset(names)))
+        carried = [] if names is None else [c for c in everything if c not in produced]
+        photos = scan.iloc[np.flatnonzero(need == code)].reset_index(drop=True)
+        works.append(Work(names, photos, carried))
+    counts = {
+        "new": int(new.sum()),
+        "changed": int(changed.sum()),
+        "retagged": int((need > 0).sum()),
+        "kept": int((need == 0).sum()),
+        "gone": int((~old.path.isin(scan.path)).sum()),
+    }
+    return works, counts
