@@ -9,10 +9,8 @@ takes seconds, and `audit`, `clean`, `report`, `predict` and --help need none of
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 import warnings
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -21,10 +19,11 @@ import typer
 # fastai still calls torch.jit.script; the FutureWarning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
+from . import options as opt  # noqa: E402
 from . import runtime  # noqa: E402
 from .audit import checks as auditing  # noqa: E402
 from .audit import cleaning  # noqa: E402
-from .config import STUDY_ARCHS, RunConfig, ServeOptions  # noqa: E402
+from .config import STUDY_ARCHS, ServeOptions  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
 from .report import compare_report  # noqa: E402
 
@@ -44,138 +43,6 @@ data_app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(data_app, name="data")
-
-
-class Recipe(str, Enum):
-    paper = "paper"
-    fastai = "fastai"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Engine(str, Enum):
-    onnx = "onnx"
-    fastai = "fastai"
-
-
-class Quantize(str, Enum):
-    int8 = "int8"
-
-
-class Split(str, Enum):
-    valid = "valid"
-    train = "train"
-    both = "both"
-
-
-class Format(str, Enum):
-    csv = "csv"
-    json = "json"
-
-
-def _option(help: str, *names: str, **kw):
-    return typer.Option(*names, help=help, **kw)
-
-
-DATA_DIR_HELP = "Folder holding one folder per task."
-EXPORTS_DIR_HELP = "Where run folders are written (exports/TASK/ARCH-MODE/)."
-QUANTIZE_HELP = (
-    "Also write model.int8.onnx (ONNX Runtime static int8, calibrated on the training photos) and "
-    "record its validation accuracy beside fp32's."
-)
-DataDir = Annotated[Path, _option(DATA_DIR_HELP)]
-ExportsDir = Annotated[Path, _option(EXPORTS_DIR_HELP)]
-TaskName = Annotated[str, typer.Argument(help="Task folder under --data-dir, e.g. rooms.")]
-RunDir = Annotated[
-    Path,
-    typer.Argument(help="A run folder, e.g. exports/rooms/resnet18-unfrozen.", exists=True),
-]
-Force = Annotated[bool, _option("Replace a differing task folder (the old one is kept as .bak).")]
-QuantizeOption = Annotated[Quantize | None, _option(QUANTIZE_HELP)]
-
-# The options `run` and `compare` share, declared once (`with_run_options` adds them to both):
-# name -> (type, default, help, more of typer.Option). All but `quantize` are RunConfig fields.
-RUN_OPTIONS = {
-    "recipe": (Recipe, Recipe.paper, "paper: the 2019 protocol. fastai: fastai's default head, "
-               "Adam, one-cycle, aug_transforms."),
-    "epochs": (int, 30, "Epochs of training.", {"min": 1}),
-    "bs": (int, 32, "Batch size.", {"min": 1}),
-    "lr": (float | None, None, "Learning rate (default: 0.001 constant for paper; for fastai "
-           "lr_find's suggestion, or 3e-3 from random init)."),
-    "size": (int | None, None, "Input size in px (default: the arch's own: 224, 299 for "
-             "inception_v3, a timm model's pretrained size); a compare raises it to an arch's "
-             "minimum."),
-    "pretrained": (bool, True, "Start from pretrained weights (cached, else downloaded and "
-                   "verified; see `replicate weights`)."),
-    "seed": (int, 42, "Random seed (a compare's first)."),
-    "device": (Device, Device.auto, "auto: CUDA when available."),
-    "workers": (int | None, None, "DataLoader worker processes (default: CPU cores, max 8)."),
-    "cache_features": (int, 0, "Frozen runs (a compare's frozen cells): compute the body's outputs "
-                       "once for this many augmented views of each photo and train the new layer "
-                       "on them (much faster; 0: run the body every epoch)."),
-    "freeze_bn": (bool, False, "Frozen runs (a compare's frozen cells): keep the frozen body in "
-                  "eval mode, as at inference: BatchNorm uses and keeps its pretrained "
-                  "statistics, dropout is off (a linear probe; fastai's BnFreeze). Default: the "
-                  "study's way, the body in train mode, where BatchNorm normalises by batch "
-                  "statistics and its running statistics drift."),
-    "precision": (Precision, Precision.fp32, "fp32 (the study's), or bf16/fp16 mixed precision on "
-                  "a CUDA GPU (recorded in the run's config and its name)."),
-    "audit": (bool, True, "First check the split for near-duplicate photos in train and valid and "
-              "photos under two labels (cached; recorded in the run's metrics). --no-audit skips it."),
-    "onnx": (bool, True, "Write model.onnx (what `predict` runs, no pickle) beside export.pkl. "
-             "--no-onnx (or REPLICATE_ONNX=0) saves the export's seconds to minutes per run; "
-             "`replicate export RUN_DIR` writes it later.", {"envvar": "REPLICATE_ONNX"}),
-    "quantize": (Quantize | None, None, QUANTIZE_HELP),
-    "positive": (str | None, None, "Two-class tasks: the class the search filter looks for "
-                 "(default: yes, else the rarer class on valid)."),
-    "target_precision": (float, 0.95, "Two-class tasks: the precision on valid the filter's "
-                         "threshold must reach; filter.json and pr_curve.png record it with the "
-                         "recall it keeps, and predict applies it.", {"min": 0.01, "max": 1.0}),
-    "data_dir": (Path, Path("data"), DATA_DIR_HELP),
-    "exports_dir": (Path, Path("exports"), EXPORTS_DIR_HELP),
-}  # fmt: skip
-
-
-def with_run_options(command):
-    """Give `command` the RUN_OPTIONS after its own parameters; it receives them as one dict,
-    `options`. (Typer reads a command's options from its signature, so the shared ones are
-    added to the signature Typer sees.)"""
-    signature = inspect.signature(command, eval_str=True)  # the annotations, not their text
-    own = [p for p in signature.parameters.values() if p.name != "options"]
-    shared = [
-        inspect.Parameter(
-            name,
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=Annotated[kind, typer.Option(help=text, **(more[0] if more else {}))],
-            default=default,
-        )
-        for name, (kind, default, text, *more) in RUN_OPTIONS.items()
-    ]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        options = {name: kwargs.pop(name) for name in RUN_OPTIONS}
-        return command(**kwargs, options=options)
-
-    wrapper.__signature__ = signature.replace(parameters=own + shared)
-    del wrapper.__wrapped__  # Typer must see the signature above, not the function's own
-    return wrapper
-
-
-def run_config(task: str, arch: str, options: dict, **more) -> RunConfig:
-    """The RunConfig of the shared options (enum choices as their values)."""
-    values = {k: getattr(v, "value", v) for k, v in options.items() if k != "quantize"}
-    return RunConfig(task=task, arch=arch, **values, **more)
 
 
 def user_errors(command):
@@ -209,15 +76,15 @@ def warn(message: str) -> None:
 def data_houses(
     source: Annotated[
         str | None,
-        _option(
+        opt.option(
             "The Houses Dataset archive: a URL, a local zip or its extracted folder. Default: "
             "download the GitHub archive."
         ),
     ] = None,
-    data_dir: DataDir = Path("data"),
-    valid_pct: Annotated[float, _option("Share of houses in the validation split.")] = 0.2,
-    seed: Annotated[int, _option("Seed of the house split.")] = 42,
-    force: Force = False,
+    data_dir: opt.DataDir = opt.RUN.data_dir,
+    valid_pct: opt.ValidPct = 0.2,
+    seed: opt.Seed = 42,
+    force: opt.Force = False,
 ):
     """Write the rooms, exterior and kitchen tasks from the Houses Dataset, split 80/20 by house.
 
@@ -243,12 +110,14 @@ def prepare(
         ),
     ],
     task: Annotated[str, typer.Argument(help="The task folder to create under --data-dir.")],
-    data_dir: DataDir = Path("data"),
-    valid_pct: Annotated[float, _option("Share of each class for validation.")] = 0.2,
-    width: Annotated[int, _option("Resize every kept image to this width in px (0: keep).")] = 500,
-    min_size: Annotated[int, _option("Reject images whose short side is below this (px).")] = 0,
-    seed: Annotated[int, _option("Seed of the split.")] = 42,
-    force: Force = False,
+    data_dir: opt.DataDir = opt.RUN.data_dir,
+    valid_pct: opt.ValidPct = 0.2,
+    width: Annotated[
+        int, opt.option("Resize every kept image to this width in px (0: keep).")
+    ] = 500,
+    min_size: Annotated[int, opt.option("Reject images whose short side is below this (px).")] = 0,
+    seed: opt.Seed = 42,
+    force: opt.Force = False,
 ):
     """Clean your own photos into a task folder, as the study did.
 
@@ -266,15 +135,15 @@ def prepare(
 @app.command()
 @user_errors
 def audit(
-    task: TaskName,
-    threshold: Annotated[
+    task: opt.TaskName,
+    max_distance: Annotated[
         int,
-        _option(
+        opt.option(
             "Near-duplicates differ in at most this many of the 64 bits of their perceptual hashes."
         ),
     ] = auditing.THRESHOLD,
-    data_dir: DataDir = Path("data"),
-    exports_dir: ExportsDir = Path("exports"),
+    data_dir: opt.DataDir = opt.RUN.data_dir,
+    exports_dir: opt.ExportsDir = opt.RUN.exports_dir,
 ):
     """Find duplicate and near-duplicate photos, leaks across the split, photos under two labels and
     quality problems; write audit.csv, audit.html and suggested decisions to exports/TASK/audit/.
@@ -283,26 +152,45 @@ def audit(
 
     Example: replicate audit rooms
     """
-    auditing.run(data_dir / task, threshold, exports_dir / task / "audit", log=echo)
+    auditing.run(data_dir / task, max_distance, exports_dir / task / "audit", log=echo)
 
 
 @app.command()
 @user_errors
-@with_run_options
 def run(
-    task: TaskName,
+    task: opt.TaskName,
     arch: Annotated[
         str,
-        _option(
+        opt.option(
             f"Backbone: one of the study's five ({', '.join(STUDY_ARCHS)}) or any timm model name "
             "(convnext_tiny, efficientnet_b0, resnet50.a1_in1k, ...; see `replicate archs`)."
         ),
     ],
     unfreeze: Annotated[
         bool,
-        _option("Finetune every layer (default: feature extraction, only the new layer trains)."),
+        opt.option(
+            "Finetune every layer (default: feature extraction, only the new layer trains)."
+        ),
     ] = False,
-    options: dict | None = None,
+    recipe: opt.RecipeOption = opt.RECIPE,
+    epochs: opt.Epochs = opt.RUN.epochs,
+    bs: opt.Batch = opt.RUN.bs,
+    lr: opt.LearningRate = opt.RUN.lr,
+    size: opt.Size = opt.RUN.size,
+    pretrained: opt.Pretrained = opt.RUN.pretrained,
+    seed: opt.Seed = opt.RUN.seed,
+    device: opt.DeviceOption = opt.DEVICE,
+    workers: opt.LoaderWorkers = opt.RUN.workers,
+    cache_features: opt.CacheFeatures = opt.RUN.cache_features,
+    freeze_bn: opt.FreezeBn = opt.RUN.freeze_bn,
+    precision: opt.PrecisionOption = opt.PRECISION,
+    audit: opt.Audit = opt.RUN.audit,
+    onnx: opt.Onnx = opt.RUN.onnx,
+    quantize: opt.QuantizeOption = None,
+    positive: opt.Positive = opt.RUN.positive,
+    target_precision: opt.TargetPrecision = opt.RUN.target_precision,
+    data_dir: opt.DataDir = opt.RUN.data_dir,
+    exports_dir: opt.ExportsDir = opt.RUN.exports_dir,
 ):
     """Train one backbone on one task with the study's protocol and write exports/TASK/ARCH-MODE/.
 
@@ -310,13 +198,14 @@ def run(
     """
     from .training import train
 
-    cfg = run_config(task, arch, options, unfreeze=unfreeze)
-    train.main(cfg, quantize=bool(options["quantize"]), log=echo)
+    train.main(opt.run_config(locals(), task=task, arch=arch), quantize=bool(quantize), log=echo)
 
 
 @app.command()
 @user_errors
-def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("exports")):
+def demo(
+    data_dir: opt.DataDir = opt.RUN.data_dir, exports_dir: opt.ExportsDir = opt.RUN.exports_dir
+):
     """Train the demo model on data/rooms, as much of the study's protocol as this machine allows.
 
     The backbone: resnet18 where torchvision's ImageNet weights can be had, else
@@ -334,36 +223,52 @@ def demo(data_dir: DataDir = Path("data"), exports_dir: ExportsDir = Path("expor
 
 @app.command()
 @user_errors
-@with_run_options
 def compare(
     task: Annotated[
         str, typer.Argument(help="Task folder under --data-dir, or 'all' for every task there.")
     ],
     archs: Annotated[
-        str, _option("Comma-separated backbones: the study's five and/or timm model names.")
+        str, opt.option("Comma-separated backbones: the study's five and/or timm model names.")
     ] = ",".join(STUDY_ARCHS),
     modes: Annotated[
-        str, _option("frozen (feature extraction), unfrozen (finetuning), or both.")
+        str, opt.option("frozen (feature extraction), unfrozen (finetuning), or both.")
     ] = "frozen,unfrozen",
     seeds: Annotated[
-        int, _option("Repeat each cell with this many seeds (seed, seed+1, ...).", min=1)
+        int, opt.option("Repeat each cell with this many seeds (seed, seed+1, ...).", min=1)
     ] = 1,
-    force: Annotated[bool, _option("Retrain cells that already have a finished run.")] = False,
-    options: dict | None = None,
+    force: opt.Force = False,
+    recipe: opt.RecipeOption = opt.RECIPE,
+    epochs: opt.Epochs = opt.RUN.epochs,
+    bs: opt.Batch = opt.RUN.bs,
+    lr: opt.LearningRate = opt.RUN.lr,
+    size: opt.Size = opt.RUN.size,
+    pretrained: opt.Pretrained = opt.RUN.pretrained,
+    seed: opt.Seed = opt.RUN.seed,
+    device: opt.DeviceOption = opt.DEVICE,
+    workers: opt.LoaderWorkers = opt.RUN.workers,
+    cache_features: opt.CacheFeatures = opt.RUN.cache_features,
+    freeze_bn: opt.FreezeBn = opt.RUN.freeze_bn,
+    precision: opt.PrecisionOption = opt.PRECISION,
+    audit: opt.Audit = opt.RUN.audit,
+    onnx: opt.Onnx = opt.RUN.onnx,
+    quantize: opt.QuantizeOption = None,
+    positive: opt.Positive = opt.RUN.positive,
+    target_precision: opt.TargetPrecision = opt.RUN.target_precision,
+    data_dir: opt.DataDir = opt.RUN.data_dir,
+    exports_dir: opt.ExportsDir = opt.RUN.exports_dir,
 ):
     """Train the study's grid (every backbone x mode) on a task, resumably, and report it.
 
-    Cells already finished with the same configuration are reused. Writes the table, figures and
-    report.html to exports/TASK/compare/.
+    Cells already finished with the same configuration are reused; --force retrains them. Writes
+    the table, figures and report.html to exports/TASK/compare/. The seed is the first cell's.
 
     Example: replicate compare rooms --no-pretrained --epochs 2 --size 64
     """
     from .training import compare as grid
 
-    base = run_config(task, "resnet18", options)
+    base = opt.run_config(locals(), task=task, arch="resnet18")
     names, chosen = _split(archs), _split(modes)
-    quantize = bool(options["quantize"])
-    if grid.run(base, names, chosen, seeds, force=force, quantize=quantize, log=echo):
+    if grid.run(base, names, chosen, seeds, force=force, quantize=bool(quantize), log=echo):
         raise typer.Exit(1)
 
 
@@ -377,8 +282,10 @@ def report_(
     task: Annotated[
         str, typer.Argument(help="Task name under --exports-dir, 'all', or one run folder.")
     ],
-    recipe: Annotated[Recipe, _option("Which recipe's runs the figures show.")] = Recipe.paper,
-    exports_dir: ExportsDir = Path("exports"),
+    recipe: Annotated[
+        opt.Recipe, opt.option("Which recipe's runs the figures show.")
+    ] = opt.Recipe.paper,
+    exports_dir: opt.ExportsDir = opt.RUN.exports_dir,
 ):
     """Rebuild the compare table, figures and report.html from the run folders, without training.
 
@@ -391,13 +298,9 @@ def report_(
 
 @app.command()
 @user_errors
-def interpret(
-    run_dir: RunDir,
-    split: Annotated[Split, _option("Which images to score (without augmentation).")] = Split.both,
-    k: Annotated[int, _option("How many top-loss images to show.", "-k", "--top", min=1)] = 50,
-):
+def interpret(run_dir: opt.RunDir, split: opt.SplitOption = opt.Split.both, k: opt.Top = 50):
     """Confusion matrices, most-confused pairs and top losses of a trained model, on valid and
-    train images.
+    train images (scored without augmentation).
 
     Example: replicate interpret exports/rooms/resnet18-unfrozen -k 50
     """
@@ -408,11 +311,7 @@ def interpret(
 
 @app.command()
 @user_errors
-def review(
-    run_dir: RunDir,
-    k: Annotated[int, _option("Top-loss images per split on the page.", "-k", "--top", min=1)] = 50,
-    split: Annotated[Split, _option("Which split's images to review.")] = Split.both,
-):
+def review(run_dir: opt.RunDir, k: opt.Top = 50, split: opt.SplitOption = opt.Split.both):
     """Write review.html: the top-loss images to mark keep / relabel / remove in a browser, no server
     needed.
 
@@ -425,31 +324,26 @@ def review(
     interpretation.review(run_dir, _splits(split), k, log=echo)
 
 
-def _splits(split: Split) -> list[str]:
-    return ["valid", "train"] if split == Split.both else [split.value]
-
-
-# Files that must exist say so: a missing one is a usage error before the command starts. (The
-# --undo logs do not: their stage says more, e.g. that a log was undone already.)
-ExistingFile = functools.partial(typer.Option, exists=True, dir_okay=False)
+def _splits(split: opt.Split) -> list[str]:
+    return ["valid", "train"] if split == opt.Split.both else [split.value]
 
 
 @app.command()
 @user_errors
 def clean(
-    task: TaskName,
+    task: opt.TaskName,
     decisions: Annotated[
         Path | None,
-        ExistingFile(help="CSV with path,action,new_label (from the review or audit page)."),
+        opt.ExistingFile(help="CSV with path,action,new_label (from the review or audit page)."),
     ] = None,
     apply: Annotated[
-        bool, _option("Move the files (default: only show what would happen).", "--apply")
+        bool, opt.option("Move the files (default: only show what would happen).", "--apply")
     ] = False,
-    undo: Annotated[Path | None, _option("A log from TASK/_cleaning/: put its files back.")] = None,
-    data_dir: DataDir = Path("data"),
+    undo: opt.Undo = None,
+    data_dir: opt.DataDir = opt.RUN.data_dir,
 ):
-    """Relabel or set aside photos as decided on the review page; every move is logged and can be
-    undone.
+    """Relabel or set aside photos as decided on the review page; every move is logged (in
+    TASK/_cleaning/) and can be undone with --undo LOG.
 
     relabel moves a photo to another class folder of its split; remove moves it to TASK/_removed/.
     Nothing is deleted.
@@ -467,7 +361,7 @@ def label(
     ],
     pool: Annotated[
         Path | None,
-        _option(
+        opt.option(
             "Folder of unlabelled photos, any layout; read, never changed. Remembered for the next "
             "rounds.",
             exists=True,
@@ -476,107 +370,81 @@ def label(
     ] = None,
     classes: Annotated[
         str | None,
-        _option(
+        opt.option(
             "Comma-separated class names (default: the task folder's, else yes,no), e.g. "
             "bathroom,bedroom,kitchen."
         ),
     ] = None,
     positive: Annotated[
         str | None,
-        _option(
+        opt.option(
             "The class a filter looks for: half of each batch is its likeliest photos (default: "
             "yes for yes,no)."
         ),
     ] = None,
     like: Annotated[
         list[Path] | None,
-        ExistingFile(
+        opt.ExistingFile(
             help="An example photo of what you look for (repeat it): until two classes are "
             "labelled, half of the batch is the photos nearest to the examples."
         ),
     ] = None,
-    batch: Annotated[
-        int | None, _option("Photos a round (default 20).", "-k", "--batch", min=1)
-    ] = (None),
+    batch: Annotated[int | None, opt.option("Photos a round (default 20).", min=1)] = None,
     apply: Annotated[
         Path | None,
-        ExistingFile(
+        opt.ExistingFile(
             "--apply",
             help="The decisions a round's page downloads (TASK-round-N.csv): copy the labelled "
             "photos into TASK/{train,valid}/<class>/ (logged), then write the next round.",
         ),
     ] = None,
-    undo: Annotated[
-        Path | None, _option("A log from TASK/_labelling/: take its copies back out.")
-    ] = None,
-    seed: Annotated[int, _option("Where the spread over the pool starts.")] = 0,
-    data_dir: DataDir = Path("data"),
-    exports_dir: ExportsDir = Path("exports"),
+    undo: opt.Undo = None,
+    seed: opt.Seed = 0,
+    data_dir: opt.DataDir = opt.RUN.data_dir,
+    exports_dir: opt.ExportsDir = opt.RUN.exports_dir,
 ):
     """Label a pile of photos for a new task in short rounds, on cached EfficientNet-Lite0 features.
 
     Each round trains a head on the labels so far (seconds) and writes a page of the photos where a
     label helps most. The model's guess is preselected; the page shows how many are labelled and
     the current validation accuracy. --apply copies the page's decisions in: about a fifth of each
-    class to valid, near-duplicates in one split. Then train the task as any other: replicate run
-    TASK --arch tf_efficientnet_lite0
+    class to valid, near-duplicates in one split; --undo LOG (from TASK/_labelling/) takes them
+    out again. Then train the task as any other: replicate run TASK --arch tf_efficientnet_lite0
 
     Example: replicate label fireplace --pool ~/photos/new
 
     Then: replicate label fireplace --apply ~/Downloads/fireplace-round-1.csv
     """
-    from .labelling import rounds as labelling
+    from .labelling import rounds
 
-    request = labelling.Request(task, pool, classes, positive, batch, like or [], seed)
-    labelling.run(request, data_dir, exports_dir, apply=apply, undo=undo, log=echo)
+    request = rounds.Request(task, pool, classes, positive, batch, like or [], seed)
+    rounds.run(request, data_dir, exports_dir, apply=apply, undo=undo, log=echo)
 
 
 @app.command("predict")
 @user_errors
 def predict_(
-    items: Annotated[
-        list[Path],
-        typer.Argument(
-            help="One or more models (run folders, bundle folders, model.onnx / model.int8.onnx files, or "
-            "export.pkl files) followed by images or folders (searched recursively).",
-            exists=True,
-        ),
-    ],
-    out: Annotated[Path, _option("Where to write the table.")] = Path("tags.csv"),
-    format: Annotated[Format, _option("csv or json.")] = Format.csv,
-    listing_pattern: Annotated[
-        str | None,
-        _option(
-            "Regex whose first group is the listing id, searched in the file name (or the path, if "
-            "it has a /): also writes a per-listing table, e.g. '^(\\d+)_'."
-        ),
-    ] = None,
-    threshold: Annotated[
-        float, _option("Per listing: a class counts as shown above this probability.")
-    ] = 0.5,
-    bs: Annotated[int, _option("Batch size.", min=1)] = 64,
+    items: opt.ModelsThenPhotos,
+    out: Annotated[Path, opt.option("Where to write the table.")] = opt.PREDICT.out,
+    format: Annotated[opt.Format, opt.option("csv or json.")] = opt.TABLE_FORMAT,
+    listing_pattern: opt.ListingPattern = opt.PREDICT.listing_pattern,
+    threshold: opt.ListingThreshold = opt.PREDICT.threshold,
+    bs: opt.Batch = opt.PREDICT.bs,
     engine: Annotated[
-        Engine,
-        _option(
+        opt.Engine,
+        opt.option(
             "onnx: model.onnx with ONNX Runtime (no pickle, no PyTorch). fastai: export.pkl with "
             "fastai (a pickle: trusted files only)."
         ),
-    ] = Engine.onnx,
-    workers: Annotated[
-        int | None,
-        _option(
-            "onnx: threads decoding photos beside the inference (default: one per core, at most "
-            "8; 0: decode in the main thread).",
-            min=0,
-        ),
-    ] = None,
+    ] = opt.ENGINE,
+    decode_threads: opt.DecodeThreads = opt.PREDICT.workers,
     device: Annotated[
-        Device,
-        _option(
+        opt.Device,
+        opt.option(
             "auto: CUDA when there is a GPU (ONNX Runtime's CUDA provider if onnxruntime-gpu is "
             "installed, else PyTorch with export.pkl)."
         ),
-    ] = Device.auto,
+    ] = opt.PREDICT_DEVICE,
 ):
     """Tag photos with one or more trained models: one row per image, the columns of every model
     side by side.
@@ -592,16 +460,10 @@ def predict_(
     from .tagging import predict
 
     job = predict.Job(
-        items,
-        out,
-        format.value,
-        listing_pattern,
-        threshold,
-        bs,
-        engine.value,
-        workers,
-        device.value,
-    )
+        items=items, out=out, format=format.value, listing_pattern=listing_pattern,
+        threshold=threshold, bs=bs, engine=engine.value, workers=decode_threads,
+        device=device.value,
+    )  # fmt: skip
     predict.run(job, log=echo, warn=warn)
 
 
@@ -612,8 +474,8 @@ def export_(
         list[Path],
         typer.Argument(help="Run folders (exports/TASK/ARCH-MODE).", exists=True, file_okay=False),
     ],
-    quantize: QuantizeOption = None,
-    calibration: Annotated[int, _option("Training photos to calibrate int8 on.", min=1)] = 256,
+    quantize: opt.QuantizeOption = None,
+    calibration: opt.Calibration = 256,
 ):
     """Write model.onnx (the pickle-free model `predict` runs) for run folders made earlier, and
     with --quantize int8 also model.int8.onnx. Runs write model.onnx themselves.
@@ -630,49 +492,29 @@ def export_(
 @app.command("index")
 @user_errors
 def index_(
-    items: Annotated[
-        list[Path],
-        typer.Argument(
-            help="One or more models (run folders, bundle folders, .onnx files) followed by "
-            "images or folders (searched recursively).",
-            exists=True,
-        ),
-    ],
+    items: opt.ModelsThenPhotos,
     out: Annotated[
-        Path, _option("The index folder: made on the first call, brought up to date after.")
-    ] = Path("exports/index"),
-    listing_pattern: Annotated[
-        str | None,
-        _option(
-            "Regex whose first group is the listing id, searched in the file name (or the path, if "
-            "it has a /): also writes the per-listing table, e.g. '^(\\d+)_'. Remembered: later "
-            "calls keep the table up to date without it."
-        ),
-    ] = None,
-    threshold: Annotated[
-        float, _option("Per listing: a class counts as shown above this probability.")
-    ] = 0.5,
+        Path, opt.option("The index folder: made on the first call, brought up to date after.")
+    ] = opt.INDEX.out,
+    listing_pattern: opt.ListingPattern = opt.INDEX.listing_pattern,
+    threshold: opt.ListingThreshold = opt.INDEX.threshold,
     ray: Annotated[
         str | None,
-        _option(
+        opt.option(
             "Tag on Ray: auto (the cluster this machine is in, or a local one) or the head's "
             "host:port. Needs replicate[ray]; every node must reach the models, photos and --out."
         ),
-    ] = None,
+    ] = opt.INDEX.ray,
     part_size: Annotated[
         int,
-        _option(
-            "Photos per part: each part is committed whole; a killed job redoes only the parts in flight.",
+        opt.option(
+            "Photos per part: each part is committed whole; a killed job redoes only the parts "
+            "in flight.",
             min=1,
         ),
-    ] = 1024,
-    bs: Annotated[int, _option("Batch size.", min=1)] = 64,
-    workers: Annotated[
-        int | None,
-        _option(
-            "Without --ray: threads decoding photos (default: one per core, at most 8).", min=0
-        ),
-    ] = None,
+    ] = opt.INDEX.part_size,
+    bs: opt.Batch = opt.INDEX.bs,
+    decode_threads: opt.DecodeThreads = opt.INDEX.workers,
 ):
     """Keep a search index of photos' tags: a Parquet dataset with one row per photo (path, size,
     modification time, SHA-256, error, every model's columns as `predict` names them, the models'
@@ -681,68 +523,52 @@ def index_(
     Called again on the same index it tags only the photos that are new or changed, and retags
     a photo only with a model whose checksum changed (a retrained run); the rows of photos that
     are gone are dropped. Parts are committed as they complete: a job that is killed and started
-    again redoes only the parts that were in flight.
+    again redoes only the parts that were in flight. The listing pattern is remembered: later
+    calls keep the listing table up to date without it. --decode-threads is for the local path.
 
-    Example: replicate index exports/tagger data/kitchen/valid --out exports/index --listing-pattern '^(\\d+)_'
+    Example: replicate index exports/tagger photos/ --out exports/index
     """
     from .index import build
 
-    job = build.IndexJob(items, out, listing_pattern, threshold, ray, part_size, bs, workers)
+    job = build.IndexJob(
+        items=items, out=out, listing_pattern=listing_pattern, threshold=threshold, ray=ray,
+        part_size=part_size, bs=bs, workers=decode_threads,
+    )  # fmt: skip
     build.run(job, log=echo, warn=warn)
 
 
 @app.command("serve")
 @user_errors
 def serve_(
-    models: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Models: run folders, .onnx files or bundle folders (replicate bundle).",
-            exists=True,
-        ),
-    ],
+    models: opt.Models,
     host: Annotated[
-        str, _option("Address to bind: this machine only, unless told.")
+        str, opt.option("Address to bind: this machine only, unless told.")
     ] = ServeOptions.host,
-    port: Annotated[int, _option("Port to listen on.", min=0, max=65535)] = ServeOptions.port,
+    port: Annotated[int, opt.option("Port to listen on.", min=0, max=65535)] = ServeOptions.port,
     token_file: Annotated[
         Path | None,
-        _option(
+        opt.option(
             "File whose first line is the token every route but /healthz requires "
             "(Authorization: Bearer <token>).",
             exists=True,
             dir_okay=False,
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     no_auth: Annotated[
         bool,
-        _option("Bind an address other than 127.0.0.1 without a token, on purpose.", "--no-auth"),
+        opt.option(
+            "Bind an address other than 127.0.0.1 without a token, on purpose.", "--no-auth"
+        ),
     ] = False,
-    max_bytes: Annotated[
-        int, _option("Largest request body, in bytes (413).", min=1)
-    ] = ServeOptions.max_bytes,
-    max_pixels: Annotated[
-        int, _option("Most pixels a photo's header may claim (422, before decoding).", min=1)
-    ] = ServeOptions.max_pixels,
-    max_photos: Annotated[
-        int, _option("Most photos in one listing request.", min=1)
-    ] = ServeOptions.max_photos,
-    max_batch: Annotated[int, _option("Most photos run together.", min=1)] = ServeOptions.max_batch,
-    max_wait_ms: Annotated[
-        float, _option("How long a batch waits for more photos, in ms.", min=0)
-    ] = ServeOptions.max_wait_ms,
-    max_queue: Annotated[
-        int, _option("Photos in hand (decoding, waiting, running) before 429.", min=1)
-    ] = ServeOptions.max_queue,
-    timeout: Annotated[
-        float, _option("Seconds a photo may wait for its batch before 504.", min=0)
-    ] = ServeOptions.timeout,
-    grace: Annotated[
-        float, _option("Seconds SIGTERM waits for the requests in hand.", min=0)
-    ] = ServeOptions.grace,
-    workers: Annotated[
-        int | None, _option("Threads decoding photos (default: one per core).", min=1)
-    ] = ServeOptions.workers,
+    max_bytes: opt.MaxBytes = ServeOptions.max_bytes,
+    max_pixels: opt.MaxPixels = ServeOptions.max_pixels,
+    max_photos: opt.MaxPhotos = ServeOptions.max_photos,
+    max_batch: opt.MaxBatch = ServeOptions.max_batch,
+    max_wait_ms: opt.MaxWaitMs = ServeOptions.max_wait_ms,
+    max_queue: opt.MaxQueue = ServeOptions.max_queue,
+    timeout: opt.Timeout = ServeOptions.timeout,
+    grace: opt.Grace = ServeOptions.grace,
+    decode_threads: opt.DecodeThreads = ServeOptions.workers,
 ):
     """Serve the models over HTTP: tag photos the moment they are uploaded, one at a time or a
     listing at once, with the numbers `predict` writes.
@@ -754,10 +580,12 @@ def serve_(
     """
     from .serving import server
 
-    token = server.read_token(token_file) if token_file else None
     options = ServeOptions(
-        tuple(models), host, port, token, max_bytes, max_pixels, max_photos, max_batch,
-        max_wait_ms, max_queue, timeout, grace, workers,
+        models=tuple(models), host=host, port=port,
+        token=server.read_token(token_file) if token_file else None,
+        max_bytes=max_bytes, max_pixels=max_pixels, max_photos=max_photos, max_batch=max_batch,
+        max_wait_ms=max_wait_ms, max_queue=max_queue, timeout=timeout, grace=grace,
+        workers=decode_threads,
     )  # fmt: skip
     server.serve(options, no_auth)
 
@@ -774,31 +602,20 @@ def bundle_(
             file_okay=False,
         ),
     ],
-    out: Annotated[Path, _option("The bundle folder to write.")] = Path("exports/tagger"),
-    listing_pattern: Annotated[
-        str | None,
-        _option(
-            "Regex whose first group is the listing id: measures each search filter's listing "
-            "rule on its run's valid listings and records it, e.g. '^(\\d+)_'."
-        ),
-    ] = None,
-    quantize: Annotated[
-        Quantize | None,
-        _option(
-            "Also write bundle.int8.onnx, the shared body quantized once (ONNX Runtime static "
-            "int8, calibrated on the tasks' training photos), with each attribute's validation "
-            "accuracy beside fp32's."
-        ),
-    ] = None,
-    calibration: Annotated[int, _option("Training photos to calibrate int8 on.", min=1)] = 256,
-    force: Annotated[bool, _option("Replace a bundle already at --out.")] = False,
+    out: Annotated[Path, opt.option("The bundle folder to write.")] = Path("exports/tagger"),
+    listing_pattern: opt.ListingPattern = None,
+    quantize: opt.QuantizeOption = None,
+    calibration: opt.Calibration = 256,
+    force: opt.Force = False,
 ):
     """Merge runs that share a body into one ONNX file: one input, the body once, an output per
     attribute, with every attribute's classes, filter threshold, listing rule and source checksums
     in its metadata.
 
     The folder also holds tag.py, which tags photos with ONNX Runtime, numpy and Pillow alone;
-    `replicate predict` takes the folder wherever it takes a run folder.
+    `replicate predict` takes the folder wherever it takes a run folder. --listing-pattern
+    measures each search filter's listing rule on its run's valid listings and records it;
+    --quantize int8 writes bundle.int8.onnx, the shared body quantized once.
 
     Example: replicate bundle exports/rooms/RUN exports/kitchen/RUN --out exports/tagger
     """
@@ -823,9 +640,9 @@ def archs(
 
     Example: replicate archs convnext_nano
     """
-    from .models import learner
+    from .models import archs as registry
 
-    learner.list_archs(names, log=echo)
+    registry.list_archs(names, log=echo)
 
 
 @app.command("weights")

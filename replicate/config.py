@@ -118,9 +118,10 @@ def environment() -> dict:
     }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeOptions:
-    """One `replicate serve`: the models and every limit (the CLI's defaults are these)."""
+    """One `replicate serve`: the models and every limit; built by keyword. The defaults here are
+    the only ones: the CLI's options, the server and its batcher read them."""
 
     models: tuple[Path, ...]
     host: str = "127.0.0.1"

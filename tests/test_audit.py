@@ -465,8 +465,8 @@ def test_clean_moves_a_leaked_copy_into_the_other_split(task, runner, tmp_path):
 
 
 def test_bad_threshold_is_one_line(task, runner):
-    result = runner.invoke(app, ["audit", "rooms", "--data-dir", str(task), "--threshold", "99"])
-    assert result.exit_code == 2 and result.output.startswith("error: --threshold 99")
+    result = runner.invoke(app, ["audit", "rooms", "--data-dir", str(task), "--max-distance", "99"])
+    assert result.exit_code == 2 and result.output.startswith("error: --max-distance 99")
 
 
 # --- every run says whether its validation set was clean ------------------------------------------

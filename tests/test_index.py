@@ -187,7 +187,7 @@ def test_a_job_killed_half_way_resumes_to_the_same_index(indexed, ray_address, t
     for i in range(300):
         synthetic_photo(1000 + i, (64, 48)).save(photos / f"{i // 5}_{i % 5}.jpg")
     models = [*map(str, indexed["runs"]), str(photos)]
-    on = ["--ray", ray_address] if engine == "ray" else ["--workers", "0"]
+    on = ["--ray", ray_address] if engine == "ray" else ["--decode-threads", "0"]
     out = tmp_path / "index"
     line = [sys.executable, "-m", "replicate", "index", *models, "--out", str(out), "--part-size", "10", "--bs", "5", *on]  # fmt: skip
     job = subprocess.Popen(line, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -378,7 +378,7 @@ def test_the_server_loads_no_pytorch(served):
     code = (
         "import sys\n"
         "from replicate.serving import server\n"
-        f"server.State(server.Options(({str(served['runs'][0])!r},))).load()\n"
+        f"server.State(server.Options(models=({str(served['runs'][0])!r},))).load()\n"
         "print(sorted(m for m in ('torch', 'fastai', 'timm') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -32,9 +32,9 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .. import pages
 from ..errors import ReplicateError
 from ..folders import task_files
+from ..report import pages
 from . import duplicates, fingerprints
 from .fingerprints import CROPS, MIN_STD
 
@@ -358,7 +358,7 @@ def warning_line(counts: dict) -> str:
 def check_threshold(threshold: int) -> None:
     if not 0 <= threshold <= 32:
         raise ReplicateError(
-            f"--threshold {threshold}: give a number of differing bits from 0 to 32 (default {THRESHOLD})"
+            f"--max-distance {threshold}: give a number of differing bits from 0 to 32 (default {THRESHOLD})"
         )
 
 

@@ -19,7 +19,8 @@ from . import store
 
 @dataclass(frozen=True, kw_only=True)
 class IndexJob:
-    """One `replicate index`: the models and photos (`items`, models first) and the options."""
+    """One `replicate index`: the models and photos (`items`, models first) and the options;
+    built by keyword. Its defaults are the CLI's."""
 
     items: list[Path]
     out: Path = Path("exports/index")

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import pages
 from ..audit import cleaning as cleaning
 from ..audit import fingerprints
 from ..errors import ReplicateError
 from ..folders import SPLITS, class_dirs, image_files
+from ..report import pages
 from .active import ARCH, fit_head, nearest, next_batch, pool_features, spread
 from .copies import LOG_DIR, applied, describe, logs, plan_labels, task_photos
 

@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import pages
 from ..engine import filters
 from ..errors import ReplicateError
 from ..runs import Run, compare_dir, finished_runs, is_run
-from . import plots
+from . import pages, plots
 
 FAILURES = "failures.json"  # a compare's failed cells, in its report folder
 

@@ -52,7 +52,7 @@ class State:
         self.models: ModelSet | None = None
         self.ready = self.draining = False
         self.in_flight = 0
-        self.decoding = ThreadPoolExecutor(runtime.workers(options.workers), "decode")
+        self.decoding = ThreadPoolExecutor(max(1, runtime.workers(options.workers)), "decode")
         self.metrics = Metrics()
         self.batcher = Batcher(
             lambda models, batch: models.infer([photo["arrays"] for photo in batch]),

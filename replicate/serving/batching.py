@@ -41,15 +41,17 @@ class _Item:
 
 
 class Batcher:
-    """See the module docstring. `on_batch(n)` is called with each batch's size (metrics)."""
+    """See the module docstring. The limits have no defaults here: `replicate serve` passes its
+    options' (config.ServeOptions). `on_batch(n)` is called with each batch's size (metrics)."""
 
     def __init__(
         self,
         run: Callable[[object, list], list],
-        max_batch: int = 32,
-        max_wait: float = 0.005,
-        max_queue: int = 256,
-        timeout: float = 10.0,
+        *,
+        max_batch: int,
+        max_wait: float,
+        max_queue: int,
+        timeout: float,
         on_batch: Callable[[int], None] = lambda n: None,
     ):
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait

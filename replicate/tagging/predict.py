@@ -23,9 +23,10 @@ from ..errors import ReplicateError
 from ..folders import find_images
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Job:
-    """One `replicate predict`: the models and photos (`items`, models first) and the options."""
+    """One `replicate predict`: the models and photos (`items`, models first) and the options;
+    built by keyword. Its defaults are the CLI's."""
 
     items: list[Path]
     out: Path = Path("tags.csv")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import pages, runs
+from .. import runs
 from ..engine.fastai_models import load_model, score
 from ..errors import ReplicateError
-from ..report import plots
+from ..report import pages, plots
 from . import dataloaders
 
 
