@@ -102,7 +102,7 @@ def synthetic_index(folder: Path, rows: int = 1_000_000, per_part: int = 10_000)
     the filter, as `filters.of_models` gives it."""
     rng = np.random.default_rng(0)
     classes = {"rooms": ["bathroom", "bedroom", "kitchen"], "exterior": ["frontal", "indoor"], "kitchen": ["no", "yes"]}  # fmt: skip
-    with store.Index(folder) as idx:
+    with store.IndexFolder(folder) as idx:
         idx.begin()
         for start in range(0, rows, per_part):
             n = min(per_part, rows - start)
@@ -124,7 +124,7 @@ def listing_table(folder: Path, found: dict) -> dict:
     start = time.perf_counter()
     table = store.rows(folder)
     read = time.perf_counter() - start
-    with store.Index(folder) as idx:
+    with store.IndexFolder(folder) as idx:
         listings = build.write_listings(idx, table, found, PATTERN)
     total = time.perf_counter() - start
     return {"engine": "listings", "photos": len(table), "listings": len(listings),

@@ -8,7 +8,7 @@ validation photos from one asyncio client (httpx): 400 requests at each of concu
 32 (p50, p95 and p99 latency, photos/s), a 20-photo listing (10 times), then 2,000 mixed requests
 (one in ten a text file, a truncated JPEG or an oversized header) with the server's resident
 memory read before and after. Beside it, in this process: `predict`'s engine on the same photos
-(onnx_engine.tag_onnx, decoding on all cores, batches of 64), a batch of one (decoded and run,
+(engine.onnx_models.tag_onnx, decoding on all cores, batches of 64), a batch of one (decoded and run,
 the floor of a request's latency) and a full batch of 32. Client and server share the 2 cores
 here, so the client's own work is inside every number. Rows go to benchmarks/results.csv
 (bench=serve).

@@ -9,7 +9,7 @@ body in eval mode (--freeze-bn, --cache-features 1), on a small copy of the Hous
 would be), then tags the 321 `rooms` validation photos the way `replicate predict` does (decoding
 on all cores, batches of 64, process start-up and model loading excluded):
 
-- fp32: the runs named together (`predict` runs the body once: onnx_engine.sharing), their
+- fp32: the runs named together (`predict` runs the body once: engine.onnx_models.sharing), their
   `replicate bundle` (one file, the body once), and every model run whole, one by one;
 - int8: the bundle's bundle.int8.onnx (the body quantized once), and each run's model.int8.onnx
   (`replicate export --quantize int8`) one by one.

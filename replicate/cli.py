@@ -640,9 +640,9 @@ def archs(
 
     Example: replicate archs convnext_nano
     """
-    from .models import archs as registry
+    from .models import learner
 
-    registry.list_archs(names, log=echo)
+    learner.list_archs(names, log=echo)
 
 
 @app.command("weights")

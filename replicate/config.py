@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# The study's five backbones in its tables' order: the names `models.ARCHS` registers (a test keeps
+# The study's five backbones in its tables' order: the names `models.archs.ARCHS` registers (a test keeps
 # them equal), here so that the command line can name them without loading PyTorch.
 STUDY_ARCHS = ("resnet18", "alexnet", "vgg11_bn", "densenet121", "inception_v3")
 

@@ -190,7 +190,7 @@ def test_predict_under_accelerate_shares_the_photos_and_writes_one_table(
         str(photos),
         "--out",
         str(tmp_path / "two.csv"),
-        "--workers",
+        "--decode-threads",
         "1",
         cwd=tmp_path,
     )

