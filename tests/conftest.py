@@ -305,3 +305,41 @@ def rooms_run(tmp_path_factory) -> tuple[Path, Path]:
         exports_dir=root / "exports",
     )
     return root, train.run(cfg, log=lambda *a: None)
+
+
+KITCHEN = {"yes": (200, 180, 60), "no": (40, 60, 200)}
+
+
+@pytest.fixture(scope="session")
+def tagging_runs(tmp_path_factory) -> Path:
+    """A folder with data/{rooms,kitchen} and two resnet18 runs on them (rooms: three classes;
+    kitchen: yes/no with a search filter at a target precision 6 + 6 photos reach), trained once
+    per test session and shared by the xdist workers (a file lock in their common temporary
+    folder: the first worker trains, the others wait and read). Read-only: copy it (`copy_tagging_runs`)."""
+    from filelock import FileLock
+
+    from replicate.config import RunConfig
+    from replicate.training import train
+
+    root = tmp_path_factory.getbasetemp().parent / "tagging-runs"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "done").is_file():
+            make_task(root / "data" / "rooms", classes=ROOMS)
+            make_task(root / "data" / "kitchen", n_train=6, n_valid=6, classes=KITCHEN)
+            where = dict(epochs=2, size=32, pretrained=False, workers=0, audit=False,
+                         data_dir=root / "data", exports_dir=root / "exports")  # fmt: skip
+            for task, target in (("rooms", 0.95), ("kitchen", 0.5)):
+                cfg = RunConfig(task, "resnet18", target_precision=target, **where)
+                train.run(cfg, log=lambda *a: None)
+            (root / "done").write_text("")
+    return root
+
+
+def copy_tagging_runs(shared: Path, root: Path) -> list[Path]:
+    """`tagging_runs`' data and runs copied under `root` (copies, not links: a test retrains a run
+    in place by copying files over it); returns the two runs (rooms, kitchen)."""
+    import shutil
+
+    shutil.copytree(shared / "data", root / "data", dirs_exist_ok=True)
+    shutil.copytree(shared / "exports", root / "exports", dirs_exist_ok=True)
+    return [next((root / "exports" / task).glob("resnet18-*")) for task in ("rooms", "kitchen")]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOMS, make_task, synthetic_photo
+from conftest import copy_tagging_runs, synthetic_photo
 
 from replicate.cli import app
 from replicate.config import RunConfig
@@ -50,16 +50,11 @@ def ray_address(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory) -> dict:
+def indexed(tmp_path_factory, tagging_runs) -> dict:
     """Two runs (rooms: three classes; kitchen: yes/no, a search filter), 40 photos of 10 listings
     with a corrupt one among them, and predict's tables of them."""
     root = tmp_path_factory.mktemp("index")
-    make_task(root / "data" / "rooms", classes=ROOMS)
-    make_task(root / "data" / "kitchen", n_train=6, n_valid=6, classes=KITCHEN)
-    runs = [
-        train_run(root, "rooms", root / "exports", target_precision=0.95),
-        train_run(root, "kitchen", root / "exports", target_precision=0.5),
-    ]
+    runs = copy_tagging_runs(tagging_runs, root)
     photos = root / "photos"
     photos.mkdir()
     for i in range(39):

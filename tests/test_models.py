@@ -26,7 +26,8 @@ from torch import nn
 from replicate.cli import app
 from replicate.config import STUDY_ARCHS, RunConfig
 from replicate.errors import ReplicateError
-from replicate.models import archs, downloads, learner as learners, weights
+from replicate.models import archs, downloads, weights
+from replicate.models import learner as learners
 from replicate.training import dataloaders
 
 # Small but valid sizes; Inception at 299, the smallest size its auxiliary classifier accepts.

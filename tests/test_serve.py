@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from conftest import ROOMS, make_task, odd_photos, synthetic_photo
+from conftest import copy_tagging_runs, odd_photos, synthetic_photo
 from PIL import Image
 
 from replicate.cli import app
@@ -87,20 +87,11 @@ def server(models: list[Path], *args: str, token: Path | None = None):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> dict:
+def served(tmp_path_factory, tagging_runs) -> dict:
     """Two runs (rooms: three classes; kitchen: yes/no, a search filter), photos of every kind, and
     predict's tables of them, per photo and per listing."""
     root = tmp_path_factory.mktemp("serve")
-    make_task(root / "data" / "rooms", classes=ROOMS)
-    make_task(root / "data" / "kitchen", n_train=6, n_valid=6, classes=KITCHEN)
-    where = dict(epochs=2, size=32, pretrained=False, workers=0, audit=False,
-                 data_dir=root / "data", exports_dir=root / "exports")  # fmt: skip
-    # a target precision every threshold reaches on 6 + 6 photos: the kitchen run has a filter
-    targets = {"rooms": 0.95, "kitchen": 0.5}
-    runs = [
-        train.run(RunConfig(t, "resnet18", target_precision=p, **where), log=lambda *a: None)
-        for t, p in targets.items()
-    ]
+    runs = copy_tagging_runs(tagging_runs, root)
     photos = odd_photos(root / "photos")
     upright = synthetic_photo(7, (300, 200))
     exif = Image.Exif()
