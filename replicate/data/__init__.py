@@ -1,0 +1,1 @@
+"""Photos into task folders: `sources` (`replicate data houses`, `replicate prepare`)."""
