@@ -227,3 +227,24 @@ def test_a_usage_error_is_one_error_line_and_exit_2(tmp_path):
         assert done.returncode == 2 and done.stdout == "", done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+
+
+def test_run_and_compare_take_every_training_option_with_runconfigs_defaults():
+    """`run` and `compare` list the shared training options one by one (Typer reads options from a
+    signature); every RunConfig field is an option of both, with RunConfig's default, but the
+    study's fixed momentum and auxiliary-loss weight and what a compare's cells set."""
+    import dataclasses
+
+    from replicate.config import RunConfig
+
+    group = typer.main.get_command(app)
+    fixed = {"momentum", "aux_loss_weight"}
+    for name, own in (("run", set()), ("compare", {"task", "arch", "unfreeze"})):
+        params = {p.name: p for p in group.commands[name].params}
+        for field in dataclasses.fields(RunConfig):
+            if field.name in fixed | own:
+                continue
+            assert field.name in params, (name, field.name)
+            if field.name not in ("task", "arch"):
+                shown = getattr(params[field.name].default, "value", params[field.name].default)
+                assert shown == field.default, (name, field.name, shown, field.default)

@@ -24,7 +24,6 @@ from replicate.folders import sha256_file
 from replicate.index import store
 from replicate.training import train
 
-KITCHEN = {"yes": (200, 180, 60), "no": (40, 60, 200)}
 LISTING = r"^(\d+)_"
 QUIET = dict(epochs=2, size=32, pretrained=False, workers=0, audit=False)
 

@@ -31,7 +31,6 @@ from replicate.config import RunConfig
 from replicate.training import train
 
 TOKEN = "a-token-for-the-tests-0123456789"
-KITCHEN = {"yes": (200, 180, 60), "no": (40, 60, 200)}
 
 
 def free_port() -> int:

@@ -98,13 +98,16 @@ class ModelSet:
         session's (0: one per core)."""
         self.paths = [Path(p) for p in paths]
         self.engine, self.device = engine, device
-        self._set(load(self.paths, engine, device, threads))
-        files = {p: sha256_file(p) for p in dict.fromkeys(m.path for m in self.models)}
-        self.checksums = {m.name: files[m.path] for m in self.models}  # a bundle's file: once
-        self.warnings = [m.warning for m in self.models if m.warning]
+        models = load(self.paths, engine, device, threads)
+        # each file hashed once (a bundle's attributes share one)
+        self._sha256 = {p: sha256_file(p) for p in dict.fromkeys(m.path for m in models)}
+        self._set(models)
 
     def _set(self, models: list) -> None:
+        """Everything derived from `models`: a subset recomputes it all, nothing by hand."""
         self.models = models
+        self.checksums = {m.name: self._sha256[m.path] for m in models}
+        self.warnings = [m.warning for m in models if m.warning]
         onnx = self.engine == "onnx"
         self.groups = onnx_models.sharing(models) if onnx else [[m] for m in models]
         self.geometries = list(dict.fromkeys(m.prep.geometry for m in models)) if onnx else []
@@ -118,8 +121,6 @@ class ModelSet:
             return self
         part = copy.copy(self)
         part._set([m for m in self.models if m.name in names])
-        part.checksums = {m.name: self.checksums[m.name] for m in part.models}
-        part.warnings = [m.warning for m in part.models if m.warning]
         return part
 
     def tag(self, files: list[Path], bs: int = 64, workers: int | None = None) -> pd.DataFrame:

@@ -69,7 +69,7 @@ def update(
         whole = store.rows(folder.path).set_index("path")
         for w in works:
             w.photos = w.photos.join(whole[w.carried], on="path") if w.carried else w.photos
-    folder.begin()
+    folder.begin(everything)
     tag_start = time.perf_counter()
     tagged = sum(_tag(w, job, models, folder, log) for w in works)
     tag_seconds = time.perf_counter() - tag_start
@@ -106,10 +106,9 @@ def _tag(work: Work, job: IndexJob, models: ModelSet, folder: store.IndexFolder,
     log(f"tagging {len(work.photos)} photos with {what}")
     if job.ray:
         return cluster.tag(work, job, models, folder, log)
-    everything = columns(models)
     done = 0
     for part in tag_parts(models.subset(work.names), work, job.part_size, job.bs, job.workers):
-        folder.commit(part.reindex(columns=everything))
+        folder.commit(part)  # in the job's columns (`begin`)
         done += len(part)
     return done
 

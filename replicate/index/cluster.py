@@ -30,7 +30,7 @@ from ..engine import onnx_models
 from ..engine.model_set import ModelSet
 from ..errors import ReplicateError
 from . import store
-from .plan import IndexJob, Work, columns, rows
+from .plan import IndexJob, Work, rows
 
 # One actor per two CPUs, each reserving one and running its ONNX Runtime sessions on two threads.
 # Ray Data fuses the decoding into the actors' processes (a task stage before an actor stage with
@@ -119,7 +119,7 @@ def tag(work: Work, job: IndexJob, models: ModelSet, folder: store.IndexFolder, 
         write_batch,
         batch_size=job.part_size,
         batch_format="pandas",
-        fn_kwargs={"parts_dir": str(folder.parts_dir.resolve()), "generation": folder.generation, "columns": columns(models)},
+        fn_kwargs={"parts_dir": str(folder.parts_dir.resolve()), "generation": folder.generation, "columns": folder.columns},
     )  # fmt: skip
     done = 0
     for part in ds.iter_rows():

@@ -90,6 +90,7 @@ class IndexFolder:
                 f"another `replicate index` is writing {self.path}: wait for it to end"
             ) from None
         self.swept = sweep(self.path)
+        self.columns: list[str] | None = None  # the job's (`begin`)
 
     def __enter__(self) -> IndexFolder:
         return self
@@ -100,16 +101,20 @@ class IndexFolder:
     def manifest(self) -> dict:
         return read_manifest(self.path)
 
-    def begin(self) -> int:
+    def begin(self, columns: list[str] | None = None) -> int:
         """Start a job's generation: one above every generation on disk and recorded (a killed
-        job's parts included); returns it."""
+        job's parts included); returns it. `columns`: the job's row columns, in order, which
+        every part it commits has (None: the rows' own)."""
         seen = [g for g, _ in part_files(self.path)]
         self.generation = max([*seen, self.manifest().get("generation", 0)]) + 1
+        self.columns = columns
         return self.generation
 
     def commit(self, rows: pd.DataFrame) -> Path:
         """`rows` as a new part of the job's generation, written under a hidden name, flushed to
         disk and renamed into place: the part is there whole or not at all."""
+        if self.columns is not None:
+            rows = rows.reindex(columns=self.columns)
         return write_part(self.parts_dir, rows, self.generation)
 
     def write_listings(self, listings: pd.DataFrame, rules: dict | None) -> None:

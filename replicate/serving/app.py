@@ -12,9 +12,7 @@ together (`batching.Batcher`). Every refusal is an `uploads.Refusal`, answered a
 from __future__ import annotations
 
 import asyncio
-import datetime
 import signal
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -30,17 +28,8 @@ from ..config import ServeOptions as Options
 from ..engine.model_set import ModelSet
 from . import answers, uploads
 from .batching import Batcher, Expired, QueueFull
-from .gate import Gate
+from .gate import Gate, log_line
 from .uploads import Refusal
-
-
-def log_line(message: str) -> None:
-    """One line of the server's log on stderr, with its time."""
-    print(
-        f"{datetime.datetime.now().isoformat(timespec='milliseconds')} {message}",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 class State:
@@ -48,11 +37,11 @@ class State:
 
     def __init__(self, options: Options):
         self.options = options
-        self.log = log_line  # the gate's request lines go to the same log
         self.models: ModelSet | None = None
         self.ready = self.draining = False
         self.in_flight = 0
-        self.decoding = ThreadPoolExecutor(max(1, runtime.workers(options.workers)), "decode")
+        threads = runtime.workers(options.workers)  # 0: decode on the event loop itself
+        self.decoding = ThreadPoolExecutor(threads, "decode") if threads else None
         self.metrics = Metrics()
         self.batcher = Batcher(
             lambda models, batch: models.infer([photo["arrays"] for photo in batch]),
@@ -65,11 +54,12 @@ class State:
 
     async def tag(self, data: bytes, models: ModelSet) -> tuple[dict, dict]:
         """(the photo's facts, its probabilities per model) for one upload already admitted."""
-        loop = asyncio.get_running_loop()
-        limit = self.options.max_pixels
-        photo = await loop.run_in_executor(
-            self.decoding, uploads.prepare, data, models.geometries, limit
-        )
+        args = (data, models.geometries, self.options.max_pixels)
+        if self.decoding is None:
+            photo = uploads.prepare(*args)
+        else:
+            loop = asyncio.get_running_loop()
+            photo = await loop.run_in_executor(self.decoding, uploads.prepare, *args)
         try:
             probs = await self.batcher.submit(photo, models)
         except Expired as e:
@@ -141,7 +131,8 @@ def create_app(options: Options, state: State | None = None):
         )
         yield
         await state.batcher.stop()
-        state.decoding.shutdown(wait=False)
+        if state.decoding is not None:
+            state.decoding.shutdown(wait=False)
 
     async def reload():
         """SIGHUP: the models again from their folders; the old ones answer what is in hand."""

@@ -10,7 +10,9 @@ every route, /metrics and /readyz included, where a dependency would have to be 
 
 from __future__ import annotations
 
+import datetime
 import hmac
+import sys
 import time
 
 from fastapi.responses import JSONResponse
@@ -18,6 +20,16 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 OPEN_ROUTES = ("/healthz",)  # liveness answers without a token
+
+
+def log_line(message: str) -> None:
+    """One line of the server's log on stderr, with its time: the gate's per request, and the
+    app's and server's (ready, reloaded, draining)."""
+    print(
+        f"{datetime.datetime.now().isoformat(timespec='milliseconds')} {message}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 class Gate:
@@ -85,7 +97,7 @@ class Gate:
         seconds = time.perf_counter() - start
         state.metrics.requests.labels(route, str(status)).inc()
         state.metrics.latency.labels(route).observe(seconds)
-        state.log(
+        log_line(
             f"{scope['method']} {path} {status} photos={scope['state'].get('photos', 0)} "
             f"{seconds * 1000:.1f}ms"
         )

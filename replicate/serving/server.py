@@ -30,7 +30,8 @@ import uvicorn
 
 from ..config import ServeOptions as Options
 from ..errors import ReplicateError
-from .app import State, create_app, log_line
+from .app import State, create_app
+from .gate import log_line
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
 
