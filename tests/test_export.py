@@ -353,6 +353,47 @@ def test_export_writes_model_onnx_for_an_older_run_folder(run_dir, rooms, runner
     )
 
 
+def with_old_module_paths(pkl: Path) -> int:
+    """`pkl` (an export.pkl: torch's zip with the pickle in data.pkl) rewritten as it was written
+    before the stages moved into sub-packages: every moved module named by its old path in the
+    pickle's GLOBAL opcodes (protocol 2, fastai's). Returns how many names were rewritten."""
+    import zipfile
+
+    with zipfile.ZipFile(pkl) as z:
+        entries = [(info, z.read(info)) for info in z.infolist()]
+    count = 0
+    with zipfile.ZipFile(pkl, "w", zipfile.ZIP_STORED) as z:
+        for info, data in entries:
+            if info.filename.endswith("/data.pkl"):
+                for old, new in fastai_models.MOVED.items():
+                    global_op = b"c" + new.encode() + b"\n"
+                    count += data.count(global_op)
+                    data = data.replace(global_op, b"c" + old.encode() + b"\n")
+            z.writestr(info, data)
+    return count
+
+
+def test_an_export_pkl_from_before_the_sub_packages_still_loads(run_dir, rooms, runner, tmp_path):
+    """A run folder trained before the move: its export.pkl names `replicate.data.ValidCrop`,
+    `replicate.models.Backbone`, ...; `replicate export` (and the fastai engine) still read it."""
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    assert with_old_module_paths(old / "export.pkl") >= 2  # the transforms' and the model's
+    (old / "model.onnx").unlink()
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["checksums"]  # as a run folder of that time, and the pickle changed
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    result = runner.invoke(app, ["export", str(old)])
+    assert result.exit_code == 0, result.output
+    photos = sorted((rooms / "rooms" / "valid").rglob("*.jpg"))
+    a = onnx_models.tag_onnx([onnx_models.load_onnx(old)], photos, workers=0)
+    b = fastai_models.tag([fastai_models.load_model(old)], photos)
+    assert (
+        np.abs(a[probability_columns(a)].to_numpy() - b[probability_columns(b)].to_numpy()).max()
+        < 1e-4
+    )
+
+
 def test_quantize_int8_writes_a_calibrated_model_and_reports_its_accuracy(
     run_dir, rooms, runner, tmp_path
 ):

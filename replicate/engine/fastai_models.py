@@ -9,6 +9,8 @@ against the SHA-256 its run folder recorded when it was written.
 
 from __future__ import annotations
 
+import pickle
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,31 @@ from PIL import Image
 
 from .. import runs, runtime
 from ..errors import ReplicateError
+
+# Where each training module whose objects an export.pkl may name by path (label functions,
+# transforms, callbacks, backbones) lived before the stages moved into sub-packages: run folders
+# trained before that still load (`replicate export`, `interpret`, `review`, `predict --engine
+# fastai`).
+MOVED = {
+    "replicate.archs": "replicate.models.archs",
+    "replicate.data": "replicate.training.dataloaders",
+    "replicate.downloads": "replicate.models.downloads",
+    "replicate.features": "replicate.training.features",
+    "replicate.models": "replicate.models.learner",
+    "replicate.train": "replicate.training.train",
+    "replicate.weights": "replicate.models.weights",
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    """pickle's Unpickler, reading a class or function at its old path (MOVED) from its new one."""
+
+    def find_class(self, module: str, name: str):
+        return super().find_class(MOVED.get(module, module), name)
+
+
+# What torch.load takes as `pickle_module`: pickle itself, but for its Unpickler.
+MOVED_PICKLE = types.SimpleNamespace(**vars(pickle) | {"Unpickler": _Unpickler})
 
 if TYPE_CHECKING:  # fastai and torch load on first use (seconds), not with this module
     import torch
@@ -54,7 +81,8 @@ def load_model(model: Path, device: torch.device | None = None) -> Model:
         # fastai's pickle warning: the CLI says it in --help instead
         warnings.simplefilter("ignore")
         try:
-            learn = load_learner(path, cpu=device is None or device.type == "cpu")
+            cpu = device is None or device.type == "cpu"
+            learn = load_learner(path, cpu=cpu, pickle_module=MOVED_PICKLE)
         except Exception as e:  # a truncated file, another fastai's pickle, a missing class...
             raise ReplicateError(
                 f"cannot load {path}: {type(e).__name__}: {e}".splitlines()[0]
