@@ -66,9 +66,33 @@ def make_houses_zip(path: Path, n_houses: int = 10, extra: dict[str, bytes] | No
 
 
 # The suite runs in worker processes, one per core, each taking whole test files (pytest-xdist,
-# --dist loadfile in pyproject.toml): the session fixtures below are built in each worker that
+# --dist loadfile in pyproject.toml): most session fixtures below are built in each worker that
 # uses them, so each one's users live in as few files as can be (zoo: test_archs.py; houses:
-# test_houses.py; grid: test_compare.py, and the browser's look at its page).
+# test_houses.py; grid: test_compare.py, and the browser's look at its page); the trained runs
+# several files need are trained once for all workers (`trained_once`).
+
+# The files that take longest, longest first (seconds on 2 cores, from --junitxml): xdist hands
+# files out in collection order (--no-loadscope-reorder), so the long ones start first and the
+# short ones fill the workers' ends, instead of one worker finishing a long file alone. Only the
+# balance depends on it: a file missing here runs after these.
+SLOWEST_FIRST = [
+    "test_archs.py",  # 82
+    "test_index.py",  # 57
+    "test_transfer.py",  # 55
+    "test_shared_body.py",  # 52
+    "test_compare.py",  # 50
+    "test_distributed.py",  # 45
+    "test_browser.py",  # 41
+    "test_models.py",  # 37
+    "test_houses.py",  # 30
+    "test_serve.py",  # 28
+    "test_audit.py",  # 23
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
 
 
 def pytest_configure(config):
@@ -283,15 +307,26 @@ def houses(tmp_path_factory) -> Path:
     return data_dir
 
 
-@pytest.fixture(scope="session")
-def rooms_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A three-class task (4 train + 2 valid photos per class) and resnet18 finetuned on it for 2
-    epochs at 32 px, with model.onnx: (root, run folder); the task is root/data/rooms. Tests may add
-    files to the run folder (interpret, review) but change nothing in it."""
+def trained_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` done once per test session, by whichever xdist worker asks first (the
+    others wait on a file lock in the session's temporary folder, which the workers share), and
+    the folder it filled: read-only, shared by the workers (copy what a test changes)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    # under xdist each worker's basetemp is a folder of this session's; alone, it is the session's
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    with FileLock(f"{shared}.lock"):
+        if not (shared / ".done").is_file():
+            build(shared)
+            (shared / ".done").write_text("")
+    return shared
+
+
+def _rooms_run(root: Path) -> None:
     from replicate.config import RunConfig
     from replicate.training import train
 
-    root = tmp_path_factory.mktemp("rooms-run")
     make_task(root / "data" / "rooms", n_train=4, n_valid=2, classes=ROOMS)
     cfg = RunConfig(
         "rooms",
@@ -304,42 +339,61 @@ def rooms_run(tmp_path_factory) -> tuple[Path, Path]:
         data_dir=root / "data",
         exports_dir=root / "exports",
     )
-    return root, train.run(cfg, log=lambda *a: None)
+    train.run(cfg, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def rooms_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A three-class task (4 train + 2 valid photos per class) and resnet18 finetuned on it for 2
+    epochs at 32 px, with model.onnx: (root, run folder); the task is root/data/rooms. Trained once
+    per session (`trained_once`), copied once per worker: tests may add files to the run folder
+    (interpret, review) but change nothing in it."""
+    root = tmp_path_factory.mktemp("rooms-run")
+    copy_runs(trained_once(tmp_path_factory, "rooms-run", _rooms_run), root)
+    return root, next((root / "exports" / "rooms").glob("resnet18-*"))
+
+
+def copy_runs(shared: Path, root: Path) -> None:
+    """A `trained_once` folder (data/ and exports/) copied to `root` as if trained there: the
+    paths its runs recorded (config.json's task folder, the valid photos in valid_predictions.csv)
+    name the copy's own data."""
+    import shutil
+
+    shutil.copytree(shared / "data", root / "data", dirs_exist_ok=True)
+    shutil.copytree(shared / "exports", root / "exports", dirs_exist_ok=True)
+    for recorded in [*root.glob("exports/*/*/*.json"), *root.glob("exports/*/*/*.csv")]:
+        text = recorded.read_text()
+        if str(shared) in text:
+            recorded.write_text(text.replace(str(shared), str(root)))
 
 
 KITCHEN = {"yes": (200, 180, 60), "no": (40, 60, 200)}
+
+
+def _tagging_runs(root: Path) -> None:
+    from replicate.config import RunConfig
+    from replicate.training import train
+
+    make_task(root / "data" / "rooms", classes=ROOMS)
+    make_task(root / "data" / "kitchen", n_train=6, n_valid=6, classes=KITCHEN)
+    where = dict(epochs=2, size=32, pretrained=False, workers=0, audit=False,
+                 data_dir=root / "data", exports_dir=root / "exports")  # fmt: skip
+    for task, target in (("rooms", 0.95), ("kitchen", 0.5)):
+        train.run(
+            RunConfig(task, "resnet18", target_precision=target, **where), log=lambda *a: None
+        )
 
 
 @pytest.fixture(scope="session")
 def tagging_runs(tmp_path_factory) -> Path:
     """A folder with data/{rooms,kitchen} and two resnet18 runs on them (rooms: three classes;
     kitchen: yes/no with a search filter at a target precision 6 + 6 photos reach), trained once
-    per test session and shared by the xdist workers (a file lock in their common temporary
-    folder: the first worker trains, the others wait and read). Read-only: copy it (`copy_tagging_runs`)."""
-    from filelock import FileLock
-
-    from replicate.config import RunConfig
-    from replicate.training import train
-
-    root = tmp_path_factory.getbasetemp().parent / "tagging-runs"
-    with FileLock(str(root) + ".lock"):
-        if not (root / "done").is_file():
-            make_task(root / "data" / "rooms", classes=ROOMS)
-            make_task(root / "data" / "kitchen", n_train=6, n_valid=6, classes=KITCHEN)
-            where = dict(epochs=2, size=32, pretrained=False, workers=0, audit=False,
-                         data_dir=root / "data", exports_dir=root / "exports")  # fmt: skip
-            for task, target in (("rooms", 0.95), ("kitchen", 0.5)):
-                cfg = RunConfig(task, "resnet18", target_precision=target, **where)
-                train.run(cfg, log=lambda *a: None)
-            (root / "done").write_text("")
-    return root
+    per session (`trained_once`). Read-only: each test file copies it (`copy_tagging_runs`)."""
+    return trained_once(tmp_path_factory, "tagging-runs", _tagging_runs)
 
 
 def copy_tagging_runs(shared: Path, root: Path) -> list[Path]:
-    """`tagging_runs`' data and runs copied under `root` (copies, not links: a test retrains a run
-    in place by copying files over it); returns the two runs (rooms, kitchen)."""
-    import shutil
-
-    shutil.copytree(shared / "data", root / "data", dirs_exist_ok=True)
-    shutil.copytree(shared / "exports", root / "exports", dirs_exist_ok=True)
+    """`tagging_runs`' data and runs copied under `root` (`copy_runs`; copies, not links: a test
+    retrains a run in place by copying files over it); returns the two runs (rooms, kitchen)."""
+    copy_runs(shared, root)
     return [next((root / "exports" / task).glob("resnet18-*")) for task in ("rooms", "kitchen")]
