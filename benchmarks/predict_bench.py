@@ -33,7 +33,7 @@ import torch
 from replicate import photos
 from replicate.config import RunConfig
 from replicate.engine import fastai_models, onnx_models
-from replicate.models import archs, learner
+from replicate.models import archs, backbones, learner
 from replicate.training import dataloaders, export
 
 
@@ -163,7 +163,7 @@ def main() -> None:
         for arch in args.archs.split(","):
             run_dir = build_run(arch, args.size, args.data_dir, Path(tmp))
             gflops = (
-                learner.describe(arch)["GFLOPs"]
+                backbones.describe(arch)["GFLOPs"]
                 * (args.size / archs.get_arch(arch).input_size) ** 2
             )
             limit = limit_gflops / gflops

@@ -640,9 +640,9 @@ def archs(
 
     Example: replicate archs convnext_nano
     """
-    from .models import learner
+    from .models import backbones
 
-    learner.list_archs(names, log=echo)
+    backbones.list_archs(names, log=echo)
 
 
 @app.command("weights")

@@ -26,7 +26,7 @@ from torch import nn
 from replicate.cli import app
 from replicate.config import STUDY_ARCHS, RunConfig
 from replicate.errors import ReplicateError
-from replicate.models import archs, downloads, weights
+from replicate.models import archs, backbones, downloads, weights
 from replicate.models import learner as learners
 from replicate.training import dataloaders
 
@@ -119,7 +119,7 @@ def test_unfrozen_trains_every_parameter(tiny_task, arch):
 def test_body_is_the_whole_pretrained_network_minus_its_last_linear(arch):
     """Same forward as the network whose last Linear is the new one (timm: its `get_classifier()`)."""
     spec = archs.get_arch(arch)
-    reference = learners.Backbone(arch, size=SIZES[arch])(pretrained=False).eval()
+    reference = backbones.Backbone(arch, size=SIZES[arch])(pretrained=False).eval()
     last = {
         "resnet18": "fc",
         "alexnet": "classifier.6",
@@ -258,13 +258,13 @@ def test_any_timm_name_is_an_arch_and_the_study_names_stay_torchvision():
 
 
 def test_archs_are_described_from_the_network(runner):
-    resnet = learners.describe("resnet18")
-    params = sum(p.numel() for p in learners.Backbone("resnet18")(pretrained=False).parameters())
+    resnet = backbones.describe("resnet18")
+    params = sum(p.numel() for p in backbones.Backbone("resnet18")(pretrained=False).parameters())
     assert resnet["params_M"] == pytest.approx(params / 1e6)
     assert resnet["GFLOPs"] == pytest.approx(
         3.64, abs=0.05
     )  # 1.82 GMACs, as torchvision's model card says
-    vit = learners.describe("vit_small_patch16_224")
+    vit = backbones.describe("vit_small_patch16_224")
     assert vit["input_px"] == 224 and vit["params_M"] == pytest.approx(22.05, abs=0.01)
     result = runner.invoke(app, ["archs"])
     assert result.exit_code == 0
@@ -285,8 +285,8 @@ def test_cached_weights_are_loaded_without_network(offline):
     path, _ = downloads.torchvision_source(arch.weights.url)
     path.parent.mkdir(parents=True)
     torch.manual_seed(1)
-    torch.save(learners.Backbone("resnet18")(pretrained=False).state_dict(), path)
-    loaded = learners.Backbone("resnet18")(pretrained=True)
+    torch.save(backbones.Backbone("resnet18")(pretrained=False).state_dict(), path)
+    loaded = backbones.Backbone("resnet18")(pretrained=True)
     assert torch.equal(loaded.state_dict()["conv1.weight"], torch.load(path)["conv1.weight"])
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from replicate.cli import app
 from replicate.config import RunConfig
-from replicate.models import archs, learner, weights
+from replicate.models import archs, backbones, weights
 from replicate.training import dataloaders, demo, export, train
 
 LITE = "tf_efficientnet_lite0"
@@ -111,7 +111,7 @@ def test_photos_reach_the_network_as_its_imagenet_training_saw_them(houses):
     eval transform for these weights, an independent reference: the pretrained network, with its ImageNet
     classifier, must see nearly the same thing through both, and name the rooms by what they show."""
     cfg = RunConfig("rooms", LITE, workers=0, data_dir=houses)
-    model = learner.Backbone(LITE)(pretrained=True).eval()
+    model = backbones.Backbone(LITE)(pretrained=True).eval()
     dls = dataloaders.dataloaders(
         dataloaders.scan_task(cfg.task_dir), cfg, archs.resolve(cfg).preprocess, torch.device("cpu")
     )

@@ -56,11 +56,11 @@ def pool_features(
 def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     import torch
 
-    from ..models import archs, learner
+    from ..models import archs, backbones
 
     r = archs.resolve(RunConfig(task="label", arch=arch_name))
     prep = r.preprocess
-    body = r.arch.cut(learner.Backbone(arch_name, weights=r.loadable)(pretrained=True)).eval()
+    body = r.arch.cut(backbones.Backbone(arch_name, weights=r.loadable)(pretrained=True)).eval()
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
     std = torch.tensor(prep.std).view(1, 3, 1, 1)
     out = []

@@ -1,2 +1,3 @@
 """Backbones by name: `archs` (the registry), `weights` and `downloads` (pretrained weights and
-their caches), `learner` (a resolved arch -> a fastai Learner, and its fit)."""
+their caches), `backbones` (the network fastai builds, `replicate archs`), `learner` (a resolved
+arch -> a fastai Learner, and its fit)."""
