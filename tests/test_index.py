@@ -232,3 +232,31 @@ def test_without_ray_it_runs_here_and_refuses_what_it_cannot_do(indexed, tmp_pat
         assert result.exit_code == 2 and messages[key] in result.output, (key, result.output)
         assert result.output.count("\n") == 1 and result.output.startswith("error:")
     assert len(read_index(out)) == 40  # the refused calls changed nothing
+
+
+def test_a_call_changes_only_the_folders_it_names(indexed, tmp_path):
+    """An index of folder A, then of B, then of B after a photo left it: A's rows stay (not
+    "gone": the call did not name A), B's missing photo is dropped, and the summary counts both."""
+    a, b, out = tmp_path / "A", tmp_path / "B", tmp_path / "index"
+    for folder, first in ((a, 0), (b, 10)):
+        folder.mkdir()
+        for i in range(first, first + 5):
+            synthetic_photo(200 + i, (120, 90)).save(folder / f"{i}_0.jpg")
+    runs = [str(r) for r in indexed["runs"]]
+    index_here([*runs, str(a), "--out", str(out)])
+    second = index_here([*runs, str(b), "--out", str(out)])
+    assert "10 photos in the index: 5 tagged" in second, second
+    assert "0 gone and dropped, 5 untouched in folders not named" in second, second
+    (b / "12_0.jpg").unlink()
+    third = index_here([*runs, str(b), "--out", str(out)])
+    assert "9 photos in the index: 0 tagged" in third and "4 kept" in third, third
+    assert "1 gone and dropped, 5 untouched in folders not named" in third, third
+    paths = set(read_index(out).path)
+    assert {str(a / f"{i}_0.jpg") for i in range(5)} <= paths and str(b / "12_0.jpg") not in paths
+    # a folder whose name starts like another's is not under it
+    (tmp_path / "A2").mkdir()
+    synthetic_photo(300, (120, 90)).save(tmp_path / "A2" / "x.jpg")
+    index_here([*runs, str(tmp_path / "A2"), "--out", str(out)])
+    assert len(read_index(out)) == 10
+    # one small part per call, merged as the index grows: 10 rows in one part of --part-size 1024
+    assert len(store.part_files(out)) == 1

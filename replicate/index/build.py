@@ -6,7 +6,8 @@ date by calling it again.
 `run(IndexJob)` is the command. It scans the photos (path, size, modification time) and compares
 them with the index (`store`): a photo that is new or changed is tagged with every model, a photo
 whose row a model with another checksum tagged (a retrained run) is tagged again by that model
-only, and the rows of photos that are gone are dropped. It tags with `predict`'s engine
+only, and the rows of photos that are gone from the folders named are dropped; rows under folders
+this call did not name stay as they are. It tags with `predict`'s engine
 (`engine.model_set`: one decode per photo, one body pass per shared body, the search filters), in
 parts of `--part-size` photos, each committed when complete, so a job killed at any point loses
 only the parts in flight. Then it compacts the index and writes the per-listing table from it.
@@ -29,7 +30,7 @@ from ..engine.model_set import ModelSet, split_items
 from ..errors import ReplicateError
 from ..folders import find_images
 from . import cluster, store
-from .plan import IndexJob, Work, columns, plan, rows, scan_photos
+from .plan import IndexJob, Work, columns, in_scope, plan, rows, scan_photos
 
 
 def run(job: IndexJob, log=print, warn=print) -> dict:
@@ -48,7 +49,7 @@ def run(job: IndexJob, log=print, warn=print) -> dict:
     with store.IndexFolder(job.out) as folder:
         if folder.swept:
             log(f"removed {len(folder.swept)} unfinished file(s) of a job that was killed")
-        summary = update(folder, files, models, job, log)
+        summary = update(folder, (files, photo_paths), models, job, log)
         summary["seconds"] = round(time.perf_counter() - start, 3)
         folder.write_manifest(summary)
     log(_summary_line(summary, folder.path))
@@ -56,15 +57,23 @@ def run(job: IndexJob, log=print, warn=print) -> dict:
 
 
 def update(
-    folder: store.IndexFolder, files: list[Path], models: ModelSet, job: IndexJob, log
+    folder: store.IndexFolder,
+    photos: tuple[list[Path], list[Path]],
+    models: ModelSet,
+    job: IndexJob,
+    log,
 ) -> dict:
-    """Tag into the open index `folder` what `plan` finds, compact it and write its listing
-    table; returns the job's summary."""
+    """Tag into the open index `folder` what `plan` finds for `photos` (the files found, and the
+    photos and folders named), compact it and write its listing table; returns the job's
+    summary. Rows outside the folders named are kept as they are."""
+    files, named = photos
     everything = columns(models)
     scan = scan_photos(files)
     checksums = [store.checksum_column(m.name) for m in models.models]
     found = store.snapshot(folder.path, ["size", "mtime_ns", *checksums])
-    works, counts = plan(scan, found.latest(), models)
+    old = found.latest()
+    covered = in_scope(old.path, named)
+    works, counts = plan(scan, old, models, covered)
     if any(w.carried for w in works):  # a model changed: its photos keep the others' tags
         whole = store.rows(folder.path).set_index("path")
         for w in works:
@@ -74,7 +83,9 @@ def update(
     tagged = sum(_tag(w, job, models, folder, log) for w in works)
     tag_seconds = time.perf_counter() - tag_start
     retagged = {p for w in works for p in w.photos.path}
-    compacted = store.compact(found, set(scan.path), retagged, everything)
+    live = set(scan.path) | set(old.path[~covered])
+    compacted = store.compact(found, live, retagged, everything)
+    compacted["merged"] = store.merge_small(folder.path, job.part_size)
     # the listing pattern of an earlier call unless given: its listing table stays up to date
     pattern = job.listing_pattern or folder.manifest().get("listing_pattern")
     table = store.rows(folder.path, None if pattern else ["error"])
@@ -147,6 +158,7 @@ def _summary_line(s: dict, where: Path) -> str:
     return (
         f"{s['photos']} photos in the index: {s['tagged']} tagged{rate} ({s['new']} new, "
         f"{s['changed']} changed, {s['retagged']} for a changed model), {s['kept']} kept, "
-        f"{s['gone']} gone and dropped, {s['unreadable']} unreadable{listings}; "
+        f"{s['gone']} gone and dropped, {s['elsewhere']} untouched in folders not named, "
+        f"{s['unreadable']} unreadable{listings}; "
         f"{s['parts']} parts, {s['seconds']:.1f}s on {s['engine']}; index: {where}"
     )

@@ -70,10 +70,29 @@ def scan_photos(files: list[Path]) -> pd.DataFrame:
     }).sort_values("path", ignore_index=True)  # fmt: skip
 
 
-def plan(scan: pd.DataFrame, old: pd.DataFrame, models: ModelSet) -> tuple[list[Work], dict]:
+def in_scope(paths: pd.Series, named: list[Path]) -> np.ndarray:
+    """Which of the index's `paths` the call's photos and folders (`named`, as given) cover: a
+    named file itself, or anything under a named folder (rows keep paths as they were given, so
+    a folder's rows start with it). Vectorised: an index holds millions of rows."""
+    covered = np.zeros(len(paths), dtype=bool)
+    paths = paths.astype(str)  # a new index's empty column has no type
+    for p in named:
+        if p.is_dir():
+            prefix = "" if str(p) == "." else str(p).rstrip("/") + "/"
+            covered |= paths.str.startswith(prefix).to_numpy()
+        else:
+            covered |= (paths == str(p)).to_numpy()
+    return covered
+
+
+def plan(
+    scan: pd.DataFrame, old: pd.DataFrame, models: ModelSet, covered: np.ndarray
+) -> tuple[list[Work], dict]:
     """What to tag: photos new or changed (size or modification time) with every model, the other
     photos with each model whose checksum differs from the one that tagged their row; and the
-    counts of new, changed, retagged (a model changed), kept and gone photos."""
+    counts of new, changed, retagged (a model changed), kept and gone photos (rows the call
+    covers, `covered` = `in_scope` of `old`, whose photo is no longer there), and of the rows
+    elsewhere (under folders the call did not name: kept as they are)."""
     known = scan.merge(old, on="path", how="left", suffixes=("", "_old"), indicator=True)
     new = (known._merge == "left_only").to_numpy()
     moved = (known["size"] != known["size_old"]) | (known["mtime_ns"] != known["mtime_ns_old"])
@@ -100,6 +119,7 @@ def plan(scan: pd.DataFrame, old: pd.DataFrame, models: ModelSet) -> tuple[list[
         "changed": int(changed.sum()),
         "retagged": int((need > 0).sum()),
         "kept": int((need == 0).sum()),
-        "gone": int((~old.path.isin(scan.path)).sum()),
+        "gone": int((~old.path.isin(scan.path).to_numpy() & covered).sum()),
+        "elsewhere": int((~covered).sum()),
     }
     return works, counts

@@ -267,7 +267,24 @@ def compact(found: Snapshot, live: set[str], retagged: set[str], columns: list[s
     return done
 
 
-if __name__ == "__main__":
+def merge_small(index_dir: Path, part_size: int) -> int:
+    """Merge the parts of fewer than `part_size` rows (each incremental call commits one) into
+    parts of up to `part_size`, so a growing index does not become thousands of small files.
+    Called after `compact`: every part then holds current rows in the same columns. A merged
+    part takes the highest generation of those it merges, and is in place before they go (a crash
+    in between leaves duplicates of equal rows, which reading and the next job resolve). Returns
+    how many parts were merged."""
+    small = [(g, f) for g, f in part_files(index_dir) if pq.read_metadata(f).num_rows < part_size]
+    if len(small) < 2:
+        return 0
+    rows = pd.concat([_read_part(f, None)[0] for _, f in small], ignore_index=True)
+    rows = rows.drop_duplicates("path", keep="last")  # parts are listed oldest generation first
+    generation = max(g for g, _ in small)
+    for start in range(0, len(rows), part_size):
+        write_part(Path(index_dir) / PHOTOS, rows.iloc[start : start + part_size], generation)
+    for _, f in small:
+        f.unlink()
+    return len(small)
     index = Path(sys.argv[1])
     for generation, f in part_files(index):
         print(f.name, generation, len(_read_part(f, ["path"])[0]))
