@@ -125,7 +125,7 @@ def listing_table(folder: Path, found: dict) -> dict:
     table = store.rows(folder)
     read = time.perf_counter() - start
     with store.IndexFolder(folder) as idx:
-        listings = build.write_listings(idx, table, found, PATTERN)
+        listings, _ = build.write_listings(idx, table, found, PATTERN)
     total = time.perf_counter() - start
     return {"engine": "listings", "photos": len(table), "listings": len(listings),
             "read_seconds": read, "seconds": total}  # fmt: skip

@@ -23,7 +23,7 @@ from . import options as opt  # noqa: E402
 from . import runtime  # noqa: E402
 from .audit import checks as auditing  # noqa: E402
 from .audit import cleaning  # noqa: E402
-from .config import STUDY_ARCHS, ServeOptions  # noqa: E402
+from .config import CALIBRATION_PHOTOS, STUDY_ARCHS, ServeOptions  # noqa: E402
 from .errors import ReplicateError  # noqa: E402
 from .report import compare_report  # noqa: E402
 
@@ -475,7 +475,7 @@ def export_(
         typer.Argument(help="Run folders (exports/TASK/ARCH-MODE).", exists=True, file_okay=False),
     ],
     quantize: opt.QuantizeOption = None,
-    calibration: opt.Calibration = 256,
+    calibration: opt.Calibration = CALIBRATION_PHOTOS,
 ):
     """Write model.onnx (the pickle-free model `predict` runs) for run folders made earlier, and
     with --quantize int8 also model.int8.onnx. Runs write model.onnx themselves.
@@ -605,7 +605,7 @@ def bundle_(
     out: Annotated[Path, opt.option("The bundle folder to write.")] = Path("exports/tagger"),
     listing_pattern: opt.ListingPattern = None,
     quantize: opt.QuantizeOption = None,
-    calibration: opt.Calibration = 256,
+    calibration: opt.Calibration = CALIBRATION_PHOTOS,
     force: opt.Force = False,
 ):
     """Merge runs that share a body into one ONNX file: one input, the body once, an output per

@@ -20,6 +20,9 @@ from pathlib import Path
 STUDY_ARCHS = ("resnet18", "alexnet", "vgg11_bn", "densenet121", "inception_v3")
 
 
+CALIBRATION_PHOTOS = 256  # training photos that set int8 activation ranges (export, bundle)
+
+
 def mode_name(unfreeze: bool) -> str:
     """'unfrozen' (finetuning) or 'frozen' (feature extraction), as in run folder names."""
     return "unfrozen" if unfreeze else "frozen"

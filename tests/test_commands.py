@@ -248,3 +248,44 @@ def test_run_and_compare_take_every_training_option_with_runconfigs_defaults():
             if field.name not in ("task", "arch"):
                 shown = getattr(params[field.name].default, "value", params[field.name].default)
                 assert shown == field.default, (name, field.name, shown, field.default)
+
+
+def test_a_listing_pattern_is_refused_before_any_photo_is_tagged(
+    rooms_run, listing_photos, tmp_path
+):
+    """A pattern that does not compile, captures nothing, or matches none of the names: one
+    `error:` line and exit code 2 from the console script, and nothing tagged or written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "tags.csv"
+    for pattern, says in (
+        (r"^(\d+_", "is not a regular expression"),
+        (r"^\d+_", "needs a group that captures the listing id"),
+        (r"^house(\d+)", "matched none of the file names"),
+    ):
+        for command in ("predict", "index"):
+            where = ["--out", str(out if command == "predict" else tmp_path / "index")]
+            args = [command, str(rooms_run[1]), str(listing_photos), *where]
+            done = subprocess.run(
+                [sys.executable, "-m", "replicate", *args, "--listing-pattern", pattern],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and len(lines) == 1, (command, pattern, done.stderr)
+            assert lines[0].startswith("error: --listing-pattern") and says in lines[0]
+            assert "tagging" not in done.stdout + done.stderr
+    assert not out.exists() and not (tmp_path / "index").exists()
+
+
+def test_photos_in_no_listing_are_counted_and_listed(rooms_run, listing_photos, runner, tmp_path):
+    stray = tmp_path / "photos"
+    shutil.copytree(listing_photos, stray)
+    shutil.copy(next(stray.glob("*.jpg")), stray / "no-listing.jpg")
+    out = tmp_path / "tags.csv"
+    args = ["predict", str(rooms_run[1]), str(stray), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--listing-pattern", r"^(\d+)_"])
+    assert result.exit_code == 0, result.output
+    unlisted = tmp_path / "tags_listings_unmatched.txt"
+    assert "1 photo(s) in no listing" in result.output and str(unlisted) in result.output
+    assert unlisted.read_text().splitlines() == [str(stray / "no-listing.jpg")]

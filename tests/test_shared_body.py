@@ -332,3 +332,28 @@ def test_a_bundle_left_half_written_is_swept_by_the_next(four, runner, tmp_path)
     result = runner.invoke(app, ["bundle", str(made[2]), "--out", str(tmp_path / "tagger")])
     assert result.exit_code == 0, result.output
     assert "removed 1 unfinished" in result.output and not left.exists() and other.exists()
+
+
+def test_bundle_refuses_before_loading_pytorch(four, bundled, tmp_path):
+    """An existing bundle without --force, or a listing pattern that does not compile, is refused
+    before the seconds PyTorch takes to load: the console script runs with a `torch` that cannot be
+    imported, and still gives its one `error:` line and exit code 2."""
+    made, _ = four
+    fake = tmp_path / "no-torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('PyTorch was loaded')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    for args, says in (
+        (["--out", str(bundled)], "holds a bundle already: --force replaces it"),
+        (
+            ["--out", str(tmp_path / "new"), "--listing-pattern", "^(\\d+_"],
+            "not a regular expression",
+        ),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "replicate", "bundle", str(made[0]), *args],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
+    assert not (tmp_path / "new").exists()

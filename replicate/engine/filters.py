@@ -113,14 +113,26 @@ def read(run_dir: Path) -> dict | None:
         return None  # not a two-class task, or a run from before search filters
 
 
-def listing_ids(paths: pd.Series, pattern: str) -> pd.Series:
-    """The listing id of each path: `pattern`'s first group, searched in the file name (or in the
-    path, if the pattern has a /); None where it does not match."""
-    regex = re.compile(pattern)
+def check_pattern(pattern: str) -> re.Pattern:
+    """`--listing-pattern` compiled; one-line ReplicateError for a pattern that does not compile
+    or captures no listing id. Called where the pattern enters, before any photo is tagged."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ReplicateError(
+            f"--listing-pattern {pattern!r} is not a regular expression ({e}): e.g. '^(\\d+)_'"
+        ) from None
     if regex.groups < 1:
         raise ReplicateError(
             f"--listing-pattern {pattern!r} needs a group that captures the listing id, e.g. '^(\\d+)_'"
         )
+    return regex
+
+
+def listing_ids(paths: pd.Series, pattern: str) -> pd.Series:
+    """The listing id of each path: `pattern`'s first group, searched in the file name (or in the
+    path, if the pattern has a /); None where it does not match."""
+    regex = check_pattern(pattern)
 
     def listing_id(path: str) -> str | None:
         p = Path(path)
@@ -130,19 +142,30 @@ def listing_ids(paths: pd.Series, pattern: str) -> pd.Series:
     return paths.map(listing_id)
 
 
+def check_names(paths: list, pattern: str) -> None:
+    """Refuse, before any tagging, a pattern that matches none of the photos' names."""
+    if len(paths) and listing_ids(pd.Series([str(p) for p in paths]), pattern).isna().all():
+        example = Path(str(paths[0])).name
+        raise ReplicateError(
+            f"--listing-pattern {pattern!r} matched none of the file names ({len(paths)} photos, "
+            f"e.g. {example!r}): its first group must capture the listing id"
+        )
+
+
 def listings(
     table: pd.DataFrame,
     pattern: str,
     threshold: float = 0.5,
     filters: dict[str, dict] | None = None,
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, list[str]]:
     """Per listing: for each model and class, the highest probability over the listing's photos,
     and whether any photo shows it above `threshold` ("has a balcony" is a property of the listing);
-    for each search filter (`of_models`), whether any photo passes it."""
+    for each search filter (`of_models`), whether any photo passes it. And the paths of the
+    photos whose names the pattern does not match (in no listing)."""
     ids = listing_ids(table.path, pattern)
     if ids.isna().all():
         raise ReplicateError(f"--listing-pattern {pattern!r} matched none of the file names")
-    return by_listing(table, ids, threshold, filters)
+    return by_listing(table, ids, threshold, filters), list(table.path[ids.isna()])
 
 
 def by_listing(

@@ -41,6 +41,8 @@ def run(job: IndexJob, log=print, warn=print) -> dict:
     files = find_images(photo_paths)
     if not files:
         raise ReplicateError("no images found in " + ", ".join(str(p) for p in photo_paths))
+    if job.listing_pattern:  # before any photo is tagged (a remembered one: its misses listed)
+        filters.check_names(files, job.listing_pattern)
     if job.ray:  # before anything is written: Ray installed, the cluster there
         cluster.connect(job.ray, log)
     models = ModelSet(model_paths)  # once for the job: every work below takes a subset of it
@@ -89,9 +91,9 @@ def update(
     # the listing pattern of an earlier call unless given: its listing table stays up to date
     pattern = job.listing_pattern or folder.manifest().get("listing_pattern")
     table = store.rows(folder.path, None if pattern else ["error"])
-    listings = None
+    listings, unlisted = None, []
     if pattern:
-        listings = write_listings(folder, table, models.filters, pattern, job.threshold)
+        listings, unlisted = write_listings(folder, table, models.filters, pattern, job.threshold)
     return {
         "photos": len(table),
         **counts,
@@ -104,6 +106,7 @@ def update(
         "parts": len(store.part_files(folder.path)),
         "compacted": compacted,
         "listings": None if listings is None else len(listings),
+        "unlisted": len(unlisted),
         "listing_pattern": pattern,
         "models": models.describe(),
         "columns": everything,
@@ -144,17 +147,21 @@ def tag_parts(models: ModelSet, work: Work, part_size: int, bs: int, workers: in
 
 def write_listings(
     folder: store.IndexFolder, table: pd.DataFrame, found: dict, pattern: str, threshold=0.5
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, list[str]]:
     """The per-listing table of the index's rows, as `predict` makes it (`filters.listings`, with
-    the search filters `found` and their listing rules), written into the index; returns it."""
-    listings = filters.listings(table, pattern, threshold, found)
-    folder.write_listings(listings, {n: filters.listing_rule(f, pattern) for n, f in found.items()})
-    return listings
+    the search filters `found` and their listing rules), written into the index with the photos
+    in no listing; returns both."""
+    listings, unlisted = filters.listings(table, pattern, threshold, found)
+    rules = {n: filters.listing_rule(f, pattern) for n, f in found.items()}
+    folder.write_listings(listings, rules, unlisted)
+    return listings, unlisted
 
 
 def _summary_line(s: dict, where: Path) -> str:
     rate = f" ({s['photos_per_second']:.1f} photos/s)" if s["photos_per_second"] else ""
     listings = f"; {s['listings']} listings" if s["listings"] is not None else ""
+    if s["listings"] is not None and s["unlisted"]:
+        listings += f" ({s['unlisted']} photo(s) in none: {where / store.UNLISTED})"
     return (
         f"{s['photos']} photos in the index: {s['tagged']} tagged{rate} ({s['new']} new, "
         f"{s['changed']} changed, {s['retagged']} for a changed model), {s['kept']} kept, "

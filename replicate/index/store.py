@@ -45,10 +45,11 @@ import pyarrow.parquet as pq
 
 from ..errors import ReplicateError
 
-PHOTOS, LISTINGS, LISTING_RULES, MANIFEST = (
+PHOTOS, LISTINGS, LISTING_RULES, UNLISTED, MANIFEST = (
     "photos",
     "listings.parquet",
     "listings_filters.json",
+    "listings_unmatched.txt",  # the photos the listing pattern does not match, one a line
     "index.json",
 )
 LOCK, TMP = ".lock", ".tmp-"
@@ -117,9 +118,12 @@ class IndexFolder:
             rows = rows.reindex(columns=self.columns)
         return write_part(self.parts_dir, rows, self.generation)
 
-    def write_listings(self, listings: pd.DataFrame, rules: dict | None) -> None:
+    def write_listings(self, listings: pd.DataFrame, rules: dict | None, unlisted: list[str]):
+        """The listing table, the listing rules and the photos in no listing (`unlisted`)."""
         table = arrow_table(listings)
         _replace(self.path / LISTINGS, lambda tmp: pq.write_table(table, tmp))
+        names = "".join(f"{p}\n" for p in unlisted)
+        _replace(self.path / UNLISTED, lambda tmp: tmp.write_text(names))
         if rules is not None:
             _replace(
                 self.path / LISTING_RULES, lambda tmp: tmp.write_text(json.dumps(rules, indent=2))

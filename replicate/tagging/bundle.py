@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from .. import photos, runs
+from ..config import CALIBRATION_PHOTOS
 from ..engine import filters, model_set, onnx_models
 from ..errors import ReplicateError
-from ..training import export
 
 TEMPLATES = Path(__file__).parents[1] / "templates"
 SCRIPT = "tag.py"
@@ -41,7 +41,7 @@ def build(
     out: Path,
     listing_pattern: str | None = None,
     quantize: bool = False,
-    calibration: int = export.CALIBRATION_PHOTOS,
+    calibration: int = CALIBRATION_PHOTOS,
     force: bool = False,
     log=print,
 ) -> Path:
@@ -49,9 +49,14 @@ def build(
     `listing_pattern`: measure each filter's listing rule on its run's valid listings. Returns
     `out`. Written in a staging folder beside it and renamed into place when complete."""
     out = Path(out)
+    if listing_pattern:
+        filters.check_pattern(listing_pattern)
     _check_out(out, force)
     loaded = _sources(models)
     meta = _metadata(loaded, listing_pattern)
+    # PyTorch loads with `export` (seconds): only once every check above has passed
+    from ..training import export
+
     runs.sweep(out.parent, log, name=out.name)  # this bundle's, left by a process that is gone
     # a hidden folder beside `out`, locked while it is written, renamed into place (as run folders)
     staging = runs.Staging(out)
@@ -190,6 +195,8 @@ def quantize_bundle(
     on up to `calibration` training photos of the attributes' tasks (seeded sample); each
     attribute's validation accuracy in fp32 and int8 on its own task's photos. Returns the record
     bundle.json keeps as "int8"."""
+    from ..training import export  # PyTorch: loaded by `build` already
+
     fp32 = onnx_models.load(folder / runs.BUNDLE, name="fp32")
     task_dirs = {m.name: runs.run_of(m.path).task_dir for m in loaded}
     train = sorted({f for d in set(task_dirs.values()) for f in export.split_files(d, "train")})

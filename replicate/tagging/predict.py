@@ -22,6 +22,8 @@ from ..engine import filters, model_set
 from ..errors import ReplicateError
 from ..folders import find_images
 
+UNLISTED = "listings_unmatched.txt"  # the photos a listing pattern does not match, one a line
+
 
 @dataclass(frozen=True, kw_only=True)
 class Job:
@@ -46,6 +48,8 @@ def run(job: Job, log=print, warn=print) -> pd.DataFrame | None:
     files = find_images(photo_paths)
     if not files:
         raise ReplicateError("no images found in " + ", ".join(str(p) for p in photo_paths))
+    if job.listing_pattern:  # before any photo is tagged
+        filters.check_names(files, job.listing_pattern)
     engine_used, device, note = plan(job.engine, job.device, model_paths)
     if note:
         warn(f"note: {note}")
@@ -80,10 +84,16 @@ def run(job: Job, log=print, warn=print) -> pd.DataFrame | None:
 
 def _write_listings(table: pd.DataFrame, found: dict, job: Job, log) -> None:
     """The per-listing table beside the photo table, and the listing rules of the search filters."""
-    per_listing = filters.listings(table, job.listing_pattern, job.threshold, found)
+    per_listing, unlisted = filters.listings(table, job.listing_pattern, job.threshold, found)
     path = job.out.with_name(f"{job.out.stem}_listings{job.out.suffix}")
     write_table(per_listing, path, job.format)
     log(f"{len(per_listing)} listings; table: {path}")
+    if unlisted:
+        named = job.out.with_name(f"{job.out.stem}_{UNLISTED}")
+        named.write_text("".join(f"{p}\n" for p in unlisted))
+        log(
+            f"{len(unlisted)} photo(s) in no listing (the pattern does not match their names): {named}"
+        )
     if not found:
         return
     side = job.out.with_name(f"{job.out.stem}_listings_filters.json")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import photos, runs
+from ..config import CALIBRATION_PHOTOS
 from ..engine import fastai_models, onnx_models
 from ..errors import ReplicateError
 from ..folders import task_files
@@ -39,7 +40,6 @@ from ..models import archs, learner
 from .dataloaders import ValidCrop
 
 OPSET = 18  # the torch.export-based exporter's lowest; onnxruntime >= 1.14 runs it
-CALIBRATION_PHOTOS = 256  # training photos that set the int8 activation ranges
 
 
 def preprocess_of(learn, recorded: dict | None = None) -> photos.Preprocess:
