@@ -177,6 +177,7 @@ def test_a_listing_gets_each_photo_and_the_listing_rule(served, main_server):
     assert "kitchen_has_kitchen" in body["listing"]
     too_many = client.post("/v1/listings/77", files=files * 3)
     assert too_many.status_code in (400, 413) and "error" in too_many.json()
+    assert too_many.json()["error"] == "a listing takes at most --max-photos 50 photos"
 
 
 def png_header_claiming(width: int, height: int, padding: int) -> bytes:
@@ -221,12 +222,16 @@ def test_bad_input_gets_a_4xx_and_the_server_goes_on(served, main_server):
         assert set(response.json()) == {"error"} and "\n" not in response.json()["error"]
         assert client.get("/readyz").status_code == 200  # still up
     assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    # the scheme is case-insensitive, as HTTP has it; another scheme is no token
+    for scheme, status in (("bearer", 200), ("BEARER", 200), ("Basic", 401), ("Bearer", 200)):
+        got = client.get("/v1/models", headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert got.status_code == status, scheme
     assert client.get("/healthz", headers={"Authorization": ""}).status_code == 200
     assert proc.poll() is None
 
 
 def test_models_schema_and_metrics(served, main_server):
-    client, _ = main_server
+    client, process = main_server
     models = client.get("/v1/models").json()["models"]
     assert [m["name"] for m in models] == ["rooms", "kitchen"]
     assert models[1]["filter"]["column"] == "has_kitchen" and len(models[0]["sha256"]) == 64
@@ -236,6 +241,8 @@ def test_models_schema_and_metrics(served, main_server):
     )
     text = client.get("/metrics").text
     assert 'replicate_requests_total{route="/v1/photos",status="200"}' in text
+    ready = next(line for line in process.log().splitlines() if " ready: " in line)
+    assert all(f"{run / 'model.onnx'}" in ready for run in served["runs"]), ready  # which files
     assert "replicate_batch_photos_bucket" in text and "replicate_queue_photos" in text
 
 
@@ -249,6 +256,8 @@ def test_a_full_queue_answers_429_with_retry_after(served):
         statuses = [r.status_code for r in responses]
         assert set(statuses) == {200, 429}, statuses
         assert all(r.headers["retry-after"] for r in responses if r.status_code == 429)
+        full = next(r for r in responses if r.status_code == 429).json()["error"]
+        assert "would pass --max-queue 4" in full and "in hand" in full, full
         assert client.post("/v1/photos", content=photo).status_code == 200  # and it recovers
 
 

@@ -125,8 +125,9 @@ def create_app(options: Options, state: State | None = None):
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
             pass
         names = ", ".join(m.name for m in state.models.models)
+        files = ", ".join(dict.fromkeys(str(m.path) for m in state.models.models))
         log_line(
-            f"ready: {len(state.models.models)} model(s) ({names}) on "
+            f"ready: {len(state.models.models)} model(s) ({names}) from {files}, on "
             f"{len(state.models.groups)} body pass(es), http://{options.host}:{options.port}"
         )
         yield
@@ -202,12 +203,14 @@ def create_app(options: Options, state: State | None = None):
         listing rule, as `predict`'s tags_listings table has them."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise Refusal(422, "send the listing's photos as multipart/form-data files")
-        form = await request.form(max_files=options.max_photos + 1, max_fields=10)
+        too_many = Refusal(413, f"a listing takes at most --max-photos {options.max_photos} photos")
+        try:  # Starlette stops reading at max_files (its 400): the same refusal however many
+            form = await request.form(max_files=options.max_photos, max_fields=10)
+        except HTTPException as e:
+            raise too_many if "Too many files" in str(e.detail) else e from None
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
             raise Refusal(422, "the listing has no photos: send them as multipart files")
-        if len(files) > options.max_photos:
-            raise Refusal(413, f"a listing takes at most --max-photos {options.max_photos} photos")
         datas = [await f.read() for f in files]
         models = state.models
         state.admit(len(datas))

@@ -80,7 +80,8 @@ class Batcher:
         """Reserve room for `n` photos, or QueueFull; `release(n)` once they are answered."""
         if self.admitted + n > self.max_queue:
             raise QueueFull(
-                f"{self.admitted} photos are in hand (--max-queue {self.max_queue}): retry shortly"
+                f"{n} more photo(s) would pass --max-queue {self.max_queue} ({self.admitted} in "
+                "hand: decoding, waiting or running): retry in a second"
             )
         self.admitted += n
 

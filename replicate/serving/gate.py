@@ -49,8 +49,10 @@ class Gate:
     def refusal(self, path: str, headers) -> tuple[int, str] | None:
         options, state = self.options, self.state
         if options.token and path not in OPEN_ROUTES:
-            given = headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {options.token}".encode()):
+            # the scheme is case-insensitive (RFC 9110); the token is compared in constant time
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            right = hmac.compare_digest(given.strip().encode(), options.token.encode())
+            if scheme.lower() != "bearer" or not right:
                 return 401, "send Authorization: Bearer <token> (the server's --token-file)"
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > options.max_bytes:  # answered before reading it
