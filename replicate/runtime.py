@@ -129,3 +129,8 @@ def _plain_progress(items: Iterable, total: int | None, what: str, unit: str, lo
             shown = done * 10 // total
             log(f"{what}: {done}/{total} ({done / total:.0%}), {time.perf_counter() - start:.0f}s")
     log(f"{what}: done, {done} {unit} in {time.perf_counter() - start:.1f}s")
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 photo', '2 photos': counts in what the commands say (nouns that take an s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

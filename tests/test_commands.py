@@ -287,5 +287,20 @@ def test_photos_in_no_listing_are_counted_and_listed(rooms_run, listing_photos, 
     result = runner.invoke(app, [*args, "--listing-pattern", r"^(\d+)_"])
     assert result.exit_code == 0, result.output
     unlisted = tmp_path / "tags_listings_unmatched.txt"
-    assert "1 photo(s) in no listing" in result.output and str(unlisted) in result.output
+    assert "1 photo in no listing" in result.output and str(unlisted) in result.output
     assert unlisted.read_text().splitlines() == [str(stray / "no-listing.jpg")]
+
+
+def test_counts_of_one_read_as_one(rooms_run, listing_photos, runner, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(listing_photos / "1_kitchen.jpg", one)
+    out = ["--out", str(tmp_path / "tags.csv"), "--listing-pattern", r"^(\d+)_"]
+    result = runner.invoke(app, ["predict", str(rooms_run[1]), str(one), *out])
+    assert result.exit_code == 0, result.output
+    assert "1 image, 1 model, " in result.output and "\n1 listing; table" in result.output
+    indexed = runner.invoke(
+        app, ["index", str(rooms_run[1]), str(one), "--out", str(tmp_path / "i"), *out[2:]]
+    )
+    assert indexed.exit_code == 0, indexed.output
+    assert "tagging 1 photo with" in indexed.output and "; 1 listing; 1 part, " in indexed.output

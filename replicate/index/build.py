@@ -117,7 +117,7 @@ def _tag(work: Work, job: IndexJob, models: ModelSet, folder: store.IndexFolder,
     """Tag `work` into committed parts of the index's new generation, here or on Ray (`models`:
     every model of the job, loaded); returns the photos tagged."""
     what = "every model" if work.names is None else ", ".join(work.names)
-    log(f"tagging {len(work.photos)} photos with {what}")
+    log(f"tagging {runtime.plural(len(work.photos), 'photo')} with {what}")
     if job.ray:
         return cluster.tag(work, job, models, folder, log)
     done = 0
@@ -159,13 +159,13 @@ def write_listings(
 
 def _summary_line(s: dict, where: Path) -> str:
     rate = f" ({s['photos_per_second']:.1f} photos/s)" if s["photos_per_second"] else ""
-    listings = f"; {s['listings']} listings" if s["listings"] is not None else ""
+    listings = f"; {runtime.plural(s['listings'], 'listing')}" if s["listings"] is not None else ""
     if s["listings"] is not None and s["unlisted"]:
-        listings += f" ({s['unlisted']} photo(s) in none: {where / store.UNLISTED})"
+        listings += f" ({runtime.plural(s['unlisted'], 'photo')} in none: {where / store.UNLISTED})"
     return (
         f"{s['photos']} photos in the index: {s['tagged']} tagged{rate} ({s['new']} new, "
         f"{s['changed']} changed, {s['retagged']} for a changed model), {s['kept']} kept, "
         f"{s['gone']} gone and dropped, {s['elsewhere']} untouched in folders not named, "
         f"{s['unreadable']} unreadable{listings}; "
-        f"{s['parts']} parts, {s['seconds']:.1f}s on {s['engine']}; index: {where}"
+        f"{runtime.plural(s['parts'], 'part')}, {s['seconds']:.1f}s on {s['engine']}; index: {where}"
     )

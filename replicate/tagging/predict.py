@@ -66,16 +66,18 @@ def run(job: Job, log=print, warn=print) -> pd.DataFrame | None:
     bodies, count = len(models.groups), len(models.models)
     shared = f" on {bodies} body pass(es)" if bodies < count else ""
     log(
-        f"{len(table)} images, {count} model(s){shared}, {engine_used} on {device}, "
+        f"{runtime.plural(len(table), 'image')}, {runtime.plural(count, 'model')}{shared}, "
+        f"{engine_used} on {device}, "
         f"{seconds:.1f}s ({len(table) / seconds:.1f} images/s); table: {job.out}"
     )
     for row in table[table.error != ""].itertuples():
         log(f"  unreadable: {row.path}: {row.error}")
     for name, spec in found.items():
         log(
-            f"{name}_{spec['column']}: p_{spec['positive']} >= {spec['threshold']:.3f} (valid "
-            f"photos: precision {spec['precision']:.1%}, recall {spec['recall']:.1%}; target "
-            f"{spec['target_precision']:g})"
+            f"{name}_{spec['column']}: p_{spec['positive']} >= {spec['threshold']:.3f}, chosen "
+            f"for precision {spec['target_precision']:g} on the run's own validation photos "
+            f"(there: precision {spec['precision']:.1%}, recall {spec['recall']:.1%}; on photos "
+            "unlike them it can be lower)"
         )
     if job.listing_pattern:
         _write_listings(table, found, job, log)
@@ -87,12 +89,13 @@ def _write_listings(table: pd.DataFrame, found: dict, job: Job, log) -> None:
     per_listing, unlisted = filters.listings(table, job.listing_pattern, job.threshold, found)
     path = job.out.with_name(f"{job.out.stem}_listings{job.out.suffix}")
     write_table(per_listing, path, job.format)
-    log(f"{len(per_listing)} listings; table: {path}")
+    log(f"{runtime.plural(len(per_listing), 'listing')}; table: {path}")
     if unlisted:
         named = job.out.with_name(f"{job.out.stem}_{UNLISTED}")
         named.write_text("".join(f"{p}\n" for p in unlisted))
         log(
-            f"{len(unlisted)} photo(s) in no listing (the pattern does not match their names): {named}"
+            f"{runtime.plural(len(unlisted), 'photo')} in no listing (the pattern does not match "
+            f"their names): {named}"
         )
     if not found:
         return
@@ -102,10 +105,10 @@ def _write_listings(table: pd.DataFrame, found: dict, job: Job, log) -> None:
             log(f"{name}_{rule['column']}: a listing has it when any photo passes; {side}")
             continue
         log(
-            f"{name}_{rule['column']}: a listing has it when any photo passes; on the run's valid "
-            f"listings: precision {_share(rule['listing_precision'])}, recall "
-            f"{_share(rule['listing_recall'])} ({rule['valid_listings_with']} of "
-            f"{rule['valid_listings']} listings have it); {side}"
+            f"{name}_{rule['column']}: a listing has it when any photo passes; measured on the "
+            f"run's own validation listings, not this table's: precision "
+            f"{_share(rule['listing_precision'])}, recall {_share(rule['listing_recall'])} "
+            f"({rule['valid_listings_with']} of {rule['valid_listings']} have it); {side}"
         )
 
 
