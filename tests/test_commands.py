@@ -298,7 +298,7 @@ def test_counts_of_one_read_as_one(rooms_run, listing_photos, runner, tmp_path):
     out = ["--out", str(tmp_path / "tags.csv"), "--listing-pattern", r"^(\d+)_"]
     result = runner.invoke(app, ["predict", str(rooms_run[1]), str(one), *out])
     assert result.exit_code == 0, result.output
-    assert "1 image, 1 model, " in result.output and "\n1 listing; table" in result.output
+    assert "1 image, 1 model(s), " in result.output and "\n1 listing; table" in result.output
     indexed = runner.invoke(
         app, ["index", str(rooms_run[1]), str(one), "--out", str(tmp_path / "i"), *out[2:]]
     )

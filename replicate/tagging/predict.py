@@ -66,7 +66,7 @@ def run(job: Job, log=print, warn=print) -> pd.DataFrame | None:
     bodies, count = len(models.groups), len(models.models)
     shared = f" on {bodies} body pass(es)" if bodies < count else ""
     log(
-        f"{runtime.plural(len(table), 'image')}, {runtime.plural(count, 'model')}{shared}, "
+        f"{runtime.plural(len(table), 'image')}, {count} model(s){shared}, "
         f"{engine_used} on {device}, "
         f"{seconds:.1f}s ({len(table) / seconds:.1f} images/s); table: {job.out}"
     )
