@@ -289,6 +289,9 @@ def merge_small(index_dir: Path, part_size: int) -> int:
     for _, f in small:
         f.unlink()
     return len(small)
+
+
+if __name__ == "__main__":
     index = Path(sys.argv[1])
     for generation, f in part_files(index):
         print(f.name, generation, len(_read_part(f, ["path"])[0]))
