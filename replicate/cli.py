@@ -428,7 +428,6 @@ def predict_(
     out: Annotated[Path, opt.option("Where to write the table.")] = opt.PREDICT.out,
     format: Annotated[opt.Format, opt.option("csv or json.")] = opt.TABLE_FORMAT,
     listing_pattern: opt.ListingPattern = opt.PREDICT.listing_pattern,
-    threshold: opt.ListingThreshold = opt.PREDICT.threshold,
     bs: opt.Batch = opt.PREDICT.bs,
     engine: Annotated[
         opt.Engine,
@@ -461,8 +460,7 @@ def predict_(
 
     job = predict.Job(
         items=items, out=out, format=format.value, listing_pattern=listing_pattern,
-        threshold=threshold, bs=bs, engine=engine.value, workers=decode_threads,
-        device=device.value,
+        bs=bs, engine=engine.value, workers=decode_threads, device=device.value,
     )  # fmt: skip
     predict.run(job, log=echo, warn=warn)
 
@@ -497,7 +495,6 @@ def index_(
         Path, opt.option("The index folder: made on the first call, brought up to date after.")
     ] = opt.INDEX.out,
     listing_pattern: opt.ListingPattern = opt.INDEX.listing_pattern,
-    threshold: opt.ListingThreshold = opt.INDEX.threshold,
     ray: Annotated[
         str | None,
         opt.option(
@@ -531,7 +528,7 @@ def index_(
     from .index import build
 
     job = build.IndexJob(
-        items=items, out=out, listing_pattern=listing_pattern, threshold=threshold, ray=ray,
+        items=items, out=out, listing_pattern=listing_pattern, ray=ray,
         part_size=part_size, bs=bs, workers=decode_threads,
     )  # fmt: skip
     build.run(job, log=echo, warn=warn)

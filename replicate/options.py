@@ -6,7 +6,7 @@ choices they offer; `cli` reads them.
 Each alias carries its help; a command's default is read from the dataclass that holds it
 (RunConfig, tagging.predict.Job, index.plan.IndexJob, config.ServeOptions), so it is written in one
 place. One meaning per name: --workers is a run's DataLoader processes, --decode-threads the
-threads that decode photos for tagging, --threshold a probability, -k the top losses.
+threads that decode photos for tagging, -k the top losses.
 """
 
 from __future__ import annotations
@@ -98,9 +98,6 @@ ListingPattern = Annotated[
         "Regex whose first group is the listing id, searched in the file name (or the path, if it "
         "has a /), e.g. '^(\\d+)_': also writes the per-listing table."
     ),
-]
-ListingThreshold = Annotated[
-    float, option("Per listing: a class counts as shown above this probability.")
 ]
 Batch = Annotated[int, option("Batch size.", "--bs", min=1)]
 DecodeThreads = Annotated[

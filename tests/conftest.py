@@ -5,11 +5,19 @@ python -m pytest
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -397,3 +405,60 @@ def copy_tagging_runs(shared: Path, root: Path) -> list[Path]:
     retrains a run in place by copying files over it); returns the two runs (rooms, kitchen)."""
     copy_runs(shared, root)
     return [next((root / "exports" / task).glob("resnet18-*")) for task in ("rooms", "kitchen")]
+
+
+# --- `replicate serve`, really started (test_serve.py, and the engines' agreement) -------------
+
+TOKEN = "a-token-for-the-tests-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(models: list[Path], *args: str, token: Path | None = None):
+    """A `replicate serve` process, ready; yields (client, process). Stopped with SIGTERM, then
+    killed if it has not exited within 30 s."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "replicate",
+        "serve",
+        *map(str, models),
+        "--port",
+        str(port),
+        *args,
+    ]
+    if token:
+        command += ["--token-file", str(token)]
+    # Its log (a line per request) goes to a file: a pipe nobody reads fills up and stops it.
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(command, stderr=log, text=True)
+    proc.log = lambda: Path(log.name).read_text()
+    headers = {"Authorization": f"Bearer {TOKEN}"} if token else {}
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.log()
+            with contextlib.suppress(httpx.TransportError):
+                if client.get("/readyz").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server did not become ready in 90 s"
+            time.sleep(0.1)
+        yield client, proc
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        os.unlink(log.name)

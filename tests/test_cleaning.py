@@ -345,7 +345,7 @@ def test_predict_puts_models_side_by_side_and_summarises_listings(trained, runne
     for house in (1, 2):
         mine = table[table.path.str.contains(f"/{house}_")]["rooms_resnet18-unfrozen_p_kitchen"]
         assert listings.set_index("listing").loc[house, col] == pytest.approx(mine.max())
-    assert "has_rooms_resnet18-unfrozen_kitchen" in listings.columns
+    assert "rooms_resnet18-unfrozen_has_kitchen" in listings.columns
 
 
 def test_predict_needs_a_model_and_images(trained, runner, tmp_path):

@@ -135,26 +135,34 @@ def listing_photos(tmp_path) -> Path:
     return photos
 
 
-def test_predict_listing_pattern_errors_and_threshold_columns(
-    rooms_run, listing_photos, runner, tmp_path
-):
-    run = rooms_run[1]
-    args = ["predict", str(run), str(listing_photos), "--out", str(tmp_path / "tags.csv")]
-    result = runner.invoke(app, [*args, "--listing-pattern", r"^\d+_"])
-    assert result.exit_code == 2 and "needs a group that captures the listing id" in result.output
-    result = runner.invoke(app, [*args, "--listing-pattern", r"^house(\d+)"])
-    assert result.exit_code == 2 and "matched none of the file names" in result.output
-    for threshold in ("0.5", "0.9"):
-        result = runner.invoke(
-            app, [*args, "--listing-pattern", r"^(\d+)_", "--threshold", threshold]
-        )
-        assert result.exit_code == 0, result.output
-        listings = pd.read_csv(tmp_path / "tags_listings.csv").set_index("listing")
-        for c in ROOMS:
-            assert (
-                listings[f"has_rooms_{c}"] == (listings[f"max_rooms_p_{c}"] >= float(threshold))
-            ).all()
-    assert listings.loc[1, "photos"] == 2
+def test_a_listing_has_what_its_readable_photos_answer(rooms_run, listing_photos, runner, tmp_path):
+    """One answer per attribute in the listing table: a multi-class model has one column per class
+    (a listing has a kitchen photo when any photo's answer is kitchen); unreadable photos are
+    counted and named, not answered; a listing with none readable says so, its answers empty."""
+    photos = tmp_path / "photos"
+    shutil.copytree(listing_photos, photos)
+    (photos / "2_broken.jpg").write_bytes(b"not a photo")
+    (photos / "3_broken.jpg").write_bytes(b"not one either")
+    out = tmp_path / "tags.csv"
+    args = ["predict", str(rooms_run[1]), str(photos), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--listing-pattern", r"^(\d+)_"])
+    assert result.exit_code == 0, result.output
+    tags = pd.read_csv(out, keep_default_na=False)
+    broken = tags.path.str.contains("broken")
+    assert (tags.rooms_predicted[broken] == "").all() and (tags.error[broken] != "").all()
+    listings = pd.read_csv(tmp_path / "tags_listings.csv").set_index("listing")
+    assert listings.photos.to_dict() == {1: 2, 2: 2, 3: 0}
+    assert listings.unreadable.to_dict() == {1: 0, 2: 1, 3: 1}
+    assert listings.loc[2, "unreadable_photos"] == str(photos / "2_broken.jpg")
+    assert listings.loc[3, "error"] == "none of its photos could be read"
+    assert listings.loc[3, [f"rooms_has_{c}" for c in ROOMS]].isna().all()
+    house = tags.path.map(lambda p: Path(p).name.split("_")[0]).astype(int)
+    for c in ROOMS:
+        shown = (tags.rooms_predicted == c).groupby(house).any()
+        assert (listings.loc[[1, 2], f"rooms_has_{c}"] == shown.loc[[1, 2]]).all()
+    assert not [c for c in listings.columns if c.startswith("has_")]  # one answer: no 0.5 argmax
+    result = runner.invoke(app, [*args, "--listing-pattern", r"^(\d+)_", "--threshold", "0.5"])
+    assert result.exit_code == 2 and "--threshold" in result.output  # retired: the answers rule
 
 
 def test_interpret_refuses_a_task_that_grew_a_class(rooms_run, runner, tmp_path):

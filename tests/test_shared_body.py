@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HOUSES_ZIP, ROOMS, make_task
+from conftest import HOUSES_ZIP, ROOMS, make_task, server
 from typer.testing import CliRunner
 
 from replicate import runs
@@ -257,28 +257,122 @@ def test_predict_takes_a_bundle_where_it_takes_run_folders(four, bundled, runner
     assert rules["kitchen"]["listing_precision"] is not None
 
 
-def test_the_bundles_own_script_tags_alone_as_predict_does(four, bundled, runner, tmp_path):
-    made, photos = four
-    shutil.copytree(photos, tmp_path / "photos")
-    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a photo")
-    moved = tmp_path / "moved"  # the folder alone, away from the run folders
+def listing_photos(four, folder: Path) -> Path:
+    """Real Houses photos named <house>_<room>.jpg, 20 listings (where the zip is here: the valid
+    houses of `four` and the 16 houses after them, photos no run was trained on; else the valid
+    photos made for `four`), an unreadable photo in one listing and a listing of only one."""
+    folder.mkdir()
+    if HOUSES_ZIP.is_file():
+        with zipfile.ZipFile(HOUSES_ZIP) as zf:
+            for i in zf.infolist():
+                m = HOUSE_PHOTO.search(i.filename)
+                if m and 5 <= int(m[1]) <= 24:
+                    (folder / f"{int(m[1])}_{m[2]}.jpg").write_bytes(zf.read(i))
+    else:
+        for k, photo in enumerate(sorted(four[1].rglob("*.jpg"))):
+            shutil.copy(photo, folder / f"{k // 4}_{photo.name}")
+    (folder / "5_broken.jpg").write_bytes(b"not a photo")
+    (folder / "999_broken.jpg").write_bytes(b"not a photo either")
+    return folder
+
+
+def answers_agree(photos: pd.DataFrame, listings: pd.DataFrame | None = None) -> None:
+    """One answer per attribute: kitchen_predicted is the filter's answer (yes exactly where
+    kitchen_has_kitchen), both empty for an unreadable photo; a listing has what any of its readable
+    photos answers (one column per class for rooms), its answers empty when none is readable."""
+    ok = photos.error.fillna("") == ""
+    assert (
+        photos.kitchen_predicted[~ok].isna().all() and photos.kitchen_has_kitchen[~ok].isna().all()
+    )
+    assert (
+        (photos.kitchen_predicted[ok] == "yes") == photos.kitchen_has_kitchen[ok].astype(bool)
+    ).all()
+    assert (
+        (photos.exterior_predicted[ok] == "frontal") == photos.exterior_has_frontal[ok].astype(bool)
+    ).all()
+    if listings is None:
+        return
+    house = photos.path.map(lambda p: Path(p).name.split("_")[0])
+    readable = ok.groupby(house).sum()
+    assert (listings.photos == readable.reindex(listings.index)).all()
+    for listing, row in listings.iterrows():
+        mine = photos[(house == listing) & ok]
+        expected = {f"rooms_has_{c}": (mine.rooms_predicted == c).any() for c in ROOMS}
+        expected["kitchen_has_kitchen"] = (mine.kitchen_predicted == "yes").any()
+        expected["exterior_has_frontal"] = (mine.exterior_predicted == "frontal").any()
+        for column, value in expected.items():
+            assert pd.isna(row[column]) if mine.empty else row[column] == value, (listing, column)
+    assert not [
+        c
+        for c in listings.columns
+        if c.startswith("has_") or c.endswith(("_has_no", "_has_indoor"))
+    ]
+
+
+def test_predict_the_script_the_index_and_the_server_give_one_answer_per_attribute(
+    four, bundled, runner, tmp_path
+):
+    """The bundle of rooms, exterior and kitchen on real Houses photos and their listings, through
+    every engine: predict, the bundle's own tag.py (alone: onnxruntime, numpy and Pillow), the
+    index and the server; each says one thing per attribute, and all say the same."""
+    photos = listing_photos(four, tmp_path / "photos")
+    pattern = ["--listing-pattern", r"^(\d+)_"]
+    moved = tmp_path / "moved"  # the bundle folder alone, away from its run folders
     shutil.copytree(bundled, moved)
-    expected = tmp_path / "predict.csv"
     result = runner.invoke(
-        app, ["predict", str(moved), str(tmp_path / "photos"), "--out", str(expected)]
+        app, ["predict", str(moved), str(photos), "--out", str(tmp_path / "tags.csv"), *pattern]
     )
     assert result.exit_code == 0, result.output
-    done = tag_alone(moved / "tag.py", tmp_path / "photos", "--out", tmp_path / "alone.csv")
+    tags = pd.read_csv(tmp_path / "tags.csv", keep_default_na=True, dtype={"error": str})
+    listings = pd.read_csv(tmp_path / "tags_listings.csv", dtype={"listing": str}).set_index(
+        "listing"
+    )
+    answers_agree(tags, listings)
+    assert listings.loc["999", "error"] == "none of its photos could be read"
+    assert listings.loc["5", "unreadable_photos"] == str(photos / "5_broken.jpg")
+
+    done = tag_alone(moved / "tag.py", photos, "--out", tmp_path / "alone.csv")
     assert done.returncode == 0, done.stderr
-    a, b = pd.read_csv(expected, keep_default_na=False), pd.read_csv(tmp_path / "alone.csv",
-                                                                     keep_default_na=False)  # fmt: skip
-    assert list(a.columns) == list(b.columns) and (a.path == b.path).all()
-    ok = a.error == ""
-    assert (~ok).sum() == 1 and (b.error[~ok] != "").all()
-    columns = probability_columns(a)
-    diff = np.abs(a[columns][ok].astype(float).to_numpy() - b[columns][ok].astype(float).to_numpy())
-    assert diff.max() <= 1e-5
-    assert (a.kitchen_has_kitchen[ok] == b.kitchen_has_kitchen[ok]).all()
+    alone = pd.read_csv(tmp_path / "alone.csv", dtype={"error": str})
+    answers_agree(alone)
+    assert list(alone.columns) == list(tags.columns) and (alone.path == tags.path).all()
+    columns = probability_columns(tags)
+    assert np.nanmax(np.abs(alone[columns].to_numpy() - tags[columns].to_numpy())) <= 1e-5
+
+    result = runner.invoke(
+        app, ["index", str(moved), str(photos), "--out", str(tmp_path / "i"), *pattern]
+    )
+    assert result.exit_code == 0, result.output
+    indexed = pd.read_parquet(tmp_path / "i" / "photos").sort_values("path", ignore_index=True)
+    in_index = pd.read_parquet(tmp_path / "i" / "listings.parquet").set_index("listing")
+    answers_agree(indexed, in_index)
+    ordered = tags.sort_values("path", ignore_index=True)
+    for c in [c for c in tags.columns if c.endswith("_predicted") or "_has_" in c]:
+        assert indexed[c].astype(str).equals(ordered[c].astype(str).replace("nan", "None")), c
+    answer_columns = [c for c in listings.columns if "_has_" in c]
+    assert (
+        in_index[answer_columns]
+        .astype(str)
+        .equals(listings[answer_columns].astype(str).replace("nan", "<NA>"))
+    )
+
+    table = tags.set_index("path")
+    with server([moved]) as (client, _):
+        for listing in listings.index:
+            files = sorted(photos.glob(f"{listing}_*.jpg"))
+            sent = [("photos", (f.name, f.read_bytes())) for f in files]
+            body = client.post(f"/v1/listings/{listing}", files=sent).json()
+            for f, photo in zip(files, body["photos"]):
+                row = table.loc[str(f)]
+                if "error" in photo:
+                    assert row.error == row.error and pd.isna(row.kitchen_has_kitchen)
+                    continue
+                for name, said in photo["models"].items():
+                    assert said["class"] == row[f"{name}_predicted"], (f, name)
+                assert photo["models"]["kitchen"]["has_kitchen"] == row.kitchen_has_kitchen
+            for column in answer_columns:
+                expected = listings.loc[listing, column]
+                assert body["listing"][column] == (None if pd.isna(expected) else expected), column
 
 
 def test_an_int8_bundle_tags_and_a_changed_bundle_is_named(bundled, four, runner, tmp_path):

@@ -62,6 +62,10 @@ class Model:
     path: Path  # the export.pkl
     warning: str = ""  # checksum problems, said to the user
 
+    @property
+    def classes(self) -> list[str]:
+        return list(self.learn.dls.vocab)
+
 
 def export_path(model: Path) -> Path:
     """The export.pkl of a run folder, or the file itself."""

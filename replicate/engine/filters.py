@@ -5,9 +5,9 @@ target precision on valid, `filter.json`, applying filters to a tag table, and t
 
 `replicate run` and `compare` write a two-class run's filter (`write`, and the precision-recall
 curve beside it: plots.render_filter); `predict` reads it for each model (`of_models`), adds
-<model>_has_<attribute> per photo (`apply`), and per listing (`listings`) a listing has the
-attribute when any of its photos passes (`listing_rule` measures that rule on the run's valid
-photos).
+<model>_has_<attribute> per photo and makes the model's <model>_predicted follow it (`apply`: one
+answer per attribute), and per listing (`listings`) a listing has what any of its photos answers
+(`listing_rule` measures that rule for a filter on the run's valid photos).
 """
 
 from __future__ import annotations
@@ -155,34 +155,52 @@ def check_names(paths: list, pattern: str) -> None:
 def listings(
     table: pd.DataFrame,
     pattern: str,
-    threshold: float = 0.5,
+    classes: dict[str, list[str]],
     filters: dict[str, dict] | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Per listing: for each model and class, the highest probability over the listing's photos,
-    and whether any photo shows it above `threshold` ("has a balcony" is a property of the listing);
-    for each search filter (`of_models`), whether any photo passes it. And the paths of the
+    """`by_listing` of `table`'s photos grouped by `pattern`'s listing ids, and the paths of the
     photos whose names the pattern does not match (in no listing)."""
     ids = listing_ids(table.path, pattern)
     if ids.isna().all():
         raise ReplicateError(f"--listing-pattern {pattern!r} matched none of the file names")
-    return by_listing(table, ids, threshold, filters), list(table.path[ids.isna()])
+    return by_listing(table, ids, classes, filters), list(table.path[ids.isna()])
 
 
 def by_listing(
-    table: pd.DataFrame, ids: pd.Series, threshold: float = 0.5, filters: dict | None = None
+    table: pd.DataFrame,
+    ids: pd.Series,
+    classes: dict[str, list[str]],
+    filters: dict[str, dict] | None = None,
 ) -> pd.DataFrame:
-    """`listings` of the photos in `table` grouped by `ids` (each row's listing id; None: none)."""
-    probs = table.filter(regex=r"_p_").assign(listing=ids).dropna(subset=["listing"])
-    best = probs.groupby("listing").max()
-    out = pd.concat(
-        [probs.groupby("listing").size().rename("photos"), best.add_prefix("max_")], axis=1
-    )
-    for col in best.columns:
-        out[f"has_{col.replace('_p_', '_')}"] = best[col] >= threshold
-    for name, found in (filters or {}).items():
-        column = f"{name}_{found['column']}"
-        out[column] = table[column].groupby(ids).any().reindex(out.index, fill_value=False)
-    return out.reset_index()
+    """One row per listing (`ids`: each photo's listing id; None: in none) of a photo table
+    (`apply`'s) for the models `classes` ({name: classes}), by the listing rule: a listing has
+    what any of its readable photos answers. Columns: listing; photos (readable ones), unreadable
+    and unreadable_photos (their paths, "; " between), error (when none could be read); per
+    model its answers, <name>_has_<attribute> for a search filter (its flag), else
+    <name>_has_<class> for each class (a photo's <name>_predicted); then max_<name>_p_<class> of
+    the same classes, the listing's best photo's score. No readable photo: the answers empty."""
+    filters = filters or {}
+    listed = ids.notna().to_numpy()
+    photos, key = table[listed], ids[listed]
+    ok = photos.error.fillna("").eq("")
+    out = pd.DataFrame({
+        "photos": ok.groupby(key).sum().astype(int),
+        "unreadable": (~ok).groupby(key).sum().astype(int),
+    })  # fmt: skip
+    bad = photos.path[~ok].astype(str)
+    out["unreadable_photos"] = bad.groupby(key[~ok]).agg("; ".join).reindex(out.index).fillna("")
+    none = out.photos == 0
+    out["error"] = np.where(none, "none of its photos could be read", "")
+    answers, scores = {}, {}
+    for name, names in classes.items():
+        found = filters.get(name)
+        for c in [found["positive"]] if found else names:
+            column = f"{name}_{found['column']}" if found else f"{name}_has_{c}"
+            shown = photos[f"{name}_predicted"].eq(c).groupby(key).any()
+            answers[column] = shown.astype("boolean").mask(none)
+            scores[f"max_{name}_p_{c}"] = photos[f"{name}_p_{c}"].groupby(key).max()
+    out = pd.concat([out, pd.DataFrame(answers), pd.DataFrame(scores)], axis=1)
+    return out.rename_axis("listing").reset_index()
 
 
 def of_models(models: list) -> dict[str, dict]:
@@ -199,7 +217,8 @@ def of_models(models: list) -> dict[str, dict]:
             run_dir, recorded = run_of(m.path).path, None
             spec = read(run_dir)
         if spec and spec["threshold"] is not None:
-            found[m.name] = {**spec, "run_dir": run_dir and str(run_dir), "recorded": recorded}
+            run_dir = run_dir and str(run_dir)
+            found[m.name] = {**spec, "classes": m.classes, "run_dir": run_dir, "recorded": recorded}
     return found
 
 
@@ -209,12 +228,28 @@ def passes(found: dict, p_positive):
     return p_positive >= found["threshold"]
 
 
+def answer(found: dict, flag: bool) -> str:
+    """The class a filtered model answers for a photo: its positive class where the photo passes
+    the filter, else the other one. A yes/no attribute has this one answer everywhere."""
+    return (
+        found["positive"] if flag else next(c for c in found["classes"] if c != found["positive"])
+    )
+
+
 def apply(table: pd.DataFrame, filters: dict[str, dict]) -> pd.DataFrame:
-    """`table` with <model>_has_<attribute> per photo, by `passes` (a photo without
-    probabilities: False)."""
+    """`table` with each search filter's <model>_has_<attribute> per photo (`passes`), and the
+    model's <model>_predicted made its `answer`: one answer per attribute. A photo without
+    probabilities (unreadable) has neither: empty, not False."""
     for name, found in filters.items():
-        p_positive = table[f"{name}_p_{found['positive']}"].fillna(-1.0)
-        table[f"{name}_{found['column']}"] = passes(found, p_positive)
+        p = table[f"{name}_p_{found['positive']}"].to_numpy(dtype=np.float64)
+        read = ~np.isnan(p)
+        flag = pd.array(passes(found, p), dtype="boolean")
+        flag[~read] = pd.NA
+        yes, no = answer(found, True), answer(found, False)
+        predicted = np.where(np.asarray(flag.fillna(False), dtype=bool), yes, no).astype(object)
+        predicted[~read] = None
+        table[f"{name}_predicted"] = predicted
+        table[f"{name}_{found['column']}"] = flag
     return table
 
 

@@ -112,6 +112,7 @@ class ModelSet:
         self.groups = onnx_models.sharing(models) if onnx else [[m] for m in models]
         self.geometries = list(dict.fromkeys(m.prep.geometry for m in models)) if onnx else []
         self.filters = filters.of_models(models)
+        self.classes = {m.name: list(m.classes) for m in models}
         self.columns = self.column_names() if onnx else None
 
     def subset(self, names: list[str] | None) -> ModelSet:
@@ -124,8 +125,8 @@ class ModelSet:
         return part
 
     def tag(self, files: list[Path], bs: int = 64, workers: int | None = None) -> pd.DataFrame:
-        """`predict`'s photo table of `files`: path, error, per model <name>_predicted and
-        <name>_p_<class>, and each search filter's flag. Under `accelerate launch` or `torchrun`
+        """`predict`'s photo table of `files`: path, error, per model <name>_predicted (its answer:
+        a search filter's, for a filtered model) and <name>_p_<class>, and each filter's flag. Under `accelerate launch` or `torchrun`
         each process tags its share of `files` (accelerate's split_between_processes) and the
         main process returns the whole table, each file once, in order (the others None)."""
         mine, state = files, None

@@ -93,7 +93,7 @@ def update(
     table = store.rows(folder.path, None if pattern else ["error"])
     listings, unlisted = None, []
     if pattern:
-        listings, unlisted = write_listings(folder, table, models.filters, pattern, job.threshold)
+        listings, unlisted = write_listings(folder, table, models, pattern)
     return {
         "photos": len(table),
         **counts,
@@ -146,13 +146,13 @@ def tag_parts(models: ModelSet, work: Work, part_size: int, bs: int, workers: in
 
 
 def write_listings(
-    folder: store.IndexFolder, table: pd.DataFrame, found: dict, pattern: str, threshold=0.5
+    folder: store.IndexFolder, table: pd.DataFrame, models: ModelSet, pattern: str
 ) -> tuple[pd.DataFrame, list[str]]:
     """The per-listing table of the index's rows, as `predict` makes it (`filters.listings`, with
     the search filters `found` and their listing rules), written into the index with the photos
     in no listing; returns both."""
-    listings, unlisted = filters.listings(table, pattern, threshold, found)
-    rules = {n: filters.listing_rule(f, pattern) for n, f in found.items()}
+    listings, unlisted = filters.listings(table, pattern, models.classes, models.filters)
+    rules = {n: filters.listing_rule(f, pattern) for n, f in models.filters.items()}
     folder.write_listings(listings, rules, unlisted)
     return listings, unlisted
 

@@ -25,7 +25,6 @@ class IndexJob:
     items: list[Path]
     out: Path = Path("exports/index")
     listing_pattern: str | None = None  # regex whose first group is the listing id
-    threshold: float = 0.5  # per listing: a class counts as shown above this probability
     ray: str | None = None  # None: this machine, in threads; "auto" or a cluster's address
     part_size: int = 1024  # photos per committed part: what a killed job may redo
     bs: int = 64

@@ -16,34 +16,40 @@ from ..engine.model_set import ModelSet
 
 
 def photo(models: ModelSet, probs: dict[str, np.ndarray]) -> dict:
-    """One photo's tags from its probabilities (`ModelSet.infer`): per model its class (the argmax,
-    as `predict`'s <name>_predicted), probabilities and, for a search filter, has_<attribute>
-    (`filters.passes`) with the threshold used."""
+    """One photo's tags from its probabilities (`ModelSet.infer`): per model its `class` (its one
+    answer, as `predict`'s <name>_predicted: the argmax, or for a search filter the filter's
+    answer) and probabilities, and for a search filter has_<attribute> (`filters.passes`, the same
+    answer as a flag) with the threshold used."""
     out = {}
     for m in models.models:
         p = probs[m.name]
-        tags = {
-            "class": m.classes[int(p.argmax())],
-            "probabilities": dict(zip(m.classes, p.tolist())),
-        }
+        tags = {"class": m.classes[int(p.argmax())]}
         found = models.filters.get(m.name)
         if found:
-            tags[found["column"]] = bool(
-                filters.passes(found, float(p[m.classes.index(found["positive"])]))
-            )
+            flag = bool(filters.passes(found, float(p[m.classes.index(found["positive"])])))
+            tags = {"class": filters.answer(found, flag), found["column"]: flag}
             tags["threshold"] = found["threshold"]
-        out[m.name] = tags
+        out[m.name] = {**tags, "probabilities": dict(zip(m.classes, p.tolist()))}
     return out
 
 
-def listing(models: ModelSet, table: pd.DataFrame, listing_id: str, threshold: float = 0.5) -> dict:
-    """The listing's row of `predict`'s tags_listings table, from its tagged photos (`table`): per
-    model and class the highest probability and has_<model>_<class> (above `threshold`), and for
-    each search filter whether any photo passes it (the listing rule)."""
-    ok = table[table.error == ""]
-    if ok.empty:
-        return {"photos": 0}
-    ids = pd.Series([listing_id] * len(ok), index=ok.index)
-    row = filters.by_listing(ok, ids, threshold, models.filters).iloc[0].to_dict()
+def listing(models: ModelSet, table: pd.DataFrame, listing_id: str) -> dict:
+    """The listing's row of `predict`'s tags_listings table (`filters.by_listing`: the listing
+    rule) from its photos' rows (`table`, the unreadable ones included): photos, unreadable and
+    unreadable_photos (a list), error, and per model its answers and best scores; answers null
+    when no photo could be read."""
+    ids = pd.Series([listing_id] * len(table), index=table.index)
+    row = filters.by_listing(table, ids, models.classes, models.filters).iloc[0].to_dict()
     row.pop("listing")
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+    row["unreadable_photos"] = [p for p in row["unreadable_photos"].split("; ") if p]
+    return {k: _plain(v) for k, v in row.items()}
+
+
+def _plain(value):
+    """A JSON value: numpy scalars as Python's, NaN and pandas' NA as null."""
+    if isinstance(value, list):
+        return value
+    if value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return None
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and np.isnan(value) else value

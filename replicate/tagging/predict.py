@@ -34,7 +34,6 @@ class Job:
     out: Path = Path("tags.csv")
     format: str = "csv"  # csv | json
     listing_pattern: str | None = None  # regex whose first group is the listing id
-    threshold: float = 0.5  # per listing: a class counts as shown above this probability
     bs: int = 64
     engine: str = "onnx"  # onnx | fastai
     workers: int | None = None  # threads decoding photos (onnx); None: one per core
@@ -80,16 +79,18 @@ def run(job: Job, log=print, warn=print) -> pd.DataFrame | None:
             "unlike them it can be lower)"
         )
     if job.listing_pattern:
-        _write_listings(table, found, job, log)
+        _write_listings(table, models.classes, found, job, log)
     return table
 
 
-def _write_listings(table: pd.DataFrame, found: dict, job: Job, log) -> None:
+def _write_listings(table: pd.DataFrame, classes: dict, found: dict, job: Job, log) -> None:
     """The per-listing table beside the photo table, and the listing rules of the search filters."""
-    per_listing, unlisted = filters.listings(table, job.listing_pattern, job.threshold, found)
+    per_listing, unlisted = filters.listings(table, job.listing_pattern, classes, found)
     path = job.out.with_name(f"{job.out.stem}_listings{job.out.suffix}")
     write_table(per_listing, path, job.format)
-    log(f"{runtime.plural(len(per_listing), 'listing')}; table: {path}")
+    unread = per_listing.error != ""
+    none = f", {int(unread.sum())} with no readable photo" if unread.any() else ""
+    log(f"{runtime.plural(len(per_listing), 'listing')}{none}; table: {path}")
     if unlisted:
         named = job.out.with_name(f"{job.out.stem}_{UNLISTED}")
         named.write_text("".join(f"{p}\n" for p in unlisted))
@@ -101,12 +102,17 @@ def _write_listings(table: pd.DataFrame, found: dict, job: Job, log) -> None:
         return
     side = job.out.with_name(f"{job.out.stem}_listings_filters.json")
     for name, rule in filters.write_listing_rules(found, job.listing_pattern, side).items():
+        column = f"{name}_{rule['column']}"
+        has = per_listing[column].dropna()  # the listings with a readable photo
         if rule["valid_listings"] is None:  # a bundle's, away from its run, for another pattern
-            log(f"{name}_{rule['column']}: a listing has it when any photo passes; {side}")
+            log(
+                f"{column}: a listing has it when any photo passes ({int(has.sum())} of "
+                f"{len(has)} listings in this table); {side}"
+            )
             continue
         log(
-            f"{name}_{rule['column']}: a listing has it when any photo passes; measured on the "
-            f"run's own validation listings, not this table's: precision "
+            f"{column}: a listing has it when any photo passes ({int(has.sum())} of {len(has)} "
+            f"listings in this table); measured on the run's own validation listings: precision "
             f"{_share(rule['listing_precision'])}, recall {_share(rule['listing_recall'])} "
             f"({rule['valid_listings_with']} of {rule['valid_listings']} have it); {side}"
         )

@@ -5,9 +5,11 @@
 `replicate bundle` wrote this script beside bundle.onnx and photos.py (replicate's own decoding,
 copied: EXIF orientation, the draft-mode rule and the validation crop, so the model sees the
 pixels its validation saw). One CSV row per photo: path, error, and per attribute
-<name>_predicted, <name>_p_<class> and, for a yes/no search filter, <name>_has_<...> at its
-threshold: the columns and the numbers `replicate predict` writes. A listing has an attribute when
-any of its photos has it (bundle.json records each filter's listing rule).
+<name>_predicted (its one answer: the class, or for a yes/no search filter the filter's answer at
+its threshold), <name>_p_<class> and, for a filter, <name>_has_<...> (the same answer as a flag):
+the columns and the numbers `replicate predict` writes. A photo that cannot be read has no answer
+(empty). A listing has what any of its photos answers (bundle.json records each filter's listing
+rule).
 
 Everything the model needs is in its metadata (key "replicate", JSON): the input size, crop,
 resampling and normalisation, and per attribute its output name, classes and filter.
@@ -72,20 +74,23 @@ def main():
             outputs = session.run([a["output"] for a in attributes], {input_name: x})
         row = 0
         for path, _, error in batch:
-            if error:  # a photo that does not decode passes no filter
-                writer.writerow({"path": str(path), "error": error, **dict.fromkeys(flags, False)})
+            if error:  # a photo that does not decode has no answer: empty, not False
+                writer.writerow({"path": str(path), "error": error})
                 continue
             record = {"path": str(path), "error": ""}
             for a, probs in zip(attributes, outputs):
                 p = probs[row]
-                record[f"{a['name']}_predicted"] = a["classes"][int(p.argmax())]
+                answer = a["classes"][int(p.argmax())]
                 record.update(
                     {f"{a['name']}_p_{c}": repr(float(v)) for c, v in zip(a["classes"], p)}
                 )
                 found = a.get("filter") or {}
-                if found.get("threshold") is not None:
-                    k = a["classes"].index(found["positive"])
-                    record[f"{a['name']}_{found['column']}"] = bool(p[k] >= found["threshold"])
+                if found.get("threshold") is not None:  # the filter's answer is the answer
+                    flag = bool(p[a["classes"].index(found["positive"])] >= found["threshold"])
+                    others = [c for c in a["classes"] if c != found["positive"]]
+                    answer = found["positive"] if flag else others[0]
+                    record[f"{a['name']}_{found['column']}"] = flag
+                record[f"{a['name']}_predicted"] = answer
             writer.writerow(record)
             row += 1
         batch.clear()
