@@ -120,15 +120,21 @@ def progress(
 
 
 def _plain_progress(items: Iterable, total: int | None, what: str, unit: str, log) -> Iterator:
+    """Each line counts the items handed out so far; the last says done as the last is handed out
+    (a consumer that takes exactly `total` never asks for the end of `items`)."""
     start, done, shown = time.perf_counter(), 0, 0
     log(f"{what}: {total if total is not None else 'an unknown number of'} {unit}")
     for item in items:
-        yield item
         done += 1
+        seconds = time.perf_counter() - start
         if total and done < total and done * 10 // total > shown:
             shown = done * 10 // total
-            log(f"{what}: {done}/{total} ({done / total:.0%}), {time.perf_counter() - start:.0f}s")
-    log(f"{what}: done, {done} {unit} in {time.perf_counter() - start:.1f}s")
+            log(f"{what}: {done}/{total} ({done / total:.0%}), {seconds:.0f}s")
+        if done == total:
+            log(f"{what}: done, {done} {unit} in {seconds:.1f}s")
+        yield item
+    if done != total:
+        log(f"{what}: done, {done} {unit} in {time.perf_counter() - start:.1f}s")
 
 
 def plural(n: int, noun: str) -> str:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import folders_args, make_task
+from conftest import folders_args, free_port, make_task
 
 from replicate.cli import app
 
@@ -25,12 +24,6 @@ CLASSES = {
     "red": (200, 50, 40),
     "green": (40, 190, 60),
 }  # 9 valid images: an odd split
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ off), one cluster shared by this file's tests, which the CLI joins with --ray AD
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -195,6 +196,8 @@ def test_a_job_killed_half_way_resumes_to_the_same_index(indexed, ray_address, t
     assert 0 < committed < 300 and not (out / store.MANIFEST).exists()
     resumed = cli([*models, "--out", str(out), "--part-size", "10", *on])
     assert resumed.returncode == 0, resumed.stderr
+    # no raw log line of Ray's C++ core ("[2026-...] logging.cc:303: ...") in what a user reads
+    assert not re.search(r"^\[[^]]*\] \w+\.cc:\d+:", resumed.stderr, re.M), resumed.stderr
     tagged = store.read_manifest(out)["tagged"]
     assert tagged <= 300 - committed + 10  # at most the parts in flight again
     whole = tmp_path / "uninterrupted"

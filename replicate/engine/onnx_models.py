@@ -306,9 +306,10 @@ def tag_onnx(
         m.name: np.full((len(files), len(m.classes)), np.nan, dtype=np.float32) for m in models
     }
     photos = decoded(files, geometries, runtime.workers(workers), ahead=2 * bs)
-    if progress:
-        photos = runtime.progress(photos, len(files), "tagging", unit="photos")
-    for i, (p, (_, error)) in enumerate(tagged(sharing(models), photos, bs)):
+    results = tagged(sharing(models), photos, bs)
+    if progress:  # counted as tagged, not as decoded: decoding runs ahead of the models
+        results = runtime.progress(results, len(files), "tagging", unit="photos")
+    for i, (p, (_, error)) in enumerate(results):
         errors[i] = error
         for name, values in (p or {}).items():
             probs[name][i] = values

@@ -135,8 +135,8 @@ def tag_parts(models: ModelSet, work: Work, part_size: int, bs: int, workers: in
     stream = onnx_models.decoded(
         paths, models.geometries, runtime.workers(workers), ahead=2 * bs, hashed=True
     )
-    stream = runtime.progress(stream, len(paths), "indexing", unit="photos")
-    results = models.tagged(stream, bs)
+    # counted as tagged, not as decoded: decoding runs ahead of the models
+    results = runtime.progress(models.tagged(stream, bs), len(paths), "indexing", unit="photos")
     for start in range(0, len(paths), part_size):
         chunk = work.photos.iloc[start : start + part_size]
         probs, photos = zip(*islice(results, len(chunk)))

@@ -19,8 +19,12 @@ given and the index folder (a shared file system), and have replicate installed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,35 @@ from .plan import IndexJob, Work, rows
 ACTOR_CPUS, ACTOR_THREADS, CPUS_PER_ACTOR, CALL_PHOTOS, DECODE_THREADS = 1, 2, 2, 256, 2
 
 
+# Ray's C++ core logs where Python's logging cannot reach it: straight to file descriptor 2. With
+# RAY_BACKEND_LOG_LEVEL unset, Ray Data's fused actor gets an error-level note ("has constructor
+# arguments in the object store and max_restarts > 0") nobody can act on; set to fatal, that goes,
+# but ray.init itself then writes an info line saying it read the variable. That one line is
+# dropped at the descriptor (`_without`), the rest of what ray.init writes passed on.
+RAY_LEVEL_NOTE = re.compile(r"^\[[^]]*\] logging\.cc:\d+: Set ray log level from environment")
+
+
+@contextlib.contextmanager
+def _without(note: re.Pattern):
+    """File descriptor 2 (what C++ libraries write to, past sys.stderr) caught while the block
+    runs, then written on without the lines `note` matches."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors="replace").splitlines(True)
+                    if not note.search(line)]  # fmt: skip
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
 def connect(address: str, log=print):
     """Ray, connected: `auto` joins the cluster this machine is part of (`ray start`) or starts
     a local one; else the cluster at ADDRESS (host:port of its head). Returns the ray module."""
@@ -53,17 +86,17 @@ def connect(address: str, log=print):
         raise ReplicateError(
             "--ray needs Ray: pip install 'replicate[ray]' (make install has it)"
         ) from None
-    # The driver's C++ notes (one about where Ray Data keeps actors' arguments reads as an error)
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # see RAY_LEVEL_NOTE
     if ray.is_initialized():  # joined already: by an earlier part of this job
         return ray
     try:
-        ray.init(
-            address=None if address == "auto" else address,
-            log_to_driver=False,
-            logging_level="ERROR",
-            configure_logging=True,
-        )
+        with _without(RAY_LEVEL_NOTE):
+            ray.init(
+                address=None if address == "auto" else address,
+                log_to_driver=False,
+                logging_level="ERROR",
+                configure_logging=True,
+            )
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise ReplicateError(
             f"--ray {address}: cannot reach a Ray cluster ({str(e).splitlines()[0][:200]}): "
