@@ -1,15 +1,27 @@
-"""Runs that share a body: recorded in the run folder, run once by `predict` for all their heads.
+"""The README's tour, run as written, and runs that share a body, which it makes.
 
-Three runs keep the pretrained tf_efficientnet_lite0 body untouched (frozen, --freeze-bn), one per
-Houses attribute (rooms, exterior, kitchen); a fourth (resnet18 from random init) shares nothing.
-Tagged together, the three get one body pass per batch and must give the probabilities each gives
-alone; bundled, they are one file, which predict and the bundle's own script run alike.
+The tour: every command of the README's ```bash blocks, in order, in a fresh folder, so the commands
+and the runs they make stay true together. The small-data override the tests set: `replicate data
+houses` finds a miniature Houses archive (12 real listings, or made-up photos where ../shared is not
+here) where it keeps its download; training commands get options that make them short
+(OVERRIDES); the placeholder folders the tour names (~/scraped, photos/, ~/photos/unlabelled,
+photo.jpg) are made with a few photos; `serve` is started and its curl lines sent. What cannot run
+here is skipped, with the reason (SKIPPED: the lines that start so).
+
+Its three lite0 runs keep the pretrained body untouched (frozen, --freeze-bn), one per Houses
+attribute (rooms, exterior, kitchen); its resnet18 run (the grid's) shares nothing. Tagged
+together, the three get one body pass per batch and must give the probabilities each gives alone;
+bundled, they are one file, which predict, the bundle's own script, the index and the server run
+alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,18 +29,17 @@ import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import HOUSES_ZIP, ROOMS, make_task, server
+from conftest import HOUSES_ZIP, ROOMS, make_houses_zip, server, synthetic_photo
 from typer.testing import CliRunner
 
 from replicate import runs
 from replicate.cli import app
-from replicate.config import RunConfig
 from replicate.data.sources import HOUSE_PHOTO
 from replicate.engine import onnx_models
-from replicate.training import train
 
 LITE = "tf_efficientnet_lite0"
 
@@ -44,50 +55,158 @@ TASKS = {  # the three Houses attributes; their colours where the Houses zip is 
 }
 
 
-def houses_subset(data_dir: Path, n: int = 4) -> None:
-    """The three Houses tasks as `replicate data houses` lays them out, on the real photos of the
-    zip's first `n` houses (train) and the next `n` (valid): read straight from the zip, cheaper
-    than the whole import for a dozen photos a class."""
-    with zipfile.ZipFile(HOUSES_ZIP) as zf:
-        found = {
-            (int(m[1]), m[2]): i for i in zf.infolist() if (m := HOUSE_PHOTO.search(i.filename))
-        }
-        houses = sorted({h for h, _ in found})
-        for split, chosen in (("train", houses[:n]), ("valid", houses[n : 2 * n])):
-            for house in chosen:
-                for room in ("bathroom", "bedroom", "kitchen", "frontal"):
-                    data, name = zf.read(found[house, room]), f"{house}_{room}.jpg"
-                    classes = {
-                        "rooms": None if room == "frontal" else room,
-                        "exterior": "frontal" if room == "frontal" else "indoor",
-                        "kitchen": "yes" if room == "kitchen" else "no",
-                    }
-                    for task, label in classes.items():
-                        if label:
-                            (data_dir / task / split / label).mkdir(parents=True, exist_ok=True)
-                            (data_dir / task / split / label / name).write_bytes(data)
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# What each command gets appended: short training (one epoch, small inputs, random init where
+# the study's weights would be downloaded), the grid of one backbone, and --onnx where a later
+# command opens the run's model.onnx (the suite skips that export unless asked: conftest).
+SHORT = ["--epochs", "1", "--size", "32", "--no-pretrained"]
+OVERRIDES = {
+    "run rooms --arch densenet121": SHORT,
+    "compare": ["--archs", "resnet18", "--modes", "unfrozen", *SHORT, "--onnx"],
+    "run exterior": ["--epochs", "3", "--onnx"],
+    # a target below the valid photos' share of kitchens (1 in 4): the lowest threshold reaches it,
+    # so kitchen has a filter however little a few photos taught it
+    "run kitchen": ["--epochs", "3", "--target-precision", "0.2", "--onnx"],
+    "run rooms --arch tf_efficientnet_lite0": ["--epochs", "3", "--onnx"],
+    "bundle": ["--calibration", "8"],
+    "label": ["--batch", "4"],
+}
+SKIPPED = {
+    "make ": "make runs the installer and this suite",
+    "replicate weights": "downloads weights (tests/test_weights.py runs it against a stand-in server)",
+    "replicate index exports/tagger /shared/photos": "a cluster's (tests/test_index.py runs a real local Ray)",
+    "replicate demo": "picks its backbone by the weights at hand; tests/test_commands.py runs it",
+}
+
+
+def readme_lines() -> list[str]:
+    """The README's shell commands in order: continuation lines joined, comments kept (shlex drops
+    them)."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    return [
+        line for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()
+    ]
+
+
+def expand(words: list[str]) -> list[str]:
+    """Bash's brace expansion of the one form the tour uses: a/{b,c}/d -> a/b/d a/c/d; and ~."""
+    out = []
+    for word in words:
+        m = re.fullmatch(r"(.*)\{([^}]*)\}(.*)", word)
+        parts = [f"{m[1]}{x}{m[3]}" for x in m[2].split(",")] if m else [word]
+        out += [os.path.expanduser(p) for p in parts]
+    return out
+
+
+def mini_houses(path: Path) -> None:
+    """A Houses archive in the real layout: 12 real listings, or made-up photos without the zip."""
+    if not HOUSES_ZIP.is_file():
+        make_houses_zip(path, n_houses=12)
+        return
+    with zipfile.ZipFile(HOUSES_ZIP) as source, zipfile.ZipFile(path, "w") as mini:
+        for info in source.infolist():
+            m = HOUSE_PHOTO.search(info.filename)
+            if (m and int(m[1]) <= 12) or info.filename.endswith("HousesInfo.txt"):
+                mini.writestr(info.filename, source.read(info))
+
+
+def placeholders(home: Path, here: Path) -> None:
+    """The folders and files the tour names as a user's own."""
+    for label in ("yes", "no"):
+        (home / "scraped" / label).mkdir(parents=True)
+        for k in range(8):
+            synthetic_photo(10 * k + (label == "yes"), (240, 220)).save(
+                home / "scraped" / label / f"{k}.jpg"
+            )
+    pool = home / "photos" / "unlabelled"
+    pool.mkdir(parents=True)
+    for k in range(12):
+        synthetic_photo(200 + k).save(pool / f"p{k}.jpg")
+    (here / "photos").mkdir()
+    for k, room in enumerate(("kitchen", "frontal")):
+        synthetic_photo(300 + k).save(here / "photos" / f"1_{room}.jpg")
+        shutil.copy(here / "photos" / f"1_{room}.jpg", here / f"1_{room}.jpg")
+    shutil.copy(here / "1_kitchen.jpg", here / "photo.jpg")
+
+
+def curl(words: list[str], port: int) -> httpx.Response:
+    """The tour's curl line, sent with httpx (curl may not be installed): --data-binary @FILE
+    or -F name=@FILE ..., then the URL."""
+    url = words[-1].replace(":8000", f":{port}")
+    if words[1] == "--data-binary":
+        return httpx.post(url, content=Path(words[2][1:]).read_bytes(), timeout=30)
+    files = [(w.split("=")[0], (w.split("@")[1], Path(w.split("@")[1]).read_bytes()))
+             for w in words[1:-1] if w != "-F"]  # fmt: skip
+    return httpx.post(url, files=files, timeout=30)
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory) -> tuple[list[Path], Path]:
-    """([the three Houses attributes as lite0 heads on one body, one resnet18 run], a folder of
-    photos to tag). Trained on a few real Houses photos per class, or on coloured noise where the
-    Houses zip is not beside the repo."""
-    root = tmp_path_factory.mktemp("shared")
-    if HOUSES_ZIP.is_file():
-        houses_subset(root / "data")
-    else:
-        for task, classes in TASKS.items():
-            make_task(root / "data" / task, classes=classes)
-    where = dict(data_dir=root / "data", exports_dir=root / "exports", workers=0, audit=False)
-    # target precision 0.2, below the valid photos' share of kitchens (1 in 4): the lowest threshold
-    # reaches it, so kitchen has a filter however little a few photos taught it
-    shared = dict(epochs=2, cache_features=1, freeze_bn=True, target_precision=0.2, **where)
-    made = [train.run(RunConfig(task, LITE, **shared), log=quiet) for task in TASKS]
-    made.append(
-        train.run(RunConfig("rooms", "resnet18", epochs=1, size=32, pretrained=False, **where))
-    )
-    return made, root / "data" / "rooms" / "valid"
+def tour(tmp_path_factory) -> dict:
+    """The README's tour run in a fresh folder (`here`, HOME at `home`): the lines run, in order."""
+    root = tmp_path_factory.mktemp("tour")
+    home, here = root / "home", root / "work"
+    home.mkdir()
+    (here / "data" / ".downloads").mkdir(parents=True)
+    mini_houses(here / "data" / ".downloads" / "Houses-dataset-master.zip")
+    placeholders(home, here)
+    runner, ran, port = CliRunner(), [], None
+    with pytest.MonkeyPatch.context() as mp, contextlib.ExitStack() as running:
+        mp.setenv("HOME", str(home))
+        mp.chdir(here)
+        for line in readme_lines():
+            if line.startswith(tuple(SKIPPED)):
+                continue
+            words = expand(shlex.split(line.split(" > ")[0], comments=True))
+            if words[0] == "python":  # the bundle's own script, its output where the line sends it
+                done = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, timeout=120)  # fmt: skip
+                assert done.returncode == 0, (line, done.stderr)
+                Path(shlex.split(line.split(" > ")[1], comments=True)[0]).write_text(done.stdout)
+            elif words[0] == "curl":
+                assert port is not None, "a curl line before `replicate serve`"
+                answer = curl(words, port)
+                assert answer.status_code == 200, (line, answer.text)
+            elif words[1] == "serve":  # started for the curl lines after it, on a free port
+                models = [w for w in words[2:] if w not in ("--port", "8000")]
+                client, _ = running.enter_context(server(models))
+                port = client.base_url.port
+            else:
+                more = next(
+                    (v for k, v in OVERRIDES.items() if line.startswith(f"replicate {k}")), []
+                )
+                result = runner.invoke(app, words[1:] + more)
+                assert result.exit_code == 0, (line, result.output)
+            ran.append(line)
+    return {"here": here, "ran": ran}
+
+
+@pytest.fixture(autouse=True)
+def in_the_tours_folder(tour, monkeypatch):
+    """Each test in the folder the tour ran in, as its user: the runs and the bundle name paths
+    relative to it."""
+    monkeypatch.chdir(tour["here"])
+
+
+def test_the_readme_tour_runs_as_written(tour):
+    here = tour["here"]
+    commands = {line.split()[1] for line in tour["ran"] if line.startswith("replicate")}
+    assert {"data", "prepare", "audit", "clean", "run", "compare", "report", "interpret", "review",
+            "label", "predict", "bundle", "export", "serve", "index", "archs"} <= commands  # fmt: skip
+    assert (here / "tags_listings.csv").is_file()
+    assert (here / "exports" / "index" / "listings.parquet").is_file()
+    tags, alone = (here / "tags.csv").read_text(), (here / "tags_alone.csv").read_text()
+    assert len(alone.splitlines()) == len(tags.splitlines()) > 1
+
+
+@pytest.fixture(scope="module")
+def four(tour) -> tuple[list[Path], Path]:
+    """([the tour's three Houses attributes as lite0 heads on one body, its resnet18 run], the
+    rooms task's valid photos to tag)."""
+    exports = tour["here"] / "exports"
+    made = [exports / task / f"{LITE}-frozen-cached3-freezebn" for task in TASKS]
+    return [*made, exports / "rooms" / "resnet18-unfrozen"], tour[
+        "here"
+    ] / "data" / "rooms" / "valid"
 
 
 def test_a_run_records_its_body_and_writes_its_head(four):
@@ -185,18 +304,9 @@ def tag_alone(script: Path, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def bundled(four, tmp_path_factory) -> Path:
-    """`replicate bundle` of the three runs on one body (with int8), as a user runs it."""
-    made, _ = four
-    out = tmp_path_factory.mktemp("bundle") / "tagger"
-    result = CliRunner().invoke(
-        app,
-        ["bundle", *map(str, made[:3]), "--out", str(out), "--quantize", "int8",
-         "--calibration", "12", "--listing-pattern", r"^(\w+?)_"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert "3 attribute(s)" in result.output and "int8 kitchen: valid accuracy" in result.output
-    return out
+def bundled(tour) -> Path:
+    """The tour's `replicate bundle` of the three runs on one body (with int8)."""
+    return tour["here"] / "exports" / "tagger"
 
 
 def probability_columns(table: pd.DataFrame) -> list[str]:
@@ -217,7 +327,7 @@ def test_a_bundle_is_one_file_with_an_output_per_attribute_and_its_metadata(four
         kitchen["filter"]["threshold"]
         == json.loads((made[2] / "filter.json").read_text())["threshold"]
     )
-    assert kitchen["listing_rule"]["pattern"] == r"^(\w+?)_"
+    assert kitchen["listing_rule"]["pattern"] == r"^(\d+)_"
     assert kitchen["source"]["checksums"] == {
         k: v
         for k, v in runs.Run(made[2]).metrics["checksums"].items()
@@ -241,7 +351,7 @@ def test_predict_takes_a_bundle_where_it_takes_run_folders(four, bundled, runner
     result = runner.invoke(  # the bundle and a run that shares nothing: both paths in one call
         app,
         ["predict", str(bundled), str(made[3]), str(photos), "--out", str(by_bundle),
-         "--listing-pattern", r"^(\w+?)_"],
+         "--listing-pattern", r"^(\d+)_"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "4 model(s) on 2 body pass(es)" in result.output and "warning" not in result.output
