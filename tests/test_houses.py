@@ -1,5 +1,5 @@
 """The real Houses photos end to end, imported once for the session by `replicate data houses`
-(conftest.houses): the import's counts and split, the audit's known groups, one short run. The
+(conftest.houses): the import's counts and split, the audit's known groups, the DataLoaders a run builds. The
 three Houses attributes in one bundle: tests/test_shared_body.py.
 
     python -m pytest tests/test_houses.py
@@ -7,12 +7,9 @@ three Houses attributes in one bundle: tests/test_shared_body.py.
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 from test_audit import run_audit
 from test_sources import house_ids
-from test_train import run_cli
 
 from replicate import folders
 from replicate.audit import checks
@@ -61,14 +58,24 @@ def test_real_houses_audit_finds_the_known_groups_and_a_fresh_import_does_not_le
         assert share.between(0.18, 0.22).all(), counts
 
 
-def test_houses_end_to_end(houses, runner):
-    """The real listing photos, as `replicate data houses` imported them: one short unfrozen run of the
-    study's smallest backbone."""
-    result, exports = run_cli(
-        runner, houses, "rooms", "--arch", "resnet18", "--epochs", "1", "--size", "64", "--unfreeze"
+def test_houses_load_as_the_study_s_dataloaders(houses):
+    """The real listing photos, as `replicate data houses` imported them, through the fastai
+    DataBlock a run builds: every photo in its split, a batch of each at the run's size. (Training
+    on them: the README's tour in tests/test_shared_body.py, and the accuracy with real weights in
+    tests/test_transfer.py.)"""
+    import torch
+
+    from replicate.config import RunConfig
+    from replicate.models import archs
+
+    cfg = RunConfig(
+        "rooms", "resnet18", size=64, bs=16, workers=0, pretrained=False, data_dir=houses
     )
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((exports / "rooms" / "resnet18-unfrozen" / "metrics.json").read_text())
-    assert metrics["n_train"] == 1284 and metrics["n_valid"] == 321
-    assert metrics["best_valid_accuracy"] > 0.4  # 3 balanced classes: chance is 1/3
-    assert dataloaders.scan_task(houses / "rooms").counts.values.sum() == 1605
+    scan = dataloaders.scan_task(cfg.task_dir)
+    dls = dataloaders.dataloaders(scan, cfg, archs.resolve(cfg).preprocess, torch.device("cpu"))
+    assert len(dls.train_ds) == 1284 and len(dls.valid_ds) == 321
+    assert list(dls.vocab) == ["bathroom", "bedroom", "kitchen"]
+    for dl in (dls.train, dls.valid):
+        xb, yb = dl.one_batch()
+        assert tuple(xb.shape) == (16, 3, 64, 64) and int(yb.max()) <= 2
+    assert scan.counts.values.sum() == 1605
