@@ -104,10 +104,15 @@ def _write_listings(table: pd.DataFrame, classes: dict, found: dict, job: Job, l
     for name, rule in filters.write_listing_rules(found, job.listing_pattern, side).items():
         column = f"{name}_{rule['column']}"
         has = per_listing[column].dropna()  # the listings with a readable photo
-        if rule["valid_listings"] is None:  # a bundle's, away from its run, for another pattern
+        if not rule["valid_listings"]:  # a bundle's away from its run, or a pattern for other names
+            where = (
+                "its run's validation photos are not here"
+                if rule["valid_listings"] is None
+                else "the pattern matches none of its run's validation photos' names"
+            )
             log(
                 f"{column}: a listing has it when any photo passes ({int(has.sum())} of "
-                f"{len(has)} listings in this table); {side}"
+                f"{len(has)} listings in this table); not measured per listing ({where}); {side}"
             )
             continue
         log(
