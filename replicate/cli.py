@@ -157,6 +157,7 @@ def audit(
 
 @app.command()
 @user_errors
+@opt.training_options
 def run(
     task: opt.TaskName,
     arch: Annotated[
@@ -172,25 +173,7 @@ def run(
             "Finetune every layer (default: feature extraction, only the new layer trains)."
         ),
     ] = False,
-    recipe: opt.RecipeOption = opt.RECIPE,
-    epochs: opt.Epochs = opt.RUN.epochs,
-    bs: opt.Batch = opt.RUN.bs,
-    lr: opt.LearningRate = opt.RUN.lr,
-    size: opt.Size = opt.RUN.size,
-    pretrained: opt.Pretrained = opt.RUN.pretrained,
-    seed: opt.Seed = opt.RUN.seed,
-    device: opt.DeviceOption = opt.DEVICE,
-    workers: opt.LoaderWorkers = opt.RUN.workers,
-    cache_features: opt.CacheFeatures = opt.RUN.cache_features,
-    freeze_bn: opt.FreezeBn = opt.RUN.freeze_bn,
-    precision: opt.PrecisionOption = opt.PRECISION,
-    audit: opt.Audit = opt.RUN.audit,
-    onnx: opt.Onnx = opt.RUN.onnx,
-    quantize: opt.QuantizeOption = None,
-    positive: opt.Positive = opt.RUN.positive,
-    target_precision: opt.TargetPrecision = opt.RUN.target_precision,
-    data_dir: opt.DataDir = opt.RUN.data_dir,
-    exports_dir: opt.ExportsDir = opt.RUN.exports_dir,
+    **training,
 ):
     """Train one backbone on one task with the study's protocol and write exports/TASK/ARCH-MODE/.
 
@@ -198,7 +181,8 @@ def run(
     """
     from .training import train
 
-    train.main(opt.run_config(locals(), task=task, arch=arch), quantize=bool(quantize), log=echo)
+    config = opt.run_config({**training, "unfreeze": unfreeze}, task=task, arch=arch)
+    train.main(config, quantize=bool(training["quantize"]), log=echo)
 
 
 @app.command()
@@ -223,6 +207,7 @@ def demo(
 
 @app.command()
 @user_errors
+@opt.training_options
 def compare(
     task: Annotated[
         str, typer.Argument(help="Task folder under --data-dir, or 'all' for every task there.")
@@ -237,25 +222,7 @@ def compare(
         int, opt.option("Repeat each cell with this many seeds (seed, seed+1, ...).", min=1)
     ] = 1,
     force: opt.Force = False,
-    recipe: opt.RecipeOption = opt.RECIPE,
-    epochs: opt.Epochs = opt.RUN.epochs,
-    bs: opt.Batch = opt.RUN.bs,
-    lr: opt.LearningRate = opt.RUN.lr,
-    size: opt.Size = opt.RUN.size,
-    pretrained: opt.Pretrained = opt.RUN.pretrained,
-    seed: opt.Seed = opt.RUN.seed,
-    device: opt.DeviceOption = opt.DEVICE,
-    workers: opt.LoaderWorkers = opt.RUN.workers,
-    cache_features: opt.CacheFeatures = opt.RUN.cache_features,
-    freeze_bn: opt.FreezeBn = opt.RUN.freeze_bn,
-    precision: opt.PrecisionOption = opt.PRECISION,
-    audit: opt.Audit = opt.RUN.audit,
-    onnx: opt.Onnx = opt.RUN.onnx,
-    quantize: opt.QuantizeOption = None,
-    positive: opt.Positive = opt.RUN.positive,
-    target_precision: opt.TargetPrecision = opt.RUN.target_precision,
-    data_dir: opt.DataDir = opt.RUN.data_dir,
-    exports_dir: opt.ExportsDir = opt.RUN.exports_dir,
+    **training,
 ):
     """Train the study's grid (every backbone x mode) on a task, resumably, and report it.
 
@@ -266,9 +233,11 @@ def compare(
     """
     from .training import compare as grid
 
-    base = opt.run_config(locals(), task=task, arch="resnet18")
+    base = opt.run_config(training, task=task, arch="resnet18")
     names, chosen = _split(archs), _split(modes)
-    if grid.run(base, names, chosen, seeds, force=force, quantize=bool(quantize), log=echo):
+    if grid.run(
+        base, names, chosen, seeds, force=force, quantize=bool(training["quantize"]), log=echo
+    ):
         raise typer.Exit(1)
 
 

@@ -240,3 +240,49 @@ TABLE_FORMAT, ENGINE, PREDICT_DEVICE = (
     Device(PREDICT.device),
 )
 INDEX = IndexJob(items=[])
+
+# The options of a training run, as `run` and `compare` take them, in --help's order: (name, its
+# alias, its default).
+TRAINING = (
+    ("recipe", RecipeOption, RECIPE),
+    ("epochs", Epochs, RUN.epochs),
+    ("bs", Batch, RUN.bs),
+    ("lr", LearningRate, RUN.lr),
+    ("size", Size, RUN.size),
+    ("pretrained", Pretrained, RUN.pretrained),
+    ("seed", Seed, RUN.seed),
+    ("device", DeviceOption, DEVICE),
+    ("workers", LoaderWorkers, RUN.workers),
+    ("cache_features", CacheFeatures, RUN.cache_features),
+    ("freeze_bn", FreezeBn, RUN.freeze_bn),
+    ("precision", PrecisionOption, PRECISION),
+    ("audit", Audit, RUN.audit),
+    ("onnx", Onnx, RUN.onnx),
+    ("quantize", QuantizeOption, None),
+    ("positive", Positive, RUN.positive),
+    ("target_precision", TargetPrecision, RUN.target_precision),
+    ("data_dir", DataDir, RUN.data_dir),
+    ("exports_dir", ExportsDir, RUN.exports_dir),
+)
+
+
+def training_options(command):
+    """`command` taking the TRAINING options too, after its own, passed to it as keywords
+    (`run_config` makes them a RunConfig). Typer reads a command's options from its signature, so
+    the signature is extended: `run` and `compare` declare the same options once, here."""
+    import inspect
+
+    own = inspect.signature(command, eval_str=True)
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=alias, default=default)
+        for name, alias, default in TRAINING
+    ]
+
+    @functools.wraps(command)
+    def with_training(**kwargs):
+        return command(**kwargs)
+
+    kept = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    with_training.__signature__ = own.replace(parameters=[*kept, *added])
+    with_training.__annotations__ = {p.name: p.annotation for p in with_training.__signature__.parameters.values()}  # fmt: skip
+    return with_training
