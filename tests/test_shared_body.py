@@ -62,7 +62,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # command opens the run's model.onnx (the suite skips that export unless asked: conftest).
 SHORT = ["--epochs", "1", "--size", "32", "--no-pretrained"]
 OVERRIDES = {
-    "run rooms --arch densenet121": SHORT,
     "compare": ["--archs", "resnet18", "--modes", "unfrozen", *SHORT, "--onnx"],
     "run exterior": ["--epochs", "3", "--onnx"],
     # a target below the valid photos' share of kitchens (1 in 4): the lowest threshold reaches it,

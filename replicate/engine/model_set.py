@@ -126,9 +126,10 @@ class ModelSet:
 
     def tag(self, files: list[Path], bs: int = 64, workers: int | None = None) -> pd.DataFrame:
         """`predict`'s photo table of `files`: path, error, per model <name>_predicted (its answer:
-        a search filter's, for a filtered model) and <name>_p_<class>, and each filter's flag. Under `accelerate launch` or `torchrun`
-        each process tags its share of `files` (accelerate's split_between_processes) and the
-        main process returns the whole table, each file once, in order (the others None)."""
+        a search filter's, for a filtered model) and <name>_p_<class>, and each filter's flag.
+        Under `accelerate launch` or `torchrun` each process tags its share of `files`
+        (accelerate's split_between_processes) and the main process returns the whole table,
+        each file once, in order (the others None)."""
         mine, state = files, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState

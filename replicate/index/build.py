@@ -148,9 +148,9 @@ def tag_parts(models: ModelSet, work: Work, part_size: int, bs: int, workers: in
 def write_listings(
     folder: store.IndexFolder, table: pd.DataFrame, models: ModelSet, pattern: str
 ) -> tuple[pd.DataFrame, list[str]]:
-    """The per-listing table of the index's rows, as `predict` makes it (`filters.listings`, with
-    the search filters `found` and their listing rules), written into the index with the photos
-    in no listing; returns both."""
+    """The per-listing table of the index's rows, as `predict` makes it (`filters.listings` with
+    `models`' classes and search filters, and the filters' listing rules), written into the index
+    with the photos in no listing; returns both."""
     listings, unlisted = filters.listings(table, pattern, models.classes, models.filters)
     rules = {n: filters.listing_rule(f, pattern) for n, f in models.filters.items()}
     folder.write_listings(listings, rules, unlisted)

@@ -49,7 +49,4 @@ def _plain(value):
     """A JSON value: numpy scalars as Python's, NaN and pandas' NA as null."""
     if isinstance(value, list):
         return value
-    if value is pd.NA or (isinstance(value, float) and np.isnan(value)):
-        return None
-    value = value.item() if hasattr(value, "item") else value
-    return None if isinstance(value, float) and np.isnan(value) else value
+    return None if pd.isna(value) else value.item() if hasattr(value, "item") else value

@@ -104,22 +104,19 @@ def _write_listings(table: pd.DataFrame, classes: dict, found: dict, job: Job, l
     for name, rule in filters.write_listing_rules(found, job.listing_pattern, side).items():
         column = f"{name}_{rule['column']}"
         has = per_listing[column].dropna()  # the listings with a readable photo
-        if not rule["valid_listings"]:  # a bundle's away from its run, or a pattern for other names
-            where = (
-                "its run's validation photos are not here"
-                if rule["valid_listings"] is None
-                else "the pattern matches none of its run's validation photos' names"
+        if rule["valid_listings"] is None:  # a bundle's, away from its run's folder
+            measured = "not measured per listing (its run's validation photos are not here)"
+        elif not rule["valid_listings"]:
+            measured = "not measured per listing (the pattern matches none of its run's validation photos' names)"  # fmt: skip
+        else:
+            measured = (
+                f"measured on the run's own validation listings: precision "
+                f"{_share(rule['listing_precision'])}, recall {_share(rule['listing_recall'])} "
+                f"({rule['valid_listings_with']} of {rule['valid_listings']} have it)"
             )
-            log(
-                f"{column}: a listing has it when any photo passes ({int(has.sum())} of "
-                f"{len(has)} listings in this table); not measured per listing ({where}); {side}"
-            )
-            continue
         log(
             f"{column}: a listing has it when any photo passes ({int(has.sum())} of {len(has)} "
-            f"listings in this table); measured on the run's own validation listings: precision "
-            f"{_share(rule['listing_precision'])}, recall {_share(rule['listing_recall'])} "
-            f"({rule['valid_listings_with']} of {rule['valid_listings']} have it); {side}"
+            f"listings in this table); {measured}; {side}"
         )
 
 

@@ -97,7 +97,7 @@ def write_onnx(learn, path: Path, config: dict) -> Path:
     set_metadata(model_proto, meta)
     save_model(model_proto, path)
     if body:  # the head: the graph from the features to the probabilities, cut out of the file
-        # (onnx's Extractor: milliseconds, where exporting the head again took seconds)
+        # (onnx's Extractor), not exported a second time: the same head, without the export's seconds
         from onnx.utils import Extractor
 
         head_proto = Extractor(model_proto).extract_model(["features"], ["probabilities"])
