@@ -187,9 +187,10 @@ def test_a_new_filter_labelled_in_the_page_in_three_rounds_then_trained(runner, 
         assert cards.count() == 20
         assert page.locator("#labelled").inner_text() == str(20 * (number - 1))
         accuracy = page.locator("#accuracy").inner_text()
-        assert (re.match(r"\d+\.\d% \(\d+ of \d+ valid photos\)", accuracy) is not None) == (
-            number > 1
-        ), accuracy
+        assert (
+            re.match(r"\d+\.\d% accuracy, cross-validated over all \d+ labels", accuracy)
+            is not None
+        ) == (number > 1), accuracy
         assert page.locator("#count").inner_text() == (
             "0" if number == 1 else "20"
         )  # guesses preselected

@@ -149,7 +149,7 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(
     before = tree(pool)
     first = label_cli(runner, tmp_path, "flt", "--pool", str(pool), "--batch", "8")
     assert first.exit_code == 0, first.output
-    assert "round 1: 8 photos" in first.output and "labelled 0 (yes 0, no 0)" in first.output
+    assert "round 1: 8 photos" in first.output and "the task holds 0 (yes 0, no 0)" in first.output
     out = tmp_path / "exports" / "flt" / "label"
     batch = pd.read_csv(out / "round-1.csv", keep_default_na=False)
     assert len(batch) == 8 and (batch.guess == "").all()  # no guess before any label
@@ -183,10 +183,18 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(
     assert set(pd.read_csv(log).action) == ({"copy", "skip"} if skipped else {"copy"})
 
     assert "round 2: 8 photos" in applied.output
-    assert re.search(
-        r"validation accuracy of the current model: \d+\.\d% \(\d+ of \d+ valid photos\)",
+    counts = photos.label.value_counts()
+    estimated = re.search(
+        r"the current model: \d+\.\d% accuracy, cross-validated over all (\d+) labels",
         applied.output,
     )
+    if len(counts) == 2 and counts.min() >= 2:  # else: "not yet"
+        assert estimated and int(estimated[1]) == len(photos)
+    else:
+        assert "the current model: not yet" in applied.output
+    n = len(list(pool.rglob("*.jpg")))
+    said = f"the pool's {n} photos: {len(photos)} labelled, {skipped} skipped, {n - len(photos) - skipped} left"
+    assert said in applied.output
     second = pd.read_csv(out / "round-2.csv", keep_default_na=False)
     assert not set(second.path) & set(chosen)
     assert (second.guess == second.path.map(truth)).sum() >= 6  # red against blue: the head has it
@@ -202,6 +210,51 @@ def test_rounds_copy_the_labels_into_both_splits_and_undo_takes_them_back(
         label_cli(runner, tmp_path, "flt").exit_code == 0
     )  # the pool is remembered; back to round 1
     assert (out / "round-1.csv").is_file() and not rounds.logs(task)
+
+
+def test_the_rounds_csv_filled_by_hand_is_applied_from_another_folder(
+    pool, runner, tmp_path, monkeypatch
+):
+    """round-N.csv is the file to fill in: a label column (a class, skip, or empty: undecided), the
+    guess and p_yes beside it, paths as given or relative to the pool. A session started with
+    --data-dir/--exports-dir prints its next command with them, which works from any folder."""
+    first = label_cli(runner, tmp_path, "flt", "--pool", str(pool), "--batch", "6")
+    assert first.exit_code == 0, first.output
+    where = f"--data-dir {tmp_path / 'data'} --exports-dir {tmp_path / 'exports'}"
+    assert f"replicate label flt {where} --apply " in first.output
+    out = tmp_path / "exports" / "flt" / "label"
+    batch = pd.read_csv(out / "round-1.csv", keep_default_na=False)
+    assert list(batch.columns) == ["path", "label", "guess", "p_yes"] and (batch.label == "").all()
+    batch["label"] = [truth(p) for p in batch.path]
+    batch.loc[0, "label"], batch.loc[5, "label"] = "skip", ""  # one skipped, one left for later
+    batch["path"] = [str(Path(p).relative_to(pool)) for p in batch.path]  # as the page names them
+    batch.to_csv(tmp_path / "filled.csv", index=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    command = first.output.split("then: replicate ")[1].splitlines()[0].split()[:-1]  # --apply
+    applied = runner.invoke(app, [*command, str(tmp_path / "filled.csv")])
+    assert applied.exit_code == 0, applied.output
+    assert "1 row(s) with no label left undecided" in applied.output
+    photos = rounds.task_photos(tmp_path / "data" / "flt")
+    assert len(photos) == 4
+    assert (photos.label == photos.path.map(lambda p: truth(Path(p).name.split("__")[-1]))).all()
+    n = len(list(pool.rglob("*.jpg")))
+    assert f"the pool's {n} photos: 4 labelled, 1 skipped, {n - 5} left" in applied.output
+    done = set(rounds.applied(tmp_path / "data" / "flt").source)
+    assert str(pool / batch.path[0]) in done and str(pool / batch.path[5]) not in done  # undecided
+
+
+def test_the_estimate_is_cross_validated_over_every_label():
+    """Two clusters of features, labelled: the head's accuracy cross-validated over all labels,
+    and the yes filter those predictions make."""
+    x = clusters(2, 20, spread=0.3)
+    labels = pd.Series(["yes"] * 20 + ["no"] * 20)
+    found = active.estimate(x, labels, "yes")
+    assert found["labels"] == 40 and found["folds"] == 5 and found["accuracy"] >= 0.95
+    assert found["filter"]["positive"] == "yes" and found["filter"]["precision"] >= 0.95
+    assert "cross-validated over all 40 labels (5 folds)" in active.estimate_text(found)
+    assert active.estimate(x[:3], labels[:3], "yes") is None  # one label of a class: not yet
 
 
 def test_bad_decisions_copy_nothing_and_say_why(pool, runner, tmp_path):

@@ -24,7 +24,10 @@ import pandas as pd
 
 from .. import photos, runtime
 from ..config import RunConfig
+from ..engine import filters
 from ..errors import ReplicateError
+
+TARGET_PRECISION = RunConfig.target_precision  # the filter a round's estimate describes
 
 ARCH = "tf_efficientnet_lite0"
 CANDIDATES = 5  # a batch of k is chosen, kept apart, among the k x CANDIDATES best-ranked photos
@@ -84,14 +87,68 @@ def _embed(files: list[Path], arch_name: str, bs: int) -> np.ndarray:
     return features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-8)
 
 
-def fit_head(x: np.ndarray, labels: list[str]):
-    """scikit-learn's logistic regression on the labelled rows (classes balanced): the head a round
-    trains in seconds. ReplicateError when fewer than two classes are labelled yet."""
+def head_model():
+    """The head a round trains in seconds, unfitted: scikit-learn's logistic regression, classes
+    balanced."""
     from sklearn.linear_model import LogisticRegression
 
+    return LogisticRegression(max_iter=2000, C=10.0, class_weight="balanced")
+
+
+def fit_head(x: np.ndarray, labels: list[str]):
+    """`head_model` fitted on the labelled rows. ReplicateError when fewer than two classes are
+    labelled yet."""
     if len(set(labels)) < 2:
         raise ReplicateError("label photos of at least two classes before a head can be trained")
-    return LogisticRegression(max_iter=2000, C=10.0, class_weight="balanced").fit(x, labels)
+    return head_model().fit(x, labels)
+
+
+def estimate(
+    x: np.ndarray, labels: pd.Series, positive: str | None, target: float = TARGET_PRECISION
+) -> dict | None:
+    """How good the head is, estimated so that the choice of what was labelled does not decide it:
+    cross-validated over every label (scikit-learn's stratified k-fold, k = 5 or the rarest class's
+    count), not on a valid split that keeps gaining the hardest photos. `labels`: class per row of
+    `x`. With a positive class of two: the search filter those predictions make (`filters.
+    search_filter`: the threshold for `target` precision, and the recall it keeps). None until two
+    classes have two labels each."""
+    counts = labels.value_counts()
+    if len(counts) < 2 or counts.min() < 2:
+        return None
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = int(min(5, counts.min()))
+    y = labels.to_numpy()
+    cv = StratifiedKFold(folds, shuffle=True, random_state=0)
+    p = cross_val_predict(head_model(), x[labels.index], y, cv=cv, method="predict_proba")
+    classes = sorted(counts.index)  # scikit-learn's order of classes_
+    found = {"accuracy": float((np.array(classes)[p.argmax(1)] == y).mean()), "labels": len(y)}
+    found["folds"] = folds
+    if positive in classes and len(classes) == 2:
+        preds = pd.DataFrame({"actual": y, **{f"p_{c}": p[:, i] for i, c in enumerate(classes)}})
+        found["filter"] = filters.search_filter(preds, classes, "-", positive, target)
+    return found
+
+
+def estimate_text(found: dict | None) -> str:
+    """`estimate` as the page and the terminal say it."""
+    if found is None:
+        return "not yet (needs two labels of each of two classes)"
+    text = (
+        f"{found['accuracy']:.1%} accuracy, cross-validated over all {found['labels']} labels "
+        f"({found['folds']} folds)"
+    )
+    f = found.get("filter")
+    if f and f["threshold"] is not None:
+        text += (
+            f"; as a {f['positive']} filter at {f['target_precision']:.0%} precision: recall "
+            f"{f['recall']:.0%} (threshold {f['threshold']:.2f})"
+        )
+    elif f:
+        text += (
+            f"; no threshold reaches {f['target_precision']:.0%} precision for {f['positive']} yet"
+        )
+    return text
 
 
 def spread(

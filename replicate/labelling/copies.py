@@ -16,7 +16,16 @@ from pathlib import Path
 import pandas as pd
 
 from ..audit import checks
-from ..audit.cleaning import LOG_COLUMNS, Decision, Move, RowProblem, check_decisions, refusal
+from ..audit.cleaning import (
+    LOG_COLUMNS,
+    Decision,
+    Move,
+    RowProblem,
+    check_decisions,
+    read_decisions,
+    refusal,
+)
+from ..errors import ReplicateError
 from ..folders import SPLITS, class_dirs, image_files
 
 
@@ -63,6 +72,33 @@ def valid_target(n: int, valid_pct: float) -> int:
     return max(1, round(n * valid_pct)) if n >= 2 else 0
 
 
+def read_label_decisions(path: Path) -> tuple[pd.DataFrame, int]:
+    """A round's decisions as `plan_labels` takes them (path, action, new_label), and how many rows
+    were left undecided. Either the page's download (path,action,new_label) or the round's own CSV
+    filled in by hand (round-N.csv: a class or `skip` in its `label` column; a row left empty is
+    not decided yet, and comes back in a later round)."""
+    try:
+        header = set(pd.read_csv(path, dtype=str, nrows=0).columns)
+    except (OSError, ValueError, pd.errors.EmptyDataError) as e:
+        raise ReplicateError(f"cannot read decisions file {path}: {e}") from None
+    if "action" in header or "label" not in header:
+        return read_decisions(path), 0
+    if "path" not in header:
+        raise ReplicateError(
+            f"{path} lacks the column path: expected the round's CSV (path,label,...)"
+        )
+    rows = pd.read_csv(path, dtype=str, keep_default_na=False)
+    label = rows.label.str.strip()
+    decided = rows[label != ""]
+    skip = label[label != ""].str.lower() == "skip"
+    decisions = pd.DataFrame({
+        "path": decided.path,
+        "action": skip.map({True: "skip", False: "label"}),
+        "new_label": label[label != ""].where(~skip, ""),
+    })  # fmt: skip
+    return decisions.reset_index(drop=True), int((label == "").sum())
+
+
 def plan_labels(session, pool, task_dir: Path, decisions: pd.DataFrame) -> list[Move]:
     """The copies (and skips) a label page's decisions ask for (`session`: the label.Session;
     `pool`: its label.Pool); ReplicateError listing every problem
@@ -71,6 +107,11 @@ def plan_labels(session, pool, task_dir: Path, decisions: pd.DataFrame) -> list[
     their group went to first."""
     files = pool.files
     index = {str(f): i for i, f in enumerate(files)}
+    # a path as the page shows it (relative to the pool) names the pool's photo
+    decisions = decisions.assign(
+        path=[str(Path(session.pool) / p) if not Path(p).expanduser().is_absolute() else p
+              for p in decisions.path]
+    )  # fmt: skip
     copies = applied(task_dir)
     chosen = _chosen(session, index, set(copies.source), decisions)
     groups = checks.link_owners(list(range(len(files))), files, frame=pool.prints)

@@ -26,11 +26,21 @@ import pandas as pd
 
 from ..audit import cleaning as cleaning
 from ..audit import fingerprints
+from ..config import RunConfig
 from ..errors import ReplicateError
 from ..folders import SPLITS, class_dirs, image_files
 from ..report import pages
-from .active import ARCH, fit_head, nearest, next_batch, pool_features, spread
-from .copies import LOG_DIR, applied, describe, logs, plan_labels, task_photos
+from .active import (
+    ARCH,
+    estimate,
+    estimate_text,
+    fit_head,
+    nearest,
+    next_batch,
+    pool_features,
+    spread,
+)
+from .copies import LOG_DIR, applied, describe, logs, plan_labels, read_label_decisions, task_photos
 
 BATCH = 20  # photos a round: a few minutes in the page
 VALID_PCT = 0.2  # share of each class's labelled photos put in valid
@@ -77,7 +87,9 @@ def open_session(
     )
     if pool is None and not stored:
         raise ReplicateError(
-            f"give --pool DIR, the folder of unlabelled photos, for the first round of {task_dir.name}"
+            f"no labelling session of {task_dir.name} in {out}: give --pool DIR, the folder of "
+            "unlabelled photos, for its first round (or the --data-dir and --exports-dir it was "
+            "started with)"
         )
     pool = Path(pool).expanduser().resolve() if pool is not None else Path(stored["pool"])
     if not pool.is_dir():
@@ -153,11 +165,12 @@ class Round:
     """A round's batch and where the labelling stands."""
 
     number: int
-    batch: pd.DataFrame  # path, guess, probability (guess '' before two classes are labelled)
-    counts: dict[str, int]  # labelled photos per class
-    correct: int  # the head trained on the train labels, on the valid labels
-    validated: int
-    pool: int
+    batch: pd.DataFrame  # path, guess, probability of the guess ('' and NaN before two classes)
+    counts: dict[str, int]  # labelled photos per class, in the task folder
+    estimate: dict | None  # the head's, cross-validated over every label (`active.estimate`)
+    pool: int  # the pool's readable photos: labelled + skipped + left
+    labelled: int  # pool photos labelled
+    skipped: int
     left: int  # pool photos neither labelled nor skipped
     page: Path
 
@@ -213,34 +226,34 @@ def next_round(
     batch = pd.DataFrame(
         {"path": [str(pool.files[r]) for r in batch_rows], "guess": "", "probability": np.nan}
     )
-    if head is not None and batch_rows:
-        p = head.predict_proba(x[batch_rows])
+    p = head.predict_proba(x[batch_rows]) if head is not None and batch_rows else None
+    if p is not None:
         batch["guess"], batch["probability"] = head.classes_[p.argmax(axis=1)], p.max(axis=1)
-    correct, validated = _validate(x, labels, labelled.split.to_numpy())
     number = len(logs(task_dir)) + 1
     counts = {c: int((labelled.label == c).sum()) for c in session.classes}
-    batch.to_csv(out / f"round-{number}.csv", index=False)
-    page = out / f"round-{number}.html"
-    found = Round(number, batch, counts, correct, validated, len(pool.files), len(candidates), page)
-    pages.write_label_page(found, session, accuracy_text(correct, validated), like_used)
+    _round_csv(batch, p, head, session).to_csv(out / f"round-{number}.csv", index=False)
+    done = dict(zip(copies.source, copies.destination))
+    in_pool = [done[str(f)] for f in pool.files if str(f) in done]  # a copy's place, '' a skip
+    found = Round(
+        number, batch, counts, estimate(x, labels, session.positive), len(pool.files),
+        sum(d != "" for d in in_pool), sum(d == "" for d in in_pool), len(candidates),
+        out / f"round-{number}.html",
+    )  # fmt: skip
+    pages.write_label_page(found, session, estimate_text(found.estimate), like_used)
     return found
 
 
-def accuracy_text(correct: int, validated: int) -> str:
-    """The current head's validation accuracy as the page and the terminal say it."""
-    if not validated:
-        return "not yet (needs two classes in train and a photo in valid)"
-    return f"{correct / validated:.1%} ({correct} of {validated} valid photos)"
-
-
-def _validate(x: np.ndarray, labels: pd.Series, splits: np.ndarray) -> tuple[int, int]:
-    """(correct, photos) of a head trained on the train split's labels, on the valid split's; (0, 0)
-    until train holds two classes and valid a photo."""
-    train, valid = labels[splits == "train"], labels[splits == "valid"]
-    if train.nunique() < 2 or not len(valid):
-        return 0, 0
-    predicted = fit_head(x[train.index], train.tolist()).predict(x[valid.index])
-    return int((predicted == valid.to_numpy()).sum()), len(valid)
+def _round_csv(batch: pd.DataFrame, p: np.ndarray | None, head, session: Session) -> pd.DataFrame:
+    """The round's CSV, to fill in by hand as the page is: a `label` column to fill (a class, or
+    skip), the head's guess beside it, and a probability named for its class: p_<positive> for a
+    filter's session, else p_guess (the guess's)."""
+    table = pd.DataFrame({"path": batch.path, "label": "", "guess": batch.guess})
+    if session.positive:
+        k = list(head.classes_).index(session.positive) if p is not None else None
+        table[f"p_{session.positive}"] = p[:, k] if k is not None else np.nan
+    else:
+        table["p_guess"] = batch.probability
+    return table
 
 
 # What `label` suggests once the labels are in: the head on frozen EfficientNet-Lite0 features, the
@@ -278,9 +291,10 @@ def run(
         data_dir / request.task,
         exports_dir / request.task / "label",
     )
+    where = _where(data_dir, exports_dir)
     if undo is not None:
         took = cleaning.undo(undo)
-        log(f"took back {took} photo(s) of {undo}; replicate label {task} writes the round again")
+        log(f"took back {took} photo(s) of {undo}; replicate label {task}{where} writes the round again")  # fmt: skip
         return None
     session = open_session(
         task_dir, out, request.pool, request.classes, request.positive, request.batch
@@ -293,31 +307,43 @@ def run(
             f"(listed in {out / 'unreadable.csv'})"
         )
     if apply is not None:
-        moves = plan_labels(session, photos, task_dir, cleaning.read_decisions(apply))
+        decisions, undecided = read_label_decisions(apply)
+        moves = plan_labels(session, photos, task_dir, decisions)
         written = cleaning.apply(task_dir, moves, task_dir / LOG_DIR)
         log(describe(moves).to_string(index=False))
         copied = sum(m.destination is not None for m in moves)
         log(f"copied {copied} photo(s) into {task_dir}; log: {written}")
-        log(f"undo with: replicate label {task} --undo {written}\n")
+        if undecided:
+            log(f"{undecided} row(s) with no label left undecided: they come back in a later round")
+        log(f"undo with: replicate label {task}{where} --undo {written}\n")
     found = next_round(session, photos, task_dir, out, request.like, request.seed, log=log)
-    _say_round(found, task, log)
+    _say_round(found, task, where, log)
     return found
 
 
-def _say_round(found: Round, task: str, log) -> None:
+def _where(data_dir: Path, exports_dir: Path) -> str:
+    """The folder options a session's next commands need: the ones given, as absolute paths, so
+    they also work from another folder; none for the defaults."""
+    if Path(data_dir) == RunConfig.data_dir and Path(exports_dir) == RunConfig.exports_dir:
+        return ""
+    return f" --data-dir {Path(data_dir).resolve()} --exports-dir {Path(exports_dir).resolve()}"
+
+
+def _say_round(found: Round, task: str, where: str, log) -> None:
     counts = ", ".join(f"{c} {n}" for c, n in found.counts.items())
     log(
-        f"labelled {sum(found.counts.values())} ({counts}); validation accuracy of the current "
-        f"model: {accuracy_text(found.correct, found.validated)}; {found.left} of {found.pool} "
-        "pool photos not labelled yet"
+        f"the pool's {found.pool} photos: {found.labelled} labelled, {found.skipped} skipped, "
+        f"{found.left} left; the task holds {sum(found.counts.values())} ({counts})"
     )
-    train = TRAIN_LABELLED.format(task=task)
+    log(f"the current model: {estimate_text(found.estimate)}")
+    train = TRAIN_LABELLED.format(task=task) + where
     if not len(found.batch):
         log(f"every photo of the pool is labelled or skipped: {train}")
         return
+    csv = found.page.with_suffix(".csv")
     log(
         f"round {found.number}: {len(found.batch)} photos; open {found.page} in a browser, mark "
-        f"them, download the decisions, then: replicate label {task} --apply "
-        f"~/Downloads/{pages.decisions_name(task, found.number)}"
+        f"them and download the decisions (or fill in the label column of {csv}), then: "
+        f"replicate label {task}{where} --apply ~/Downloads/{pages.decisions_name(task, found.number)}"
     )
-    log(f"when the accuracy is where you want it: {train}")
+    log(f"when the estimate is where you want it: {train}")

@@ -84,8 +84,8 @@ def write_label_page(found, session, accuracy: str, like: bool) -> Path:
     """A labelling round's page (`replicate label`) at `found.page`: the batch's photos, the model's
     guess preselected when there is one, keys and buttons as on the review page; it downloads
     `path,action,new_label` (label or skip) for `replicate label TASK --apply`. `found`: the
-    label.Round (batch, number, counts, pool, left); `session`: the label.Session; `accuracy`: the
-    head's validation accuracy, in words; `like`: whether the batch holds photos near examples."""
+    label.Round (batch, number, counts, pool, labelled, skipped, left); `session`: the
+    label.Session; `accuracy`: the head's estimate, in words (`active.estimate_text`); `like`: whether the batch holds photos near examples."""
     batch, number, counts = found.batch, found.number, found.counts
     cards = [
         {
@@ -107,6 +107,8 @@ def write_label_page(found, session, accuracy: str, like: bool) -> Path:
         labelled=sum(counts.values()),
         accuracy=accuracy,
         pool=found.pool,
+        pool_labelled=found.labelled,
+        skipped=found.skipped,
         left=found.left,
         positive=session.positive,
         like=like,
