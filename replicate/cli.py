@@ -481,6 +481,13 @@ def index_(
     ] = opt.INDEX.part_size,
     bs: opt.Batch = opt.INDEX.bs,
     decode_threads: opt.DecodeThreads = opt.INDEX.workers,
+    features: Annotated[
+        bool,
+        opt.option(
+            "Keep each photo's features of every body heads share (--freeze-bn runs; float16): a "
+            "new or retrained head on that body is then tagged without reading a photo."
+        ),
+    ] = opt.INDEX.features,
 ):
     """Keep a search index of photos' tags: a Parquet dataset with one row per photo (path, size,
     modification time, SHA-256, error, every model's columns as `predict` names them, the models'
@@ -498,7 +505,7 @@ def index_(
 
     job = build.IndexJob(
         items=items, out=out, listing_pattern=listing_pattern, ray=ray,
-        part_size=part_size, bs=bs, workers=decode_threads,
+        part_size=part_size, bs=bs, workers=decode_threads, features=features,
     )  # fmt: skip
     build.run(job, log=echo, warn=warn)
 

@@ -578,3 +578,53 @@ def test_bundle_refuses_before_loading_pytorch(four, bundled, tmp_path):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
     assert not (tmp_path / "new").exists()
+
+
+# --- the index keeps what the body saw ---------------------------------------------------------
+
+
+def read_rows(index: Path) -> pd.DataFrame:
+    return pd.read_parquet(index / "photos").sort_values("path", ignore_index=True)
+
+
+def assert_tagged_alike(a: pd.DataFrame, b: pd.DataFrame, thresholds: dict[str, float]) -> None:
+    """The same photos, probabilities within 1e-5, the same answers but for a photo whose score
+    is within 1e-5 of its filter's threshold (the valid photo that set it, for one)."""
+    assert list(a.path) == list(b.path) and list(a.columns) == list(b.columns)
+    probabilities = [c for c in a.columns if "_p_" in c]
+    assert np.abs(a[probabilities].to_numpy() - b[probabilities].to_numpy()).max() <= 1e-5
+    for name, threshold in thresholds.items():
+        near = (a[f"{name}_p_yes"] - threshold).abs() <= 1e-5 if name == "kitchen" else False
+        same = a[f"{name}_predicted"] == b[f"{name}_predicted"]
+        assert (same | near).all(), name
+
+
+def test_a_new_head_on_an_indexed_body_is_tagged_from_stored_features(four, runner, tmp_path):
+    """The index keeps each photo's lite0 features (2 bytes a value); a kitchen head added later
+    runs on them alone, no photo read, and tags as a fresh index from the photos does; an index
+    without them (--no-features) tags from the photos as before."""
+    made, _ = four
+    photos = Path("data") / "exterior"  # the tour's: every Houses photo it imported
+    rooms, kitchen = str(made[0]), str(made[2])
+    threshold = json.loads((made[2] / "filter.json").read_text())["threshold"]
+    out, plain, fresh = tmp_path / "index", tmp_path / "plain", tmp_path / "fresh"
+    for where, more in ((out, []), (plain, ["--no-features"])):
+        result = runner.invoke(app, ["index", rooms, str(photos), "--out", str(where), *more])
+        assert result.exit_code == 0, result.output
+    stored = read_rows(out)
+    column = onnx_models.features_name(runs.Run(made[0]).config["body"]["key"])
+    assert stored[column].map(len).eq(8 + 1280 * 2).all()  # the photo's range, 1280 uint16 codes
+    assert column not in read_rows(plain).columns
+    n = len(stored)
+    added = runner.invoke(app, ["index", rooms, kitchen, str(photos), "--out", str(out)])
+    assert added.exit_code == 0, added.output
+    assert f"{n} for a changed model, {n} of them from stored features)" in added.output
+    assert "from stored features" in added.output.splitlines()[0]
+    again = runner.invoke(app, ["index", rooms, kitchen, str(photos), "--out", str(plain), "--no-features"])  # fmt: skip
+    assert again.exit_code == 0 and f"{n} for a changed model)" in again.output  # from photos
+    result = runner.invoke(app, ["index", rooms, kitchen, str(photos), "--out", str(fresh)])
+    assert result.exit_code == 0, result.output
+    assert_tagged_alike(read_rows(out), read_rows(fresh), {"kitchen": threshold, "rooms": 0})
+    assert (read_rows(out)[column] == read_rows(fresh)[column]).all()  # the features kept as stored
+    without = read_rows(plain)
+    assert_tagged_alike(without, read_rows(fresh).drop(columns=column), {"kitchen": threshold})

@@ -177,7 +177,8 @@ class ModelSet:
         }
         for i, p in enumerate(probs):
             for name, values in (p or {}).items():
-                arrays[name][i] = values
+                if name in arrays:  # not a body's features
+                    arrays[name][i] = values
         table = onnx_models.probability_table(self.models, names, errors, arrays)
         return filters.apply(table, self.filters)
 

@@ -212,19 +212,26 @@ def sharing(models: list[OnnxModel]) -> list[list[OnnxModel]]:
     return list(groups.values())
 
 
-def group_probabilities(group: list[OnnxModel], batch: np.ndarray) -> list[np.ndarray]:
-    """Each model's probabilities for a uint8 batch, one body pass for a `sharing` group: a
-    bundle's outputs from one session run; on a shared body the first model whole (with the
-    body's features) and the others' heads on those; a model alone as it is."""
+def features_name(body: str) -> str:
+    """The name of a body's features, as a photo's tags and the index's rows carry them."""
+    return f"features_{body[:16]}"
+
+
+def group_probabilities(
+    group: list[OnnxModel], batch: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Each model's probabilities for a uint8 batch, one body pass for a `sharing` group, and the
+    body's features where it is one others can share (else None): a bundle's outputs from one
+    session run; on a shared body the first model whole (with the body's features) and the
+    others' heads on those; a model alone as it is."""
     first = group[0]
     if first.bundle:
-        return first.session.run(
-            [m.output for m in group], {first.input_name: first.normalise(batch)}
-        )
-    if len(group) == 1:
-        return [first.probabilities(batch)]
+        outputs = [m.output for m in group]
+        return first.session.run(outputs, {first.input_name: first.normalise(batch)}), None
+    if first.body is None:
+        return [first.probabilities(batch)], None
     probs, features = first.with_features(batch)
-    return [probs, *(m.head_probabilities(features) for m in group[1:])]
+    return [probs, *(m.head_probabilities(features) for m in group[1:])], features
 
 
 def decoded(files: list[Path], geometries: list, workers: int, ahead: int = 128, hashed=False):
@@ -257,13 +264,18 @@ def _decode_and_hash(path: Path, geometries: list) -> tuple[dict | None, str, st
 
 def batch_probabilities(groups: list[list[OnnxModel]], photos: list[dict]) -> list[dict]:
     """Each photo's probabilities per model ({name: classes}) for decoded photos ({geometry:
-    array}, `decode`'s): one body pass per `sharing` group."""
+    array}, `decode`'s): one body pass per `sharing` group; and under `features_name(body)` the
+    features of each body others can share (what the index stores)."""
     out = [{} for _ in photos]
     for group in groups:
         pixels = np.stack([p[group[0].prep.geometry] for p in photos])
-        for m, probs in zip(group, group_probabilities(group, pixels)):
-            for row, p in zip(out, probs):
+        probs, features = group_probabilities(group, pixels)
+        for m, each in zip(group, probs):
+            for row, p in zip(out, each):
                 row[m.name] = p
+        if features is not None:
+            for row, f in zip(out, features):
+                row[features_name(group[0].body)] = f
     return out
 
 
@@ -312,7 +324,8 @@ def tag_onnx(
     for i, (p, (_, error)) in enumerate(results):
         errors[i] = error
         for name, values in (p or {}).items():
-            probs[name][i] = values
+            if name in probs:  # not a body's features
+                probs[name][i] = values
     return probability_table(models, [str(f) for f in files], errors, probs)
 
 

@@ -30,7 +30,18 @@ from ..engine.model_set import ModelSet, split_items
 from ..errors import ReplicateError
 from ..folders import find_images
 from . import cluster, store
-from .plan import IndexJob, Work, columns, in_scope, plan, rows, scan_photos
+from .plan import (
+    IndexJob,
+    Work,
+    columns,
+    decode_features,
+    features_columns,
+    from_features,
+    in_scope,
+    plan,
+    rows,
+    scan_photos,
+)
 
 
 def run(job: IndexJob, log=print, warn=print) -> dict:
@@ -69,28 +80,34 @@ def update(
     photos and folders named), compact it and write its listing table; returns the job's
     summary. Rows outside the folders named are kept as they are."""
     files, named = photos
-    everything = columns(models)
+    everything = columns(models, job.features)
     scan = scan_photos(files)
     checksums = [store.checksum_column(m.name) for m in models.models]
     found = store.snapshot(folder.path, ["size", "mtime_ns", *checksums])
     old = found.latest()
     covered = in_scope(old.path, named)
-    works, counts = plan(scan, old, models, covered)
+    works, counts = plan(scan, old, models, covered, job.features)
     if any(w.carried for w in works):  # a model changed: its photos keep the others' tags
         whole = store.rows(folder.path).set_index("path")
         for w in works:
             w.photos = w.photos.join(whole[w.carried], on="path") if w.carried else w.photos
+        # a model on a body whose features the rows hold: its head alone, no photo read
+        works = [part for w in works for part in from_features(w, whole, models)]
     folder.begin(everything)
     tag_start = time.perf_counter()
     tagged = sum(_tag(w, job, models, folder, log) for w in works)
     tag_seconds = time.perf_counter() - tag_start
+    counts["from_features"] = sum(len(w.photos) for w in works if w.from_features)
     retagged = {p for w in works for p in w.photos.path}
     live = set(scan.path) | set(old.path[~covered])
     compacted = store.compact(found, live, retagged, everything)
     compacted["merged"] = store.merge_small(folder.path, job.part_size)
     # the listing pattern of an earlier call unless given: its listing table stays up to date
     pattern = job.listing_pattern or folder.manifest().get("listing_pattern")
-    table = store.rows(folder.path, None if pattern else ["error"])
+    kept = {"path", *features_columns(models)}  # path comes anyway; the features are not needed
+    table = store.rows(
+        folder.path, [c for c in everything if c not in kept] if pattern else ["error"]
+    )
     listings, unlisted = None, []
     if pattern:
         listings, unlisted = write_listings(folder, table, models, pattern)
@@ -117,17 +134,52 @@ def _tag(work: Work, job: IndexJob, models: ModelSet, folder: store.IndexFolder,
     """Tag `work` into committed parts of the index's new generation, here or on Ray (`models`:
     every model of the job, loaded); returns the photos tagged."""
     what = "every model" if work.names is None else ", ".join(work.names)
+    if work.from_features:  # here, on any engine: the heads alone, milliseconds a part
+        log(
+            f"tagging {runtime.plural(len(work.photos), 'photo')} with {what}, from stored features"
+        )
+        return _tag_from_features(work, job, models.subset(work.names), folder)
     log(f"tagging {runtime.plural(len(work.photos), 'photo')} with {what}")
     if job.ray:
         return cluster.tag(work, job, models, folder, log)
     done = 0
-    for part in tag_parts(models.subset(work.names), work, job.part_size, job.bs, job.workers):
+    subset = models.subset(work.names)
+    for part in tag_parts(subset, work, job.part_size, job.bs, job.workers, job.features):
         folder.commit(part)  # in the job's columns (`begin`)
         done += len(part)
     return done
 
 
-def tag_parts(models: ModelSet, work: Work, part_size: int, bs: int, workers: int | None):
+def _tag_from_features(work: Work, job: IndexJob, models: ModelSet, folder) -> int:
+    """`work`'s rows from their stored features (`from_features`), committed in parts: each
+    model's head on its body's features, the features kept as they were."""
+    names = features_columns(models)
+    for start in range(0, len(work.photos), job.part_size):
+        chunk = work.photos.iloc[start : start + job.part_size].reset_index(drop=True)
+        stored = {name: decode_features(chunk[name]) for name in names}
+        probs = [dict() for _ in range(len(chunk))]
+        for m in models.models:
+            for row, p in zip(
+                probs, m.head_probabilities(stored[onnx_models.features_name(m.body)])
+            ):
+                row[m.name] = p
+        for name, x in stored.items():
+            for row, f in zip(probs, x):
+                row[name] = f
+        facts = chunk[["path", "size", "mtime_ns", "sha256"]]
+        tagged = rows(models, facts, probs, [""] * len(chunk), job.features)
+        folder.commit(pd.concat([tagged, chunk[work.carried]], axis=1))
+    return len(work.photos)
+
+
+def tag_parts(
+    models: ModelSet,
+    work: Work,
+    part_size: int,
+    bs: int,
+    workers: int | None,
+    features: bool = True,
+):
     """The rows of `work`'s photos, `part_size` at a time: decoded and hashed by threads in one
     stream across the parts (so a part's end does not stall the decoding), inferred in batches of
     `bs` (`ModelSet.tagged`, as `predict` runs them)."""
@@ -141,7 +193,7 @@ def tag_parts(models: ModelSet, work: Work, part_size: int, bs: int, workers: in
         chunk = work.photos.iloc[start : start + part_size]
         probs, photos = zip(*islice(results, len(chunk)))
         facts = chunk[["path", "size", "mtime_ns"]].assign(sha256=[p[2] for p in photos])
-        tagged = rows(models, facts, list(probs), [p[1] for p in photos])
+        tagged = rows(models, facts, list(probs), [p[1] for p in photos], features)
         yield pd.concat([tagged, chunk[work.carried].reset_index(drop=True)], axis=1)
 
 
@@ -159,12 +211,13 @@ def write_listings(
 
 def _summary_line(s: dict, where: Path) -> str:
     rate = f" ({s['photos_per_second']:.1f} photos/s)" if s["photos_per_second"] else ""
+    stored = f", {s['from_features']} of them from stored features" if s["from_features"] else ""
     listings = f"; {runtime.plural(s['listings'], 'listing')}" if s["listings"] is not None else ""
     if s["listings"] is not None and s["unlisted"]:
         listings += f" ({runtime.plural(s['unlisted'], 'photo')} in none: {where / store.UNLISTED})"
     return (
         f"{s['photos']} photos in the index: {s['tagged']} tagged{rate} ({s['new']} new, "
-        f"{s['changed']} changed, {s['retagged']} for a changed model), {s['kept']} kept, "
+        f"{s['changed']} changed, {s['retagged']} for a changed model{stored}), {s['kept']} kept, "
         f"{s['gone']} gone and dropped, {s['elsewhere']} untouched in folders not named, "
         f"{s['unreadable']} unreadable{listings}; "
         f"{runtime.plural(s['parts'], 'part')}, {s['seconds']:.1f}s on {s['engine']}; index: {where}"

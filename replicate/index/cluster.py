@@ -146,6 +146,7 @@ def tag(work: Work, job: IndexJob, models: ModelSet, folder: store.IndexFolder, 
             "names": work.names,
             "carried": work.carried,
             "bs": job.bs,
+            "features": job.features,
         },
     )
     ds = ds.map_batches(
@@ -186,10 +187,12 @@ class TagActor:
     """Stage 3: the models loaded once per actor (a ModelSet), each batch's photos tagged into
     index rows."""
 
-    def __init__(self, paths: list[str], names: list[str] | None, carried: list[str], bs: int):
+    def __init__(
+        self, paths: list[str], names: list[str] | None, carried: list[str], bs: int, features: bool
+    ):
         loaded = ModelSet([Path(p) for p in paths], threads=ACTOR_THREADS)
         self.models = loaded.subset(names)
-        self.carried, self.bs = carried, bs
+        self.carried, self.bs, self.features = carried, bs, features
 
     def __call__(self, batch: dict) -> pd.DataFrame:
         errors = [str(e) for e in batch["error"]]
@@ -201,7 +204,7 @@ class TagActor:
         # in batches of --bs, as without Ray
         probs = [p for p, _ in self.models.tagged(photos, self.bs)]
         facts = pd.DataFrame({c: batch[c] for c in ("path", "size", "mtime_ns", "sha256")})
-        tagged = rows(self.models, facts, probs, errors)
+        tagged = rows(self.models, facts, probs, errors, self.features)
         carried = pd.DataFrame({c: batch[c] for c in self.carried})
         return pd.concat([tagged, carried], axis=1)
 
