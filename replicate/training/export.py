@@ -68,19 +68,6 @@ def preprocess_of(learn, recorded: dict | None = None) -> photos.Preprocess:
     )
 
 
-class _WithFeatures(nn.Module):
-    """The network + softmax, also returning the body's output: what `predict` runs once for all
-    the heads that share this body (runs.HEAD beside it holds this run's head alone)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.body, self.head = model[0], model[1]
-
-    def forward(self, x):
-        features = self.body(x)
-        return torch.softmax(self.head(features), dim=1), features
-
-
 def write_onnx(learn, path: Path, config: dict) -> Path:
     """`learn`'s network + softmax as ONNX at `path` (a batch of any size), with the metadata that
     makes the file enough to tag photos; `config`: the run's config (runs.Run.config). A run whose
@@ -89,9 +76,12 @@ def write_onnx(learn, path: Path, config: dict) -> Path:
     prep = preprocess_of(learn, config.get("preprocess"))
     model = copy.deepcopy(getattr(learn.model, "module", learn.model)).float().cpu()  # unwrap DDP
     body = config.get("body")
-    net = _WithFeatures(model) if body else nn.Sequential(model, nn.Softmax(dim=1))
-    outputs = ["probabilities", "features"] if body else ["probabilities"]
-    model_proto = _export(net.eval(), torch.randn(2, 3, prep.size, prep.size), "input", outputs)
+    example = torch.randn(2, 3, prep.size, prep.size)
+    if body:  # the shared body's graph (exported once per process) with this run's head on it
+        model_proto = _with_head(_body_graph(model[0].eval(), body["key"], example), model[1])
+    else:
+        net = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+        model_proto = _export(net, example, "input", ["probabilities"])
     meta = prep.to_meta(classes=[str(c) for c in learn.dls.vocab], task=config["task"])
     meta.update(arch=config["arch"], **({"body": body["key"]} if body else {}))
     set_metadata(model_proto, meta)
@@ -104,6 +94,45 @@ def write_onnx(learn, path: Path, config: dict) -> Path:
         set_metadata(head_proto, {**meta, "input": "float32 N x features: the body's output"})
         save_model(head_proto, path.with_name(runs.HEAD))
     return path
+
+
+# A shared body's ONNX graph by its key (the same tensors fed the same pixels: models.body_record),
+# exported once per process: the runs of a compare or a session on one body export only their
+# heads (a lite0 body's export takes about 6 s on 2 cores, a head's a fraction of it).
+_BODIES: dict[str, bytes] = {}
+
+
+def _body_graph(body: nn.Module, key: str, example: torch.Tensor):
+    """The body's graph (input -> features) for the body `key`, exported on first use."""
+    import onnx
+
+    if key not in _BODIES:
+        _BODIES[key] = _export(body, example, "input", ["features"]).SerializeToString()
+    return onnx.load_from_string(_BODIES[key])
+
+
+def _with_head(body_proto, head: nn.Module):
+    """The whole model's graph: `head` + softmax exported on the body's features and joined to
+    `body_proto` (onnx.compose), its outputs the probabilities and the features."""
+    import onnx
+    from onnx import compose
+
+    features = body_proto.graph.output[0]
+    width = features.type.tensor_type.shape.dim[1].dim_value
+    net = nn.Sequential(head, nn.Softmax(dim=1)).eval()
+    head_proto = _export(net, torch.randn(2, width), "features", ["probabilities"])
+    # the head's inner names prefixed: the exporter names both graphs' values alike (val_0, ...)
+    head_proto = compose.add_prefix(head_proto, "head/", rename_inputs=False, rename_outputs=False)
+    merged = compose.merge_models(
+        body_proto, head_proto, io_map=[("features", "features")],
+        outputs=["probabilities", "features"],
+    )  # fmt: skip
+    # merge_models lists an opset once per graph merged; ONNX Runtime's quantizer wants each once
+    opsets = {(o.domain, o.version): o for o in merged.opset_import}
+    del merged.opset_import[:]
+    merged.opset_import.extend(opsets.values())
+    onnx.checker.check_model(merged)
+    return merged
 
 
 def _export(net: nn.Module, example: torch.Tensor, input_name: str, outputs: list[str]):
